@@ -1,0 +1,60 @@
+//! Elementwise and row-wise ops, computed as transformers does in f32.
+
+use rayon::prelude::*;
+
+use super::CpuTensor;
+use crate::backend::{RopeStyle, RopeTable};
+
+pub fn rms_norm(pool: &rayon::ThreadPool, x: &CpuTensor, w: &[f32], eps: f32, out: &mut CpuTensor) {
+    assert_eq!((x.rows, x.cols), (out.rows, out.cols));
+    assert_eq!(w.len(), x.cols);
+    let n = x.cols;
+    let run = |(xr, or): (&[f32], &mut [f32])| {
+        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
+        let inv = 1.0 / (ss + eps).sqrt();
+        for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
+            *o = g * (v * inv);
+        }
+    };
+    if x.rows >= 64 {
+        pool.install(|| x.data.par_chunks(n).zip(out.data.par_chunks_mut(n)).for_each(run));
+    } else {
+        x.data.chunks(n).zip(out.data.chunks_mut(n)).for_each(run);
+    }
+}
+
+pub fn rope(x: &mut CpuTensor, heads: usize, head_dim: usize, positions: &[u32], table: &RopeTable) {
+    assert_eq!(x.cols, heads * head_dim);
+    assert_eq!(x.rows, positions.len());
+    let half = head_dim / 2;
+    let mut cos = vec![0f32; half];
+    let mut sin = vec![0f32; half];
+    for (t, &pos) in positions.iter().enumerate() {
+        for i in 0..half {
+            // The angle is rounded to f32 first, as transformers computes it.
+            let angle = pos as f32 * table.inv_freq[i];
+            cos[i] = (angle as f64).cos() as f32;
+            sin[i] = (angle as f64).sin() as f32;
+        }
+        let row = &mut x.data[t * x.cols..(t + 1) * x.cols];
+        for h in row.chunks_exact_mut(head_dim) {
+            for i in 0..half {
+                let (a, b) = match table.style {
+                    RopeStyle::Neox => (i, i + half),
+                    RopeStyle::Interleaved => (2 * i, 2 * i + 1),
+                };
+                let (x1, x2) = (h[a], h[b]);
+                h[a] = x1 * cos[i] - x2 * sin[i];
+                h[b] = x2 * cos[i] + x1 * sin[i];
+            }
+        }
+    }
+}
+
+pub fn silu_mul(gate: &CpuTensor, up: &CpuTensor, out: &mut CpuTensor) {
+    assert_eq!(gate.data.len(), up.data.len());
+    assert_eq!(gate.data.len(), out.data.len());
+    for ((o, &g), &u) in out.data.iter_mut().zip(&gate.data).zip(&up.data) {
+        *o = g / (1.0 + (-g).exp()) * u;
+    }
+}

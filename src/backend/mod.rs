@@ -1,0 +1,187 @@
+//! Compute backends. The model is written once against [`Backend`]; the CPU
+//! backend is the reference every other backend is tested against.
+//!
+//! Activations are f32 `[rows, cols]` row-major tensors owned by the backend.
+//! Weights keep the storage kind they were loaded in ([`HostWeight`]); the
+//! backend picks the kernel for each kind, so quantised formats never leak into
+//! model code.
+
+pub mod cpu;
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use crate::kv::BlockId;
+use crate::quant::ggml::GgmlType;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("weight '{name}': {reason}")]
+    BadWeight { name: String, reason: String },
+    #[error("out of memory: {0}")]
+    OutOfMemory(String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Bytes of a weight as loaded: usually a range of a memory-mapped file (no copy),
+/// or an owned buffer when loading had to rearrange the data.
+#[derive(Clone)]
+pub struct WeightBytes {
+    owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    range: Range<usize>,
+}
+
+impl WeightBytes {
+    pub fn new(owner: Arc<dyn AsRef<[u8]> + Send + Sync>, range: Range<usize>) -> Option<Self> {
+        let len = owner.as_ref().as_ref().len();
+        (range.start <= range.end && range.end <= len).then_some(Self { owner, range })
+    }
+    pub fn from_vec(v: Vec<u8>) -> Self {
+        let len = v.len();
+        Self { owner: Arc::new(v), range: 0..len }
+    }
+    pub fn as_slice(&self) -> &[u8] {
+        &self.owner.as_ref().as_ref()[self.range.clone()]
+    }
+}
+
+/// A weight matrix `[rows, cols]` (HF `nn.Linear.weight` layout: `rows` = out
+/// features, `cols` = in features; each row is whole blocks of `kind`). Vectors
+/// (norm weights, biases) are `rows = 1`.
+#[derive(Clone)]
+pub struct HostWeight {
+    pub name: String,
+    pub kind: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    pub bytes: WeightBytes,
+}
+
+impl HostWeight {
+    /// Checks that the byte length matches kind and shape.
+    pub fn validate(&self) -> Result<(), BackendError> {
+        let bad = |reason: String| BackendError::BadWeight { name: self.name.clone(), reason };
+        let row_bytes = self
+            .kind
+            .row_bytes(self.cols)
+            .ok_or_else(|| bad(format!("{} columns is not a whole number of {:?} blocks", self.cols, self.kind)))?;
+        let want = row_bytes.checked_mul(self.rows).ok_or_else(|| bad("size overflows".into()))?;
+        if self.bytes.as_slice().len() != want {
+            return Err(bad(format!(
+                "expected {want} bytes for [{}, {}] {:?}, found {}",
+                self.rows,
+                self.cols,
+                self.kind,
+                self.bytes.as_slice().len()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// How rotary embedding pairs dimensions within a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeStyle {
+    /// HF "rotate half": dimension i pairs with i + d/2 (Llama, Qwen2, Mistral in HF layout).
+    Neox,
+    /// Adjacent pairs (2i, 2i+1), GPT-J / llama.cpp's NORM.
+    Interleaved,
+}
+
+/// Shape of the paged KV cache: per layer, `num_blocks` blocks of `block_size`
+/// token slots, each slot holding `kv_heads * head_dim` keys and as many values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KvCacheSpec {
+    pub num_layers: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// One sequence's part of a flattened varlen batch, as attention needs it.
+#[derive(Debug, Clone)]
+pub struct SeqAttention<'a> {
+    /// Rows of the flattened batch that are this sequence's new tokens.
+    pub rows: Range<usize>,
+    /// Tokens in the cache for this sequence after this step's KV write
+    /// (the last new token sits at position `context_len - 1`).
+    pub context_len: usize,
+    /// Blocks holding this sequence's KV, in order.
+    pub block_table: &'a [BlockId],
+}
+
+/// What attention needs to know about a batch besides the tensors.
+#[derive(Debug, Clone)]
+pub struct AttentionMeta<'a> {
+    pub seqs: Vec<SeqAttention<'a>>,
+    pub num_heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub scale: f32,
+}
+
+/// Precomputed rotary frequencies (one inverse frequency per pair in a head).
+#[derive(Debug, Clone)]
+pub struct RopeTable {
+    pub inv_freq: Vec<f32>,
+    pub style: RopeStyle,
+}
+
+/// The ops a model needs. All tensors are f32 activations `[rows, cols]`.
+pub trait Backend: Send + Sync + 'static {
+    type Weight: Send + Sync;
+    type Tensor: Send;
+    type KvCache: Send;
+
+    fn name(&self) -> String;
+    fn load_weight(&self, w: HostWeight) -> Result<Self::Weight, BackendError>;
+    /// (rows, cols) of a weight.
+    fn weight_shape(&self, w: &Self::Weight) -> (usize, usize);
+    fn zeros(&self, rows: usize, cols: usize) -> Self::Tensor;
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Self::Tensor;
+    fn download(&self, t: &Self::Tensor) -> Vec<f32>;
+    fn shape(&self, t: &Self::Tensor) -> (usize, usize);
+
+    /// out[i] = table[ids[i]] (rows of a possibly quantised table).
+    fn embedding(&self, table: &Self::Weight, ids: &[u32], out: &mut Self::Tensor);
+    /// out = rms_norm(x) * w.
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32, out: &mut Self::Tensor);
+    /// x += y.
+    fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor);
+    /// Several independent `out = x · wᵀ (+ bias)` sharing one input, in one dispatch.
+    fn matmul_many(&self, x: &Self::Tensor, jobs: &mut [MatmulJob<'_, Self>]);
+    /// out = x · wᵀ.
+    fn matmul(&self, x: &Self::Tensor, w: &Self::Weight, out: &mut Self::Tensor) {
+        self.matmul_many(x, &mut [MatmulJob { w, bias: None, out }]);
+    }
+    /// Rotary embedding in place on `x` = `[tokens, heads * head_dim]`.
+    fn rope(&self, x: &mut Self::Tensor, heads: usize, head_dim: usize, positions: &[u32], table: &RopeTable);
+    /// out = silu(gate) * up.
+    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor, out: &mut Self::Tensor);
+    /// Rows `rows` of `x`, in order, as a new tensor.
+    fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Self::Tensor;
+
+    fn alloc_kv(&self, spec: KvCacheSpec) -> Result<Self::KvCache, BackendError>;
+    /// Writes each token's K and V (`[tokens, kv_heads*head_dim]`) to its slot
+    /// (`block * block_size + offset`) in `layer`.
+    fn write_kv(&self, cache: &mut Self::KvCache, layer: usize, k: &Self::Tensor, v: &Self::Tensor, slots: &[u32]);
+    /// Causal attention of each new token over its sequence's cached keys/values.
+    /// `q` and `out` are `[tokens, num_heads*head_dim]`.
+    fn paged_attention(
+        &self,
+        cache: &Self::KvCache,
+        layer: usize,
+        q: &Self::Tensor,
+        meta: &AttentionMeta<'_>,
+        out: &mut Self::Tensor,
+    );
+}
+
+/// One product of [`Backend::matmul_many`].
+pub struct MatmulJob<'a, B: Backend + ?Sized> {
+    pub w: &'a B::Weight,
+    pub bias: Option<&'a B::Weight>,
+    pub out: &'a mut B::Tensor,
+}

@@ -1,0 +1,120 @@
+//! One `Config`: the defaults in `config/default.toml`, then an optional TOML
+//! file, then `TANDEM_*` environment variables; command-line flags override last
+//! (in main).
+
+use serde::Deserialize;
+use std::path::Path;
+
+const DEFAULTS: &str = include_str!("../config/default.toml");
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelSection,
+    pub cpu: CpuSection,
+    pub cache: CacheSection,
+    pub scheduler: SchedulerSection,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub path: String,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CpuSection {
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct CacheSection {
+    pub block_size: usize,
+    pub num_blocks: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct SchedulerSection {
+    pub max_num_batched_tokens: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigFileError {
+    #[error("reading {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("{path}: {reason}")]
+    Parse { path: String, reason: String },
+    #[error("environment variable {name}: {reason}")]
+    Env { name: String, reason: String },
+}
+
+impl Config {
+    /// The built-in defaults.
+    pub fn defaults() -> Self {
+        toml::from_str(DEFAULTS).expect("config/default.toml is valid")
+    }
+
+    /// Defaults, overlaid with `file` (if any), then the environment.
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigFileError> {
+        let mut merged: toml::Value = toml::from_str(DEFAULTS).expect("config/default.toml is valid");
+        if let Some(path) = file {
+            let p = path.display().to_string();
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| ConfigFileError::Read { path: p.clone(), reason: e.to_string() })?;
+            let over: toml::Value =
+                toml::from_str(&text).map_err(|e| ConfigFileError::Parse { path: p.clone(), reason: e.to_string() })?;
+            overlay(&mut merged, over);
+        }
+        let mut cfg: Config = merged.try_into().map_err(|e: toml::de::Error| ConfigFileError::Parse {
+            path: file.map(|p| p.display().to_string()).unwrap_or_default(),
+            reason: e.to_string(),
+        })?;
+        if let Ok(m) = std::env::var("TANDEM_MODEL") {
+            cfg.model.path = m;
+        }
+        if let Ok(t) = std::env::var("TANDEM_THREADS") {
+            cfg.cpu.threads = t.parse().map_err(|_| ConfigFileError::Env {
+                name: "TANDEM_THREADS".into(),
+                reason: format!("'{t}' is not a number"),
+            })?;
+        }
+        Ok(cfg)
+    }
+}
+
+fn overlay(base: &mut toml::Value, over: toml::Value) {
+    match (base, over) {
+        (toml::Value::Table(b), toml::Value::Table(o)) => {
+            for (k, v) in o {
+                match b.get_mut(&k) {
+                    Some(slot) => overlay(slot, v),
+                    None => {
+                        b.insert(k, v);
+                    }
+                }
+            }
+        }
+        (slot, v) => *slot = v,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_overrides_defaults_and_unknown_keys_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[cpu]\nthreads = 3\n").unwrap();
+        let c = Config::load(Some(&p)).unwrap();
+        assert_eq!(c.cpu.threads, 3);
+        assert_eq!(c.cache.block_size, Config::defaults().cache.block_size);
+        std::fs::write(&p, "[cpu]\nthreadz = 3\n").unwrap();
+        let e = Config::load(Some(&p)).unwrap_err().to_string();
+        assert!(e.contains("threadz"), "{e}");
+    }
+}

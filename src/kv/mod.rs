@@ -1,0 +1,53 @@
+//! Paged KV-cache bookkeeping: which blocks are free, who holds which. The KV
+//! tensors themselves live in the backend (`Backend::alloc_kv`); this module only
+//! hands out block ids. Block 0 is reserved as the null block (padding in block
+//! tables), so it is never handed out.
+
+mod block_pool;
+
+pub use block_pool::{BlockPool, BlockPoolError};
+
+/// Index of a KV block in the backend's cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockId(pub u32);
+
+impl BlockId {
+    pub const NULL: BlockId = BlockId(0);
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
+/// Blocks held by one sequence, in token order, and how many tokens they hold.
+#[derive(Debug, Default, Clone)]
+pub struct BlockTable {
+    pub blocks: Vec<BlockId>,
+    pub num_tokens: usize,
+}
+
+impl BlockTable {
+    /// Blocks needed to hold `tokens` tokens.
+    pub fn blocks_for(tokens: usize, block_size: usize) -> usize {
+        tokens.div_ceil(block_size)
+    }
+    /// Cache slot (block * block_size + offset) of token position `pos`.
+    pub fn slot(&self, pos: usize, block_size: usize) -> Option<u32> {
+        let block = self.blocks.get(pos / block_size)?;
+        u32::try_from(block.index() * block_size + pos % block_size).ok()
+    }
+    /// Grows the table so it can hold `tokens` tokens, taking blocks from `pool`.
+    /// On failure nothing is taken.
+    pub fn reserve(&mut self, pool: &mut BlockPool, tokens: usize) -> Result<(), BlockPoolError> {
+        let need = Self::blocks_for(tokens, pool.block_size()).saturating_sub(self.blocks.len());
+        let new = pool.allocate(need)?;
+        self.blocks.extend(new);
+        Ok(())
+    }
+    /// Returns every block to `pool`.
+    pub fn release(&mut self, pool: &mut BlockPool) {
+        for b in self.blocks.drain(..) {
+            pool.release(b);
+        }
+        self.num_tokens = 0;
+    }
+}

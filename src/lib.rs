@@ -1,0 +1,17 @@
+//! tandem: serve one base LLM and many LoRA adapters; train adapters while serving.
+//!
+//! The map of the crate is `docs/architecture.md`. In short: `loader` reads bytes
+//! from disk (GGUF, safetensors, HF cache), `quant` knows the block formats,
+//! `tokenizer` turns text into ids and back, `model` holds architectures written
+//! once against `backend::Backend`, `kv` owns the paged KV block bookkeeping and
+//! `engine` runs batches of sequences through a model.
+
+pub mod backend;
+pub mod bench;
+pub mod config;
+pub mod engine;
+pub mod kv;
+pub mod loader;
+pub mod model;
+pub mod quant;
+pub mod tokenizer;

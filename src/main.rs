@@ -1,0 +1,147 @@
+//! The `tandem` command line.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use tandem::backend::cpu::CpuBackend;
+use tandem::config::Config;
+use tandem::engine::generate::GenerateRequest;
+use tandem::engine::{Generator, ModelRunner, RunnerConfig, SamplingParams};
+use tandem::model::load_model;
+
+#[derive(Parser)]
+#[command(name = "tandem", version, about = "Serve one base LLM and many LoRA adapters")]
+struct Cli {
+    /// TOML config file (overrides config/default.toml).
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// CPU worker threads (0 = one per core).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate a completion for one prompt and print only the generated text.
+    Generate {
+        /// A .gguf file, an HF model directory or a hub id (default: the config's model).
+        #[arg(long)]
+        model: Option<String>,
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt as a user message in the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        /// A system message (with --chat).
+        #[arg(long)]
+        system: Option<String>,
+        #[arg(long, default_value_t = 128)]
+        max_tokens: usize,
+        /// Keep generating past end-of-sequence tokens.
+        #[arg(long)]
+        ignore_eos: bool,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f32,
+        #[arg(long)]
+        seed: Option<u64>,
+    },
+    /// Measure prefill and decode throughput.
+    Bench {
+        #[arg(long)]
+        model: Option<String>,
+        /// Prompt length for the prefill measurement.
+        #[arg(long, default_value_t = 512)]
+        prompt_len: usize,
+        /// Decode steps per batch size.
+        #[arg(long, default_value_t = 64)]
+        decode_steps: usize,
+        /// Concurrent sequences for the decode measurement.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1, 4, 16])]
+        batch: Vec<usize>,
+        /// Repetitions of each measurement (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let cli = Cli::parse();
+    let mut cfg = Config::load(cli.config.as_deref())?;
+    if let Some(t) = cli.threads {
+        cfg.cpu.threads = t;
+    }
+    match cli.cmd {
+        Cmd::Generate { model, prompt, chat, system, max_tokens, ignore_eos, temperature, top_k, top_p, seed } => {
+            let spec = model.unwrap_or(cfg.model.path.clone());
+            let be = CpuBackend::new(cfg.cpu.threads)?;
+            let loaded = load_model(&be, &spec).with_context(|| format!("loading model '{spec}'"))?;
+            let tok = loaded.tokenizer.context("this model has no tokenizer, so it cannot take text")?;
+            let text = if chat {
+                let tmpl = tok.chat_template().context("this model has no chat template")?;
+                let mut msgs = vec![];
+                if let Some(s) = system {
+                    msgs.push(serde_json::json!({"role": "system", "content": s}));
+                }
+                msgs.push(serde_json::json!({"role": "user", "content": prompt}));
+                tmpl.render(&serde_json::Value::Array(msgs), None, true, None)?
+            } else {
+                prompt
+            };
+            let ids = tok.encode(&text, !chat)?;
+            if ids.is_empty() {
+                bail!("the prompt is empty");
+            }
+            let stop_ids = if ignore_eos { vec![] } else { tok.eos_token_ids() };
+            let mut runner = ModelRunner::new(be, loaded.model, runner_config(&cfg))?;
+            let mut gen = Generator { runner: &mut runner, max_batch_tokens: cfg.scheduler.max_num_batched_tokens };
+            let req = GenerateRequest {
+                prompt: ids,
+                max_tokens,
+                sampling: SamplingParams { temperature, top_k, top_p, seed },
+                stop_ids,
+            };
+            let mut stream = tandem::tokenizer::DecodeStream::new(true);
+            let mut stdout = std::io::stdout().lock();
+            gen.run(std::slice::from_ref(&req), |_, t| {
+                if let Ok(Some(piece)) = stream.step(&tok, t) {
+                    let _ = stdout.write_all(piece.as_bytes());
+                    let _ = stdout.flush();
+                }
+            })?;
+            writeln!(stdout)?;
+        }
+        Cmd::Bench { model, prompt_len, decode_steps, batch, reps } => {
+            let spec = model.unwrap_or(cfg.model.path.clone());
+            let be = CpuBackend::new(cfg.cpu.threads)?;
+            let name = tandem::backend::Backend::name(&be);
+            let loaded = load_model(&be, &spec).with_context(|| format!("loading model '{spec}'"))?;
+            let mut runner = ModelRunner::new(be, loaded.model, runner_config(&cfg))?;
+            let opts = tandem::bench::BenchOptions { prompt_len, decode_steps, batches: batch, reps };
+            println!("model: {}\nbackend: {name}", loaded.source);
+            let report = tandem::bench::run(&mut runner, &opts)?;
+            print!("{report}");
+        }
+    }
+    Ok(())
+}
+
+fn runner_config(cfg: &Config) -> RunnerConfig {
+    RunnerConfig { block_size: cfg.cache.block_size, num_blocks: cfg.cache.num_blocks }
+}

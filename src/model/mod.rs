@@ -1,0 +1,93 @@
+//! Model architectures, written once against [`crate::backend::Backend`], and
+//! loading a model (weights, config, tokenizer) from a GGUF file or HF directory.
+
+pub mod config;
+pub mod llama;
+pub mod weights;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::backend::{Backend, SeqAttention};
+use crate::loader::gguf::GgufFile;
+use crate::loader::hub::{resolve_model, ModelSource};
+use crate::loader::safetensors::SafetensorsModel;
+use crate::tokenizer::{GgufVocab, Tokenizer};
+
+pub use config::{Arch, ModelConfig};
+pub use llama::LlamaModel;
+pub use weights::{TensorName, WeightSource};
+
+/// What one forward step computes: a flattened varlen batch of new tokens from
+/// one or more sequences (the step context passed explicitly through the model).
+#[derive(Debug, Clone)]
+pub struct StepInput<'a> {
+    pub token_ids: &'a [u32],
+    pub positions: &'a [u32],
+    /// Cache slot each token's K/V is written to.
+    pub slot_mapping: &'a [u32],
+    pub seqs: Vec<SeqAttention<'a>>,
+    /// Rows that need logits, in output order.
+    pub logits_rows: &'a [usize],
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Resolve(#[from] crate::loader::hub::HubError),
+    #[error("GGUF: {0}")]
+    Gguf(#[from] crate::loader::gguf::GgufError),
+    #[error("safetensors: {0}")]
+    Safetensors(#[from] crate::loader::safetensors::SafetensorsError),
+    #[error("config: {0}")]
+    Config(#[from] config::ConfigError),
+    #[error("loading weights: {0}")]
+    Load(#[from] llama::LoadError),
+    #[error("tokenizer: {0}")]
+    Tokenizer(#[from] crate::tokenizer::TokenizerError),
+    #[error("{path}: {reason}")]
+    File { path: String, reason: String },
+}
+
+/// A loaded model: the network on a backend, plus its tokenizer when it has one.
+pub struct LoadedModel<B: Backend> {
+    pub model: LlamaModel<B>,
+    pub tokenizer: Option<Tokenizer>,
+    /// Where it came from, for display.
+    pub source: String,
+}
+
+/// Loads a model from a spec: a `.gguf` file, an HF directory, or a hub id.
+pub fn load_model<B: Backend>(be: &B, spec: &str) -> Result<LoadedModel<B>, ModelError> {
+    match resolve_model(spec)? {
+        ModelSource::Gguf(path) => load_gguf(be, &path),
+        ModelSource::HfDir(dir) => load_hf_dir(be, &dir),
+    }
+}
+
+pub fn load_gguf<B: Backend>(be: &B, path: &Path) -> Result<LoadedModel<B>, ModelError> {
+    let file = Arc::new(GgufFile::open(path)?);
+    let config = ModelConfig::from_gguf(&file)?;
+    // A GGUF without tokenizer metadata (test fixtures) still loads; text I/O then fails.
+    let tokenizer = if file.get("tokenizer.ggml.tokens").is_some() {
+        Some(Tokenizer::from_gguf_vocab(&GgufVocab::from_gguf(&file)?)?)
+    } else {
+        None
+    };
+    let src = WeightSource::Gguf(file);
+    let model = LlamaModel::load(be, &src, config)?;
+    Ok(LoadedModel { model, tokenizer, source: path.display().to_string() })
+}
+
+pub fn load_hf_dir<B: Backend>(be: &B, dir: &Path) -> Result<LoadedModel<B>, ModelError> {
+    let cfg_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&cfg_path)
+        .map_err(|e| ModelError::File { path: cfg_path.display().to_string(), reason: e.to_string() })?;
+    let json: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| ModelError::File { path: cfg_path.display().to_string(), reason: e.to_string() })?;
+    let config = ModelConfig::from_hf_json(&json)?;
+    let tokenizer = if dir.join("tokenizer.json").exists() { Some(Tokenizer::from_hf_dir(dir)?) } else { None };
+    let src = WeightSource::Safetensors(Arc::new(SafetensorsModel::open_dir(dir)?));
+    let model = LlamaModel::load(be, &src, config)?;
+    Ok(LoadedModel { model, tokenizer, source: dir.display().to_string() })
+}

@@ -1,0 +1,189 @@
+//! Where a model's weights come from: one naming scheme over GGUF files and HF
+//! safetensors directories, producing [`HostWeight`]s that point into the
+//! memory-mapped files (no copy), except GGUF llama Q/K, whose rows are brought
+//! back to HF order (FORMATS.md §4) so one rope style serves every source.
+
+use std::sync::Arc;
+
+use crate::backend::{HostWeight, WeightBytes};
+use crate::loader::gguf::GgufFile;
+use crate::loader::safetensors::{SafetensorsModel, StDtype};
+use crate::quant::ggml::GgmlType;
+
+use super::config::{Arch, ModelConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum WeightError {
+    #[error("weight '{0}' is missing")]
+    Missing(String),
+    #[error("weight '{name}': {reason}")]
+    Bad { name: String, reason: String },
+}
+
+/// A tensor of the Llama family, independent of the file format's naming.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TensorName {
+    Embed,
+    FinalNorm,
+    LmHead,
+    AttnNorm(usize),
+    FfnNorm(usize),
+    Q(usize),
+    K(usize),
+    V(usize),
+    O(usize),
+    QBias(usize),
+    KBias(usize),
+    VBias(usize),
+    Gate(usize),
+    Up(usize),
+    Down(usize),
+}
+
+impl TensorName {
+    pub fn hf(self) -> String {
+        use TensorName::*;
+        let l = |i: usize, s: &str| format!("model.layers.{i}.{s}");
+        match self {
+            Embed => "model.embed_tokens.weight".into(),
+            FinalNorm => "model.norm.weight".into(),
+            LmHead => "lm_head.weight".into(),
+            AttnNorm(i) => l(i, "input_layernorm.weight"),
+            FfnNorm(i) => l(i, "post_attention_layernorm.weight"),
+            Q(i) => l(i, "self_attn.q_proj.weight"),
+            K(i) => l(i, "self_attn.k_proj.weight"),
+            V(i) => l(i, "self_attn.v_proj.weight"),
+            O(i) => l(i, "self_attn.o_proj.weight"),
+            QBias(i) => l(i, "self_attn.q_proj.bias"),
+            KBias(i) => l(i, "self_attn.k_proj.bias"),
+            VBias(i) => l(i, "self_attn.v_proj.bias"),
+            Gate(i) => l(i, "mlp.gate_proj.weight"),
+            Up(i) => l(i, "mlp.up_proj.weight"),
+            Down(i) => l(i, "mlp.down_proj.weight"),
+        }
+    }
+    pub fn gguf(self) -> String {
+        use TensorName::*;
+        let l = |i: usize, s: &str| format!("blk.{i}.{s}");
+        match self {
+            Embed => "token_embd.weight".into(),
+            FinalNorm => "output_norm.weight".into(),
+            LmHead => "output.weight".into(),
+            AttnNorm(i) => l(i, "attn_norm.weight"),
+            FfnNorm(i) => l(i, "ffn_norm.weight"),
+            Q(i) => l(i, "attn_q.weight"),
+            K(i) => l(i, "attn_k.weight"),
+            V(i) => l(i, "attn_v.weight"),
+            O(i) => l(i, "attn_output.weight"),
+            QBias(i) => l(i, "attn_q.bias"),
+            KBias(i) => l(i, "attn_k.bias"),
+            VBias(i) => l(i, "attn_v.bias"),
+            Gate(i) => l(i, "ffn_gate.weight"),
+            Up(i) => l(i, "ffn_up.weight"),
+            Down(i) => l(i, "ffn_down.weight"),
+        }
+    }
+}
+
+/// A model file (or directory) that can hand out weights by [`TensorName`].
+pub enum WeightSource {
+    Gguf(Arc<GgufFile>),
+    Safetensors(Arc<SafetensorsModel>),
+}
+
+impl WeightSource {
+    /// The weight, or `None` when the file does not have it.
+    pub fn get(&self, name: TensorName, cfg: &ModelConfig) -> Result<Option<HostWeight>, WeightError> {
+        match self {
+            WeightSource::Gguf(f) => gguf_weight(f, name, cfg),
+            WeightSource::Safetensors(m) => st_weight(m, name),
+        }
+    }
+    pub fn require(&self, name: TensorName, cfg: &ModelConfig) -> Result<HostWeight, WeightError> {
+        self.get(name, cfg)?.ok_or_else(|| WeightError::Missing(self.display_name(name)))
+    }
+    fn display_name(&self, name: TensorName) -> String {
+        match self {
+            WeightSource::Gguf(_) => name.gguf(),
+            WeightSource::Safetensors(_) => name.hf(),
+        }
+    }
+}
+
+fn gguf_weight(f: &GgufFile, name: TensorName, cfg: &ModelConfig) -> Result<Option<HostWeight>, WeightError> {
+    let gname = name.gguf();
+    let Some(info) = f.tensor(&gname) else { return Ok(None) };
+    let bad = |reason: String| WeightError::Bad { name: gname.clone(), reason };
+    let (rows, cols) = match info.dims.as_slice() {
+        [k] => (1usize, *k as usize),
+        [k, n] => (*n as usize, *k as usize),
+        other => return Err(bad(format!("expected 1 or 2 dims, found {other:?}"))),
+    };
+    let start = (f.data_offset + info.offset) as usize;
+    let range = start..start + info.n_bytes() as usize;
+    let bytes = WeightBytes::new(f.mapped(), range).ok_or_else(|| bad("data lies outside the file".into()))?;
+    let mut w = HostWeight { name: gname.clone(), kind: info.ty, rows, cols, bytes };
+    // convert_hf_to_gguf permutes llama Q/K rows for llama.cpp's interleaved rope.
+    if cfg.arch == Arch::Llama || cfg.arch == Arch::Mistral {
+        let heads = match name {
+            TensorName::Q(_) | TensorName::QBias(_) => Some(cfg.num_heads),
+            TensorName::K(_) | TensorName::KBias(_) => Some(cfg.num_kv_heads),
+            _ => None,
+        };
+        if let Some(h) = heads {
+            w = unpermute_rows(w, h, cfg.head_dim).map_err(bad)?;
+        }
+    }
+    Ok(Some(w))
+}
+
+/// Undoes `permute(w, n_head)`: GGUF row `h*D + 2i + a` is HF row `h*D + a*D/2 + i`.
+fn unpermute_rows(w: HostWeight, heads: usize, head_dim: usize) -> Result<HostWeight, String> {
+    // A bias is a single row of `heads*head_dim` elements: permute elements instead.
+    let (unit_bytes, units) = if w.rows == 1 {
+        if w.kind != GgmlType::F32 {
+            return Err("a permuted bias must be F32".into());
+        }
+        (4, w.cols)
+    } else {
+        (w.kind.row_bytes(w.cols).ok_or("bad row size")?, w.rows)
+    };
+    if units != heads * head_dim {
+        return Err(format!("{units} rows is not {heads} heads x {head_dim}"));
+    }
+    let src = w.bytes.as_slice();
+    let mut dst = vec![0u8; src.len()];
+    let half = head_dim / 2;
+    for h in 0..heads {
+        for i in 0..half {
+            for a in 0..2 {
+                let from = h * head_dim + 2 * i + a;
+                let to = h * head_dim + a * half + i;
+                dst[to * unit_bytes..(to + 1) * unit_bytes]
+                    .copy_from_slice(&src[from * unit_bytes..(from + 1) * unit_bytes]);
+            }
+        }
+    }
+    Ok(HostWeight { bytes: WeightBytes::from_vec(dst), ..w })
+}
+
+fn st_weight(m: &SafetensorsModel, name: TensorName) -> Result<Option<HostWeight>, WeightError> {
+    let hname = name.hf();
+    let Some(view) = m.tensor(&hname) else { return Ok(None) };
+    let bad = |reason: String| WeightError::Bad { name: hname.clone(), reason };
+    let kind = match view.dtype {
+        StDtype::F32 => GgmlType::F32,
+        StDtype::F16 => GgmlType::F16,
+        StDtype::BF16 => GgmlType::BF16,
+        other => return Err(bad(format!("dtype {other:?} is not a float weight"))),
+    };
+    let (rows, cols) = match view.shape {
+        [k] => (1, *k),
+        [n, k] => (*n, *k),
+        other => return Err(bad(format!("expected 1 or 2 dims, found {other:?}"))),
+    };
+    let file = m.file_of(&hname).ok_or_else(|| bad("no file holds it".into()))?;
+    let range = file.tensor_range(&hname).ok_or_else(|| bad("no byte range".into()))?;
+    let bytes = WeightBytes::new(file.mapped(), range).ok_or_else(|| bad("data lies outside the file".into()))?;
+    Ok(Some(HostWeight { name: hname, kind, rows, cols, bytes }))
+}

@@ -1,0 +1,222 @@
+//! GGML tensor types (GGUF on-disk blocks): sizes and reference dequantisation.
+//! Layouts: ../shared/FORMATS.md §4 (ggml-common.h).
+
+/// A ggml tensor type as stored in GGUF (`ggml_type` id).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GgmlType {
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q5_0,
+    Q8_0,
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl GgmlType {
+    /// Parse a `ggml_type` id; `None` for types tandem does not support.
+    pub fn from_id(id: u32) -> Option<Self> {
+        Some(match id {
+            0 => Self::F32,
+            1 => Self::F16,
+            30 => Self::BF16,
+            2 => Self::Q4_0,
+            6 => Self::Q5_0,
+            8 => Self::Q8_0,
+            12 => Self::Q4K,
+            13 => Self::Q5K,
+            14 => Self::Q6K,
+            _ => return None,
+        })
+    }
+    /// The `ggml_type` id written in GGUF files.
+    pub fn id(self) -> u32 {
+        match self {
+            Self::F32 => 0,
+            Self::F16 => 1,
+            Self::BF16 => 30,
+            Self::Q4_0 => 2,
+            Self::Q5_0 => 6,
+            Self::Q8_0 => 8,
+            Self::Q4K => 12,
+            Self::Q5K => 13,
+            Self::Q6K => 14,
+        }
+    }
+    /// Elements per block.
+    pub fn block_size(self) -> usize {
+        match self {
+            Self::F32 | Self::F16 | Self::BF16 => 1,
+            Self::Q4_0 | Self::Q5_0 | Self::Q8_0 => 32,
+            Self::Q4K | Self::Q5K | Self::Q6K => 256,
+        }
+    }
+    /// Bytes per block.
+    pub fn type_size(self) -> usize {
+        match self {
+            Self::F32 => 4,
+            Self::F16 | Self::BF16 => 2,
+            Self::Q4_0 => 18,
+            Self::Q5_0 => 22,
+            Self::Q8_0 => 34,
+            Self::Q4K => 144,
+            Self::Q5K => 176,
+            Self::Q6K => 210,
+        }
+    }
+    /// Bytes of one row of `n` elements; `None` if `n` is not a whole number of blocks.
+    pub fn row_bytes(self, n: usize) -> Option<usize> {
+        if !n.is_multiple_of(self.block_size()) {
+            return None;
+        }
+        (n / self.block_size()).checked_mul(self.type_size())
+    }
+}
+
+/// Why a buffer could not be dequantised.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DequantError {
+    #[error("{ty:?}: {n} elements is not a whole number of {block}-element blocks")]
+    PartialBlock { ty: GgmlType, n: usize, block: usize },
+    #[error("{ty:?}: {n} elements need {expected} bytes of blocks, got {got}")]
+    SizeMismatch { ty: GgmlType, n: usize, expected: usize, got: usize },
+}
+
+/// IEEE half to single; exact for every input (NaN payloads included).
+#[inline]
+pub fn f16_to_f32(bits: u16) -> f32 {
+    half::f16::from_bits(bits).to_f32()
+}
+
+/// The 6-bit scale and min of sub-block `j` (0..8) from the 12 packed scale bytes
+/// of a Q4_K / Q5_K block (`ggml-quants.c::get_scale_min_k4`).
+///
+/// # Panics
+/// If `j >= 8` or `q` is shorter than 12 bytes (a caller bug, not a file error).
+#[inline]
+pub fn get_scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (q[j] & 63, q[j + 4] & 63)
+    } else {
+        ((q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
+    }
+}
+
+#[inline]
+fn f16_at(b: &[u8], off: usize) -> f32 {
+    f16_to_f32(u16::from_le_bytes([b[off], b[off + 1]]))
+}
+
+/// Dequantise whole blocks of `ty` into `out` (`out.len()` elements).
+///
+/// Scalar reference: every product is rounded to f32 in the same order as
+/// gguf-py's numpy code (`(d*sc)*q - dmin*m`, never fused), so the results are
+/// bit-identical to `gguf.quants.dequantize`.
+pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), DequantError> {
+    let n = out.len();
+    let block = ty.block_size();
+    if n % block != 0 {
+        return Err(DequantError::PartialBlock { ty, n, block });
+    }
+    let expected = (n / block).checked_mul(ty.type_size());
+    if expected != Some(data.len()) {
+        return Err(DequantError::SizeMismatch { ty, n, expected: expected.unwrap_or(usize::MAX), got: data.len() });
+    }
+    let blocks = data.chunks_exact(ty.type_size());
+    let outs = out.chunks_exact_mut(block);
+    match ty {
+        GgmlType::F32 => blocks.zip(outs).for_each(|(b, y)| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        GgmlType::F16 => blocks.zip(outs).for_each(|(b, y)| y[0] = f16_at(b, 0)),
+        GgmlType::BF16 => {
+            blocks.zip(outs).for_each(|(b, y)| y[0] = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16))
+        }
+        GgmlType::Q4_0 => blocks.zip(outs).for_each(|(b, y)| block_q4_0(b, y)),
+        GgmlType::Q5_0 => blocks.zip(outs).for_each(|(b, y)| block_q5_0(b, y)),
+        GgmlType::Q8_0 => blocks.zip(outs).for_each(|(b, y)| block_q8_0(b, y)),
+        GgmlType::Q4K => blocks.zip(outs).for_each(|(b, y)| block_q4k(b, y)),
+        GgmlType::Q5K => blocks.zip(outs).for_each(|(b, y)| block_q5k(b, y)),
+        GgmlType::Q6K => blocks.zip(outs).for_each(|(b, y)| block_q6k(b, y)),
+    }
+    Ok(())
+}
+
+fn block_q4_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let qs = &b[2..18];
+    for j in 0..16 {
+        y[j] = d * ((qs[j] & 0xF) as i32 - 8) as f32;
+        y[j + 16] = d * ((qs[j] >> 4) as i32 - 8) as f32;
+    }
+}
+
+fn block_q5_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let h = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+    let qs = &b[6..22];
+    for j in 0..16 {
+        let lo = (qs[j] & 0xF) as u32 | (((h >> j) & 1) << 4);
+        let hi = (qs[j] >> 4) as u32 | (((h >> (j + 16)) & 1) << 4);
+        y[j] = d * (lo as i32 - 16) as f32;
+        y[j + 16] = d * (hi as i32 - 16) as f32;
+    }
+}
+
+fn block_q8_0(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    for (yj, &q) in y.iter_mut().zip(&b[2..34]) {
+        *yj = (q as i8) as f32 * d;
+    }
+}
+
+/// Shared body of Q4_K and Q5_K: `qh` is `None` for Q4_K.
+fn block_k4(d: f32, dmin: f32, scales: &[u8], qh: Option<&[u8]>, qs: &[u8], y: &mut [f32]) {
+    for c in 0..4 {
+        let q = &qs[32 * c..32 * c + 32];
+        for half in 0..2 {
+            let sub = 2 * c + half;
+            let (sc, m) = get_scale_min_k4(sub, scales);
+            let dl = d * sc as f32;
+            let ml = dmin * m as f32;
+            let yo = &mut y[32 * sub..32 * sub + 32];
+            for l in 0..32 {
+                let mut v = if half == 0 { q[l] & 0xF } else { q[l] >> 4 };
+                if let Some(qh) = qh {
+                    v |= ((qh[l] >> sub) & 1) << 4;
+                }
+                yo[l] = dl * v as f32 - ml;
+            }
+        }
+    }
+}
+
+fn block_q4k(b: &[u8], y: &mut [f32]) {
+    block_k4(f16_at(b, 0), f16_at(b, 2), &b[4..16], None, &b[16..144], y);
+}
+
+fn block_q5k(b: &[u8], y: &mut [f32]) {
+    let qh = &b[16..48];
+    block_k4(f16_at(b, 0), f16_at(b, 2), &b[4..16], Some(qh), &b[48..176], y);
+}
+
+fn block_q6k(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 208);
+    for h in 0..2 {
+        let ql = &b[64 * h..64 * h + 64];
+        let qh = &b[128 + 32 * h..128 + 32 * h + 32];
+        let sc = &b[192 + 8 * h..192 + 8 * h + 8];
+        let yo = &mut y[128 * h..128 * h + 128];
+        for l in 0..32 {
+            let is = l / 16;
+            let q1 = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+            let q2 = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+            yo[l] = d * (sc[is] as i8) as f32 * q1 as f32;
+            yo[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
+            yo[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
+            yo[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+        }
+    }
+}
