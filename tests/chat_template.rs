@@ -29,7 +29,8 @@ fn renders_match_transformers() {
             .unwrap_or_else(|e| panic!("{name}: {e}"));
         let tools = Some(&case["tools"]).filter(|t| !t.is_null());
         let gen = case["add_generation_prompt"].as_bool().unwrap();
-        let got = template.render(&case["messages"], tools, gen, None);
+        let extra = Some(&case["extra"]).filter(|e| !e.is_null());
+        let got = template.render(&case["messages"], tools, gen, extra);
         match (&case["rendered"], &case["error"], got) {
             (Value::String(want), _, Ok(got)) if *want == got => {}
             (_, Value::String(want), Err(TokenizerError::TemplateRaised(got))) if *want == got => {}
@@ -69,6 +70,26 @@ fn errors_are_typed() {
     assert!(matches!(t.render(&json!({"a": 1}), None, false, None), Err(TokenizerError::InvalidInput(_))));
     assert!(matches!(t.render(&json!([1]), None, false, None), Err(TokenizerError::InvalidInput(_))));
     assert!(matches!(t.render(&json!([]), None, false, Some(&json!([1]))), Err(TokenizerError::InvalidInput(_))));
+}
+
+#[test]
+fn long_conversations_fit_the_fuel_budget() {
+    let g = golden();
+    let t = ChatTemplate::new(g["templates"]["qwen2"].as_str().unwrap(), None, None).unwrap();
+    let tools = &g["cases"].as_array().unwrap().iter().find(|c| c["tools"].is_array()).unwrap()["tools"];
+    let turns: Vec<Value> = (0..2000)
+        .map(|i| json!({"role": if i % 2 == 0 { "user" } else { "assistant" }, "content": format!("turn {i}")}))
+        .collect();
+    let out = t.render(&Value::Array(turns), Some(tools), true, None).unwrap();
+    assert!(out.ends_with("turn 1999<|im_end|>\n<|im_start|>assistant\n"));
+}
+
+#[test]
+fn templates_are_shareable_across_threads() {
+    fn assert_send_sync<T: Send + Sync + Clone>() {}
+    assert_send_sync::<ChatTemplate>();
+    assert_send_sync::<tandem::tokenizer::Tokenizer>();
+    assert_send_sync::<tandem::tokenizer::DecodeStream>();
 }
 
 #[test]

@@ -176,7 +176,7 @@ impl B {
     fn data(&mut self, n: usize) -> Vec<u8> {
         let mut v = self.0.clone();
         v.resize(v.len().div_ceil(32) * 32, 0);
-        v.extend(std::iter::repeat(0xAB).take(n));
+        v.resize(v.len() + n, 0xAB);
         v
     }
 }

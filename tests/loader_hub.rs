@@ -156,6 +156,8 @@ fn not_found_errors_are_clear() {
     let e = resolve_model_with("/no/such/file.gguf", &opts).unwrap_err();
     assert!(matches!(e, HubError::NotFound { .. }), "{e}");
     assert!(e.to_string().contains("not a hub id"), "{e}");
+    let e = resolve_model_with("models/typo.gguf", &HubOptions::default()).unwrap_err();
+    assert!(e.to_string().contains("no such .gguf file"), "{e}");
     assert!(matches!(resolve_model_with("just-a-name", &opts), Err(HubError::NotFound { .. })));
     assert!(matches!(resolve_model_with("a/b/c", &opts), Err(HubError::NotFound { .. })));
     assert!(matches!(resolve_model_with("org/name:../x.gguf", &opts), Err(HubError::BadSpec { .. })));

@@ -25,7 +25,7 @@ fn build(tensors: &[(&str, &str, Vec<usize>, Vec<u8>)], metadata: Option<serde_j
 
 fn with_header(header: &[u8], data: &[u8]) -> Vec<u8> {
     let mut h = header.to_vec();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();

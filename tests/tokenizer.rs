@@ -212,6 +212,20 @@ fn tiny_spm_gguf_matches_transformers() {
 }
 
 #[test]
+fn tiny_byte_level_ggufs_match_transformers() {
+    // The same BPE as tiny_bpe/, as llama.cpp stores it, with Llama 3's split regex
+    // ("llama-bpe", BOS added) and GPT-2's ("default"), plus a USER_DEFINED <think>
+    // and a CONTROL token outside the byte alphabet (which stays plain text).
+    for pre in ["llama-bpe", "default"] {
+        let tok = from_gguf(&fixture(&format!("tiny_bpe_{pre}.gguf")));
+        let golden = read_json(&fixture(&format!("tiny_bpe_{pre}_golden.json")));
+        check_cases(&tok, &golden, "ids");
+        assert_eq!(tok.vocab_size(), golden["vocab_size"].as_u64().unwrap() as usize, "{pre}");
+        assert_eq!(tok.encode("<think>", false).unwrap(), vec![452], "{pre}");
+    }
+}
+
+#[test]
 fn tiny_spm_stream_with_context() {
     let tok = from_gguf(&fixture("tiny_spm.gguf"));
     let golden = read_json(&fixture("spm_golden.json"));

@@ -195,7 +195,7 @@ impl GgufTensorInfo {
 fn tensor_bytes(ty: GgmlType, dims: &[u64]) -> Result<u64, &'static str> {
     let block = ty.block_size() as u64;
     let ne0 = dims.first().copied().unwrap_or(1);
-    if ne0 % block != 0 {
+    if !ne0.is_multiple_of(block) {
         return Err("first dimension is not a whole number of quant blocks");
     }
     let row = (ne0 / block).checked_mul(ty.type_size() as u64).ok_or("size overflows")?;
@@ -378,7 +378,7 @@ fn validate_tensor(t: &GgufTensorInfo, alignment: u64, data_len: u64) -> Result<
         dims: t.dims.clone(),
         reason,
     })?;
-    if t.offset % alignment != 0 {
+    if !t.offset.is_multiple_of(alignment) {
         return Err(GgufError::Misaligned { name: t.name.clone(), offset: t.offset, alignment });
     }
     let in_range = t.offset.checked_add(size).is_some_and(|end| end <= data_len);

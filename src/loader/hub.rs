@@ -262,6 +262,12 @@ fn parse_hub_id(spec: &str) -> Result<HubId<'_>, HubError> {
     if parts.len() != 2 || !parts.iter().all(valid_part) {
         return Err(not_found("not a hub id of the form <org>/<name>[:<file>.gguf]"));
     }
+    if file.is_none() && repo.to_ascii_lowercase().ends_with(".gguf") {
+        // Almost certainly a mistyped path, not a repository named like a file.
+        return Err(not_found(
+            "no such .gguf file (to pick a file from a hub repository use <org>/<name>:<file>.gguf)",
+        ));
+    }
     if let Some(f) = file {
         if !is_repo_relative(f) || !f.to_ascii_lowercase().ends_with(".gguf") {
             return Err(HubError::BadSpec {

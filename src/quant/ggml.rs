@@ -117,7 +117,7 @@ fn f16_at(b: &[u8], off: usize) -> f32 {
 pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), DequantError> {
     let n = out.len();
     let block = ty.block_size();
-    if n % block != 0 {
+    if !n.is_multiple_of(block) {
         return Err(DequantError::PartialBlock { ty, n, block });
     }
     let expected = (n / block).checked_mul(ty.type_size());

@@ -73,6 +73,7 @@ impl ChatTemplate {
         env.add_filter("tojson", |value: &Value, kwargs: Kwargs| jinja_py::tojson(value, kwargs));
         env.add_filter("trim", jinja_py::trim);
         env.add_filter("string", |value: &Value| jinja_py::py_str(value));
+        env.add_filter("round", jinja_py::round);
         env.add_function("raise_exception", |message: Option<Value>| -> Result<Value, Error> {
             let message = message.map(|m| jinja_py::py_str(&m)).unwrap_or_default();
             Err(Error::new(ErrorKind::InvalidOperation, message.clone()).with_source(Raised(message)))

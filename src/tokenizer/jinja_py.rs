@@ -118,7 +118,7 @@ pub(crate) fn py_float(f: f64, nan: &str, inf: &str) -> String {
     if (-4..16).contains(&exp) {
         if exp < 0 {
             out.push_str("0.");
-            out.extend(std::iter::repeat('0').take((-exp - 1) as usize));
+            out.push_str(&"0".repeat((-exp - 1) as usize));
             out.push_str(&digits);
         } else {
             let int_len = exp as usize + 1;
@@ -128,7 +128,7 @@ pub(crate) fn py_float(f: f64, nan: &str, inf: &str) -> String {
                 out.push_str(&digits[int_len..]);
             } else {
                 out.push_str(&digits);
-                out.extend(std::iter::repeat('0').take(int_len - digits.len()));
+                out.push_str(&"0".repeat(int_len - digits.len()));
                 out.push_str(".0");
             }
         }
@@ -315,6 +315,22 @@ pub(crate) fn trim(value: &Value, chars: Option<String>) -> String {
         Some(chars) => s.trim_matches(|c| chars.contains(c)).to_owned(),
         None => s.trim().to_owned(),
     }
+}
+
+/// jinja2's `round(value, precision=0, method='common')`: 'common' is Python's
+/// `round`, which rounds halves to even (`2.5 -> 2.0`), unlike minijinja's.
+pub(crate) fn round(value: f64, precision: Option<i32>, method: Option<String>) -> Result<f64, Error> {
+    let scale = 10f64.powi(precision.unwrap_or(0));
+    let scaled = value * scale;
+    let rounded = match method.as_deref().unwrap_or("common") {
+        "common" => scaled.round_ties_even(),
+        "ceil" => scaled.ceil(),
+        "floor" => scaled.floor(),
+        _ => {
+            return Err(Error::new(ErrorKind::InvalidOperation, "round: method must be common, ceil or floor"));
+        }
+    };
+    Ok(rounded / scale)
 }
 
 /// `datetime.now().strftime(format)` for the directives chat templates use

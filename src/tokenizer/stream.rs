@@ -82,8 +82,8 @@ impl DecodeStream {
 /// (only with invalid byte sequences, whose U+FFFD can change as bytes arrive),
 /// emit from the end of the longest common prefix rather than fail the stream.
 fn new_suffix<'a>(prefix: &str, full: &'a str) -> &'a str {
-    if full.starts_with(prefix) {
-        return &full[prefix.len()..];
+    if let Some(rest) = full.strip_prefix(prefix) {
+        return rest;
     }
     let common = prefix
         .char_indices()

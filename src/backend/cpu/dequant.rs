@@ -52,156 +52,147 @@ pub fn dequant_row_chunk(isa: Isa, kind: GgmlType, row: &[u8], k0: usize, out: &
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(super) mod avx512 {
     use super::GgmlType;
     use crate::quant::ggml::get_scale_min_k4;
     use std::arch::x86_64::*;
 
     #[inline(always)]
-    fn f16(b: &[u8], at: usize) -> f32 {
-        half::f16::from_bits(u16::from_le_bytes([b[at], b[at + 1]])).to_f32()
+    unsafe fn f16(b: *const u8) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes([*b, *b.add(1)]) as i32)))
     }
 
-    /// Dequantises whole blocks; returns false for kinds without a fast path.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
-    pub unsafe fn dequant(kind: GgmlType, bytes: &[u8], out: &mut [f32]) -> bool {
-        let n = out.len();
+    /// Does `kind` have a fast decoder here?
+    pub fn supported(kind: GgmlType) -> bool {
+        !matches!(kind, GgmlType::F32 | GgmlType::BF16)
+    }
+
+    /// Decodes `nblocks` whole blocks starting at `bytes`, calling
+    /// `emit(group, values)` for every 16-element group in increasing element
+    /// order (`group` counts from the first block). Each value is computed with
+    /// the reference dequantiser's operations in its order, so it is bit-exact;
+    /// the increasing order lets a caller accumulate straight from registers with
+    /// the same summation order as a stored tile.
+    #[inline(always)]
+    pub unsafe fn decode<F: FnMut(usize, __m512)>(kind: GgmlType, bytes: *const u8, nblocks: usize, mut emit: F) {
+        let m4 = _mm_set1_epi8(0x0F);
         match kind {
             GgmlType::Q8_0 => {
-                for (b, blk) in bytes.chunks_exact(34).enumerate() {
-                    if b * 32 >= n {
-                        break;
-                    }
-                    let d = _mm512_set1_ps(f16(blk, 0));
-                    let p = blk.as_ptr().add(2);
+                for b in 0..nblocks {
+                    let blk = bytes.add(34 * b);
+                    let d = _mm512_set1_ps(f16(blk));
                     for h in 0..2 {
-                        let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(p.add(16 * h) as *const __m128i));
-                        let y = _mm512_mul_ps(_mm512_cvtepi32_ps(q), d);
-                        _mm512_storeu_ps(out.as_mut_ptr().add(b * 32 + 16 * h), y);
+                        let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2 + 16 * h) as *const __m128i));
+                        emit(2 * b + h, _mm512_mul_ps(_mm512_cvtepi32_ps(q), d));
                     }
                 }
-                true
             }
             GgmlType::Q4_0 | GgmlType::Q5_0 => {
                 let q5 = kind == GgmlType::Q5_0;
                 let (ts, qs_at, bias) = if q5 { (22, 6, 16) } else { (18, 2, 8) };
-                let m4 = _mm_set1_epi8(0x0F);
                 let biasv = _mm512_set1_epi32(bias);
                 let sixteen = _mm512_set1_epi32(16);
-                for (b, blk) in bytes.chunks_exact(ts).enumerate() {
-                    if b * 32 >= n {
-                        break;
-                    }
-                    let d = _mm512_set1_ps(f16(blk, 0));
-                    let raw = _mm_loadu_si128(blk.as_ptr().add(qs_at) as *const __m128i);
+                for b in 0..nblocks {
+                    let blk = bytes.add(ts * b);
+                    let d = _mm512_set1_ps(f16(blk));
+                    let raw = _mm_loadu_si128(blk.add(qs_at) as *const __m128i);
                     let mut lo = _mm512_cvtepu8_epi32(_mm_and_si128(raw, m4));
                     let mut hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), m4));
                     if q5 {
-                        let h = u32::from_le_bytes([blk[2], blk[3], blk[4], blk[5]]);
+                        let h = (blk.add(2) as *const u32).read_unaligned();
                         lo = _mm512_or_si512(lo, _mm512_maskz_mov_epi32(h as u16, sixteen));
                         hi = _mm512_or_si512(hi, _mm512_maskz_mov_epi32((h >> 16) as u16, sixteen));
                     }
-                    let o = out.as_mut_ptr().add(b * 32);
-                    _mm512_storeu_ps(o, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(lo, biasv)), d));
-                    _mm512_storeu_ps(o.add(16), _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(hi, biasv)), d));
+                    emit(2 * b, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(lo, biasv)), d));
+                    emit(2 * b + 1, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(hi, biasv)), d));
                 }
-                true
             }
             GgmlType::Q4K | GgmlType::Q5K => {
                 let q5 = kind == GgmlType::Q5K;
-                let ts = if q5 { 176 } else { 144 };
-                let m4 = _mm_set1_epi8(0x0F);
+                let (ts, qs_at) = if q5 { (176, 48) } else { (144, 16) };
                 let zero = _mm_setzero_si128();
                 let sixteen = _mm_set1_epi8(16);
-                for (b, blk) in bytes.chunks_exact(ts).enumerate() {
-                    let d = f16(blk, 0);
-                    let dmin = f16(blk, 2);
-                    let scales = &blk[4..16];
-                    let (qh, qs) = if q5 { (&blk[16..48], &blk[48..176]) } else { (&blk[0..0], &blk[16..144]) };
-                    let y = out.as_mut_ptr().add(b * 256);
-                    for c in 0..4 {
-                        let (s1, m1) = get_scale_min_k4(2 * c, scales);
-                        let (s2, m2) = get_scale_min_k4(2 * c + 1, scales);
-                        let d1 = _mm512_set1_ps(d * s1 as f32);
-                        let m1 = _mm512_set1_ps(dmin * m1 as f32);
-                        let d2 = _mm512_set1_ps(d * s2 as f32);
-                        let m2 = _mm512_set1_ps(dmin * m2 as f32);
+                for b in 0..nblocks {
+                    let blk = bytes.add(ts * b);
+                    let d = f16(blk);
+                    let dmin = f16(blk.add(2));
+                    let scales = std::slice::from_raw_parts(blk.add(4), 12);
+                    // Sub-block j covers elements 32j..32j+32 (groups 2j, 2j+1).
+                    for j in 0..8 {
+                        let (sc, m) = get_scale_min_k4(j, scales);
+                        let dj = _mm512_set1_ps(d * sc as f32);
+                        let mj = _mm512_set1_ps(dmin * m as f32);
+                        let (c, high) = (j / 2, j % 2 == 1);
                         for l in [0usize, 16] {
-                            let raw = _mm_loadu_si128(qs.as_ptr().add(32 * c + l) as *const __m128i);
-                            let mut lo = _mm_and_si128(raw, m4);
-                            let mut hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
+                            let raw = _mm_loadu_si128(blk.add(qs_at + 32 * c + l) as *const __m128i);
+                            let mut q =
+                                if high { _mm_and_si128(_mm_srli_epi16(raw, 4), m4) } else { _mm_and_si128(raw, m4) };
                             if q5 {
-                                let h = _mm_loadu_si128(qh.as_ptr().add(l) as *const __m128i);
-                                let u1 = _mm_set1_epi8(1 << (2 * c));
-                                let u2 = _mm_set1_epi8((2u8 << (2 * c)) as i8);
-                                let is0_1 = _mm_cmpeq_epi8(_mm_and_si128(h, u1), zero);
-                                let is0_2 = _mm_cmpeq_epi8(_mm_and_si128(h, u2), zero);
-                                lo = _mm_add_epi8(lo, _mm_andnot_si128(is0_1, sixteen));
-                                hi = _mm_add_epi8(hi, _mm_andnot_si128(is0_2, sixteen));
+                                let h = _mm_loadu_si128(blk.add(16 + l) as *const __m128i);
+                                let bit = _mm_set1_epi8((1u8 << j) as i8);
+                                let unset = _mm_cmpeq_epi8(_mm_and_si128(h, bit), zero);
+                                q = _mm_add_epi8(q, _mm_andnot_si128(unset, sixteen));
                             }
-                            let lo = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo));
-                            let hi = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi));
-                            _mm512_storeu_ps(y.add(64 * c + l), _mm512_sub_ps(_mm512_mul_ps(d1, lo), m1));
-                            _mm512_storeu_ps(y.add(64 * c + 32 + l), _mm512_sub_ps(_mm512_mul_ps(d2, hi), m2));
+                            let qf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q));
+                            emit(16 * b + 2 * j + l / 16, _mm512_sub_ps(_mm512_mul_ps(dj, qf), mj));
                         }
                     }
                 }
-                true
             }
             GgmlType::Q6K => {
-                let m4 = _mm_set1_epi8(0x0F);
                 let m2 = _mm_set1_epi8(3);
                 let off = _mm512_set1_epi32(32);
-                for (b, blk) in bytes.chunks_exact(210).enumerate() {
-                    let d = f16(blk, 208);
-                    let y = out.as_mut_ptr().add(b * 256);
+                for b in 0..nblocks {
+                    let blk = bytes.add(210 * b);
+                    let d = f16(blk.add(208));
+                    // Element 128h + 32q + l (q = quarter, l < 32): low bits from
+                    // ql[64h + l + 32(q%2)] (nibble q/2), high bits from
+                    // qh[32h + l] >> 2q, scale sc[8h + 2q + l/16].
                     for h in 0..2 {
-                        let ql = blk.as_ptr().add(64 * h);
-                        let qh = blk.as_ptr().add(128 + 32 * h);
-                        let sc = &blk[192 + 8 * h..200 + 8 * h];
-                        for l in [0usize, 16] {
-                            let is = l / 16;
-                            let a = _mm_loadu_si128(ql.add(l) as *const __m128i);
-                            let bq = _mm_loadu_si128(ql.add(l + 32) as *const __m128i);
-                            let hb = _mm_loadu_si128(qh.add(l) as *const __m128i);
-                            let hpart = |shift: i32| -> __m128i {
-                                let s = match shift {
-                                    0 => hb,
-                                    2 => _mm_srli_epi16(hb, 2),
-                                    4 => _mm_srli_epi16(hb, 4),
-                                    _ => _mm_srli_epi16(hb, 6),
+                        for q in 0..4 {
+                            for l in [0usize, 16] {
+                                let ql = _mm_loadu_si128(blk.add(64 * h + l + 32 * (q % 2)) as *const __m128i);
+                                let lo = if q >= 2 { _mm_srli_epi16(ql, 4) } else { ql };
+                                let qh = _mm_loadu_si128(blk.add(128 + 32 * h + l) as *const __m128i);
+                                let hb = match q {
+                                    0 => qh,
+                                    1 => _mm_srli_epi16(qh, 2),
+                                    2 => _mm_srli_epi16(qh, 4),
+                                    _ => _mm_srli_epi16(qh, 6),
                                 };
-                                _mm_slli_epi16(_mm_and_si128(s, m2), 4)
-                            };
-                            let quads = [
-                                (_mm_or_si128(_mm_and_si128(a, m4), hpart(0)), 0, is),
-                                (_mm_or_si128(_mm_and_si128(bq, m4), hpart(2)), 32, is + 2),
-                                (_mm_or_si128(_mm_and_si128(_mm_srli_epi16(a, 4), m4), hpart(4)), 64, is + 4),
-                                (_mm_or_si128(_mm_and_si128(_mm_srli_epi16(bq, 4), m4), hpart(6)), 96, is + 6),
-                            ];
-                            for (q, at, s) in quads {
-                                let scale = _mm512_set1_ps(d * (sc[s] as i8) as f32);
-                                let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(q), off));
-                                _mm512_storeu_ps(y.add(128 * h + at + l), _mm512_mul_ps(scale, v));
+                                let v = _mm_or_si128(_mm_and_si128(lo, m4), _mm_slli_epi16(_mm_and_si128(hb, m2), 4));
+                                let sc = *blk.add(192 + 8 * h + 2 * q + l / 16) as i8;
+                                let scale = _mm512_set1_ps(d * sc as f32);
+                                let vf = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(v), off));
+                                emit(16 * b + 8 * h + 2 * q + l / 16, _mm512_mul_ps(scale, vf));
                             }
                         }
                     }
                 }
-                true
             }
             GgmlType::F16 => {
-                let mut i = 0;
-                while i + 16 <= n {
-                    let h = _mm256_loadu_si256(bytes.as_ptr().add(2 * i) as *const __m256i);
-                    _mm512_storeu_ps(out.as_mut_ptr().add(i), _mm512_cvtph_ps(h));
-                    i += 16;
+                for g in 0..nblocks / 16 {
+                    let h = _mm256_loadu_si256(bytes.add(32 * g) as *const __m256i);
+                    emit(g, _mm512_cvtph_ps(h));
                 }
-                for (j, o) in out.iter_mut().enumerate().skip(i) {
-                    *o = f16(bytes, 2 * j);
-                }
-                true
             }
-            GgmlType::F32 | GgmlType::BF16 => false,
+            GgmlType::F32 | GgmlType::BF16 => {}
         }
+    }
+
+    /// Dequantises whole blocks into `out`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    pub unsafe fn dequant(kind: GgmlType, bytes: &[u8], out: &mut [f32]) -> bool {
+        if !supported(kind) {
+            return false;
+        }
+        let n = out.len();
+        if kind == GgmlType::F16 && !n.is_multiple_of(16) {
+            return false;
+        }
+        let nblocks = if kind == GgmlType::F16 { n } else { n / kind.block_size() };
+        let o = out.as_mut_ptr();
+        decode(kind, bytes.as_ptr(), nblocks, |g, v| _mm512_storeu_ps(o.add(16 * g), v));
+        true
     }
 }

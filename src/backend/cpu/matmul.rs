@@ -1,16 +1,19 @@
-//! `out = x · Wᵀ (+ bias)` for every weight kind, one kernel shape for all batch sizes.
+//! `out = x · Wᵀ (+ bias)` for every weight kind and batch size.
 //!
-//! The weight is walked in panels of `NR` rows. For each panel and each K-chunk
-//! of `KC` elements, the rows are dequantised into an f32 tile in L1
-//! (`dequant.rs`), then a register-blocked micro-kernel accumulates
-//! `MR` activation rows × `NR` weight rows.
+//! Two paths share one summation order:
+//! - decode (≤ 4 activation rows, AVX-512): each weight row is decoded block by
+//!   block into registers and multiplied straight away (`fused_rows`);
+//! - larger batches: the weight is walked in panels of `NR` rows; each `KC`-wide
+//!   chunk is dequantised into an f32 tile in L1 and a register-blocked
+//!   micro-kernel multiplies it with the activation rows.
 //!
-//! Batch invariance is built in: every output element is accumulated in 16
-//! logical lanes (lane `l` sums the products at `k ≡ l (mod 16)`, in increasing
-//! k), then the lanes are reduced in one fixed tree. Neither `MR`, the batch
-//! size, the thread split nor the ISA (AVX-512 = one register per lane group,
-//! AVX2 = two, scalar = an array) changes that order, so a row gives the same
-//! bits alone or batched with others.
+//! The summation order (the batch-invariance contract): elements are taken in
+//! groups of 16 (`LANES`); group `g` is added, lane by lane, into chain
+//! `g % CHAINS` with one FMA, in increasing `g`; at the end the chains are summed
+//! `(c0 + c1) + (c2 + c3)` and the 16 lanes reduced in one fixed tree. Neither the
+//! path, the batch size, the row blocking, the thread split nor the ISA changes
+//! this, so a row gives the same bits alone or batched with others. Four chains
+//! keep independent FMAs in flight when one activation row is all there is.
 
 use rayon::prelude::*;
 
@@ -18,10 +21,14 @@ use super::{dequant::dequant_row_chunk, CpuWeight, Isa};
 
 /// Weight rows per panel.
 const NR: usize = 4;
-/// K elements per dequantised chunk (a multiple of every block size).
+/// K elements per dequantised chunk (a multiple of every block size and of 64).
 const KC: usize = 256;
-/// Logical accumulator lanes per output element.
+/// Lanes per group.
 const LANES: usize = 16;
+/// Independent accumulation chains per output element.
+const CHAINS: usize = 4;
+/// Floats of accumulator per output element.
+const ACC: usize = LANES * CHAINS;
 
 /// One product of a grouped matmul: all jobs share the input `x`.
 pub struct Job<'a> {
@@ -52,32 +59,35 @@ pub fn matmul_many(pool: &rayon::ThreadPool, isa: Isa, x: &[f32], m: usize, k: u
     // A few tasks per thread balances panels of unequal cost (different kinds).
     let per_task = panels.len().div_ceil(threads * 4).max(1);
     let mb = m_block(k);
-    pool.install(|| {
-        panels.par_chunks(per_task).for_each(|task| {
-            let mut tile = vec![0f32; NR * KC];
-            let mut acc = vec![0f32; mb * NR * LANES];
-            for m0 in (0..m).step_by(mb) {
-                let mrows = mb.min(m - m0);
-                for &(j, r0) in task {
-                    let (w, bias) = jobs_ro[j];
-                    let nr = NR.min(w.rows - r0);
-                    panel(isa, w, r0, nr, &x[m0 * k..(m0 + mrows) * k], mrows, k, &mut tile, &mut acc);
-                    let out = outs[j];
-                    for mi in 0..mrows {
-                        for r in 0..nr {
-                            let mut v = reduce(&acc[(mi * NR + r) * LANES..][..LANES]);
-                            if let Some(b) = bias {
-                                v += b[r0 + r];
-                            }
-                            // SAFETY: (m0+mi, r0+r) is inside this job's output and
-                            // only this task owns panel (j, r0).
-                            unsafe { *out.0.add((m0 + mi) * w.rows + r0 + r) = v };
+    let run = |task: &[(usize, usize)]| {
+        let mut tile = vec![0f32; NR * KC];
+        let mut acc = vec![0f32; mb * NR * ACC];
+        for m0 in (0..m).step_by(mb) {
+            let mrows = mb.min(m - m0);
+            for &(j, r0) in task {
+                let (w, bias) = jobs_ro[j];
+                let nr = NR.min(w.rows - r0);
+                panel(isa, w, r0, nr, &x[m0 * k..(m0 + mrows) * k], mrows, k, &mut tile, &mut acc);
+                let out = outs[j];
+                for mi in 0..mrows {
+                    for r in 0..nr {
+                        let mut v = reduce(&acc[(mi * NR + r) * ACC..][..ACC]);
+                        if let Some(b) = bias {
+                            v += b[r0 + r];
                         }
+                        // SAFETY: (m0+mi, r0+r) is inside this job's output and
+                        // only this task owns panel (j, r0).
+                        unsafe { *out.0.add((m0 + mi) * w.rows + r0 + r) = v };
                     }
                 }
             }
-        });
-    });
+        }
+    };
+    if panels.len() <= 1 || threads == 1 {
+        run(&panels);
+    } else {
+        pool.install(|| panels.par_chunks(per_task).for_each(run));
+    }
 }
 
 /// Activation rows per block: keep the block of `x` around 256 KiB (L2).
@@ -85,9 +95,13 @@ fn m_block(k: usize) -> usize {
     ((256 * 1024) / (k * 4)).clamp(4, 64) / 4 * 4
 }
 
-/// Fixed-order reduction of 16 lanes (the same on every ISA).
+/// The fixed reduction of one output element's `CHAINS × LANES` accumulators.
 #[inline]
-fn reduce(l: &[f32]) -> f32 {
+fn reduce(a: &[f32]) -> f32 {
+    let mut l = [0f32; LANES];
+    for (i, v) in l.iter_mut().enumerate() {
+        *v = (a[i] + a[LANES + i]) + (a[2 * LANES + i] + a[3 * LANES + i]);
+    }
     let mut t = [0f32; 8];
     for i in 0..8 {
         t[i] = l[i] + l[i + 8];
@@ -96,7 +110,8 @@ fn reduce(l: &[f32]) -> f32 {
     (u[0] + u[2]) + (u[1] + u[3])
 }
 
-/// Accumulates `mrows` rows of `x` against weight rows `r0..r0+nr` into `acc`.
+/// Accumulates `mrows` rows of `x` against weight rows `r0..r0+nr` into `acc`
+/// (`acc[(mi * NR + r) * ACC ..]`).
 #[allow(clippy::too_many_arguments)]
 fn panel(
     isa: Isa,
@@ -109,9 +124,18 @@ fn panel(
     tile: &mut [f32],
     acc: &mut [f32],
 ) {
-    acc[..mrows * NR * LANES].fill(0.0);
     let row_bytes = w.row_bytes;
     let data = w.bytes.as_slice();
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 && mrows <= 4 && super::dequant::avx512::supported(w.kind) {
+        for r in 0..nr {
+            let row = &data[(r0 + r) * row_bytes..(r0 + r + 1) * row_bytes];
+            // SAFETY: AVX-512 was detected; the row holds k elements of w.kind.
+            unsafe { simd::fused_rows(w.kind, row, x, k, mrows, &mut acc[r * ACC..]) };
+        }
+        return;
+    }
+    acc[..mrows * NR * ACC].fill(0.0);
     for k0 in (0..k).step_by(KC) {
         let klen = KC.min(k - k0);
         for r in 0..NR {
@@ -138,13 +162,13 @@ fn micro_all(isa: Isa, x: &[f32], k: usize, k0: usize, klen: usize, mrows: usize
     }
     let _ = isa;
     for mi in 0..mrows {
-        let xr = &x[mi * k + k0..mi * k + k0 + klen];
         for r in 0..NR {
-            let a = &mut acc[(mi * NR + r) * LANES..][..LANES];
-            let t = &tile[r * KC..r * KC + klen];
-            for (xc, tc) in xr.chunks_exact(LANES).zip(t.chunks_exact(LANES)) {
+            let a = &mut acc[(mi * NR + r) * ACC..][..ACC];
+            for g in 0..klen / LANES {
+                let c = (k0 / LANES + g) % CHAINS;
                 for l in 0..LANES {
-                    a[l] = xc[l].mul_add(tc[l], a[l]);
+                    let (xv, wv) = (x[mi * k + k0 + g * LANES + l], tile[r * KC + g * LANES + l]);
+                    a[c * LANES + l] = xv.mul_add(wv, a[c * LANES + l]);
                 }
             }
         }
@@ -153,10 +177,49 @@ fn micro_all(isa: Isa, x: &[f32], k: usize, k0: usize, klen: usize, mrows: usize
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::{KC, LANES, NR};
+    use super::{ACC, CHAINS, KC, LANES, NR};
+    use crate::backend::cpu::dequant::avx512;
+    use crate::quant::ggml::GgmlType;
     use std::arch::x86_64::*;
 
-    /// MR = 4 rows at a time (16 accumulators), then single rows.
+    /// One weight row against `mrows` (≤ 4) activation rows, decoded in registers.
+    /// Writes the row's accumulators for each activation row `mi` at
+    /// `acc[mi * NR * ACC..]`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    pub unsafe fn fused_rows(kind: GgmlType, row: &[u8], x: &[f32], k: usize, mrows: usize, acc: &mut [f32]) {
+        match mrows {
+            1 => fused::<1>(kind, row, x, k, acc),
+            2 => fused::<2>(kind, row, x, k, acc),
+            3 => fused::<3>(kind, row, x, k, acc),
+            _ => fused::<4>(kind, row, x, k, acc),
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn fused<const M: usize>(kind: GgmlType, row: &[u8], x: &[f32], k: usize, acc: &mut [f32]) {
+        // Group g always goes into slot 0, then the slots rotate: slot 0 holds
+        // chain g % CHAINS when group g arrives. Constant indices keep the
+        // accumulators in registers (a computed index would spill them).
+        let mut a = [[_mm512_setzero_ps(); CHAINS]; M];
+        let nblocks = if kind == GgmlType::F16 { k } else { k / kind.block_size() };
+        let xp = x.as_ptr();
+        avx512::decode(kind, row.as_ptr(), nblocks, |g, v| {
+            for (m, am) in a.iter_mut().enumerate() {
+                let s0 = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(m * k + g * LANES)), v, am[0]);
+                *am = [am[1], am[2], am[3], s0];
+            }
+        });
+        // After n groups, slot p holds chain (p + n) % CHAINS.
+        let n = k / LANES;
+        for (m, am) in a.iter().enumerate() {
+            for c in 0..CHAINS {
+                let v = am[(c + CHAINS - n % CHAINS) % CHAINS];
+                _mm512_storeu_ps(acc.as_mut_ptr().add(m * NR * ACC + c * LANES), v);
+            }
+        }
+    }
+
+    /// MR = 4 activation rows × NR weight rows per pass, one chain at a time.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn micro_avx512(
         x: &[f32],
@@ -168,84 +231,98 @@ mod simd {
         acc: &mut [f32],
     ) {
         let t = tile.as_ptr();
+        let ap = acc.as_mut_ptr();
+        let g0 = k0 / LANES;
         let mut mi = 0;
-        while mi + 4 <= mrows {
-            let mut a = [[_mm512_setzero_ps(); NR]; 4];
-            for (i, ai) in a.iter_mut().enumerate() {
-                for (r, v) in ai.iter_mut().enumerate() {
-                    *v = _mm512_loadu_ps(acc.as_ptr().add(((mi + i) * NR + r) * LANES));
-                }
-            }
-            let xp = x.as_ptr().add(mi * k + k0);
-            let mut kk = 0;
-            while kk < klen {
-                let w = [
-                    _mm512_loadu_ps(t.add(kk)),
-                    _mm512_loadu_ps(t.add(KC + kk)),
-                    _mm512_loadu_ps(t.add(2 * KC + kk)),
-                    _mm512_loadu_ps(t.add(3 * KC + kk)),
-                ];
-                for (i, ai) in a.iter_mut().enumerate() {
-                    let xv = _mm512_loadu_ps(xp.add(i * k + kk));
-                    for r in 0..NR {
-                        ai[r] = _mm512_fmadd_ps(xv, w[r], ai[r]);
+        while mi < mrows {
+            let mr = (mrows - mi).min(4);
+            for c in 0..CHAINS {
+                // First group of this chunk that belongs to chain c.
+                let first = (c + CHAINS - g0 % CHAINS) % CHAINS;
+                if mr == 4 {
+                    let mut a = [[_mm512_setzero_ps(); NR]; 4];
+                    for (i, ai) in a.iter_mut().enumerate() {
+                        for (r, v) in ai.iter_mut().enumerate() {
+                            *v = _mm512_loadu_ps(ap.add(((mi + i) * NR + r) * ACC + c * LANES));
+                        }
+                    }
+                    let xp = x.as_ptr().add(mi * k + k0);
+                    let mut kk = first * LANES;
+                    while kk < klen {
+                        let w = [
+                            _mm512_loadu_ps(t.add(kk)),
+                            _mm512_loadu_ps(t.add(KC + kk)),
+                            _mm512_loadu_ps(t.add(2 * KC + kk)),
+                            _mm512_loadu_ps(t.add(3 * KC + kk)),
+                        ];
+                        for (i, ai) in a.iter_mut().enumerate() {
+                            let xv = _mm512_loadu_ps(xp.add(i * k + kk));
+                            for r in 0..NR {
+                                ai[r] = _mm512_fmadd_ps(xv, w[r], ai[r]);
+                            }
+                        }
+                        kk += CHAINS * LANES;
+                    }
+                    for (i, ai) in a.iter().enumerate() {
+                        for (r, v) in ai.iter().enumerate() {
+                            _mm512_storeu_ps(ap.add(((mi + i) * NR + r) * ACC + c * LANES), *v);
+                        }
+                    }
+                } else {
+                    for i in 0..mr {
+                        let mut a = [_mm512_setzero_ps(); NR];
+                        for (r, v) in a.iter_mut().enumerate() {
+                            *v = _mm512_loadu_ps(ap.add(((mi + i) * NR + r) * ACC + c * LANES));
+                        }
+                        let xp = x.as_ptr().add((mi + i) * k + k0);
+                        let mut kk = first * LANES;
+                        while kk < klen {
+                            let xv = _mm512_loadu_ps(xp.add(kk));
+                            for (r, v) in a.iter_mut().enumerate() {
+                                *v = _mm512_fmadd_ps(xv, _mm512_loadu_ps(t.add(r * KC + kk)), *v);
+                            }
+                            kk += CHAINS * LANES;
+                        }
+                        for (r, v) in a.iter().enumerate() {
+                            _mm512_storeu_ps(ap.add(((mi + i) * NR + r) * ACC + c * LANES), *v);
+                        }
                     }
                 }
-                kk += LANES;
             }
-            for (i, ai) in a.iter().enumerate() {
-                for (r, v) in ai.iter().enumerate() {
-                    _mm512_storeu_ps(acc.as_mut_ptr().add(((mi + i) * NR + r) * LANES), *v);
-                }
-            }
-            mi += 4;
-        }
-        while mi < mrows {
-            let mut a = [_mm512_setzero_ps(); NR];
-            for (r, v) in a.iter_mut().enumerate() {
-                *v = _mm512_loadu_ps(acc.as_ptr().add((mi * NR + r) * LANES));
-            }
-            let xp = x.as_ptr().add(mi * k + k0);
-            let mut kk = 0;
-            while kk < klen {
-                let xv = _mm512_loadu_ps(xp.add(kk));
-                for (r, v) in a.iter_mut().enumerate() {
-                    *v = _mm512_fmadd_ps(xv, _mm512_loadu_ps(t.add(r * KC + kk)), *v);
-                }
-                kk += LANES;
-            }
-            for (r, v) in a.iter().enumerate() {
-                _mm512_storeu_ps(acc.as_mut_ptr().add((mi * NR + r) * LANES), *v);
-            }
-            mi += 1;
+            mi += mr;
         }
     }
 
-    /// One row at a time; each logical 16-lane accumulator is two ymm registers.
+    /// One row at a time; each 16-lane accumulator is two ymm registers.
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn micro_avx2(x: &[f32], k: usize, k0: usize, klen: usize, mrows: usize, tile: &[f32], acc: &mut [f32]) {
         let t = tile.as_ptr();
+        let ap = acc.as_mut_ptr();
+        let g0 = k0 / LANES;
         for mi in 0..mrows {
-            let mut a = [[_mm256_setzero_ps(); 2]; NR];
-            for (r, v) in a.iter_mut().enumerate() {
-                let p = acc.as_ptr().add((mi * NR + r) * LANES);
-                *v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))];
-            }
-            let xp = x.as_ptr().add(mi * k + k0);
-            let mut kk = 0;
-            while kk < klen {
-                let x0 = _mm256_loadu_ps(xp.add(kk));
-                let x1 = _mm256_loadu_ps(xp.add(kk + 8));
+            for c in 0..CHAINS {
+                let first = (c + CHAINS - g0 % CHAINS) % CHAINS;
+                let mut a = [[_mm256_setzero_ps(); 2]; NR];
                 for (r, v) in a.iter_mut().enumerate() {
-                    v[0] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(t.add(r * KC + kk)), v[0]);
-                    v[1] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(t.add(r * KC + kk + 8)), v[1]);
+                    let p = ap.add((mi * NR + r) * ACC + c * LANES);
+                    *v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))];
                 }
-                kk += LANES;
-            }
-            for (r, v) in a.iter().enumerate() {
-                let p = acc.as_mut_ptr().add((mi * NR + r) * LANES);
-                _mm256_storeu_ps(p, v[0]);
-                _mm256_storeu_ps(p.add(8), v[1]);
+                let xp = x.as_ptr().add(mi * k + k0);
+                let mut kk = first * LANES;
+                while kk < klen {
+                    let x0 = _mm256_loadu_ps(xp.add(kk));
+                    let x1 = _mm256_loadu_ps(xp.add(kk + 8));
+                    for (r, v) in a.iter_mut().enumerate() {
+                        v[0] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(t.add(r * KC + kk)), v[0]);
+                        v[1] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(t.add(r * KC + kk + 8)), v[1]);
+                    }
+                    kk += CHAINS * LANES;
+                }
+                for (r, v) in a.iter().enumerate() {
+                    let p = ap.add((mi * NR + r) * ACC + c * LANES);
+                    _mm256_storeu_ps(p, v[0]);
+                    _mm256_storeu_ps(p.add(8), v[1]);
+                }
             }
         }
     }
