@@ -125,6 +125,8 @@ fn run() -> Result<()> {
                     let _ = stdout.flush();
                 }
             })?;
+            // Whatever the stream held back waiting for more bytes.
+            stdout.write_all(stream.flush(&tok)?.as_bytes())?;
             writeln!(stdout)?;
         }
         Cmd::Bench { model, prompt_len, decode_steps, batch, reps } => {

@@ -22,7 +22,7 @@ use super::{dequant::dequant_row_chunk, CpuWeight, Isa};
 /// Weight rows per panel.
 const NR: usize = 4;
 /// K elements per dequantised chunk (a multiple of every block size and of 64).
-const KC: usize = 256;
+const KC: usize = 1024;
 /// Lanes per group.
 const LANES: usize = 16;
 /// Independent accumulation chains per output element.
@@ -90,9 +90,10 @@ pub fn matmul_many(pool: &rayon::ThreadPool, isa: Isa, x: &[f32], m: usize, k: u
     }
 }
 
-/// Activation rows per block: keep the block of `x` around 256 KiB (L2).
+/// Activation rows per block: keep one K-chunk of the block's rows of `x`
+/// around 256 KiB (L2) while the dequantised tile (NR × KC) sits in L1.
 fn m_block(k: usize) -> usize {
-    ((256 * 1024) / (k * 4)).clamp(4, 64) / 4 * 4
+    ((256 * 1024) / (k.min(KC) * 4)).clamp(4, 64) / 4 * 4
 }
 
 /// The fixed reduction of one output element's `CHAINS × LANES` accumulators.
