@@ -46,11 +46,18 @@ pub fn paged_attention(
                 let qh = &q.data[r * nh * d + h * d..][..d];
                 let kvoff = (h / group) * d;
                 let mut max = f32::NEG_INFINITY;
-                for (j, sc) in scores.iter_mut().enumerate() {
-                    let slot = table[j / bs].index() * bs + j % bs;
-                    let kj = &kc[slot * kw + kvoff..][..d];
-                    *sc = dot(qh, kj) * meta.scale;
-                    max = max.max(*sc);
+                // Walk the block table block by block (no division per key).
+                for (bi, blk) in table.iter().enumerate() {
+                    let start = bi * bs;
+                    if start >= ctx {
+                        break;
+                    }
+                    let base = blk.index() * bs;
+                    for (o, sc) in scores[start..ctx.min(start + bs)].iter_mut().enumerate() {
+                        let kj = &kc[(base + o) * kw + kvoff..][..d];
+                        *sc = dot(qh, kj) * meta.scale;
+                        max = max.max(*sc);
+                    }
                 }
                 let mut sum = 0f32;
                 for sc in scores.iter_mut() {
@@ -58,11 +65,17 @@ pub fn paged_attention(
                     sum += *sc;
                 }
                 acc.fill(0.0);
-                for (j, &p) in scores.iter().enumerate() {
-                    let slot = table[j / bs].index() * bs + j % bs;
-                    let vj = &vc[slot * kw + kvoff..][..d];
-                    for (a, &v) in acc.iter_mut().zip(vj) {
-                        *a += p * v;
+                for (bi, blk) in table.iter().enumerate() {
+                    let start = bi * bs;
+                    if start >= ctx {
+                        break;
+                    }
+                    let base = blk.index() * bs;
+                    for (o, &p) in scores[start..ctx.min(start + bs)].iter().enumerate() {
+                        let vj = &vc[(base + o) * kw + kvoff..][..d];
+                        for (a, &v) in acc.iter_mut().zip(vj) {
+                            *a += p * v;
+                        }
                     }
                 }
                 let inv = 1.0 / sum;
@@ -74,19 +87,20 @@ pub fn paged_attention(
     });
 }
 
-/// Dot product in 8 partial sums (vectorisable, fixed order).
+/// Dot product in 16 partial sums (vectorised, fixed order).
 #[inline]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut p = [0f32; 8];
-    let chunks = a.len() / 8;
-    for c in 0..chunks {
-        for l in 0..8 {
-            p[l] += a[c * 8 + l] * b[c * 8 + l];
+    let mut p = [0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for l in 0..16 {
+            p[l] += x[l] * y[l];
         }
     }
-    let mut s = ((p[0] + p[4]) + (p[1] + p[5])) + ((p[2] + p[6]) + (p[3] + p[7]));
-    for i in chunks * 8..a.len() {
-        s += a[i] * b[i];
+    let mut s = super::ops::sum16(&p);
+    for (x, y) in ar.iter().zip(br) {
+        s += x * y;
     }
     s
 }

@@ -71,7 +71,7 @@ pub fn matmul_many(pool: &rayon::ThreadPool, isa: Isa, x: &[f32], m: usize, k: u
                 let out = outs[j];
                 for mi in 0..mrows {
                     for r in 0..nr {
-                        let mut v = reduce(&acc[(mi * NR + r) * ACC..][..ACC]);
+                        let mut v = reduce(isa, &acc[(mi * NR + r) * ACC..][..ACC]);
                         if let Some(b) = bias {
                             v += b[r0 + r];
                         }
@@ -98,7 +98,19 @@ fn m_block(k: usize) -> usize {
 
 /// The fixed reduction of one output element's `CHAINS × LANES` accumulators.
 #[inline]
-fn reduce(a: &[f32]) -> f32 {
+pub(super) fn reduce(isa: Isa, a: &[f32]) -> f32 {
+    debug_assert!(a.len() >= ACC);
+    #[cfg(target_arch = "x86_64")]
+    if isa == Isa::Avx512 {
+        // SAFETY: AVX-512 was detected; `a` holds ACC floats.
+        return unsafe { simd::reduce_avx512(a.as_ptr()) };
+    }
+    let _ = isa;
+    reduce_scalar(a)
+}
+
+/// The reference order of [`reduce`]: chains pairwise, then lanes in halves.
+pub(super) fn reduce_scalar(a: &[f32]) -> f32 {
     let mut l = [0f32; LANES];
     for (i, v) in l.iter_mut().enumerate() {
         *v = (a[i] + a[LANES + i]) + (a[2 * LANES + i] + a[3 * LANES + i]);
@@ -136,7 +148,7 @@ fn panel(
         }
         return;
     }
-    acc[..mrows * NR * ACC].fill(0.0);
+    // The first chunk starts its accumulators from zero instead of loading them.
     for k0 in (0..k).step_by(KC) {
         let klen = KC.min(k - k0);
         for r in 0..NR {
@@ -165,6 +177,9 @@ fn micro_all(isa: Isa, x: &[f32], k: usize, k0: usize, klen: usize, mrows: usize
     for mi in 0..mrows {
         for r in 0..NR {
             let a = &mut acc[(mi * NR + r) * ACC..][..ACC];
+            if k0 == 0 {
+                a.fill(0.0);
+            }
             for g in 0..klen / LANES {
                 let c = (k0 / LANES + g) % CHAINS;
                 for l in 0..LANES {
@@ -182,6 +197,24 @@ mod simd {
     use crate::backend::cpu::dequant::avx512;
     use crate::quant::ggml::GgmlType;
     use std::arch::x86_64::*;
+
+    /// [`super::reduce_scalar`] in vector registers, with the same additions in
+    /// the same order.
+    #[target_feature(enable = "avx512f,avx512dq")]
+    pub unsafe fn reduce_avx512(a: *const f32) -> f32 {
+        let c0 = _mm512_loadu_ps(a);
+        let c1 = _mm512_loadu_ps(a.add(LANES));
+        let c2 = _mm512_loadu_ps(a.add(2 * LANES));
+        let c3 = _mm512_loadu_ps(a.add(3 * LANES));
+        let l = _mm512_add_ps(_mm512_add_ps(c0, c1), _mm512_add_ps(c2, c3));
+        // t[i] = l[i] + l[i + 8]
+        let t = _mm256_add_ps(_mm512_castps512_ps256(l), _mm512_extractf32x8_ps(l, 1));
+        // u[j] = t[j] + t[j + 4]
+        let u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+        // (u0 + u2) + (u1 + u3)
+        let v = _mm_add_ps(u, _mm_movehl_ps(u, u));
+        _mm_cvtss_f32(_mm_add_ss(v, _mm_shuffle_ps(v, v, 1)))
+    }
 
     /// One weight row against `mrows` (≤ 4) activation rows, decoded in registers.
     /// Writes the row's accumulators for each activation row `mi` at
@@ -244,7 +277,9 @@ mod simd {
                     let mut a = [[_mm512_setzero_ps(); NR]; 4];
                     for (i, ai) in a.iter_mut().enumerate() {
                         for (r, v) in ai.iter_mut().enumerate() {
-                            *v = _mm512_loadu_ps(ap.add(((mi + i) * NR + r) * ACC + c * LANES));
+                            if k0 > 0 {
+                                *v = _mm512_loadu_ps(ap.add(((mi + i) * NR + r) * ACC + c * LANES));
+                            }
                         }
                     }
                     let xp = x.as_ptr().add(mi * k + k0);
@@ -272,8 +307,10 @@ mod simd {
                 } else {
                     for i in 0..mr {
                         let mut a = [_mm512_setzero_ps(); NR];
-                        for (r, v) in a.iter_mut().enumerate() {
-                            *v = _mm512_loadu_ps(ap.add(((mi + i) * NR + r) * ACC + c * LANES));
+                        if k0 > 0 {
+                            for (r, v) in a.iter_mut().enumerate() {
+                                *v = _mm512_loadu_ps(ap.add(((mi + i) * NR + r) * ACC + c * LANES));
+                            }
                         }
                         let xp = x.as_ptr().add((mi + i) * k + k0);
                         let mut kk = first * LANES;
@@ -304,9 +341,11 @@ mod simd {
             for c in 0..CHAINS {
                 let first = (c + CHAINS - g0 % CHAINS) % CHAINS;
                 let mut a = [[_mm256_setzero_ps(); 2]; NR];
-                for (r, v) in a.iter_mut().enumerate() {
-                    let p = ap.add((mi * NR + r) * ACC + c * LANES);
-                    *v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))];
+                if k0 > 0 {
+                    for (r, v) in a.iter_mut().enumerate() {
+                        let p = ap.add((mi * NR + r) * ACC + c * LANES);
+                        *v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))];
+                    }
                 }
                 let xp = x.as_ptr().add(mi * k + k0);
                 let mut kk = first * LANES;

@@ -10,7 +10,7 @@ pub fn rms_norm(pool: &rayon::ThreadPool, x: &CpuTensor, w: &[f32], eps: f32, ou
     assert_eq!(w.len(), x.cols);
     let n = x.cols;
     let run = |(xr, or): (&[f32], &mut [f32])| {
-        let ss: f32 = xr.iter().map(|v| v * v).sum::<f32>() / n as f32;
+        let ss = sum_squares(xr) / n as f32;
         let inv = 1.0 / (ss + eps).sqrt();
         for ((o, &v), &g) in or.iter_mut().zip(xr).zip(w) {
             *o = g * (v * inv);
@@ -57,4 +57,27 @@ pub fn silu_mul(gate: &CpuTensor, up: &CpuTensor, out: &mut CpuTensor) {
     for ((o, &g), &u) in out.data.iter_mut().zip(&gate.data).zip(&up.data) {
         *o = g / (1.0 + (-g).exp()) * u;
     }
+}
+
+/// Σ v² in 16 partial sums (vectorised, fixed order).
+fn sum_squares(x: &[f32]) -> f32 {
+    let mut p = [0f32; 16];
+    let c = x.chunks_exact(16);
+    let rest = c.remainder();
+    for v in c {
+        for l in 0..16 {
+            p[l] += v[l] * v[l];
+        }
+    }
+    sum16(&p) + rest.iter().map(|v| v * v).sum::<f32>()
+}
+
+/// Pairwise sum of 16 partial sums in a fixed order.
+#[inline]
+pub fn sum16(p: &[f32; 16]) -> f32 {
+    let mut t = [0f32; 8];
+    for i in 0..8 {
+        t[i] = p[i] + p[i + 8];
+    }
+    ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7]))
 }

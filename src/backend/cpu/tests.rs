@@ -200,3 +200,14 @@ fn matmul_many_adds_bias_per_job() {
     }
     assert!(o1.data.iter().any(|v| *v != 0.0));
 }
+
+#[test]
+fn simd_reduction_matches_the_reference_order() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(9);
+    for _ in 0..1000 {
+        let a: Vec<f32> = (0..64).map(|_| rng.gen_range(-1e3f32..1e3)).collect();
+        for isa in isas() {
+            assert_eq!(super::matmul::reduce(isa, &a).to_bits(), super::matmul::reduce_scalar(&a).to_bits(), "{isa:?}");
+        }
+    }
+}
