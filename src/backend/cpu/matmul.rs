@@ -90,6 +90,11 @@ pub fn matmul_many(pool: &rayon::ThreadPool, isa: Isa, x: &[f32], m: usize, k: u
     }
 }
 
+/// Up to this many activation rows, weights are decoded in registers (once per
+/// 4 rows) instead of through a tile. Measured (docs/benchmarks.md): the tile
+/// wins from 8 rows up.
+const FUSED_MAX_ROWS: usize = 4;
+
 /// Activation rows per block: keep one K-chunk of the block's rows of `x`
 /// around 256 KiB (L2) while the dequantised tile (NR × KC) sits in L1.
 fn m_block(k: usize) -> usize {
@@ -140,11 +145,14 @@ fn panel(
     let row_bytes = w.row_bytes;
     let data = w.bytes.as_slice();
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 && mrows <= 4 && super::dequant::avx512::supported(w.kind) {
+    if isa == Isa::Avx512 && mrows <= FUSED_MAX_ROWS && super::dequant::avx512::supported(w.kind) {
         for r in 0..nr {
             let row = &data[(r0 + r) * row_bytes..(r0 + r + 1) * row_bytes];
-            // SAFETY: AVX-512 was detected; the row holds k elements of w.kind.
-            unsafe { simd::fused_rows(w.kind, row, x, k, mrows, &mut acc[r * ACC..]) };
+            for m0 in (0..mrows).step_by(4) {
+                let mr = 4.min(mrows - m0);
+                // SAFETY: AVX-512 was detected; the row holds k elements of w.kind.
+                unsafe { simd::fused_rows(w.kind, row, &x[m0 * k..], k, mr, &mut acc[(m0 * NR + r) * ACC..]) };
+            }
         }
         return;
     }
