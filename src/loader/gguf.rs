@@ -29,7 +29,7 @@ const MAX_STRING_LEN: u64 = 1 << 26;
 const PREALLOC: usize = 1024;
 
 /// Bytes shared with whoever keeps weights without copying them.
-pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+pub use super::SharedBytes;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
@@ -230,17 +230,7 @@ impl fmt::Debug for GgufFile {
 impl GgufFile {
     /// Memory-map and validate a GGUF file.
     pub fn open(path: &Path) -> Result<Self, GgufError> {
-        let io = |source| GgufError::Io { path: path.to_path_buf(), source };
-        let file = std::fs::File::open(path).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
-        let bytes: SharedBytes = if len == 0 {
-            // Mapping an empty file fails on some platforms; it is truncated either way.
-            Arc::new(Vec::<u8>::new())
-        } else {
-            // SAFETY: the map is read-only. Model files are not expected to change while
-            // served; if one is truncated underneath us, reads fault (as with llama.cpp).
-            Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?)
-        };
+        let bytes = super::map_file(path).map_err(|source| GgufError::Io { path: path.to_path_buf(), source })?;
         Self::parse(bytes)
     }
 

@@ -172,19 +172,7 @@ fn resolve_dir(dir: &Path) -> Result<ModelSource, HubError> {
 }
 
 fn list_files(dir: &Path) -> Result<Vec<String>, HubError> {
-    let io = |source| HubError::Io { path: dir.to_path_buf(), source };
-    let mut names = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(io)? {
-        let entry = entry.map_err(io)?;
-        // Cache snapshots hold symlinks into blobs/; follow them.
-        if entry.path().is_file() {
-            if let Some(n) = entry.file_name().to_str() {
-                names.push(n.to_string());
-            }
-        }
-    }
-    names.sort();
-    Ok(names)
+    super::list_files(dir).map_err(|source| HubError::Io { path: dir.to_path_buf(), source })
 }
 
 fn gguf_files_in(dir: &Path) -> Result<Vec<String>, HubError> {

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Bytes shared with whoever keeps weights without copying them.
-pub type SharedBytes = Arc<dyn AsRef<[u8]> + Send + Sync>;
+pub use super::SharedBytes;
 
 /// The reference implementation's limit; real headers are well under a megabyte.
 const MAX_HEADER_LEN: u64 = 100_000_000;
@@ -150,15 +150,8 @@ impl fmt::Debug for SafetensorsFile {
 impl SafetensorsFile {
     /// Memory-map and validate a file. Errors name the path.
     pub fn open(path: &Path) -> Result<Self, SafetensorsError> {
-        let io = |source| SafetensorsError::Io { path: path.to_path_buf(), source };
-        let file = std::fs::File::open(path).map_err(io)?;
-        let len = file.metadata().map_err(io)?.len();
-        let bytes: SharedBytes = if len == 0 {
-            Arc::new(Vec::<u8>::new())
-        } else {
-            // SAFETY: read-only map; weights are not expected to change while served.
-            Arc::new(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?)
-        };
+        let bytes =
+            super::map_file(path).map_err(|source| SafetensorsError::Io { path: path.to_path_buf(), source })?;
         Self::parse(bytes).map_err(|e| SafetensorsError::InFile { path: path.to_path_buf(), source: Box::new(e) })
     }
 
@@ -411,16 +404,5 @@ fn is_plain_file_name(s: &str) -> bool {
 }
 
 fn list_dir(dir: &Path) -> Result<Vec<String>, SafetensorsError> {
-    let io = |source| SafetensorsError::Io { path: dir.to_path_buf(), source };
-    let mut names = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(io)? {
-        let entry = entry.map_err(io)?;
-        if entry.path().is_file() {
-            if let Some(n) = entry.file_name().to_str() {
-                names.push(n.to_string());
-            }
-        }
-    }
-    names.sort();
-    Ok(names)
+    super::list_files(dir).map_err(|source| SafetensorsError::Io { path: dir.to_path_buf(), source })
 }
