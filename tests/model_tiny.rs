@@ -10,7 +10,7 @@ use tandem::engine::generate::GenerateRequest;
 use tandem::engine::{Generator, SamplingParams};
 use tandem::model::{load_gguf, load_hf_dir, LlamaModel};
 
-const MODELS: [&str; 4] = ["llama", "llama2", "qwen2", "mistral"];
+const MODELS: [&str; 5] = ["llama", "llama2", "qwen2", "mistral", "mistral-swa"];
 const TOL: f32 = 1e-4;
 
 fn cases(golden: &serde_json::Value, key: &str) -> Vec<(Vec<u32>, Vec<Vec<f32>>)> {

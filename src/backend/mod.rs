@@ -120,6 +120,8 @@ pub struct AttentionMeta<'a> {
     pub kv_heads: usize,
     pub head_dim: usize,
     pub scale: f32,
+    /// Sliding-window attention: a token at position p sees keys p-w+1..=p.
+    pub sliding_window: Option<usize>,
 }
 
 /// Precomputed rotary frequencies (one inverse frequency per pair in a head).

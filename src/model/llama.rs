@@ -112,6 +112,7 @@ impl<B: Backend> LlamaModel<B> {
             kv_heads: c.num_kv_heads,
             head_dim: d,
             scale: 1.0 / (d as f32).sqrt(),
+            sliding_window: c.sliding_window,
         };
         let mut x = be.zeros(t, h);
         be.embedding(&self.embed, input.token_ids, &mut x);

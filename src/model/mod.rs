@@ -35,15 +35,15 @@ pub struct StepInput<'a> {
 pub enum ModelError {
     #[error(transparent)]
     Resolve(#[from] crate::loader::hub::HubError),
-    #[error("GGUF: {0}")]
+    #[error("reading GGUF")]
     Gguf(#[from] crate::loader::gguf::GgufError),
-    #[error("safetensors: {0}")]
+    #[error("reading safetensors")]
     Safetensors(#[from] crate::loader::safetensors::SafetensorsError),
-    #[error("config: {0}")]
+    #[error("model config")]
     Config(#[from] config::ConfigError),
-    #[error("loading weights: {0}")]
+    #[error("loading weights")]
     Load(#[from] llama::LoadError),
-    #[error("tokenizer: {0}")]
+    #[error("tokenizer")]
     Tokenizer(#[from] crate::tokenizer::TokenizerError),
     #[error("{path}: {reason}")]
     File { path: String, reason: String },

@@ -40,21 +40,24 @@ pub fn paged_attention(
             }
             let table = meta.seqs[s].block_table;
             let ctx = pos + 1;
-            let mut scores = vec![0f32; ctx];
+            // Keys this token sees: [first, ctx).
+            let first = meta.sliding_window.map_or(0, |w| ctx.saturating_sub(w));
+            let mut scores = vec![0f32; ctx - first];
             let mut acc = vec![0f32; d];
+            // Blocks overlapping [first, ctx), as (cache slot of `from`, from, to).
+            let spans: Vec<(usize, usize, usize)> = (first / bs..ctx.div_ceil(bs))
+                .map(|bi| {
+                    let from = (bi * bs).max(first);
+                    (table[bi].index() * bs + from % bs, from, ((bi + 1) * bs).min(ctx))
+                })
+                .collect();
             for h in 0..nh {
                 let qh = &q.data[r * nh * d + h * d..][..d];
                 let kvoff = (h / group) * d;
                 let mut max = f32::NEG_INFINITY;
-                // Walk the block table block by block (no division per key).
-                for (bi, blk) in table.iter().enumerate() {
-                    let start = bi * bs;
-                    if start >= ctx {
-                        break;
-                    }
-                    let base = blk.index() * bs;
-                    for (o, sc) in scores[start..ctx.min(start + bs)].iter_mut().enumerate() {
-                        let kj = &kc[(base + o) * kw + kvoff..][..d];
+                for &(slot0, from, to) in &spans {
+                    for (o, sc) in scores[from - first..to - first].iter_mut().enumerate() {
+                        let kj = &kc[(slot0 + o) * kw + kvoff..][..d];
                         *sc = dot(qh, kj) * meta.scale;
                         max = max.max(*sc);
                     }
@@ -65,14 +68,9 @@ pub fn paged_attention(
                     sum += *sc;
                 }
                 acc.fill(0.0);
-                for (bi, blk) in table.iter().enumerate() {
-                    let start = bi * bs;
-                    if start >= ctx {
-                        break;
-                    }
-                    let base = blk.index() * bs;
-                    for (o, &p) in scores[start..ctx.min(start + bs)].iter().enumerate() {
-                        let vj = &vc[(base + o) * kw + kvoff..][..d];
+                for &(slot0, from, to) in &spans {
+                    for (o, &p) in scores[from - first..to - first].iter().enumerate() {
+                        let vj = &vc[(slot0 + o) * kw + kvoff..][..d];
                         for (a, &v) in acc.iter_mut().zip(vj) {
                             *a += p * v;
                         }
