@@ -3,10 +3,11 @@
 //! Every kind is expanded block by block into an f32 scratch tile that stays in
 //! L1; the tile then feeds an f32 FMA micro-kernel. Activations are never
 //! quantised, so results follow the f32 reference (transformers on the
-//! dequantised weights) to rounding. The AVX-512 paths compute each element with
+//! dequantised weights) to rounding. The SIMD paths compute each element with
 //! the same operations, in the same order, as the reference dequantiser
-//! (`quant::ggml::dequantize`), so they agree bit for bit; other machines use the
-//! reference itself.
+//! (`quant::ggml::dequantize`), so they agree bit for bit. AVX-512 and AVX2
+//! share one decoder written against a 16-lane vector type (`simd::Lanes`);
+//! other machines use the reference itself.
 
 use crate::quant::ggml::{self, GgmlType};
 
@@ -37,9 +38,13 @@ pub fn dequant_row_chunk(isa: Isa, kind: GgmlType, row: &[u8], k0: usize, out: &
         _ => {}
     }
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 {
-        // SAFETY: Isa::Avx512 is only chosen after runtime detection of avx512f/bw.
-        let done = unsafe { avx512::dequant(kind, bytes, out) };
+    {
+        // SAFETY: an Isa is only chosen after runtime detection of its features.
+        let done = match isa {
+            Isa::Avx512 => unsafe { simd::dequant_avx512(kind, bytes, out) },
+            Isa::Avx2 => unsafe { simd::dequant_avx2(kind, bytes, out) },
+            Isa::Scalar => false,
+        };
         if done {
             return;
         }
@@ -52,14 +57,148 @@ pub fn dequant_row_chunk(isa: Isa, kind: GgmlType, row: &[u8], k0: usize, out: &
 }
 
 #[cfg(target_arch = "x86_64")]
-pub(super) mod avx512 {
+pub(super) mod simd {
     use super::GgmlType;
     use crate::quant::ggml::get_scale_min_k4;
     use std::arch::x86_64::*;
 
+    /// 16 f32 lanes on one instruction set. The decoders and the register path
+    /// of the matmul are written once against this; both implementations do the
+    /// same operation on every lane, so results are identical across ISAs.
+    pub trait Lanes: Copy {
+        unsafe fn zero() -> Self;
+        unsafe fn splat(v: f32) -> Self;
+        unsafe fn load(p: *const f32) -> Self;
+        unsafe fn store(self, p: *mut f32);
+        unsafe fn mul(self, b: Self) -> Self;
+        unsafe fn sub(self, b: Self) -> Self;
+        /// self * b + c with one rounding.
+        unsafe fn fmadd(self, b: Self, c: Self) -> Self;
+        /// 16 unsigned bytes minus `bias` (exact integer arithmetic), as f32.
+        unsafe fn from_u8(b: __m128i, bias: i32) -> Self;
+        /// 16 signed bytes as f32.
+        unsafe fn from_i8(b: __m128i) -> Self;
+        /// 16 little-endian f16 values as f32.
+        unsafe fn from_f16(p: *const u8) -> Self;
+    }
+
+    #[derive(Clone, Copy)]
+    pub struct Avx512(__m512);
+
+    impl Lanes for Avx512 {
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            Self(_mm512_setzero_ps())
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> Self {
+            Self(_mm512_set1_ps(v))
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            Self(_mm512_loadu_ps(p))
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            _mm512_storeu_ps(p, self.0)
+        }
+        #[inline(always)]
+        unsafe fn mul(self, b: Self) -> Self {
+            Self(_mm512_mul_ps(self.0, b.0))
+        }
+        #[inline(always)]
+        unsafe fn sub(self, b: Self) -> Self {
+            Self(_mm512_sub_ps(self.0, b.0))
+        }
+        #[inline(always)]
+        unsafe fn fmadd(self, b: Self, c: Self) -> Self {
+            Self(_mm512_fmadd_ps(self.0, b.0, c.0))
+        }
+        #[inline(always)]
+        unsafe fn from_u8(b: __m128i, bias: i32) -> Self {
+            let i = _mm512_cvtepu8_epi32(b);
+            Self(_mm512_cvtepi32_ps(if bias == 0 { i } else { _mm512_sub_epi32(i, _mm512_set1_epi32(bias)) }))
+        }
+        #[inline(always)]
+        unsafe fn from_i8(b: __m128i) -> Self {
+            Self(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)))
+        }
+        #[inline(always)]
+        unsafe fn from_f16(p: *const u8) -> Self {
+            Self(_mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)))
+        }
+    }
+
+    /// Lanes 0..8 and 8..16.
+    #[derive(Clone, Copy)]
+    pub struct Avx2(__m256, __m256);
+
+    impl Lanes for Avx2 {
+        #[inline(always)]
+        unsafe fn zero() -> Self {
+            Self(_mm256_setzero_ps(), _mm256_setzero_ps())
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> Self {
+            Self(_mm256_set1_ps(v), _mm256_set1_ps(v))
+        }
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> Self {
+            Self(_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)))
+        }
+        #[inline(always)]
+        unsafe fn store(self, p: *mut f32) {
+            _mm256_storeu_ps(p, self.0);
+            _mm256_storeu_ps(p.add(8), self.1);
+        }
+        #[inline(always)]
+        unsafe fn mul(self, b: Self) -> Self {
+            Self(_mm256_mul_ps(self.0, b.0), _mm256_mul_ps(self.1, b.1))
+        }
+        #[inline(always)]
+        unsafe fn sub(self, b: Self) -> Self {
+            Self(_mm256_sub_ps(self.0, b.0), _mm256_sub_ps(self.1, b.1))
+        }
+        #[inline(always)]
+        unsafe fn fmadd(self, b: Self, c: Self) -> Self {
+            Self(_mm256_fmadd_ps(self.0, b.0, c.0), _mm256_fmadd_ps(self.1, b.1, c.1))
+        }
+        #[inline(always)]
+        unsafe fn from_u8(b: __m128i, bias: i32) -> Self {
+            let conv = |x: __m128i| {
+                let i = _mm256_cvtepu8_epi32(x);
+                _mm256_cvtepi32_ps(if bias == 0 { i } else { _mm256_sub_epi32(i, _mm256_set1_epi32(bias)) })
+            };
+            Self(conv(b), conv(_mm_srli_si128(b, 8)))
+        }
+        #[inline(always)]
+        unsafe fn from_i8(b: __m128i) -> Self {
+            Self(
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)),
+                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8))),
+            )
+        }
+        #[inline(always)]
+        unsafe fn from_f16(p: *const u8) -> Self {
+            Self(
+                _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
+                _mm256_cvtph_ps(_mm_loadu_si128(p.add(16) as *const __m128i)),
+            )
+        }
+    }
+
     #[inline(always)]
     unsafe fn f16(b: *const u8) -> f32 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(u16::from_le_bytes([*b, *b.add(1)]) as i32)))
+    }
+
+    /// Byte i = 16 where bit i of `h` is set, else 0 (Q5_0's fifth bits).
+    #[inline(always)]
+    unsafe fn fifth_bits(h: u16) -> __m128i {
+        let bytes =
+            _mm_shuffle_epi8(_mm_set1_epi16(h as i16), _mm_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1));
+        let sel = _mm_setr_epi8(1, 2, 4, 8, 16, 32, 64, -128, 1, 2, 4, 8, 16, 32, 64, -128);
+        _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(bytes, sel), sel), _mm_set1_epi8(16))
     }
 
     /// Does `kind` have a fast decoder here?
@@ -69,42 +208,41 @@ pub(super) mod avx512 {
 
     /// Decodes `nblocks` whole blocks starting at `bytes`, calling
     /// `emit(group, values)` for every 16-element group in increasing element
-    /// order (`group` counts from the first block). Each value is computed with
-    /// the reference dequantiser's operations in its order, so it is bit-exact;
-    /// the increasing order lets a caller accumulate straight from registers with
-    /// the same summation order as a stored tile.
+    /// order (`group` counts from the first block; for F16, `nblocks` counts
+    /// elements). Each value is computed with the reference dequantiser's
+    /// operations in its order, so it is bit-exact; the increasing order lets a
+    /// caller accumulate straight from registers with the same summation order
+    /// as a stored tile.
     #[inline(always)]
-    pub unsafe fn decode<F: FnMut(usize, __m512)>(kind: GgmlType, bytes: *const u8, nblocks: usize, mut emit: F) {
+    pub unsafe fn decode<V: Lanes, F: FnMut(usize, V)>(kind: GgmlType, bytes: *const u8, nblocks: usize, mut emit: F) {
         let m4 = _mm_set1_epi8(0x0F);
         match kind {
             GgmlType::Q8_0 => {
                 for b in 0..nblocks {
                     let blk = bytes.add(34 * b);
-                    let d = _mm512_set1_ps(f16(blk));
+                    let d = V::splat(f16(blk));
                     for h in 0..2 {
-                        let q = _mm512_cvtepi8_epi32(_mm_loadu_si128(blk.add(2 + 16 * h) as *const __m128i));
-                        emit(2 * b + h, _mm512_mul_ps(_mm512_cvtepi32_ps(q), d));
+                        let q = V::from_i8(_mm_loadu_si128(blk.add(2 + 16 * h) as *const __m128i));
+                        emit(2 * b + h, q.mul(d));
                     }
                 }
             }
             GgmlType::Q4_0 | GgmlType::Q5_0 => {
                 let q5 = kind == GgmlType::Q5_0;
                 let (ts, qs_at, bias) = if q5 { (22, 6, 16) } else { (18, 2, 8) };
-                let biasv = _mm512_set1_epi32(bias);
-                let sixteen = _mm512_set1_epi32(16);
                 for b in 0..nblocks {
                     let blk = bytes.add(ts * b);
-                    let d = _mm512_set1_ps(f16(blk));
+                    let d = V::splat(f16(blk));
                     let raw = _mm_loadu_si128(blk.add(qs_at) as *const __m128i);
-                    let mut lo = _mm512_cvtepu8_epi32(_mm_and_si128(raw, m4));
-                    let mut hi = _mm512_cvtepu8_epi32(_mm_and_si128(_mm_srli_epi16(raw, 4), m4));
+                    let mut lo = _mm_and_si128(raw, m4);
+                    let mut hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
                     if q5 {
                         let h = (blk.add(2) as *const u32).read_unaligned();
-                        lo = _mm512_or_si512(lo, _mm512_maskz_mov_epi32(h as u16, sixteen));
-                        hi = _mm512_or_si512(hi, _mm512_maskz_mov_epi32((h >> 16) as u16, sixteen));
+                        lo = _mm_or_si128(lo, fifth_bits(h as u16));
+                        hi = _mm_or_si128(hi, fifth_bits((h >> 16) as u16));
                     }
-                    emit(2 * b, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(lo, biasv)), d));
-                    emit(2 * b + 1, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(hi, biasv)), d));
+                    emit(2 * b, V::from_u8(lo, bias).mul(d));
+                    emit(2 * b + 1, V::from_u8(hi, bias).mul(d));
                 }
             }
             GgmlType::Q4K | GgmlType::Q5K => {
@@ -120,8 +258,8 @@ pub(super) mod avx512 {
                     // Sub-block j covers elements 32j..32j+32 (groups 2j, 2j+1).
                     for j in 0..8 {
                         let (sc, m) = get_scale_min_k4(j, scales);
-                        let dj = _mm512_set1_ps(d * sc as f32);
-                        let mj = _mm512_set1_ps(dmin * m as f32);
+                        let dj = V::splat(d * sc as f32);
+                        let mj = V::splat(dmin * m as f32);
                         let (c, high) = (j / 2, j % 2 == 1);
                         for l in [0usize, 16] {
                             let raw = _mm_loadu_si128(blk.add(qs_at + 32 * c + l) as *const __m128i);
@@ -133,15 +271,13 @@ pub(super) mod avx512 {
                                 let unset = _mm_cmpeq_epi8(_mm_and_si128(h, bit), zero);
                                 q = _mm_add_epi8(q, _mm_andnot_si128(unset, sixteen));
                             }
-                            let qf = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(q));
-                            emit(16 * b + 2 * j + l / 16, _mm512_sub_ps(_mm512_mul_ps(dj, qf), mj));
+                            emit(16 * b + 2 * j + l / 16, dj.mul(V::from_u8(q, 0)).sub(mj));
                         }
                     }
                 }
             }
             GgmlType::Q6K => {
                 let m2 = _mm_set1_epi8(3);
-                let off = _mm512_set1_epi32(32);
                 for b in 0..nblocks {
                     let blk = bytes.add(210 * b);
                     let d = f16(blk.add(208));
@@ -162,9 +298,8 @@ pub(super) mod avx512 {
                                 };
                                 let v = _mm_or_si128(_mm_and_si128(lo, m4), _mm_slli_epi16(_mm_and_si128(hb, m2), 4));
                                 let sc = *blk.add(192 + 8 * h + 2 * q + l / 16) as i8;
-                                let scale = _mm512_set1_ps(d * sc as f32);
-                                let vf = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_cvtepu8_epi32(v), off));
-                                emit(16 * b + 8 * h + 2 * q + l / 16, _mm512_mul_ps(scale, vf));
+                                let scale = V::splat(d * sc as f32);
+                                emit(16 * b + 8 * h + 2 * q + l / 16, scale.mul(V::from_u8(v, 32)));
                             }
                         }
                     }
@@ -172,27 +307,34 @@ pub(super) mod avx512 {
             }
             GgmlType::F16 => {
                 for g in 0..nblocks / 16 {
-                    let h = _mm256_loadu_si256(bytes.add(32 * g) as *const __m256i);
-                    emit(g, _mm512_cvtph_ps(h));
+                    emit(g, V::from_f16(bytes.add(32 * g)));
                 }
             }
             GgmlType::F32 | GgmlType::BF16 => {}
         }
     }
 
-    /// Dequantises whole blocks into `out`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    pub unsafe fn dequant(kind: GgmlType, bytes: &[u8], out: &mut [f32]) -> bool {
-        if !supported(kind) {
-            return false;
-        }
+    #[inline(always)]
+    unsafe fn dequant_with<V: Lanes>(kind: GgmlType, bytes: &[u8], out: &mut [f32]) -> bool {
         let n = out.len();
-        if kind == GgmlType::F16 && !n.is_multiple_of(16) {
+        if !supported(kind) || (kind == GgmlType::F16 && !n.is_multiple_of(16)) {
             return false;
         }
         let nblocks = if kind == GgmlType::F16 { n } else { n / kind.block_size() };
         let o = out.as_mut_ptr();
-        decode(kind, bytes.as_ptr(), nblocks, |g, v| _mm512_storeu_ps(o.add(16 * g), v));
+        decode::<V, _>(kind, bytes.as_ptr(), nblocks, |g, v| v.store(o.add(16 * g)));
         true
+    }
+
+    /// Dequantises whole blocks into `out`; false for kinds without a decoder.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
+    pub unsafe fn dequant_avx512(kind: GgmlType, bytes: &[u8], out: &mut [f32]) -> bool {
+        dequant_with::<Avx512>(kind, bytes, out)
+    }
+
+    /// Dequantises whole blocks into `out`; false for kinds without a decoder.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dequant_avx2(kind: GgmlType, bytes: &[u8], out: &mut [f32]) -> bool {
+        dequant_with::<Avx2>(kind, bytes, out)
     }
 }

@@ -1,7 +1,7 @@
 //! `out = x · Wᵀ (+ bias)` for every weight kind and batch size.
 //!
 //! Two paths share one summation order:
-//! - decode (≤ 4 activation rows, AVX-512): each weight row is decoded block by
+//! - decode (≤ 4 activation rows, AVX-512 or AVX2): each weight row is decoded block by
 //!   block into registers and multiplied straight away (`fused_rows`);
 //! - larger batches: the weight is walked in panels of `NR` rows; each `KC`-wide
 //!   chunk is dequantised into an f32 tile in L1 and a register-blocked
@@ -145,13 +145,19 @@ fn panel(
     let row_bytes = w.row_bytes;
     let data = w.bytes.as_slice();
     #[cfg(target_arch = "x86_64")]
-    if isa == Isa::Avx512 && mrows <= FUSED_MAX_ROWS && super::dequant::avx512::supported(w.kind) {
+    if isa != Isa::Scalar && mrows <= FUSED_MAX_ROWS && super::dequant::simd::supported(w.kind) {
         for r in 0..nr {
             let row = &data[(r0 + r) * row_bytes..(r0 + r + 1) * row_bytes];
             for m0 in (0..mrows).step_by(4) {
                 let mr = 4.min(mrows - m0);
-                // SAFETY: AVX-512 was detected; the row holds k elements of w.kind.
-                unsafe { simd::fused_rows(w.kind, row, &x[m0 * k..], k, mr, &mut acc[(m0 * NR + r) * ACC..]) };
+                let (xs, a) = (&x[m0 * k..], &mut acc[(m0 * NR + r) * ACC..]);
+                // SAFETY: the ISA was detected at run time; the row holds k elements of w.kind.
+                unsafe {
+                    match isa {
+                        Isa::Avx512 => simd::fused_rows_avx512(w.kind, row, xs, k, mr, a),
+                        _ => simd::fused_rows_avx2(w.kind, row, xs, k, mr, a),
+                    }
+                }
             }
         }
         return;
@@ -202,7 +208,7 @@ fn micro_all(isa: Isa, x: &[f32], k: usize, k0: usize, klen: usize, mrows: usize
 #[cfg(target_arch = "x86_64")]
 mod simd {
     use super::{ACC, CHAINS, KC, LANES, NR};
-    use crate::backend::cpu::dequant::avx512;
+    use crate::backend::cpu::dequant::simd::{decode, Avx2, Avx512, Lanes};
     use crate::quant::ggml::GgmlType;
     use std::arch::x86_64::*;
 
@@ -228,26 +234,37 @@ mod simd {
     /// Writes the row's accumulators for each activation row `mi` at
     /// `acc[mi * NR * ACC..]`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    pub unsafe fn fused_rows(kind: GgmlType, row: &[u8], x: &[f32], k: usize, mrows: usize, acc: &mut [f32]) {
+    pub unsafe fn fused_rows_avx512(kind: GgmlType, row: &[u8], x: &[f32], k: usize, mrows: usize, acc: &mut [f32]) {
+        fused_rows::<Avx512>(kind, row, x, k, mrows, acc)
+    }
+
+    /// [`fused_rows_avx512`] on AVX2: each 16-lane group is two ymm registers.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn fused_rows_avx2(kind: GgmlType, row: &[u8], x: &[f32], k: usize, mrows: usize, acc: &mut [f32]) {
+        fused_rows::<Avx2>(kind, row, x, k, mrows, acc)
+    }
+
+    #[inline(always)]
+    unsafe fn fused_rows<V: Lanes>(kind: GgmlType, row: &[u8], x: &[f32], k: usize, mrows: usize, acc: &mut [f32]) {
         match mrows {
-            1 => fused::<1>(kind, row, x, k, acc),
-            2 => fused::<2>(kind, row, x, k, acc),
-            3 => fused::<3>(kind, row, x, k, acc),
-            _ => fused::<4>(kind, row, x, k, acc),
+            1 => fused::<V, 1>(kind, row, x, k, acc),
+            2 => fused::<V, 2>(kind, row, x, k, acc),
+            3 => fused::<V, 3>(kind, row, x, k, acc),
+            _ => fused::<V, 4>(kind, row, x, k, acc),
         }
     }
 
     #[inline(always)]
-    unsafe fn fused<const M: usize>(kind: GgmlType, row: &[u8], x: &[f32], k: usize, acc: &mut [f32]) {
+    unsafe fn fused<V: Lanes, const M: usize>(kind: GgmlType, row: &[u8], x: &[f32], k: usize, acc: &mut [f32]) {
         // Group g always goes into slot 0, then the slots rotate: slot 0 holds
         // chain g % CHAINS when group g arrives. Constant indices keep the
         // accumulators in registers (a computed index would spill them).
-        let mut a = [[_mm512_setzero_ps(); CHAINS]; M];
+        let mut a = [[V::zero(); CHAINS]; M];
         let nblocks = if kind == GgmlType::F16 { k } else { k / kind.block_size() };
         let xp = x.as_ptr();
-        avx512::decode(kind, row.as_ptr(), nblocks, |g, v| {
+        decode::<V, _>(kind, row.as_ptr(), nblocks, |g, v| {
             for (m, am) in a.iter_mut().enumerate() {
-                let s0 = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(m * k + g * LANES)), v, am[0]);
+                let s0 = V::load(xp.add(m * k + g * LANES)).fmadd(v, am[0]);
                 *am = [am[1], am[2], am[3], s0];
             }
         });
@@ -255,8 +272,7 @@ mod simd {
         let n = k / LANES;
         for (m, am) in a.iter().enumerate() {
             for c in 0..CHAINS {
-                let v = am[(c + CHAINS - n % CHAINS) % CHAINS];
-                _mm512_storeu_ps(acc.as_mut_ptr().add(m * NR * ACC + c * LANES), v);
+                am[(c + CHAINS - n % CHAINS) % CHAINS].store(acc.as_mut_ptr().add(m * NR * ACC + c * LANES));
             }
         }
     }
