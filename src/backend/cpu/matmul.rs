@@ -277,7 +277,7 @@ mod simd {
         }
     }
 
-    /// MR = 4 activation rows × NR weight rows per pass, one chain at a time.
+    /// The tile micro-kernel on AVX-512: 4 activation rows × NR weight rows.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn micro_avx512(
         x: &[f32],
@@ -288,104 +288,95 @@ mod simd {
         tile: &[f32],
         acc: &mut [f32],
     ) {
-        let t = tile.as_ptr();
-        let ap = acc.as_mut_ptr();
-        let g0 = k0 / LANES;
+        micro::<Avx512, 4>(x, k, k0, klen, mrows, tile, acc)
+    }
+
+    /// The tile micro-kernel on AVX2: one activation row at a time (an
+    /// accumulator is two of the 16 ymm registers).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn micro_avx2(x: &[f32], k: usize, k0: usize, klen: usize, mrows: usize, tile: &[f32], acc: &mut [f32]) {
+        micro::<Avx2, 1>(x, k, k0, klen, mrows, tile, acc)
+    }
+
+    /// Accumulates `mrows` activation rows against the NR tile rows, MR rows at
+    /// a time (then single rows), one chain at a time.
+    #[inline(always)]
+    unsafe fn micro<V: Lanes, const MR: usize>(
+        x: &[f32],
+        k: usize,
+        k0: usize,
+        klen: usize,
+        mrows: usize,
+        tile: &[f32],
+        acc: &mut [f32],
+    ) {
         let mut mi = 0;
         while mi < mrows {
-            let mr = (mrows - mi).min(4);
-            for c in 0..CHAINS {
-                // First group of this chunk that belongs to chain c.
-                let first = (c + CHAINS - g0 % CHAINS) % CHAINS;
-                if mr == 4 {
-                    let mut a = [[_mm512_setzero_ps(); NR]; 4];
-                    for (i, ai) in a.iter_mut().enumerate() {
-                        for (r, v) in ai.iter_mut().enumerate() {
-                            if k0 > 0 {
-                                *v = _mm512_loadu_ps(ap.add(((mi + i) * NR + r) * ACC + c * LANES));
-                            }
-                        }
-                    }
-                    let xp = x.as_ptr().add(mi * k + k0);
-                    let mut kk = first * LANES;
-                    while kk < klen {
-                        let w = [
-                            _mm512_loadu_ps(t.add(kk)),
-                            _mm512_loadu_ps(t.add(KC + kk)),
-                            _mm512_loadu_ps(t.add(2 * KC + kk)),
-                            _mm512_loadu_ps(t.add(3 * KC + kk)),
-                        ];
-                        for (i, ai) in a.iter_mut().enumerate() {
-                            let xv = _mm512_loadu_ps(xp.add(i * k + kk));
-                            for r in 0..NR {
-                                ai[r] = _mm512_fmadd_ps(xv, w[r], ai[r]);
-                            }
-                        }
-                        kk += CHAINS * LANES;
-                    }
-                    for (i, ai) in a.iter().enumerate() {
-                        for (r, v) in ai.iter().enumerate() {
-                            _mm512_storeu_ps(ap.add(((mi + i) * NR + r) * ACC + c * LANES), *v);
-                        }
-                    }
-                } else {
-                    for i in 0..mr {
-                        let mut a = [_mm512_setzero_ps(); NR];
-                        if k0 > 0 {
-                            for (r, v) in a.iter_mut().enumerate() {
-                                *v = _mm512_loadu_ps(ap.add(((mi + i) * NR + r) * ACC + c * LANES));
-                            }
-                        }
-                        let xp = x.as_ptr().add((mi + i) * k + k0);
-                        let mut kk = first * LANES;
-                        while kk < klen {
-                            let xv = _mm512_loadu_ps(xp.add(kk));
-                            for (r, v) in a.iter_mut().enumerate() {
-                                *v = _mm512_fmadd_ps(xv, _mm512_loadu_ps(t.add(r * KC + kk)), *v);
-                            }
-                            kk += CHAINS * LANES;
-                        }
-                        for (r, v) in a.iter().enumerate() {
-                            _mm512_storeu_ps(ap.add(((mi + i) * NR + r) * ACC + c * LANES), *v);
-                        }
-                    }
-                }
+            if mi + MR <= mrows {
+                rows::<V, MR>(x, k, k0, klen, mi, tile, acc);
+                mi += MR;
+            } else {
+                rows::<V, 1>(x, k, k0, klen, mi, tile, acc);
+                mi += 1;
             }
-            mi += mr;
         }
     }
 
-    /// One row at a time; each 16-lane accumulator is two ymm registers.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn micro_avx2(x: &[f32], k: usize, k0: usize, klen: usize, mrows: usize, tile: &[f32], acc: &mut [f32]) {
+    #[inline(always)]
+    unsafe fn rows<V: Lanes, const R: usize>(
+        x: &[f32],
+        k: usize,
+        k0: usize,
+        klen: usize,
+        mi: usize,
+        tile: &[f32],
+        acc: &mut [f32],
+    ) {
         let t = tile.as_ptr();
         let ap = acc.as_mut_ptr();
+        let xp = x.as_ptr().add(mi * k + k0);
         let g0 = k0 / LANES;
-        for mi in 0..mrows {
-            for c in 0..CHAINS {
-                let first = (c + CHAINS - g0 % CHAINS) % CHAINS;
-                let mut a = [[_mm256_setzero_ps(); 2]; NR];
-                if k0 > 0 {
-                    for (r, v) in a.iter_mut().enumerate() {
-                        let p = ap.add((mi * NR + r) * ACC + c * LANES);
-                        *v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))];
+        for c in 0..CHAINS {
+            // First group of this chunk that belongs to chain c.
+            let first = (c + CHAINS - g0 % CHAINS) % CHAINS;
+            let at = |i: usize, r: usize| ((mi + i) * NR + r) * ACC + c * LANES;
+            let mut a = [[V::zero(); NR]; R];
+            // The first chunk starts from zero instead of loading.
+            if k0 > 0 {
+                for (i, ai) in a.iter_mut().enumerate() {
+                    for (r, v) in ai.iter_mut().enumerate() {
+                        *v = V::load(ap.add(at(i, r)));
                     }
                 }
-                let xp = x.as_ptr().add(mi * k + k0);
-                let mut kk = first * LANES;
-                while kk < klen {
-                    let x0 = _mm256_loadu_ps(xp.add(kk));
-                    let x1 = _mm256_loadu_ps(xp.add(kk + 8));
-                    for (r, v) in a.iter_mut().enumerate() {
-                        v[0] = _mm256_fmadd_ps(x0, _mm256_loadu_ps(t.add(r * KC + kk)), v[0]);
-                        v[1] = _mm256_fmadd_ps(x1, _mm256_loadu_ps(t.add(r * KC + kk + 8)), v[1]);
+            }
+            let mut kk = first * LANES;
+            while kk < klen {
+                if R == 1 {
+                    // One row: load each weight vector at its use (with AVX2's 16
+                    // registers, holding all four would spill accumulators).
+                    let xv = V::load(xp.add(kk));
+                    for (r, v) in a[0].iter_mut().enumerate() {
+                        *v = xv.fmadd(V::load(t.add(r * KC + kk)), *v);
                     }
-                    kk += CHAINS * LANES;
+                } else {
+                    let w = [
+                        V::load(t.add(kk)),
+                        V::load(t.add(KC + kk)),
+                        V::load(t.add(2 * KC + kk)),
+                        V::load(t.add(3 * KC + kk)),
+                    ];
+                    for (i, ai) in a.iter_mut().enumerate() {
+                        let xv = V::load(xp.add(i * k + kk));
+                        for r in 0..NR {
+                            ai[r] = xv.fmadd(w[r], ai[r]);
+                        }
+                    }
                 }
-                for (r, v) in a.iter().enumerate() {
-                    let p = ap.add((mi * NR + r) * ACC + c * LANES);
-                    _mm256_storeu_ps(p, v[0]);
-                    _mm256_storeu_ps(p.add(8), v[1]);
+                kk += CHAINS * LANES;
+            }
+            for (i, ai) in a.iter().enumerate() {
+                for (r, v) in ai.iter().enumerate() {
+                    v.store(ap.add(at(i, r)));
                 }
             }
         }
