@@ -37,6 +37,21 @@ pub struct Job<'a> {
     pub out: &'a mut [f32],
 }
 
+/// One K-chunk of the tile path: rows of `x` against the dequantised tile.
+#[derive(Clone, Copy)]
+struct Chunk<'a> {
+    /// Activation rows, `k` floats each.
+    x: &'a [f32],
+    k: usize,
+    /// First element of the chunk and its length.
+    k0: usize,
+    klen: usize,
+    /// Activation rows to process.
+    mrows: usize,
+    /// NR dequantised weight rows, `KC` floats apart.
+    tile: &'a [f32],
+}
+
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
 // SAFETY: each task writes a disjoint set of output columns.
@@ -174,20 +189,20 @@ fn panel(
                 t.fill(0.0);
             }
         }
-        micro_all(isa, x, k, k0, klen, mrows, tile, acc);
+        micro_all(isa, &Chunk { x, k, k0, klen, mrows, tile }, acc);
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn micro_all(isa: Isa, x: &[f32], k: usize, k0: usize, klen: usize, mrows: usize, tile: &[f32], acc: &mut [f32]) {
+fn micro_all(isa: Isa, c: &Chunk<'_>, acc: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     match isa {
         // SAFETY: the ISA was detected at runtime before being chosen.
-        Isa::Avx512 => unsafe { return simd::micro_avx512(x, k, k0, klen, mrows, tile, acc) },
-        Isa::Avx2 => unsafe { return simd::micro_avx2(x, k, k0, klen, mrows, tile, acc) },
+        Isa::Avx512 => unsafe { return simd::micro_avx512(c, acc) },
+        Isa::Avx2 => unsafe { return simd::micro_avx2(c, acc) },
         Isa::Scalar => {}
     }
     let _ = isa;
+    let Chunk { x, k, k0, klen, mrows, tile } = *c;
     for mi in 0..mrows {
         for r in 0..NR {
             let a = &mut acc[(mi * NR + r) * ACC..][..ACC];
@@ -207,7 +222,7 @@ fn micro_all(isa: Isa, x: &[f32], k: usize, k0: usize, klen: usize, mrows: usize
 
 #[cfg(target_arch = "x86_64")]
 mod simd {
-    use super::{ACC, CHAINS, KC, LANES, NR};
+    use super::{Chunk, ACC, CHAINS, KC, LANES, NR};
     use crate::backend::cpu::dequant::simd::{decode, Avx2, Avx512, Lanes};
     use crate::quant::ggml::GgmlType;
     use std::arch::x86_64::*;
@@ -279,59 +294,36 @@ mod simd {
 
     /// The tile micro-kernel on AVX-512: 4 activation rows × NR weight rows.
     #[target_feature(enable = "avx512f")]
-    pub unsafe fn micro_avx512(
-        x: &[f32],
-        k: usize,
-        k0: usize,
-        klen: usize,
-        mrows: usize,
-        tile: &[f32],
-        acc: &mut [f32],
-    ) {
-        micro::<Avx512, 4>(x, k, k0, klen, mrows, tile, acc)
+    pub(super) unsafe fn micro_avx512(c: &Chunk<'_>, acc: &mut [f32]) {
+        micro::<Avx512, 4>(c, acc)
     }
 
     /// The tile micro-kernel on AVX2: one activation row at a time (an
     /// accumulator is two of the 16 ymm registers).
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn micro_avx2(x: &[f32], k: usize, k0: usize, klen: usize, mrows: usize, tile: &[f32], acc: &mut [f32]) {
-        micro::<Avx2, 1>(x, k, k0, klen, mrows, tile, acc)
+    pub(super) unsafe fn micro_avx2(c: &Chunk<'_>, acc: &mut [f32]) {
+        micro::<Avx2, 1>(c, acc)
     }
 
-    /// Accumulates `mrows` activation rows against the NR tile rows, MR rows at
-    /// a time (then single rows), one chain at a time.
+    /// Accumulates the chunk's activation rows against the NR tile rows, MR
+    /// rows at a time (then single rows), one chain at a time.
     #[inline(always)]
-    unsafe fn micro<V: Lanes, const MR: usize>(
-        x: &[f32],
-        k: usize,
-        k0: usize,
-        klen: usize,
-        mrows: usize,
-        tile: &[f32],
-        acc: &mut [f32],
-    ) {
+    unsafe fn micro<V: Lanes, const MR: usize>(c: &Chunk<'_>, acc: &mut [f32]) {
         let mut mi = 0;
-        while mi < mrows {
-            if mi + MR <= mrows {
-                rows::<V, MR>(x, k, k0, klen, mi, tile, acc);
+        while mi < c.mrows {
+            if mi + MR <= c.mrows {
+                rows::<V, MR>(c, mi, acc);
                 mi += MR;
             } else {
-                rows::<V, 1>(x, k, k0, klen, mi, tile, acc);
+                rows::<V, 1>(c, mi, acc);
                 mi += 1;
             }
         }
     }
 
     #[inline(always)]
-    unsafe fn rows<V: Lanes, const R: usize>(
-        x: &[f32],
-        k: usize,
-        k0: usize,
-        klen: usize,
-        mi: usize,
-        tile: &[f32],
-        acc: &mut [f32],
-    ) {
+    unsafe fn rows<V: Lanes, const R: usize>(c: &Chunk<'_>, mi: usize, acc: &mut [f32]) {
+        let Chunk { x, k, k0, klen, tile, .. } = *c;
         let t = tile.as_ptr();
         let ap = acc.as_mut_ptr();
         let xp = x.as_ptr().add(mi * k + k0);
