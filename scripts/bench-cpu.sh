@@ -46,6 +46,11 @@ for k, v in med.items(): print(f"| tandem {k} | {v:.1f} |")
 print(f"| llama.cpp pp512 | {pp:.1f} |\n| llama.cpp tg128 | {tg:.1f} |")
 pre = next(v for k, v in med.items() if k.startswith("prefill"))
 b1 = med.get("decode batch 1"); b16 = med.get("decode batch 16")
-print(f"\nratios: prefill/pp512 = {pre/pp:.2f}, decode b1/tg128 = {b1/tg:.2f}, decode b16/b1 = {b16/b1:.2f}")
+print(f"\nratios of medians: prefill/pp512 = {pre/pp:.2f}, decode b1/tg128 = {b1/tg:.2f}, decode b16/b1 = {b16/b1:.2f}")
+# Paired statistic: the ratio within each round, then the median over rounds.
+pre_key = next(k for k in t if k.startswith("prefill"))
+rp = statistics.median(a / b for a, b in zip(t[pre_key], l["pp"]))
+rt = statistics.median(a / b for a, b in zip(t["decode batch 1"], l["tg"]))
+print(f"median of per-round ratios: prefill/pp512 = {rp:.2f}, decode b1/tg128 = {rt:.2f}")
 PY
 rm -rf "$out"

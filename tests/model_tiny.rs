@@ -112,3 +112,20 @@ fn chunked_prefill_and_batching_do_not_change_results() {
     assert_eq!(batched[2].tokens, solo[0].tokens);
     assert_eq!(r.pool.num_used(), 0);
 }
+
+#[test]
+fn an_empty_prompt_is_an_error_not_a_hang_or_panic() {
+    let be = CpuBackend::new(2).unwrap();
+    let model = load_hf_dir(&be, &fixture("tiny/qwen2/hf-f32")).unwrap().model;
+    let mut r = runner(model);
+    let req = |p: Vec<u32>| GenerateRequest {
+        prompt: p,
+        max_tokens: 3,
+        sampling: SamplingParams::default(),
+        stop_ids: vec![],
+    };
+    let err =
+        Generator { runner: &mut r, max_batch_tokens: 64 }.run(&[req(vec![5, 6]), req(vec![])], |_, _| {}).unwrap_err();
+    assert!(err.to_string().contains("request 1 has an empty prompt"), "{err}");
+    assert_eq!(r.pool.num_used(), 0);
+}

@@ -40,6 +40,9 @@ impl<B: Backend> Generator<'_, B> {
         reqs: &[GenerateRequest],
         mut on_token: impl FnMut(usize, u32),
     ) -> Result<Vec<GenerateOutput>, StepError> {
+        if let Some(index) = reqs.iter().position(|r| r.prompt.is_empty()) {
+            return Err(StepError::EmptyPrompt { index });
+        }
         let mut seqs: Vec<SeqState> = reqs.iter().map(|r| SeqState::new(r.prompt.clone())).collect();
         let mut samplers: Vec<Sampler> = reqs.iter().map(|r| Sampler::new(r.sampling.clone())).collect();
         let mut out: Vec<Option<GenerateOutput>> = reqs

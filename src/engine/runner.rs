@@ -25,6 +25,8 @@ pub enum StepError {
     Blocks(#[from] BlockPoolError),
     #[error("sequence would exceed the model's context of {max} tokens")]
     ContextLimit { max: usize },
+    #[error("request {index} has an empty prompt: there is nothing to compute logits from")]
+    EmptyPrompt { index: usize },
 }
 
 /// One sequence as the runner sees it: its tokens and how many are in the cache.
