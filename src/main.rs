@@ -10,7 +10,7 @@ use tandem::backend::cpu::CpuBackend;
 use tandem::config::Config;
 use tandem::engine::generate::GenerateRequest;
 use tandem::engine::{Generator, ModelRunner, RunnerConfig, SamplingParams};
-use tandem::model::load_model;
+use tandem::model::{load_model, LoadedModel};
 
 #[derive(Parser)]
 #[command(name = "tandem", version, about = "Serve one base LLM and many LoRA adapters")]
@@ -89,9 +89,7 @@ fn run() -> Result<()> {
     }
     match cli.cmd {
         Cmd::Generate { model, prompt, chat, system, max_tokens, ignore_eos, temperature, top_k, top_p, seed } => {
-            let spec = model.unwrap_or(cfg.model.path.clone());
-            let be = CpuBackend::new(cfg.cpu.threads)?;
-            let loaded = load_model(&be, &spec).with_context(|| format!("loading model '{spec}'"))?;
+            let (be, loaded) = load(&cfg, model)?;
             let tok = loaded.tokenizer.context("this model has no tokenizer, so it cannot take text")?;
             let text = if chat {
                 let tmpl = tok.chat_template().context("this model has no chat template")?;
@@ -130,10 +128,8 @@ fn run() -> Result<()> {
             writeln!(stdout)?;
         }
         Cmd::Bench { model, prompt_len, decode_steps, batch, reps } => {
-            let spec = model.unwrap_or(cfg.model.path.clone());
-            let be = CpuBackend::new(cfg.cpu.threads)?;
+            let (be, loaded) = load(&cfg, model)?;
             let name = tandem::backend::Backend::name(&be);
-            let loaded = load_model(&be, &spec).with_context(|| format!("loading model '{spec}'"))?;
             let mut runner = ModelRunner::new(be, loaded.model, runner_config(&cfg))?;
             let opts = tandem::bench::BenchOptions { prompt_len, decode_steps, batches: batch, reps };
             println!("model: {}\nbackend: {name}", loaded.source);
@@ -142,6 +138,14 @@ fn run() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The CPU backend and the model `spec` names (the config's model by default).
+fn load(cfg: &Config, spec: Option<String>) -> Result<(CpuBackend, LoadedModel<CpuBackend>)> {
+    let spec = spec.unwrap_or_else(|| cfg.model.path.clone());
+    let be = CpuBackend::new(cfg.cpu.threads)?;
+    let loaded = load_model(&be, &spec).with_context(|| format!("loading model '{spec}'"))?;
+    Ok((be, loaded))
 }
 
 fn runner_config(cfg: &Config) -> RunnerConfig {

@@ -115,7 +115,7 @@ pub struct SeqAttention<'a> {
 /// What attention needs to know about a batch besides the tensors.
 #[derive(Debug, Clone)]
 pub struct AttentionMeta<'a> {
-    pub seqs: Vec<SeqAttention<'a>>,
+    pub seqs: &'a [SeqAttention<'a>],
     pub num_heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,

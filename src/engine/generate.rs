@@ -49,7 +49,6 @@ impl<B: Backend> Generator<'_, B> {
             .iter()
             .map(|r| (r.max_tokens == 0).then(|| GenerateOutput { tokens: vec![], finish: FinishReason::Length }))
             .collect();
-        let mut generated: Vec<Vec<u32>> = vec![Vec::new(); reqs.len()];
         let result = loop {
             let mut budget = self.max_batch_tokens.max(1);
             let mut chunks = Vec::new();
@@ -79,20 +78,16 @@ impl<B: Backend> Generator<'_, B> {
             for (row, &i) in which.iter().enumerate() {
                 let tok = samplers[i].sample(&logits[row * vocab..(row + 1) * vocab]);
                 let r = &reqs[i];
+                // The generated tokens are the sequence past its prompt.
+                let generated = |s: &SeqState| s.tokens[r.prompt.len()..].to_vec();
                 if r.stop_ids.contains(&tok) {
-                    out[i] =
-                        Some(GenerateOutput { tokens: std::mem::take(&mut generated[i]), finish: FinishReason::Stop });
+                    out[i] = Some(GenerateOutput { tokens: generated(&seqs[i]), finish: FinishReason::Stop });
                     continue;
                 }
-                generated[i].push(tok);
+                seqs[i].tokens.push(tok);
                 on_token(i, tok);
-                if generated[i].len() >= r.max_tokens {
-                    out[i] = Some(GenerateOutput {
-                        tokens: std::mem::take(&mut generated[i]),
-                        finish: FinishReason::Length,
-                    });
-                } else {
-                    seqs[i].tokens.push(tok);
+                if seqs[i].tokens.len() - r.prompt.len() >= r.max_tokens {
+                    out[i] = Some(GenerateOutput { tokens: generated(&seqs[i]), finish: FinishReason::Length });
                 }
             }
         };

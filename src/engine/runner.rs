@@ -123,7 +123,6 @@ impl<B: Backend> ModelRunner<B> {
         let logits = self.backend.download(&logits);
         for &(s, n) in chunks {
             seqs[s].num_computed += n;
-            seqs[s].blocks.num_tokens = seqs[s].num_computed;
         }
         Ok((logits_seqs, logits))
     }

@@ -18,11 +18,10 @@ impl BlockId {
     }
 }
 
-/// Blocks held by one sequence, in token order, and how many tokens they hold.
+/// Blocks held by one sequence, in token order.
 #[derive(Debug, Default, Clone)]
 pub struct BlockTable {
     pub blocks: Vec<BlockId>,
-    pub num_tokens: usize,
 }
 
 impl BlockTable {
@@ -48,6 +47,5 @@ impl BlockTable {
         for b in self.blocks.drain(..) {
             pool.release(b);
         }
-        self.num_tokens = 0;
     }
 }

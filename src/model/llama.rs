@@ -107,7 +107,7 @@ impl<B: Backend> LlamaModel<B> {
         let (h, d) = (c.hidden_size, c.head_dim);
         let (qd, kvd) = (c.num_heads * d, c.num_kv_heads * d);
         let meta = AttentionMeta {
-            seqs: input.seqs.clone(),
+            seqs: &input.seqs,
             num_heads: c.num_heads,
             kv_heads: c.num_kv_heads,
             head_dim: d,
