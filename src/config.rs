@@ -14,6 +14,7 @@ pub struct Config {
     pub cpu: CpuSection,
     pub cache: CacheSection,
     pub scheduler: SchedulerSection,
+    pub server: ServerSection,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -33,12 +34,27 @@ pub struct CpuSection {
 pub struct CacheSection {
     pub block_size: usize,
     pub num_blocks: usize,
+    pub enable_prefix_caching: bool,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct SchedulerSection {
     pub max_num_batched_tokens: usize,
+    pub max_num_seqs: usize,
+    pub max_waiting: usize,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    pub host: String,
+    pub port: u16,
+    /// Name the base model is served under (empty = the model file's stem).
+    pub served_model_name: String,
+    pub max_body_bytes: usize,
+    /// Whole-request limit; a request past it ends (streams with an error event).
+    pub request_timeout_s: u64,
 }
 
 #[derive(Debug, thiserror::Error)]

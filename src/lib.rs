@@ -6,12 +6,14 @@
 //! once against `backend::Backend`, `kv` owns the paged KV block bookkeeping and
 //! `engine` runs batches of sequences through a model.
 
+pub mod api;
 pub mod backend;
 pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod kv;
 pub mod loader;
+pub mod metrics;
 pub mod model;
 pub mod quant;
 pub mod tokenizer;

@@ -2,14 +2,16 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
+use tandem::api::{AppState, ModelNames, Ready};
 use tandem::backend::cpu::CpuBackend;
 use tandem::config::Config;
 use tandem::engine::generate::GenerateRequest;
-use tandem::engine::{Generator, ModelRunner, RunnerConfig, SamplingParams};
+use tandem::engine::{spawn_engine, EngineConfig, Generator, ModelRunner, RunnerConfig, SamplingParams};
 use tandem::model::{load_model, LoadedModel};
 
 #[derive(Parser)]
@@ -54,6 +56,18 @@ enum Cmd {
         top_p: f32,
         #[arg(long)]
         seed: Option<u64>,
+    },
+    /// Serve the OpenAI-compatible HTTP API.
+    Serve {
+        /// A .gguf file, an HF model directory or a hub id (default: the config's model).
+        #[arg(long)]
+        model: Option<String>,
+        /// Address to bind (default: the config's `server.host`).
+        #[arg(long)]
+        host: Option<String>,
+        /// Port to bind; 0 picks a free one (default: the config's `server.port`).
+        #[arg(long)]
+        port: Option<u16>,
     },
     /// Measure prefill and decode throughput.
     Bench {
@@ -112,7 +126,7 @@ fn run() -> Result<()> {
             let req = GenerateRequest {
                 prompt: ids,
                 max_tokens,
-                sampling: SamplingParams { temperature, top_k, top_p, seed },
+                sampling: SamplingParams { temperature, top_k, top_p, seed, ..Default::default() },
                 stop_ids,
             };
             let mut stream = tandem::tokenizer::DecodeStream::new(true);
@@ -127,6 +141,16 @@ fn run() -> Result<()> {
             stdout.write_all(stream.flush(&tok)?.as_bytes())?;
             writeln!(stdout)?;
         }
+        Cmd::Serve { model, host, port } => {
+            if let Some(h) = host {
+                cfg.server.host = h;
+            }
+            if let Some(p) = port {
+                cfg.server.port = p;
+            }
+            let spec = model.unwrap_or_else(|| cfg.model.path.clone());
+            serve(cfg, spec)?;
+        }
         Cmd::Bench { model, prompt_len, decode_steps, batch, reps } => {
             let (be, loaded) = load(&cfg, model)?;
             let name = tandem::backend::Backend::name(&be);
@@ -138,6 +162,30 @@ fn run() -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// Binds at once, then serves while the model loads on a blocking thread
+/// (`/health` answers 503 until it is up); returns after a graceful shutdown.
+fn serve(cfg: Config, spec: String) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    rt.block_on(async move {
+        let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
+        let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
+        // Tests and scripts read the bound address (port 0 picks one) from this line.
+        eprintln!("tandem: listening on http://{}", listener.local_addr()?);
+        let names = ModelNames::from_spec(&spec, &cfg.server.served_model_name);
+        let state = AppState::new(names, cfg.server.clone());
+        let loader = move || -> std::result::Result<Ready, String> {
+            let (be, loaded) = load(&cfg, Some(spec)).map_err(|e| format!("{e:#}"))?;
+            let tok = loaded.tokenizer.ok_or("this model has no tokenizer; the HTTP API needs one")?;
+            let engine_cfg = EngineConfig::from_config(&cfg, tok.eos_token_ids());
+            let engine = spawn_engine(be, loaded.model, engine_cfg).map_err(|e| format!("starting the engine: {e}"))?;
+            Ok(Ready { engine, tokenizer: Arc::new(tok), source: loaded.source })
+        };
+        tandem::api::serve(listener, state, loader).await?;
+        eprintln!("tandem: stopped");
+        Ok(())
+    })
 }
 
 /// The CPU backend and the model `spec` names (the config's model by default).

@@ -7,8 +7,6 @@ use std::process::Command;
 
 use common::*;
 use tandem::backend::cpu::CpuBackend;
-use tandem::engine::generate::GenerateRequest;
-use tandem::engine::{Generator, SamplingParams};
 use tandem::model::load_hf_dir;
 
 fn tandem() -> Command {
@@ -26,15 +24,9 @@ fn generate_prints_only_the_generated_text() {
     let golden = read_json(&fixture("tiny/qwen2/golden.json"));
     let prompt = tok.decode(&ids(&golden["greedy"]["prompt"]), false).unwrap();
     // What the library generates for that text is what the CLI must print.
-    let mut runner = runner(loaded.model);
-    let req = GenerateRequest {
-        prompt: tok.encode(&prompt, true).unwrap(),
-        max_tokens: 12,
-        sampling: SamplingParams::default(),
-        stop_ids: vec![],
-    };
-    let want = Generator { runner: &mut runner, max_batch_tokens: 64 }.run(&[req], |_, _| {}).unwrap();
-    let want_text = tok.decode(&want[0].tokens, true).unwrap();
+    let mut e = engine(loaded.model, &engine_config(16, 256, 64));
+    let want = e.generate(vec![greedy(&tok.encode(&prompt, true).unwrap(), 12)]);
+    let want_text = tok.decode(&token_ids(&want[0].0), true).unwrap();
     assert!(!want_text.is_empty());
 
     let out = tandem()

@@ -7,8 +7,6 @@ mod common;
 
 use common::*;
 use tandem::backend::cpu::CpuBackend;
-use tandem::engine::generate::GenerateRequest;
-use tandem::engine::{Generator, SamplingParams};
 use tandem::model::load_gguf;
 
 #[test]
@@ -31,20 +29,12 @@ fn default_model_matches_transformers() {
         }
         let want_ids = ids(&p["prompt_ids"]);
         assert_eq!(tok.encode(text, false).unwrap(), want_ids, "{name}: prompt tokens differ");
-        reqs.push(GenerateRequest {
-            prompt: want_ids,
-            max_tokens: 48,
-            sampling: SamplingParams::default(),
-            stop_ids: vec![],
-        });
+        reqs.push(greedy(&want_ids, 48));
     }
 
-    let mut runner = runner(loaded.model);
     // Last-prompt-position logits, one prompt at a time.
     for (p, r) in prompts.iter().zip(&reqs) {
-        let mut seqs = vec![new_seq(&r.prompt)];
-        let (_, logits) = runner.step(&mut seqs, &[(0, r.prompt.len())]).unwrap();
-        runner.release(&mut seqs[0]);
+        let logits = all_logits(&be, &loaded.model, &r.prompt).pop().unwrap();
         let top = &p["last_prompt_top20"];
         let mut worst = 0f32;
         for (id, want) in ids(&top["ids"]).iter().zip(floats(&top["logits"])) {
@@ -55,13 +45,14 @@ fn default_model_matches_transformers() {
     }
 
     // All prompts in one batch: each continuation equals transformers' solo run.
-    let mut g = Generator { runner: &mut runner, max_batch_tokens: 256 };
-    let outs = g.run(&reqs, |_, _| {}).unwrap();
+    let mut e = engine(loaded.model, &engine_config(16, 1024, 256));
+    let outs = e.generate(reqs);
     for (p, out) in prompts.iter().zip(&outs) {
         let want = ids(&p["new_tokens"]);
-        assert_eq!(out.tokens, want, "{}: greedy tokens differ from transformers", p["name"]);
-        let text = tok.decode(&out.tokens, false).unwrap();
+        let got = token_ids(&out.0);
+        assert_eq!(got, want, "{}: greedy tokens differ from transformers", p["name"]);
+        let text = tok.decode(&got, false).unwrap();
         assert_eq!(text, p["text"].as_str().unwrap(), "{}: decoded text differs", p["name"]);
     }
-    assert_eq!(runner.pool.num_used(), 0);
+    assert_eq!(e.scheduler().kv().pool().num_used(), 0);
 }

@@ -6,8 +6,6 @@ mod common;
 
 use common::*;
 use tandem::backend::cpu::CpuBackend;
-use tandem::engine::generate::GenerateRequest;
-use tandem::engine::{Generator, SamplingParams};
 use tandem::model::{load_gguf, load_hf_dir, LlamaModel};
 
 const MODELS: [&str; 5] = ["llama", "llama2", "qwen2", "mistral", "mistral-swa"];
@@ -77,55 +75,9 @@ fn greedy_generation_matches_transformers() {
         let prompt = ids(&golden["greedy"]["prompt"]);
         let want = ids(&golden["greedy"]["new_tokens"]);
         let model = load_hf_dir(&be, &dir.join("hf-f32")).unwrap().model;
-        let mut r = runner(model);
-        let mut g = Generator { runner: &mut r, max_batch_tokens: 64 };
-        let req =
-            GenerateRequest { prompt, max_tokens: want.len(), sampling: SamplingParams::default(), stop_ids: vec![] };
-        let out = g.run(&[req], |_, _| {}).unwrap();
-        assert_eq!(out[0].tokens, want, "{name}: greedy tokens differ from transformers");
-        assert_eq!(r.pool.num_used(), 0, "blocks returned after generation");
+        let mut e = engine(model, &engine_config(16, 256, 64));
+        let out = e.generate(vec![greedy(&prompt, want.len())]);
+        assert_eq!(token_ids(&out[0].0), want, "{name}: greedy tokens differ from transformers");
+        assert_eq!(e.scheduler().kv().pool().num_used(), 0, "blocks returned after generation");
     }
-}
-
-#[test]
-fn chunked_prefill_and_batching_do_not_change_results() {
-    let be = CpuBackend::new(2).unwrap();
-    let dir = fixture("tiny/qwen2");
-    let golden = read_json(&dir.join("golden.json"));
-    let prompt = ids(&golden["greedy"]["prompt"]);
-    let model = load_hf_dir(&be, &dir.join("hf-f32")).unwrap().model;
-    let mut r = runner(model);
-    let req = |p: &[u32]| GenerateRequest {
-        prompt: p.to_vec(),
-        max_tokens: 10,
-        sampling: SamplingParams::default(),
-        stop_ids: vec![],
-    };
-    let solo = Generator { runner: &mut r, max_batch_tokens: 512 }.run(&[req(&prompt)], |_, _| {}).unwrap();
-    // Same prompt among others of different lengths, with a tiny token budget so
-    // prefill is chunked and mixed with other sequences' decodes.
-    let others: Vec<Vec<u32>> =
-        (0..5).map(|i| (0..(3 + 7 * i)).map(|j| ((j * 13 + i) % 200) as u32).collect()).collect();
-    let mut reqs: Vec<GenerateRequest> = others.iter().map(|p| req(p)).collect();
-    reqs.insert(2, req(&prompt));
-    let batched = Generator { runner: &mut r, max_batch_tokens: 5 }.run(&reqs, |_, _| {}).unwrap();
-    assert_eq!(batched[2].tokens, solo[0].tokens);
-    assert_eq!(r.pool.num_used(), 0);
-}
-
-#[test]
-fn an_empty_prompt_is_an_error_not_a_hang_or_panic() {
-    let be = CpuBackend::new(2).unwrap();
-    let model = load_hf_dir(&be, &fixture("tiny/qwen2/hf-f32")).unwrap().model;
-    let mut r = runner(model);
-    let req = |p: Vec<u32>| GenerateRequest {
-        prompt: p,
-        max_tokens: 3,
-        sampling: SamplingParams::default(),
-        stop_ids: vec![],
-    };
-    let err =
-        Generator { runner: &mut r, max_batch_tokens: 64 }.run(&[req(vec![5, 6]), req(vec![])], |_, _| {}).unwrap_err();
-    assert!(err.to_string().contains("request 1 has an empty prompt"), "{err}");
-    assert_eq!(r.pool.num_used(), 0);
 }

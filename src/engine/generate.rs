@@ -3,15 +3,12 @@
 //! prompt chunks (chunked prefill mixed with decodes in one batch).
 
 use crate::backend::Backend;
+use crate::kv::BlockPool;
+
+pub use super::handle::FinishReason;
 
 use super::runner::{ModelRunner, SeqState, StepError};
 use super::sampler::{Sampler, SamplingParams};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    Length,
-    Stop,
-}
 
 #[derive(Debug, Clone)]
 pub struct GenerateOutput {
@@ -43,6 +40,8 @@ impl<B: Backend> Generator<'_, B> {
         if let Some(index) = reqs.iter().position(|r| r.prompt.is_empty()) {
             return Err(StepError::EmptyPrompt { index });
         }
+        let rc = self.runner.config();
+        let mut pool = BlockPool::new(rc.num_blocks, rc.block_size);
         let mut seqs: Vec<SeqState> = reqs.iter().map(|r| SeqState::new(r.prompt.clone())).collect();
         let mut samplers: Vec<Sampler> = reqs.iter().map(|r| Sampler::new(r.sampling.clone())).collect();
         let mut out: Vec<Option<GenerateOutput>> = reqs
@@ -70,13 +69,13 @@ impl<B: Backend> Generator<'_, B> {
             if chunks.is_empty() {
                 break Ok(());
             }
-            let (which, logits) = match self.runner.step(&mut seqs, &chunks) {
+            let (which, logits) = match self.runner.step(&mut pool, &mut seqs, &chunks) {
                 Ok(x) => x,
                 Err(e) => break Err(e),
             };
             let vocab = self.runner.model.config.vocab_size;
             for (row, &i) in which.iter().enumerate() {
-                let tok = samplers[i].sample(&logits[row * vocab..(row + 1) * vocab]);
+                let tok = samplers[i].sample(&logits[row * vocab..(row + 1) * vocab], &[]);
                 let r = &reqs[i];
                 // The generated tokens are the sequence past its prompt.
                 let generated = |s: &SeqState| s.tokens[r.prompt.len()..].to_vec();
@@ -92,7 +91,7 @@ impl<B: Backend> Generator<'_, B> {
             }
         };
         for s in seqs.iter_mut() {
-            self.runner.release(s);
+            s.release(&mut pool);
         }
         result?;
         Ok(out.into_iter().map(|o| o.expect("every sequence finished")).collect())

@@ -1,8 +1,10 @@
-//! The model runner: owns the backend, the model, the KV cache and its block
-//! pool, and runs one flattened varlen step for a set of sequence chunks.
+//! The model runner: owns the backend, the model and the KV tensors, and runs
+//! one flattened varlen step for a set of sequence chunks. Which blocks a
+//! sequence holds is decided by whoever drives it (the scheduler's KV-cache
+//! manager when serving).
 
 use crate::backend::{Backend, KvCacheSpec, SeqAttention};
-use crate::kv::{BlockPool, BlockPoolError, BlockTable};
+use crate::kv::{BlockId, BlockPool, BlockPoolError, BlockTable};
 use crate::model::{LlamaModel, StepInput};
 
 #[derive(Debug, Clone, Copy)]
@@ -25,7 +27,7 @@ pub enum StepError {
     Blocks(#[from] BlockPoolError),
     #[error("sequence would exceed the model's context of {max} tokens")]
     ContextLimit { max: usize },
-    #[error("request {index} has an empty prompt: there is nothing to compute logits from")]
+    #[error("sequence {index} is empty: there is nothing to compute logits from")]
     EmptyPrompt { index: usize },
 }
 
@@ -48,7 +50,20 @@ pub struct ModelRunner<B: Backend> {
     pub backend: B,
     pub model: LlamaModel<B>,
     kv: B::KvCache,
-    pub pool: BlockPool,
+    cfg: RunnerConfig,
+}
+
+/// One sequence's share of a step: run `tokens[start..start + len]` at positions
+/// `start..`, its K/V written into `blocks` (which already hold everything before
+/// `start` and have room for the chunk).
+#[derive(Debug, Clone, Copy)]
+pub struct RunChunk<'a> {
+    pub tokens: &'a [u32],
+    pub start: usize,
+    pub len: usize,
+    pub blocks: &'a [BlockId],
+    /// Return the logits of the chunk's last token.
+    pub logits: bool,
 }
 
 impl<B: Backend> ModelRunner<B> {
@@ -62,74 +77,100 @@ impl<B: Backend> ModelRunner<B> {
             head_dim: c.head_dim,
         };
         let kv = backend.alloc_kv(spec)?;
-        Ok(Self { backend, model, kv, pool: BlockPool::new(cfg.num_blocks, cfg.block_size) })
+        Ok(Self { backend, model, kv, cfg })
     }
 
-    /// Runs `chunks` = (sequence, number of its next uncomputed tokens) as one
-    /// step. Returns logits (row-major, one row per entry of the returned index
-    /// list) for every chunk that reaches the end of its sequence's tokens.
-    /// On error nothing was computed (blocks reserved so far stay with their sequences).
+    pub fn config(&self) -> RunnerConfig {
+        self.cfg
+    }
+
+    /// Runs every chunk as one flattened varlen step. Returns logits, row-major,
+    /// one row per chunk with `logits` set, in chunk order.
+    pub fn execute(&mut self, chunks: &[RunChunk<'_>]) -> Vec<f32> {
+        let bs = self.cfg.block_size;
+        let total: usize = chunks.iter().map(|c| c.len).sum();
+        let mut token_ids = Vec::with_capacity(total);
+        let mut positions = Vec::with_capacity(total);
+        let mut slots = Vec::with_capacity(total);
+        let mut logits_rows = Vec::new();
+        let mut seqs = Vec::with_capacity(chunks.len());
+        for c in chunks {
+            let start = token_ids.len();
+            for p in c.start..c.start + c.len {
+                token_ids.push(c.tokens[p]);
+                positions.push(p as u32);
+                let block = c.blocks[p / bs];
+                slots.push((block.index() * bs + p % bs) as u32);
+            }
+            if c.logits {
+                logits_rows.push(token_ids.len() - 1);
+            }
+            seqs.push(SeqAttention {
+                rows: start..token_ids.len(),
+                context_len: c.start + c.len,
+                block_table: c.blocks,
+            });
+        }
+        let input = StepInput {
+            token_ids: &token_ids,
+            positions: &positions,
+            slot_mapping: &slots,
+            seqs,
+            logits_rows: &logits_rows,
+        };
+        let logits = self.model.forward(&self.backend, &mut self.kv, &input);
+        self.backend.download(&logits)
+    }
+
+    /// For benches and tests that drive the runner directly: reserves blocks in
+    /// `pool` for `chunks` = (sequence, number of its next uncomputed tokens),
+    /// runs them, and returns the logits of every chunk that reaches the end of
+    /// its sequence's tokens (with the sequence indices, in order).
+    /// On error nothing was computed.
     pub fn step(
         &mut self,
+        pool: &mut BlockPool,
         seqs: &mut [SeqState],
         chunks: &[(usize, usize)],
     ) -> Result<(Vec<usize>, Vec<f32>), StepError> {
-        let bs = self.pool.block_size();
         for &(s, n) in chunks {
             let seq = &mut seqs[s];
             let end = seq.num_computed + n;
             if end > self.model.config.max_position {
                 return Err(StepError::ContextLimit { max: self.model.config.max_position });
             }
-            seq.blocks.reserve(&mut self.pool, end)?;
-        }
-        let total: usize = chunks.iter().map(|c| c.1).sum();
-        let mut token_ids = Vec::with_capacity(total);
-        let mut positions = Vec::with_capacity(total);
-        let mut slots = Vec::with_capacity(total);
-        let mut logits_rows = Vec::new();
-        let mut logits_seqs = Vec::new();
-        let mut ranges = Vec::with_capacity(chunks.len());
-        for &(s, n) in chunks {
-            let seq = &seqs[s];
-            let start = token_ids.len();
-            for p in seq.num_computed..seq.num_computed + n {
-                token_ids.push(seq.tokens[p]);
-                positions.push(p as u32);
-                slots.push(seq.blocks.slot(p, bs).expect("blocks reserved above"));
+            if seq.tokens.is_empty() {
+                return Err(StepError::EmptyPrompt { index: s });
             }
-            ranges.push(start..token_ids.len());
-            if seq.num_computed + n == seq.tokens.len() {
-                logits_rows.push(token_ids.len() - 1);
-                logits_seqs.push(s);
-            }
+            seq.blocks.reserve(pool, end)?;
         }
-        let input = StepInput {
-            token_ids: &token_ids,
-            positions: &positions,
-            slot_mapping: &slots,
-            seqs: chunks
-                .iter()
-                .zip(&ranges)
-                .map(|(&(s, n), r)| SeqAttention {
-                    rows: r.clone(),
-                    context_len: seqs[s].num_computed + n,
-                    block_table: &seqs[s].blocks.blocks,
-                })
-                .collect(),
-            logits_rows: &logits_rows,
-        };
-        let logits = self.model.forward(&self.backend, &mut self.kv, &input);
-        let logits = self.backend.download(&logits);
+        let run: Vec<RunChunk> = chunks
+            .iter()
+            .map(|&(s, n)| {
+                let q = &seqs[s];
+                RunChunk {
+                    tokens: &q.tokens,
+                    start: q.num_computed,
+                    len: n,
+                    blocks: &q.blocks.blocks,
+                    logits: q.num_computed + n == q.tokens.len(),
+                }
+            })
+            .collect();
+        let which =
+            chunks.iter().filter(|&&(s, n)| seqs[s].num_computed + n == seqs[s].tokens.len()).map(|c| c.0).collect();
+        let logits = self.execute(&run);
         for &(s, n) in chunks {
             seqs[s].num_computed += n;
         }
-        Ok((logits_seqs, logits))
+        Ok((which, logits))
     }
+}
 
-    /// Returns a finished sequence's blocks to the pool.
-    pub fn release(&mut self, seq: &mut SeqState) {
-        seq.blocks.release(&mut self.pool);
-        seq.num_computed = 0;
+impl SeqState {
+    /// Returns the sequence's blocks to `pool`.
+    pub fn release(&mut self, pool: &mut BlockPool) {
+        self.blocks.release(pool);
+        self.num_computed = 0;
     }
 }

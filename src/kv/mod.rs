@@ -4,8 +4,29 @@
 //! tables), so it is never handed out.
 
 mod block_pool;
+mod manager;
 
 pub use block_pool::{BlockPool, BlockPoolError};
+pub use manager::{KvCacheManager, PrefixHit};
+
+/// Identity of a full block's content in the prefix cache: a chained hash of
+/// the previous block's hash, this block's tokens and the adapter's content
+/// version (never its name: a reloaded adapter must not reuse stale KV).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BlockHash(pub u64);
+
+impl BlockHash {
+    pub fn of(parent: Option<BlockHash>, tokens: &[u32], adapter_version: u64) -> Self {
+        use std::hash::{Hash, Hasher};
+        // DefaultHasher::new() has fixed keys: the same content hashes the same
+        // for the life of the process, which is all the cache needs.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        parent.map(|p| p.0).hash(&mut h);
+        adapter_version.hash(&mut h);
+        tokens.hash(&mut h);
+        BlockHash(h.finish())
+    }
+}
 
 /// Index of a KV block in the backend's cache.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -1,11 +1,13 @@
 //! Helpers shared by integration tests.
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::path::{Path, PathBuf};
 
 use tandem::backend::cpu::CpuBackend;
 use tandem::backend::{Backend, SeqAttention};
-use tandem::engine::{ModelRunner, RunnerConfig, SeqState};
+use tandem::engine::{EngineConfig, EngineCore, EngineRequest, SamplingParams, StoppingParams, TokenOut};
 use tandem::model::{LlamaModel, StepInput};
 
 pub fn repo() -> PathBuf {
@@ -86,10 +88,35 @@ pub fn max_rel_err(got: &[Vec<f32>], want: &[Vec<f32>]) -> f32 {
     worst
 }
 
-pub fn runner(model: LlamaModel<CpuBackend>) -> ModelRunner<CpuBackend> {
-    ModelRunner::new(CpuBackend::new(2).unwrap(), model, RunnerConfig { block_size: 16, num_blocks: 256 }).unwrap()
+/// Engine settings for tests: no end-of-sequence ids (random-weight models
+/// would stop at random), prefix caching on.
+pub fn engine_config(block_size: usize, num_blocks: usize, max_num_batched_tokens: usize) -> EngineConfig {
+    EngineConfig {
+        block_size,
+        num_blocks,
+        enable_prefix_caching: true,
+        max_num_batched_tokens,
+        max_num_seqs: 64,
+        max_waiting: 1024,
+        eos_token_ids: vec![],
+        max_model_len: 0,
+    }
 }
 
-pub fn new_seq(ids: &[u32]) -> SeqState {
-    SeqState::new(ids.to_vec())
+pub fn engine(model: LlamaModel<CpuBackend>, cfg: &EngineConfig) -> EngineCore<CpuBackend> {
+    EngineCore::new(CpuBackend::new(2).unwrap(), model, cfg).unwrap()
+}
+
+/// A greedy request for `max_tokens` tokens.
+pub fn greedy(prompt: &[u32], max_tokens: usize) -> EngineRequest {
+    EngineRequest {
+        prompt: prompt.to_vec(),
+        sampling: SamplingParams::default(),
+        stopping: StoppingParams { max_tokens, min_tokens: 0, stop_token_ids: vec![], ignore_eos: false },
+        logprobs: None,
+    }
+}
+
+pub fn token_ids(out: &[TokenOut]) -> Vec<u32> {
+    out.iter().map(|t| t.id).collect()
 }

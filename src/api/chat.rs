@@ -1,0 +1,352 @@
+//! `POST /v1/chat/completions`: messages -> chat template -> token ids -> choices.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Map, Value};
+
+use super::error::ApiError;
+use super::generate::{self, ChoiceEvent};
+use super::protocol::ChatCompletionRequest;
+use super::responses::{
+    chat_logprobs, response_id, unix_now, ChatChoice, ChatCompletionResponse, ChatMessageOut, UsageTally,
+};
+use super::sse::{self, ChunkRenderer};
+use super::{json, models, params, AppState};
+use crate::tokenizer::Tokenizer;
+
+#[utoipa::path(
+    post,
+    path = "/v1/chat/completions",
+    request_body = ChatCompletionRequest,
+    responses(
+        (status = 200, description = "A completion, or an SSE stream of chunks when `stream` is true", body = ChatCompletionResponse),
+        (status = 400, body = super::error::ErrorResponse),
+        (status = 404, description = "Unknown model", body = super::error::ErrorResponse),
+        (status = 413, body = super::error::ErrorResponse),
+        (status = 429, body = super::error::ErrorResponse),
+        (status = 503, body = super::error::ErrorResponse),
+    )
+)]
+pub async fn create(State(st): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let body = body?;
+    let ready = st.ready()?;
+    let req: ChatCompletionRequest = json::parse(&body)?;
+    let model = models::resolve(&st.names, req.model.as_deref())?;
+    let logprobs = params::chat_logprobs(req.logprobs, req.top_logprobs)?;
+    let max_tokens = req.max_completion_tokens.or(req.max_tokens);
+    let params = params::validate(&req.shared(), max_tokens, logprobs, ready.engine.info())?;
+    let messages = prepare_messages(&req.messages)?;
+
+    let tok = &ready.tokenizer;
+    let template = tok.chat_template().ok_or_else(|| {
+        let why = tok.chat_template_error().map(|e| format!(" (it failed to compile: {e})")).unwrap_or_default();
+        ApiError::invalid(format!(
+            "this model has no usable chat template{why}; use /v1/completions with a formatted prompt"
+        ))
+    })?;
+    let tools = req.tools.clone().map(Value::Array);
+    let extra = req.chat_template_kwargs.clone().map(Value::Object);
+    let text = template
+        .render(&messages, tools.as_ref(), req.add_generation_prompt.unwrap_or(true), extra.as_ref())
+        .map_err(|e| ApiError::from_tokenizer(e, "messages"))?;
+    // The template writes any BOS itself; adding special tokens would double it.
+    let prompt = tok.encode(&text, false).map_err(|e| ApiError::from_tokenizer(e, "messages"))?;
+
+    let choices = generate::start_choices(ready, &params, &[prompt], "messages")?;
+    let id = response_id("chatcmpl");
+    let created = unix_now();
+    if params.stream {
+        let renderer = ChatChunks {
+            id,
+            created,
+            model: model.name,
+            n: params.n,
+            logprobs: params.logprobs.is_some(),
+            include_usage: params.include_usage,
+            tokenizer: ready.tokenizer.clone(),
+            tally: UsageTally::default(),
+        };
+        let deadline = st.request_timeout().map_or(far_future(), |t| tokio::time::Instant::now() + t);
+        return Ok(sse::respond(generate::merge(choices), renderer, deadline, st.server.request_timeout_s));
+    }
+    let done = generate::collect_within(choices, st.request_timeout()).await?;
+    let mut tally = UsageTally::default();
+    let choices = done
+        .into_iter()
+        .map(|c| {
+            tally.add(0, &c.outcome);
+            ChatChoice {
+                index: c.index,
+                message: ChatMessageOut { role: "assistant", content: c.text, refusal: None },
+                logprobs: params.logprobs.map(|_| chat_logprobs(tok, &c.tokens)),
+                finish_reason: c.outcome.finish_reason,
+                stop_reason: c.outcome.stop_reason,
+            }
+        })
+        .collect();
+    let resp = ChatCompletionResponse {
+        id,
+        object: "chat.completion",
+        created,
+        model: model.name,
+        choices,
+        usage: tally.usage(),
+    };
+    Ok(Json(resp).into_response())
+}
+
+pub(crate) fn far_future() -> tokio::time::Instant {
+    tokio::time::Instant::now() + std::time::Duration::from_secs(100 * 365 * 86400)
+}
+
+/// Checks each message and puts it in the shape chat templates expect: text
+/// parts joined into one string (vLLM's "string" content format, which every
+/// HF template reads), tool-call arguments parsed from JSON strings to objects
+/// (templates serialize them with `tojson`).
+pub fn prepare_messages(messages: &[Value]) -> Result<Value, ApiError> {
+    if messages.is_empty() {
+        return Err(ApiError::invalid_param("messages", "messages must contain at least one message"));
+    }
+    let mut out = Vec::with_capacity(messages.len());
+    for (i, m) in messages.iter().enumerate() {
+        let at = format!("messages[{i}]");
+        let Some(obj) = m.as_object() else {
+            return Err(ApiError::invalid_param(at.clone(), format!("{at} must be an object")));
+        };
+        let mut obj: Map<String, Value> = obj.clone();
+        match obj.get("role") {
+            Some(Value::String(_)) => {}
+            _ => return Err(ApiError::invalid_param(format!("{at}.role"), format!("{at}.role must be a string"))),
+        }
+        if let Some(content) = obj.get("content") {
+            let text = content_text(content, &format!("{at}.content"))?;
+            if let Some(text) = text {
+                obj.insert("content".into(), Value::String(text));
+            }
+        }
+        if let Some(calls) = obj.get_mut("tool_calls") {
+            parse_tool_call_arguments(calls, &format!("{at}.tool_calls"))?;
+        }
+        out.push(Value::Object(obj));
+    }
+    Ok(Value::Array(out))
+}
+
+/// A message's content as one string (`None` for null: an assistant turn with tool calls).
+fn content_text(content: &Value, at: &str) -> Result<Option<String>, ApiError> {
+    match content {
+        Value::Null => Ok(None),
+        Value::String(s) => Ok(Some(s.clone())),
+        Value::Array(parts) => {
+            let mut texts = Vec::with_capacity(parts.len());
+            for (j, part) in parts.iter().enumerate() {
+                let p = format!("{at}[{j}]");
+                match (part.get("type").and_then(Value::as_str), part.get("text")) {
+                    (Some("text"), Some(Value::String(t))) => texts.push(t.as_str()),
+                    (Some("text"), _) => {
+                        return Err(ApiError::invalid_param(format!("{p}.text"), format!("{p}.text must be a string")))
+                    }
+                    (Some(other), _) => {
+                        return Err(ApiError::invalid_param(
+                            format!("{p}.type"),
+                            format!("{p}: content parts of type '{other}' are not supported (text only)"),
+                        ))
+                    }
+                    (None, _) => {
+                        return Err(ApiError::invalid_param(
+                            format!("{p}.type"),
+                            format!("{p} must be an object with a string `type`"),
+                        ))
+                    }
+                }
+            }
+            Ok(Some(texts.join("\n")))
+        }
+        _ => Err(ApiError::invalid_param(at, format!("{at} must be a string or an array of content parts"))),
+    }
+}
+
+fn parse_tool_call_arguments(calls: &mut Value, at: &str) -> Result<(), ApiError> {
+    let Some(list) = calls.as_array_mut() else {
+        return Err(ApiError::invalid_param(at, format!("{at} must be an array")));
+    };
+    for (j, call) in list.iter_mut().enumerate() {
+        let p = format!("{at}[{j}].function.arguments");
+        if let Some(args) = call.get_mut("function").and_then(|f| f.get_mut("arguments")) {
+            if let Value::String(s) = args {
+                let parsed: Value = serde_json::from_str(s)
+                    .map_err(|e| ApiError::invalid_param(p.clone(), format!("{p} is not valid JSON: {e}")))?;
+                *args = parsed;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Chat chunks: a `role` delta per choice first, then `content` deltas, then an
+/// empty delta with `finish_reason`; `usage` last when asked for.
+struct ChatChunks {
+    id: String,
+    created: u64,
+    model: String,
+    n: usize,
+    logprobs: bool,
+    include_usage: bool,
+    tokenizer: Arc<Tokenizer>,
+    tally: UsageTally,
+}
+
+impl ChatChunks {
+    fn chunk(&self, choice: Value) -> Value {
+        let mut v = json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        });
+        if self.include_usage {
+            v["usage"] = Value::Null;
+        }
+        v
+    }
+}
+
+impl ChunkRenderer for ChatChunks {
+    fn start(&mut self) -> Vec<Value> {
+        (0..self.n)
+            .map(|i| {
+                self.chunk(json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}))
+            })
+            .collect()
+    }
+
+    fn event(&mut self, ev: ChoiceEvent) -> Vec<Value> {
+        match ev {
+            ChoiceEvent::Delta { index, text, tokens } => {
+                // Text held back (possible stop string) with nothing else to say: no chunk.
+                if text.is_empty() && (!self.logprobs || tokens.is_empty()) {
+                    return vec![];
+                }
+                let lp = if self.logprobs { chat_logprobs(&self.tokenizer, &tokens) } else { Value::Null };
+                vec![self
+                    .chunk(json!({"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": null}))]
+            }
+            ChoiceEvent::Done { index, outcome } => {
+                self.tally.add(0, &outcome);
+                vec![self.chunk(json!({
+                    "index": index,
+                    "delta": {},
+                    "logprobs": null,
+                    "finish_reason": outcome.finish_reason,
+                    "stop_reason": outcome.stop_reason,
+                }))]
+            }
+        }
+    }
+
+    fn usage(&mut self) -> Option<Value> {
+        self.include_usage.then(|| {
+            json!({
+                "id": self.id,
+                "object": "chat.completion.chunk",
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": self.tally.usage(),
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::responses::Outcome;
+
+    #[test]
+    fn messages_are_checked_and_normalised() {
+        let e = prepare_messages(&[]).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages"));
+        let e = prepare_messages(&[json!({"content": "x"})]).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].role"));
+        let e = prepare_messages(&[json!({"role": "user", "content": 5})]).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].content"));
+        let e = prepare_messages(&[json!({"role": "user", "content": [{"type": "image_url", "image_url": {}}]})])
+            .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].content[0].type"));
+        let e = prepare_messages(&[json!({"role": "assistant", "content": null,
+            "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{bad"}}]})])
+        .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].tool_calls[0].function.arguments"));
+
+        let m = prepare_messages(&[
+            json!({"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}),
+            json!({"role": "assistant", "content": null,
+                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}}]}),
+        ])
+        .unwrap();
+        assert_eq!(m[0]["content"], "a\nb");
+        assert_eq!(m[1]["tool_calls"][0]["function"]["arguments"], json!({"x": 1}));
+        assert_eq!(m[1]["content"], Value::Null);
+    }
+
+    fn renderer(logprobs: bool, include_usage: bool) -> ChatChunks {
+        let p =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/qwen2/hf-f32/tokenizer.json");
+        ChatChunks {
+            id: "chatcmpl-1".into(),
+            created: 7,
+            model: "m".into(),
+            n: 2,
+            logprobs,
+            include_usage,
+            tokenizer: Arc::new(Tokenizer::from_file(&p).unwrap()),
+            tally: UsageTally::default(),
+        }
+    }
+
+    #[test]
+    fn chunk_shapes() {
+        let mut r = renderer(false, true);
+        let start = r.start();
+        assert_eq!(start.len(), 2);
+        assert_eq!(
+            start[1],
+            json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 7, "model": "m", "usage": null,
+                "choices": [{"index": 1, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]})
+        );
+        assert!(r.event(ChoiceEvent::Delta { index: 0, text: String::new(), tokens: vec![] }).is_empty());
+        let c = r.event(ChoiceEvent::Delta { index: 0, text: "hi".into(), tokens: vec![] });
+        assert_eq!(c[0]["choices"][0]["delta"], json!({"content": "hi"}));
+        let outcome = Outcome {
+            finish_reason: "length",
+            stop_reason: Value::Null,
+            prompt_tokens: 5,
+            cached_tokens: 0,
+            completion_tokens: 3,
+        };
+        let c = r.event(ChoiceEvent::Done { index: 0, outcome });
+        assert_eq!(c[0]["choices"][0]["delta"], json!({}));
+        assert_eq!(c[0]["choices"][0]["finish_reason"], "length");
+        let u = r.usage().unwrap();
+        assert_eq!(u["choices"], json!([]));
+        assert_eq!(u["usage"]["total_tokens"], 8);
+        assert_eq!(renderer(false, false).usage(), None);
+        assert!(renderer(false, false).start()[0].get("usage").is_none());
+    }
+
+    #[test]
+    fn logprob_chunks_carry_tokens_even_without_text() {
+        let mut r = renderer(true, false);
+        let t = crate::engine::TokenOut { id: 97, logprob: Some(-0.25), top_logprobs: vec![] };
+        let c = r.event(ChoiceEvent::Delta { index: 1, text: String::new(), tokens: vec![t] });
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0]["choices"][0]["logprobs"]["content"][0]["logprob"], -0.25);
+    }
+}

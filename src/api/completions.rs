@@ -1,0 +1,274 @@
+//! `POST /v1/completions`: one or more prompts (text or token ids), `n` choices
+//! each, choice `p * n + i` for prompt `p`.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use super::chat::far_future;
+use super::error::ApiError;
+use super::generate::{self, ChoiceEvent};
+use super::protocol::CompletionRequest;
+use super::responses::{response_id, unix_now, CompletionChoice, CompletionLogprobs, CompletionResponse, UsageTally};
+use super::sse::{self, ChunkRenderer};
+use super::{json, models, params, AppState};
+use crate::tokenizer::Tokenizer;
+
+/// One prompt as the client gave it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PromptInput {
+    Text(String),
+    Ids(Vec<u32>),
+}
+
+/// `prompt`: a string, strings, token ids, or lists of token ids.
+pub fn parse_prompts(v: &Value) -> Result<Vec<PromptInput>, ApiError> {
+    const SHAPE: &str = "prompt must be a string, an array of strings, an array of token ids \
+                         or an array of token-id arrays";
+    let ids = |v: &Value, at: &str| -> Result<Vec<u32>, ApiError> {
+        let list = v.as_array().ok_or_else(|| ApiError::invalid_param(at, SHAPE))?;
+        list.iter()
+            .enumerate()
+            .map(|(i, x)| {
+                x.as_u64().and_then(|x| u32::try_from(x).ok()).ok_or_else(|| {
+                    ApiError::invalid_param(format!("{at}[{i}]"), format!("{at}[{i}] must be a token id, got {x}"))
+                })
+            })
+            .collect()
+    };
+    match v {
+        Value::String(s) => Ok(vec![PromptInput::Text(s.clone())]),
+        Value::Array(list) if list.is_empty() => Err(ApiError::invalid_param("prompt", "prompt must not be empty")),
+        Value::Array(list) => match &list[0] {
+            Value::String(_) => list
+                .iter()
+                .enumerate()
+                .map(|(i, x)| match x {
+                    Value::String(s) => Ok(PromptInput::Text(s.clone())),
+                    _ => Err(ApiError::invalid_param(format!("prompt[{i}]"), format!("prompt[{i}] must be a string"))),
+                })
+                .collect(),
+            Value::Number(_) => Ok(vec![PromptInput::Ids(ids(v, "prompt")?)]),
+            Value::Array(_) => {
+                list.iter().enumerate().map(|(i, x)| ids(x, &format!("prompt[{i}]")).map(PromptInput::Ids)).collect()
+            }
+            _ => Err(ApiError::invalid_param("prompt", SHAPE)),
+        },
+        _ => Err(ApiError::invalid_param("prompt", SHAPE)),
+    }
+}
+
+#[utoipa::path(
+    post,
+    path = "/v1/completions",
+    request_body = CompletionRequest,
+    responses(
+        (status = 200, description = "A completion, or an SSE stream of chunks when `stream` is true", body = CompletionResponse),
+        (status = 400, body = super::error::ErrorResponse),
+        (status = 404, description = "Unknown model", body = super::error::ErrorResponse),
+        (status = 413, body = super::error::ErrorResponse),
+        (status = 429, body = super::error::ErrorResponse),
+        (status = 503, body = super::error::ErrorResponse),
+    )
+)]
+pub async fn create(State(st): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+    let body = body?;
+    let ready = st.ready()?;
+    let req: CompletionRequest = json::parse(&body)?;
+    let model = models::resolve(&st.names, req.model.as_deref())?;
+    if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
+        return Err(ApiError::invalid_param("suffix", "suffix is not supported"));
+    }
+    let logprobs = params::completion_logprobs(req.logprobs)?;
+    let echo = req.echo.unwrap_or(false);
+    if echo && logprobs.is_some() {
+        // That needs the prompt's logprobs, which the engine does not compute yet.
+        return Err(ApiError::invalid_param("echo", "echo together with logprobs is not supported yet"));
+    }
+    let params = params::validate(&req.shared(), req.max_tokens, logprobs, ready.engine.info())?;
+    let tok = &ready.tokenizer;
+    let inputs = parse_prompts(&req.prompt)?;
+    let mut prompts = Vec::with_capacity(inputs.len());
+    let mut prompt_texts = Vec::with_capacity(inputs.len());
+    for input in inputs {
+        let (ids, text) = match input {
+            PromptInput::Text(t) => (tok.encode(&t, true).map_err(|e| ApiError::from_tokenizer(e, "prompt"))?, t),
+            PromptInput::Ids(ids) => {
+                let text = if echo { tok.decode(&ids, false).unwrap_or_default() } else { String::new() };
+                (ids, text)
+            }
+        };
+        prompts.push(ids);
+        prompt_texts.push(text);
+    }
+
+    let choices = generate::start_choices(ready, &params, &prompts, "prompt")?;
+    let id = response_id("cmpl");
+    let created = unix_now();
+    let echo_texts: Vec<String> = if echo { prompt_texts } else { vec![String::new(); prompts.len()] };
+    if params.stream {
+        let renderer = CompletionChunks {
+            id,
+            created,
+            model: model.name,
+            n: params.n,
+            echo: echo_texts.clone(),
+            offsets: (0..prompts.len() * params.n).map(|i| echo_texts[i / params.n].chars().count()).collect(),
+            logprobs: params.logprobs.is_some(),
+            include_usage: params.include_usage,
+            tokenizer: ready.tokenizer.clone(),
+            tally: UsageTally::default(),
+        };
+        let deadline = st.request_timeout().map_or(far_future(), |t| tokio::time::Instant::now() + t);
+        return Ok(sse::respond(generate::merge(choices), renderer, deadline, st.server.request_timeout_s));
+    }
+    let done = generate::collect_within(choices, st.request_timeout()).await?;
+    let mut tally = UsageTally::default();
+    let choices = done
+        .into_iter()
+        .map(|c| {
+            let prompt_index = c.index / params.n;
+            tally.add(prompt_index, &c.outcome);
+            let echo = &echo_texts[prompt_index];
+            let logprobs = params.logprobs.map(|_| {
+                let mut lp = CompletionLogprobs::default();
+                let mut offset = echo.chars().count();
+                for t in &c.tokens {
+                    offset = lp.push(tok, t, offset);
+                }
+                lp
+            });
+            CompletionChoice {
+                index: c.index,
+                text: format!("{echo}{}", c.text),
+                logprobs,
+                finish_reason: c.outcome.finish_reason,
+                stop_reason: c.outcome.stop_reason,
+            }
+        })
+        .collect();
+    let resp =
+        CompletionResponse { id, object: "text_completion", created, model: model.name, choices, usage: tally.usage() };
+    Ok(Json(resp).into_response())
+}
+
+struct CompletionChunks {
+    id: String,
+    created: u64,
+    model: String,
+    n: usize,
+    /// Per prompt: the text `echo` sends first.
+    echo: Vec<String>,
+    /// Per choice: `text_offset` of its next token.
+    offsets: Vec<usize>,
+    logprobs: bool,
+    include_usage: bool,
+    tokenizer: Arc<Tokenizer>,
+    tally: UsageTally,
+}
+
+impl CompletionChunks {
+    fn chunk(&self, choice: Value) -> Value {
+        let mut v = json!({
+            "id": self.id,
+            "object": "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        });
+        if self.include_usage {
+            v["usage"] = Value::Null;
+        }
+        v
+    }
+}
+
+impl ChunkRenderer for CompletionChunks {
+    fn start(&mut self) -> Vec<Value> {
+        (0..self.offsets.len())
+            .filter(|&i| !self.echo[i / self.n].is_empty())
+            .map(|i| {
+                self.chunk(json!({"index": i, "text": self.echo[i / self.n], "logprobs": null, "finish_reason": null}))
+            })
+            .collect()
+    }
+
+    fn event(&mut self, ev: ChoiceEvent) -> Vec<Value> {
+        match ev {
+            ChoiceEvent::Delta { index, text, tokens } => {
+                if text.is_empty() && (!self.logprobs || tokens.is_empty()) {
+                    return vec![];
+                }
+                let lp = if self.logprobs {
+                    let mut lp = CompletionLogprobs::default();
+                    let mut offset = self.offsets.get(index).copied().unwrap_or(0);
+                    for t in &tokens {
+                        offset = lp.push(&self.tokenizer, t, offset);
+                    }
+                    if let Some(o) = self.offsets.get_mut(index) {
+                        *o = offset;
+                    }
+                    serde_json::to_value(lp).unwrap_or(Value::Null)
+                } else {
+                    Value::Null
+                };
+                vec![self.chunk(json!({"index": index, "text": text, "logprobs": lp, "finish_reason": null}))]
+            }
+            ChoiceEvent::Done { index, outcome } => {
+                self.tally.add(index / self.n, &outcome);
+                vec![self.chunk(json!({
+                    "index": index,
+                    "text": "",
+                    "logprobs": null,
+                    "finish_reason": outcome.finish_reason,
+                    "stop_reason": outcome.stop_reason,
+                }))]
+            }
+        }
+    }
+
+    fn usage(&mut self) -> Option<Value> {
+        self.include_usage.then(|| {
+            json!({
+                "id": self.id,
+                "object": "text_completion",
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": self.tally.usage(),
+            })
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_shapes() {
+        assert_eq!(parse_prompts(&json!("hi")).unwrap(), vec![PromptInput::Text("hi".into())]);
+        assert_eq!(parse_prompts(&json!(["a", "b"])).unwrap().len(), 2);
+        assert_eq!(parse_prompts(&json!([1, 2, 3])).unwrap(), vec![PromptInput::Ids(vec![1, 2, 3])]);
+        assert_eq!(
+            parse_prompts(&json!([[1], [2, 3]])).unwrap(),
+            vec![PromptInput::Ids(vec![1]), PromptInput::Ids(vec![2, 3])]
+        );
+        for (bad, param) in [
+            (json!([]), "prompt"),
+            (json!(5), "prompt"),
+            (json!(["a", 1]), "prompt[1]"),
+            (json!([1, -2]), "prompt[1]"),
+            (json!([1, 5000000000u64]), "prompt[1]"),
+            (json!([[1], "a"]), "prompt[1]"),
+            (json!([{"a": 1}]), "prompt"),
+        ] {
+            assert_eq!(parse_prompts(&bad).unwrap_err().param.as_deref(), Some(param), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! One choice = one engine request. `Choice` turns its engine events into text
+//! deltas (detokenized, stop strings applied) and one final `Outcome`; both
+//! endpoints and both response modes (collected, streamed) build on it.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::stream::{SelectAll, Stream};
+use serde_json::Value;
+
+use super::error::ApiError;
+use super::responses::Outcome;
+use super::text::{TextDecoder, TextStep};
+use crate::engine::handle::FinishReason;
+use crate::engine::{EngineEvent, RequestStream, TokenOut};
+use crate::tokenizer::Tokenizer;
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ChoiceEvent {
+    /// Text released since the last event and the tokens generated since then
+    /// (text may lag tokens: a possible stop string is held back).
+    Delta {
+        index: usize,
+        text: String,
+        tokens: Vec<TokenOut>,
+    },
+    Done {
+        index: usize,
+        outcome: Outcome,
+    },
+}
+
+/// What a choice needs besides its engine stream.
+pub struct ChoiceSpec {
+    pub index: usize,
+    pub prompt: Vec<u32>,
+    pub stops: Vec<String>,
+    pub include_stop: bool,
+    pub skip_special_tokens: bool,
+    /// Stop token ids the client asked for (reported in `stop_reason`; EOS is not).
+    pub stop_token_ids: Vec<u32>,
+}
+
+pub struct Choice {
+    index: usize,
+    /// `None` once finished; dropping it early aborts the engine request.
+    stream: Option<RequestStream>,
+    decoder: TextDecoder,
+    prompt_tokens: usize,
+    generated: usize,
+    stop_token_ids: Vec<u32>,
+    queue: VecDeque<Result<ChoiceEvent, ApiError>>,
+}
+
+impl Choice {
+    pub fn new(spec: ChoiceSpec, stream: RequestStream, tokenizer: Arc<Tokenizer>) -> Self {
+        Self {
+            index: spec.index,
+            stream: Some(stream),
+            decoder: TextDecoder::new(tokenizer, &spec.prompt, spec.stops, spec.include_stop, spec.skip_special_tokens),
+            prompt_tokens: spec.prompt.len(),
+            generated: 0,
+            stop_token_ids: spec.stop_token_ids,
+            queue: VecDeque::new(),
+        }
+    }
+
+    /// The next event; `None` after `Done` or an error.
+    pub async fn next(&mut self) -> Option<Result<ChoiceEvent, ApiError>> {
+        loop {
+            if let Some(e) = self.queue.pop_front() {
+                return Some(e);
+            }
+            let stream = self.stream.as_mut()?;
+            match stream.next().await {
+                Some(EngineEvent::Token(t)) => {
+                    self.generated += 1;
+                    match self.decoder.push_token(t.id) {
+                        Ok(step) => self.on_text(step, vec![t], None),
+                        Err(e) => self.fail(ApiError::internal(format!("detokenizing: {e}"))),
+                    }
+                }
+                Some(EngineEvent::Finished(info)) => match self.decoder.finish() {
+                    Ok(step) => {
+                        let (reason, stop_reason) = match (info.reason, info.stop_token) {
+                            (FinishReason::Length, _) => ("length", Value::Null),
+                            (FinishReason::Stop, Some(t)) if self.stop_token_ids.contains(&t) => ("stop", t.into()),
+                            (FinishReason::Stop, _) => ("stop", Value::Null),
+                        };
+                        let outcome = Outcome {
+                            finish_reason: reason,
+                            stop_reason,
+                            prompt_tokens: info.prompt_tokens,
+                            cached_tokens: info.cached_prompt_tokens,
+                            completion_tokens: info.output_tokens,
+                        };
+                        self.on_text(step, vec![], Some(outcome));
+                    }
+                    Err(e) => self.fail(ApiError::internal(format!("detokenizing: {e}"))),
+                },
+                Some(EngineEvent::Failed(m)) => self.fail(ApiError::internal(m)),
+                None => self.stream = None,
+            }
+        }
+    }
+
+    /// Queues released text; a matched stop string (or `finished`) ends the choice.
+    fn on_text(&mut self, step: TextStep, tokens: Vec<TokenOut>, finished: Option<Outcome>) {
+        if !step.text.is_empty() || !tokens.is_empty() {
+            self.queue.push_back(Ok(ChoiceEvent::Delta { index: self.index, text: step.text, tokens }));
+        }
+        let outcome = match (step.stopped, finished) {
+            (Some(stop), finished) => Outcome {
+                finish_reason: "stop",
+                stop_reason: Value::String(stop),
+                prompt_tokens: self.prompt_tokens,
+                // Known only when the engine finished the request itself.
+                cached_tokens: finished.as_ref().map_or(0, |f| f.cached_tokens),
+                completion_tokens: finished.as_ref().map_or(self.generated, |f| f.completion_tokens),
+            },
+            (None, Some(o)) => o,
+            (None, None) => return,
+        };
+        // Dropping the stream aborts the engine request (a no-op once it finished).
+        self.stream = None;
+        self.queue.push_back(Ok(ChoiceEvent::Done { index: self.index, outcome }));
+    }
+
+    fn fail(&mut self, e: ApiError) {
+        self.stream = None;
+        self.queue.push_back(Err(e));
+    }
+
+    pub fn into_stream(self) -> impl Stream<Item = Result<ChoiceEvent, ApiError>> + Send {
+        futures::stream::unfold(self, |mut c| async move { c.next().await.map(|e| (e, c)) })
+    }
+}
+
+pub type ChoiceStream = Pin<Box<dyn Stream<Item = Result<ChoiceEvent, ApiError>> + Send>>;
+
+/// All choices' events, interleaved as they come.
+pub fn merge(choices: Vec<Choice>) -> SelectAll<ChoiceStream> {
+    futures::stream::select_all(choices.into_iter().map(|c| Box::pin(c.into_stream()) as ChoiceStream))
+}
+
+/// A finished choice, for non-streaming responses.
+#[derive(Debug, Clone)]
+pub struct Collected {
+    pub index: usize,
+    pub text: String,
+    pub tokens: Vec<TokenOut>,
+    pub outcome: Outcome,
+}
+
+/// Runs every choice to the end; the first error ends them all (dropping the
+/// others aborts their engine requests).
+pub async fn collect(choices: Vec<Choice>) -> Result<Vec<Collected>, ApiError> {
+    let runs = choices.into_iter().map(|mut c| async move {
+        let mut text = String::new();
+        let mut tokens = Vec::new();
+        while let Some(ev) = c.next().await {
+            match ev? {
+                ChoiceEvent::Delta { text: t, tokens: ts, .. } => {
+                    text.push_str(&t);
+                    tokens.extend(ts);
+                }
+                ChoiceEvent::Done { index, outcome } => return Ok(Collected { index, text, tokens, outcome }),
+            }
+        }
+        Err(ApiError::internal("the engine ended the request without finishing it"))
+    });
+    let mut out = futures::future::try_join_all(runs).await?;
+    out.sort_by_key(|c| c.index);
+    Ok(out)
+}
+
+/// Submits `params.n` engine requests per prompt; choice `p * n + i` is prompt
+/// `p`'s i-th. An error part-way drops (aborts) what was already submitted.
+pub fn start_choices(
+    ready: &super::Ready,
+    params: &super::params::GenParams,
+    prompts: &[Vec<u32>],
+    prompt_param: &str,
+) -> Result<Vec<Choice>, ApiError> {
+    let info = ready.engine.info();
+    let mut choices = Vec::with_capacity(prompts.len() * params.n);
+    for (p, prompt) in prompts.iter().enumerate() {
+        for (i, req) in params.engine_requests(prompt, info, prompt_param)?.into_iter().enumerate() {
+            let stream = ready
+                .engine
+                .submit(req)
+                .map_err(|e| ApiError::from_submit(e, prompt_param, params.max_tokens.is_some()))?;
+            let spec = ChoiceSpec {
+                index: p * params.n + i,
+                prompt: prompt.clone(),
+                stops: params.stop.clone(),
+                include_stop: params.include_stop_str,
+                skip_special_tokens: params.skip_special_tokens,
+                stop_token_ids: params.stop_token_ids.clone(),
+            };
+            choices.push(Choice::new(spec, stream, ready.tokenizer.clone()));
+        }
+    }
+    Ok(choices)
+}
+
+/// Runs the choices to the end within the server's request timeout.
+pub async fn collect_within(
+    choices: Vec<Choice>,
+    timeout: Option<std::time::Duration>,
+) -> Result<Vec<Collected>, ApiError> {
+    match timeout {
+        None => collect(choices).await,
+        Some(t) => tokio::time::timeout(t, collect(choices)).await.map_err(|_| ApiError::timeout(t.as_secs()))?,
+    }
+}

@@ -1,0 +1,39 @@
+//! Liveness, version and metrics: what load balancers and Prometheus poll.
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::error::ApiError;
+use super::AppState;
+
+/// 200 once the engine is up, 503 while the model loads.
+#[utoipa::path(get, path = "/health", responses((status = 200), (status = 503, body = super::error::ErrorResponse)))]
+pub async fn health(State(st): State<AppState>) -> Result<StatusCode, ApiError> {
+    st.ready().map(|_| StatusCode::OK)
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Version {
+    pub version: &'static str,
+}
+
+#[utoipa::path(get, path = "/version", responses((status = 200, body = Version)))]
+pub async fn version() -> Json<Version> {
+    Json(Version { version: env!("CARGO_PKG_VERSION") })
+}
+
+/// Prometheus text exposition format.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, content_type = "text/plain"), (status = 503)))]
+pub async fn metrics(State(st): State<AppState>) -> Result<Response, ApiError> {
+    let text = st.ready()?.engine.metrics().render();
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
+}
+
+/// Unknown routes get the error envelope too.
+pub async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::not_found(format!("no route for {}", uri.path()))
+}

@@ -1,0 +1,173 @@
+//! The OpenAI-compatible HTTP layer (axum on tokio).
+//!
+//! `router` builds every route over an `AppState`; `serve` binds nothing itself
+//! (the caller passes a listener, so tests can use port 0), answers at once,
+//! loads the engine in a blocking task (`/health` is 503 until then) and shuts
+//! down gracefully on SIGTERM/SIGINT: stop accepting, let in-flight requests and
+//! streams finish, then stop the engine.
+//!
+//! Text work (templates, tokenizing, detokenizing, stop strings) happens here,
+//! on the request's task; the engine sees token ids only. Auth, canary routing
+//! and adapter selection are meant to come as tower layers and as more targets
+//! in `models::resolve`.
+
+pub mod chat;
+pub mod completions;
+pub mod error;
+pub mod generate;
+pub mod health;
+pub mod json;
+pub mod models;
+pub mod openapi;
+pub mod params;
+pub mod protocol;
+pub mod responses;
+pub mod sse;
+pub mod text;
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+
+use crate::config::ServerSection;
+use crate::engine::EngineHandle;
+use crate::tokenizer::Tokenizer;
+pub use error::ApiError;
+pub use models::ModelNames;
+
+/// What exists once the model is loaded.
+pub struct Ready {
+    pub engine: EngineHandle,
+    pub tokenizer: Arc<Tokenizer>,
+    /// Where the model came from (`root` in `/v1/models`).
+    pub source: String,
+}
+
+/// Shared by every handler; cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+pub struct Inner {
+    pub names: ModelNames,
+    pub server: ServerSection,
+    pub created: u64,
+    ready: OnceLock<Ready>,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn new(names: ModelNames, server: ServerSection) -> Self {
+        Self(Arc::new(Inner { names, server, created: responses::unix_now(), ready: OnceLock::new() }))
+    }
+
+    /// Marks the engine up; false if it already was.
+    pub fn set_ready(&self, ready: Ready) -> bool {
+        self.ready.set(ready).is_ok()
+    }
+
+    /// The engine, or 503 while the model loads.
+    pub fn ready(&self) -> Result<&Ready, ApiError> {
+        self.ready.get().ok_or_else(|| ApiError::unavailable("the model is still loading; retry shortly"))
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.get().is_some()
+    }
+
+    /// `server.request_timeout_s` (0 = no limit).
+    pub fn request_timeout(&self) -> Option<Duration> {
+        (self.server.request_timeout_s > 0).then(|| Duration::from_secs(self.server.request_timeout_s))
+    }
+}
+
+pub fn router(state: AppState) -> Router {
+    let limit = state.server.max_body_bytes;
+    Router::new()
+        .route("/health", get(health::health))
+        .route("/version", get(health::version))
+        .route("/metrics", get(health::metrics))
+        .route("/openapi.json", get(openapi::spec))
+        .route("/v1/models", get(models::list))
+        .route("/v1/completions", post(completions::create))
+        .route("/v1/chat/completions", post(chat::create))
+        .fallback(health::not_found)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("loading the model failed: {0}")]
+    Load(String),
+    #[error("serving HTTP: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves `state` on `listener` until SIGTERM/SIGINT (or until `load` fails).
+/// `load` runs on a blocking thread; its `Ready` switches the server on.
+pub async fn serve<L>(listener: tokio::net::TcpListener, state: AppState, load: L) -> Result<(), ServeError>
+where
+    L: FnOnce() -> Result<Ready, String> + Send + 'static,
+{
+    let (fail_tx, mut fail_rx) = tokio::sync::mpsc::channel::<String>(1);
+    let loading_state = state.clone();
+    tokio::spawn(async move {
+        let result = tokio::task::spawn_blocking(load).await.unwrap_or_else(|e| Err(format!("loader panicked: {e}")));
+        match result {
+            Ok(ready) => {
+                loading_state.set_ready(ready);
+                eprintln!("tandem: model '{}' is ready", loading_state.names.served);
+            }
+            Err(e) => {
+                let _ = fail_tx.send(e).await;
+            }
+        }
+    });
+    let load_error: Arc<OnceLock<String>> = Arc::new(OnceLock::new());
+    let load_error2 = load_error.clone();
+    let shutdown = async move {
+        tokio::select! {
+            _ = shutdown_signal() => eprintln!("tandem: shutting down (draining in-flight requests)"),
+            Some(e) = fail_rx.recv() => { let _ = load_error2.set(e); }
+        }
+    };
+    axum::serve(listener, router(state.clone())).with_graceful_shutdown(shutdown).await?;
+    if let Ok(ready) = state.ready() {
+        ready.engine.shutdown();
+    }
+    match load_error.get().cloned() {
+        Some(e) => Err(ServeError::Load(e)),
+        None => Ok(()),
+    }
+}
+
+/// SIGTERM or SIGINT.
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}

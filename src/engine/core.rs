@@ -1,0 +1,181 @@
+//! The engine core: one scheduler, one model runner, one step at a time. It is
+//! synchronous and knows no channels, so tests and `tandem generate` drive it
+//! directly; the engine thread (`engine_loop`) wraps it for serving.
+
+use std::time::Instant;
+
+use crate::backend::Backend;
+use crate::kv::KvCacheManager;
+
+use super::handle::{EngineConfig, EngineInfo, EngineRequest, FinishInfo, FinishReason, RequestId, TokenOut};
+use super::request::Request;
+use super::runner::{ModelRunner, RunChunk, RunnerConfig};
+use super::sampler;
+use super::scheduler::{RequestUpdate, Scheduler, SchedulerConfig, SchedulerOutput};
+
+/// What one step produced, in order, per request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StepEvent {
+    Token(RequestId, TokenOut),
+    Finished(RequestId, FinishInfo),
+}
+
+pub struct EngineCore<B: Backend> {
+    runner: ModelRunner<B>,
+    scheduler: Scheduler,
+    info: EngineInfo,
+}
+
+impl<B: Backend> EngineCore<B> {
+    pub fn new(
+        backend: B,
+        model: crate::model::LlamaModel<B>,
+        cfg: &EngineConfig,
+    ) -> Result<Self, crate::backend::BackendError> {
+        // A request alone must always fit in the KV cache, or preemption could not
+        // make room for it.
+        let cache_tokens = cfg.num_blocks.saturating_sub(1) * cfg.block_size;
+        let model_len = model.config.max_position.min(cache_tokens);
+        let max_model_len = if cfg.max_model_len == 0 { model_len } else { cfg.max_model_len.min(model_len) };
+        let info = EngineInfo {
+            max_model_len,
+            vocab_size: model.config.vocab_size,
+            eos_token_ids: cfg.eos_token_ids.clone(),
+            block_size: cfg.block_size,
+            num_blocks: cfg.num_blocks,
+            max_num_seqs: cfg.max_num_seqs.max(1),
+            max_num_batched_tokens: cfg.max_num_batched_tokens.max(1),
+            max_waiting: cfg.max_waiting,
+        };
+        let runner =
+            ModelRunner::new(backend, model, RunnerConfig { block_size: cfg.block_size, num_blocks: cfg.num_blocks })?;
+        let kv = KvCacheManager::new(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching);
+        let scheduler = Scheduler::new(
+            SchedulerConfig {
+                max_num_batched_tokens: info.max_num_batched_tokens,
+                max_num_seqs: info.max_num_seqs,
+                max_model_len,
+            },
+            kv,
+        );
+        Ok(Self { runner, scheduler, info })
+    }
+
+    pub fn info(&self) -> &EngineInfo {
+        &self.info
+    }
+    pub fn scheduler(&self) -> &Scheduler {
+        &self.scheduler
+    }
+    pub fn runner(&self) -> &ModelRunner<B> {
+        &self.runner
+    }
+    pub fn has_work(&self) -> bool {
+        self.scheduler.has_work()
+    }
+
+    /// Queues a request (already validated by `EngineHandle::submit` or the caller).
+    pub fn add_request(&mut self, id: RequestId, req: EngineRequest, arrival: Instant) {
+        self.scheduler.add(Request::new(id, req, arrival));
+    }
+
+    /// Drops a request and frees its blocks; returns it if it existed.
+    pub fn abort(&mut self, id: RequestId) -> Option<Request> {
+        self.scheduler.abort(id)
+    }
+
+    /// Schedules, runs and samples one step.
+    pub fn step(&mut self) -> (SchedulerOutput, Vec<StepEvent>) {
+        let out = self.scheduler.schedule();
+        if out.chunks.is_empty() {
+            return (out, Vec::new());
+        }
+        let mut with_logits = Vec::new();
+        let chunks: Vec<RunChunk> = out
+            .chunks
+            .iter()
+            .map(|&(id, n)| {
+                let r = self.scheduler.get(id).expect("scheduled requests exist");
+                let logits = r.num_computed + n == r.tokens.len();
+                if logits {
+                    with_logits.push(id);
+                }
+                RunChunk { tokens: &r.tokens, start: r.num_computed, len: n, blocks: &r.blocks.blocks, logits }
+            })
+            .collect();
+        let logits = self.runner.execute(&chunks);
+        drop(chunks);
+        let vocab = self.info.vocab_size;
+        let eos = &self.info.eos_token_ids;
+        let sampled: Vec<(RequestId, TokenOut)> = with_logits
+            .iter()
+            .enumerate()
+            .map(|(row, &id)| {
+                let r = self.scheduler.get_mut(id).expect("scheduled requests exist");
+                let row = &logits[row * vocab..(row + 1) * vocab];
+                let banned = r.banned_tokens(eos);
+                let tok = r.sampler.sample(row, &banned);
+                let (logprob, top_logprobs) = match r.logprobs {
+                    Some(k) => {
+                        let (lp, top) = sampler::logprobs(row, tok, k);
+                        (Some(lp), top)
+                    }
+                    None => (None, Vec::new()),
+                };
+                (id, TokenOut { id: tok, logprob, top_logprobs })
+            })
+            .collect();
+        let updates = self.scheduler.update_from_output(&out, sampled, eos);
+        let events = updates
+            .into_iter()
+            .map(|u| match u {
+                RequestUpdate::Token(id, t) => StepEvent::Token(id, t),
+                RequestUpdate::Finished { id, reason, stop_token } => {
+                    let r = self.scheduler.take_finished(id).expect("finished requests exist until taken");
+                    let info = FinishInfo {
+                        reason,
+                        stop_token,
+                        prompt_tokens: r.prompt_len,
+                        cached_prompt_tokens: r.cached_prompt_tokens.unwrap_or(0),
+                        output_tokens: r.num_generated,
+                    };
+                    StepEvent::Finished(id, info)
+                }
+            })
+            .collect();
+        (out, events)
+    }
+
+    /// Runs `reqs` to completion (ids 0..n) and returns each one's tokens and
+    /// finish — for `tandem generate`, benches and tests.
+    pub fn generate(&mut self, reqs: Vec<EngineRequest>) -> Vec<(Vec<TokenOut>, FinishInfo)> {
+        let n = reqs.len();
+        let now = Instant::now();
+        let base = 1 << 40;
+        for (i, r) in reqs.into_iter().enumerate() {
+            self.add_request(base + i as u64, r, now);
+        }
+        let mut toks: Vec<Vec<TokenOut>> = vec![Vec::new(); n];
+        let mut done: Vec<Option<FinishInfo>> = vec![None; n];
+        while self.has_work() {
+            let (out, events) = self.step();
+            assert!(!out.chunks.is_empty(), "the scheduler made no progress with work queued");
+            for ev in events {
+                match ev {
+                    StepEvent::Token(id, t) => toks[(id - base) as usize].push(t),
+                    StepEvent::Finished(id, f) => done[(id - base) as usize] = Some(f),
+                }
+            }
+        }
+        toks.into_iter().zip(done).map(|(t, d)| (t, d.expect("every request finishes"))).collect()
+    }
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! Prometheus metrics, rendered in the text exposition format at `/metrics`.
+//! Names follow vLLM's where one exists (gateways and dashboards read them);
+//! tandem's own carry the `tandem_` prefix. The engine thread writes them; the
+//! HTTP side only renders.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+/// A gauge or counter holding an f64 (stored as bits).
+#[derive(Default)]
+pub struct Value(AtomicU64);
+
+impl Value {
+    pub fn set(&self, v: f64) {
+        self.0.store(v.to_bits(), Ordering::Relaxed);
+    }
+    pub fn add(&self, v: f64) {
+        let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| Some((f64::from_bits(b) + v).to_bits()));
+    }
+    pub fn get(&self) -> f64 {
+        f64::from_bits(self.0.load(Ordering::Relaxed))
+    }
+}
+
+pub struct Histogram {
+    bounds: &'static [f64],
+    state: Mutex<HistogramState>,
+}
+
+#[derive(Default, Clone)]
+struct HistogramState {
+    /// Non-cumulative counts per bucket, plus one for +Inf.
+    counts: Vec<u64>,
+    sum: f64,
+    count: u64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Self { bounds, state: Mutex::new(HistogramState { counts: vec![0; bounds.len() + 1], ..Default::default() }) }
+    }
+    pub fn observe(&self, v: f64) {
+        let i = self.bounds.iter().position(|&b| v <= b).unwrap_or(self.bounds.len());
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.counts[i] += 1;
+        s.sum += v;
+        s.count += 1;
+    }
+    pub fn count(&self) -> u64 {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).count
+    }
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let s = self.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut acc = 0;
+        for (b, c) in self.bounds.iter().zip(&s.counts) {
+            acc += c;
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {acc}");
+        }
+        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", s.count);
+        let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", s.sum, s.count);
+    }
+}
+
+// vLLM's bucket bounds for these families.
+const TTFT_BUCKETS: &[f64] =
+    &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
+const ITL_BUCKETS: &[f64] =
+    &[0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
+const E2E_BUCKETS: &[f64] =
+    &[0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0];
+
+pub struct Metrics {
+    pub block_size: usize,
+    pub num_blocks: usize,
+    pub prefix_caching: bool,
+    pub requests_running: Value,
+    pub requests_waiting: Value,
+    /// Fraction (0..1) of KV blocks held by requests.
+    pub kv_usage: Value,
+    pub kv_blocks_used: Value,
+    /// Blocks carrying a prefix-cache entry (in use or free).
+    pub kv_blocks_cached: Value,
+    pub prompt_tokens: Value,
+    pub generation_tokens: Value,
+    pub preemptions: Value,
+    pub prefix_cache_queries: Value,
+    pub prefix_cache_hits: Value,
+    pub finished_stop: Value,
+    pub finished_length: Value,
+    pub finished_abort: Value,
+    pub ttft: Histogram,
+    pub inter_token: Histogram,
+    pub e2e: Histogram,
+    pub queue_time: Histogram,
+}
+
+impl Metrics {
+    pub fn new(block_size: usize, num_blocks: usize, prefix_caching: bool) -> Self {
+        Self {
+            block_size,
+            num_blocks,
+            prefix_caching,
+            requests_running: Value::default(),
+            requests_waiting: Value::default(),
+            kv_usage: Value::default(),
+            kv_blocks_used: Value::default(),
+            kv_blocks_cached: Value::default(),
+            prompt_tokens: Value::default(),
+            generation_tokens: Value::default(),
+            preemptions: Value::default(),
+            prefix_cache_queries: Value::default(),
+            prefix_cache_hits: Value::default(),
+            finished_stop: Value::default(),
+            finished_length: Value::default(),
+            finished_abort: Value::default(),
+            ttft: Histogram::new(TTFT_BUCKETS),
+            inter_token: Histogram::new(ITL_BUCKETS),
+            e2e: Histogram::new(E2E_BUCKETS),
+            queue_time: Histogram::new(E2E_BUCKETS),
+        }
+    }
+
+    /// Renders every metric in the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut o = String::new();
+        let mut one = |name: &str, kind: &str, help: &str, v: f64| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        };
+        one("vllm:num_requests_running", "gauge", "Requests in the running batch.", self.requests_running.get());
+        one("vllm:num_requests_waiting", "gauge", "Requests waiting for admission.", self.requests_waiting.get());
+        one(
+            "vllm:kv_cache_usage_perc",
+            "gauge",
+            "Fraction of KV blocks held by requests (1 = full).",
+            self.kv_usage.get(),
+        );
+        one("tandem_kv_blocks_used", "gauge", "KV blocks held by requests.", self.kv_blocks_used.get());
+        one(
+            "tandem_kv_blocks_cached",
+            "gauge",
+            "KV blocks carrying a prefix-cache entry.",
+            self.kv_blocks_cached.get(),
+        );
+        one("vllm:prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", self.prompt_tokens.get());
+        one("vllm:generation_tokens_total", "counter", "Generated tokens.", self.generation_tokens.get());
+        one("vllm:num_preemptions_total", "counter", "Requests preempted to free KV blocks.", self.preemptions.get());
+        one(
+            "vllm:prefix_cache_queries_total",
+            "counter",
+            "Prompt tokens looked up in the prefix cache.",
+            self.prefix_cache_queries.get(),
+        );
+        one(
+            "vllm:prefix_cache_hits_total",
+            "counter",
+            "Prompt tokens served by the prefix cache.",
+            self.prefix_cache_hits.get(),
+        );
+        let q = self.prefix_cache_queries.get();
+        one(
+            "tandem_prefix_cache_hit_rate",
+            "gauge",
+            "Prefix-cache hits over queries, in prompt tokens, since start.",
+            if q > 0.0 { self.prefix_cache_hits.get() / q } else { 0.0 },
+        );
+        let _ = writeln!(
+            o,
+            "# HELP vllm:request_success_total Finished requests by reason.\n# TYPE vllm:request_success_total counter"
+        );
+        for (reason, v) in
+            [("stop", &self.finished_stop), ("length", &self.finished_length), ("abort", &self.finished_abort)]
+        {
+            let _ = writeln!(o, "vllm:request_success_total{{finished_reason=\"{reason}\"}} {}", v.get());
+        }
+        let _ = writeln!(
+            o,
+            "# HELP vllm:cache_config_info KV cache configuration.\n# TYPE vllm:cache_config_info gauge\n\
+             vllm:cache_config_info{{block_size=\"{}\",num_gpu_blocks=\"{}\",enable_prefix_caching=\"{}\"}} 1",
+            self.block_size, self.num_blocks, self.prefix_caching
+        );
+        self.ttft.render(&mut o, "vllm:time_to_first_token_seconds", "Time to first token.");
+        self.inter_token.render(&mut o, "vllm:time_per_output_token_seconds", "Time between output tokens.");
+        self.e2e.render(&mut o, "vllm:e2e_request_latency_seconds", "Arrival to finish.");
+        self.queue_time.render(&mut o, "vllm:request_queue_time_seconds", "Arrival to first admission.");
+        o
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::new(&[1.0, 2.0]);
+        for v in [0.5, 1.5, 1.7, 9.0] {
+            h.observe(v);
+        }
+        let mut s = String::new();
+        h.render(&mut s, "x", "h");
+        assert!(s.contains("x_bucket{le=\"1\"} 1\n"), "{s}");
+        assert!(s.contains("x_bucket{le=\"2\"} 3\n"), "{s}");
+        assert!(s.contains("x_bucket{le=\"+Inf\"} 4\n"), "{s}");
+        assert!(s.contains("x_count 4\n"), "{s}");
+    }
+
+    #[test]
+    fn gauges_render_under_vllm_names() {
+        let m = Metrics::new(16, 100, true);
+        m.requests_running.set(3.0);
+        let t = m.render();
+        assert!(t.contains("\nvllm:num_requests_running 3\n"), "{t}");
+        assert!(t.contains("num_gpu_blocks=\"100\""), "{t}");
+    }
+}

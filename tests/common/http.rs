@@ -1,0 +1,170 @@
+//! The built `tandem serve` binary on a free port, and small HTTP helpers for it.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub struct Server {
+    child: Child,
+    pub base: String,
+    log: Arc<Mutex<String>>,
+    /// `/health` answered 503 (model loading) before it answered 200.
+    pub saw_loading: bool,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    /// Starts `tandem serve --model <model> --port 0` with `config` (TOML, added to
+    /// the defaults) and waits until `/health` is 200.
+    pub async fn start(model: &Path, config: &str) -> Server {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = dir.path().join("config.toml");
+        std::fs::write(&cfg, config).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .env("TANDEM_THREADS", "2")
+            .args(["--config", cfg.to_str().unwrap(), "serve", "--port", "0", "--model", model.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting tandem serve");
+        let log = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        let log2 = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split("listening on ").nth(1) {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+                let mut l = log2.lock().unwrap();
+                l.push_str(&line);
+                l.push('\n');
+            }
+        });
+        let base = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("the server did not report its address; stderr:\n{}", log.lock().unwrap());
+            }
+        };
+        let mut server = Server { child, base, log, saw_loading: false, _dir: dir };
+        server.wait_healthy().await;
+        server
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn stderr(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    async fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        loop {
+            if let Ok(r) = reqwest::get(self.url("/health")).await {
+                if r.status() == 200 {
+                    return;
+                }
+                assert_eq!(r.status(), 503, "health while loading");
+                if !self.saw_loading {
+                    self.saw_loading = true;
+                    // Generation endpoints refuse politely while loading, too (or,
+                    // if loading just finished, reject this invalid prompt).
+                    let r = reqwest::Client::new()
+                        .post(self.url("/v1/completions"))
+                        .body(r#"{"prompt": 5}"#)
+                        .send()
+                        .await
+                        .unwrap();
+                    match r.status().as_u16() {
+                        503 => assert!(r.headers().contains_key("retry-after")),
+                        400 => {}
+                        other => panic!("while loading: {other}"),
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "server never became healthy; stderr:\n{}", self.stderr());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let r = reqwest::Client::new().post(self.url(path)).json(body).send().await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {text}"));
+        (status, v)
+    }
+
+    /// A streamed request's events: each `data:` payload as JSON, and whether
+    /// `[DONE]` ended the stream (it must be last).
+    pub async fn post_stream(&self, path: &str, body: &Value) -> (Vec<Value>, bool) {
+        let r = reqwest::Client::new().post(self.url(path)).json(body).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+        let ct = r.headers()["content-type"].to_str().unwrap().to_string();
+        assert!(ct.starts_with("text/event-stream"), "{ct}");
+        parse_sse(&r.text().await.unwrap())
+    }
+
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.url("/metrics")).await.unwrap().text().await.unwrap()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        self.wait_exit()
+    }
+
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "no exit after SIGTERM; stderr:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- tandem serve stderr ---\n{}", self.stderr());
+        }
+    }
+}
+
+pub fn parse_sse(text: &str) -> (Vec<Value>, bool) {
+    let mut events = Vec::new();
+    let mut done = false;
+    for block in text.split("\n\n").filter(|b| !b.trim().is_empty()) {
+        let data = block.strip_prefix("data: ").unwrap_or_else(|| panic!("not an SSE data line: {block:?}"));
+        assert!(!done, "events after [DONE]: {text}");
+        if data == "[DONE]" {
+            done = true;
+        } else {
+            events.push(serde_json::from_str(data).unwrap_or_else(|e| panic!("{e}: {data}")));
+        }
+    }
+    (events, done)
+}
+
+/// The value of an unlabelled metric in Prometheus text.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}

@@ -1,0 +1,57 @@
+//! `tandem serve` on the default model (Qwen2.5-Coder-0.5B-Instruct Q4_K_M):
+//! real answers over HTTP, and streaming that equals the non-streamed text.
+//! Skipped, with a printed reason, when the model was not fetched.
+
+mod common;
+
+use common::http::Server;
+use common::*;
+use serde_json::{json, Value};
+
+fn content_of(events: &[Value]) -> String {
+    events.iter().filter_map(|e| e["choices"][0]["delta"]["content"].as_str()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_and_streams_like_it_answers() {
+    let Some(model) = default_model() else { return };
+    let s = Server::start(&model, "").await;
+    assert!(s.saw_loading, "the server answers (503) while the model loads");
+    let body = json!({
+        "model": "qwen2.5-coder-0.5b-instruct-q4_k_m",
+        "messages": [{"role": "user", "content": "What is the capital of France? Answer in one word."}],
+        "max_tokens": 12,
+        "temperature": 0,
+    });
+    let (st, v) = s.post("/v1/chat/completions", &body).await;
+    assert_eq!(st, 200, "{v}");
+    let text = v["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    assert!(text.contains("Paris"), "{text:?}");
+    assert_eq!(v["choices"][0]["finish_reason"], "stop", "a short answer ends with end-of-sequence");
+    assert_eq!(v["model"], "qwen2.5-coder-0.5b-instruct-q4_k_m");
+
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    sbody["stream_options"] = json!({"include_usage": true});
+    let (events, done) = s.post_stream("/v1/chat/completions", &sbody).await;
+    assert!(done);
+    assert_eq!(content_of(&events), text, "streamed deltas concatenate to the greedy answer");
+    let usage = &events.last().unwrap()["usage"];
+    assert_eq!(usage["completion_tokens"], v["usage"]["completion_tokens"]);
+
+    // A stop string on real text: the answer is cut right before it.
+    let body = json!({
+        "messages": [{"role": "user", "content": "Count from 1 to 10, separated by commas, nothing else."}],
+        "max_tokens": 40,
+        "temperature": 0,
+        "stop": ["5"],
+        "stream": true,
+    });
+    let (events, done) = s.post_stream("/v1/chat/completions", &body).await;
+    assert!(done);
+    let text = content_of(&events);
+    assert!(text.contains('4') && !text.contains('5'), "{text:?}");
+    let fin = events.iter().rev().find(|e| !e["choices"][0]["finish_reason"].is_null()).unwrap();
+    assert_eq!(fin["choices"][0]["finish_reason"], "stop");
+    assert_eq!(fin["choices"][0]["stop_reason"], "5");
+}
