@@ -10,8 +10,10 @@ use clap::{Parser, Subcommand};
 use tandem::api::{AppState, ModelNames, Ready};
 use tandem::backend::cpu::CpuBackend;
 use tandem::config::Config;
-use tandem::engine::generate::GenerateRequest;
-use tandem::engine::{spawn_engine, EngineConfig, Generator, ModelRunner, RunnerConfig, SamplingParams};
+use tandem::engine::{
+    spawn_engine, EngineConfig, EngineCore, EngineRequest, ModelRunner, RunnerConfig, SamplingParams, StepEvent,
+    StoppingParams,
+};
 use tandem::model::{load_model, LoadedModel};
 
 #[derive(Parser)]
@@ -120,23 +122,28 @@ fn run() -> Result<()> {
             if ids.is_empty() {
                 bail!("the prompt is empty");
             }
-            let stop_ids = if ignore_eos { vec![] } else { tok.eos_token_ids() };
-            let mut runner = ModelRunner::new(be, loaded.model, runner_config(&cfg))?;
-            let mut gen = Generator { runner: &mut runner, max_batch_tokens: cfg.scheduler.max_num_batched_tokens };
-            let req = GenerateRequest {
+            let engine_cfg = EngineConfig::from_config(&cfg, tok.eos_token_ids());
+            let mut engine = EngineCore::new(be, loaded.model, &engine_cfg)?;
+            let req = EngineRequest {
                 prompt: ids,
-                max_tokens,
                 sampling: SamplingParams { temperature, top_k, top_p, seed, ..Default::default() },
-                stop_ids,
+                stopping: StoppingParams { max_tokens, min_tokens: 0, stop_token_ids: vec![], ignore_eos },
+                logprobs: None,
+                prompt_logprobs: None,
             };
+            engine.add_request(0, req, std::time::Instant::now());
             let mut stream = tandem::tokenizer::DecodeStream::new(true);
             let mut stdout = std::io::stdout().lock();
-            gen.run(std::slice::from_ref(&req), |_, t| {
-                if let Ok(Some(piece)) = stream.step(&tok, t) {
-                    let _ = stdout.write_all(piece.as_bytes());
-                    let _ = stdout.flush();
+            while engine.has_work() {
+                for ev in engine.step().1 {
+                    if let StepEvent::Token(_, t) = ev {
+                        if let Some(piece) = stream.step(&tok, t.id)? {
+                            stdout.write_all(piece.as_bytes())?;
+                            stdout.flush()?;
+                        }
+                    }
                 }
-            })?;
+            }
             // Whatever the stream held back waiting for more bytes.
             stdout.write_all(stream.flush(&tok)?.as_bytes())?;
             writeln!(stdout)?;

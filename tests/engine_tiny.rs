@@ -167,6 +167,7 @@ fn the_handle_streams_tokens_aborts_on_drop_and_reports_metrics() {
         let mut got = vec![];
         let fin = loop {
             match s.next().await.unwrap() {
+                EngineEvent::Started(info) => assert_eq!(info.cached_prompt_tokens, 0),
                 EngineEvent::Token(t) => got.push(t.id),
                 EngineEvent::Finished(f) => break f,
                 EngineEvent::Failed(e) => panic!("{e}"),
@@ -178,6 +179,7 @@ fn the_handle_streams_tokens_aborts_on_drop_and_reports_metrics() {
 
         // A long request dropped after its first token is aborted and its blocks freed.
         let mut long = h.submit(greedy(&p, 200)).unwrap();
+        assert!(matches!(long.next().await, Some(EngineEvent::Started(_))));
         assert!(matches!(long.next().await, Some(EngineEvent::Token(_))));
         drop(long);
     });
@@ -219,4 +221,37 @@ fn a_full_waiting_queue_refuses_with_queue_full() {
         m.requests_waiting.get() == 0.0 && m.requests_running.get() == 0.0 && m.kv_blocks_used.get() == 0.0
     });
     assert!(h.submit(greedy(&p, 1)).is_ok(), "room again once the queue drained");
+}
+
+#[test]
+fn prompt_logprobs_are_the_log_softmax_of_each_prompt_position() {
+    let be = CpuBackend::new(2).unwrap();
+    let m = model();
+    let p = prompts(5)[4].clone();
+    let want = all_logits(&be, &m, &p);
+    // A tiny budget splits the prompt over several steps; the first run also
+    // fills the prefix cache, which a prompt-logprobs request must not use.
+    let mut e = engine(m, &engine_config(4, 256, 5));
+    e.generate(vec![greedy(&p, 1)]);
+    let req = EngineRequest { prompt_logprobs: Some(2), ..greedy(&p, 1) };
+    let id = 7;
+    e.add_request(id, req, std::time::Instant::now());
+    let mut got = None;
+    while e.has_work() {
+        for ev in e.step().1 {
+            if let tandem::engine::StepEvent::Started(_, info) = ev {
+                assert_eq!(info.cached_prompt_tokens, 0);
+                got = info.prompt_logprobs;
+            }
+        }
+    }
+    let got = got.expect("prompt logprobs were asked for");
+    assert_eq!(got.len(), p.len() - 1);
+    for (i, lp) in got.iter().enumerate() {
+        let row = &want[i];
+        let lse = row.iter().map(|&x| (x as f64).exp()).sum::<f64>().ln() as f32;
+        let expect = row[p[i + 1] as usize] - lse;
+        assert!((lp.logprob - expect).abs() < 1e-4, "position {i}: {} vs {expect}", lp.logprob);
+        assert_eq!(lp.top_logprobs.len(), 2);
+    }
 }

@@ -24,7 +24,8 @@ use crate::tokenizer::Tokenizer;
     path = "/v1/chat/completions",
     request_body = ChatCompletionRequest,
     responses(
-        (status = 200, description = "A completion, or an SSE stream of chunks when `stream` is true", body = ChatCompletionResponse),
+        (status = 200, description = "A completion, or an SSE stream of chunks when `stream` is true",
+            content((ChatCompletionResponse = "application/json"), (String = "text/event-stream"))),
         (status = 400, body = super::error::ErrorResponse),
         (status = 404, description = "Unknown model", body = super::error::ErrorResponse),
         (status = 413, body = super::error::ErrorResponse),
@@ -108,6 +109,9 @@ pub(crate) fn far_future() -> tokio::time::Instant {
 /// parts joined into one string (vLLM's "string" content format, which every
 /// HF template reads), tool-call arguments parsed from JSON strings to objects
 /// (templates serialize them with `tojson`).
+/// The roles OpenAI accepts (`function` is its deprecated form of `tool`).
+const ROLES: [&str; 6] = ["system", "developer", "user", "assistant", "tool", "function"];
+
 pub fn prepare_messages(messages: &[Value]) -> Result<Value, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::invalid_param("messages", "messages must contain at least one message"));
@@ -120,7 +124,13 @@ pub fn prepare_messages(messages: &[Value]) -> Result<Value, ApiError> {
         };
         let mut obj: Map<String, Value> = obj.clone();
         match obj.get("role") {
-            Some(Value::String(_)) => {}
+            Some(Value::String(r)) if ROLES.contains(&r.as_str()) => {}
+            Some(Value::String(r)) => {
+                return Err(ApiError::invalid_param(
+                    format!("{at}.role"),
+                    format!("{at}.role '{r}' is not one of {}", ROLES.join(", ")),
+                ))
+            }
             _ => return Err(ApiError::invalid_param(format!("{at}.role"), format!("{at}.role must be a string"))),
         }
         if let Some(content) = obj.get("content") {
@@ -237,6 +247,8 @@ impl ChunkRenderer for ChatChunks {
                 vec![self
                     .chunk(json!({"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": null}))]
             }
+            // Chat has no prompt logprobs.
+            ChoiceEvent::Prompt { .. } => vec![],
             ChoiceEvent::Done { index, outcome } => {
                 self.tally.add(0, &outcome);
                 vec![self.chunk(json!({
@@ -275,6 +287,9 @@ mod tests {
         assert_eq!(e.param.as_deref(), Some("messages"));
         let e = prepare_messages(&[json!({"content": "x"})]).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages[0].role"));
+        let e = prepare_messages(&[json!({"role": "wizard", "content": "x"})]).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages[0].role"));
+        assert!(e.message.contains("'wizard' is not one of"), "{}", e.message);
         let e = prepare_messages(&[json!({"role": "user", "content": 5})]).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages[0].content"));
         let e = prepare_messages(&[json!({"role": "user", "content": [{"type": "image_url", "image_url": {}}]})])

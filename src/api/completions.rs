@@ -68,7 +68,8 @@ pub fn parse_prompts(v: &Value) -> Result<Vec<PromptInput>, ApiError> {
     path = "/v1/completions",
     request_body = CompletionRequest,
     responses(
-        (status = 200, description = "A completion, or an SSE stream of chunks when `stream` is true", body = CompletionResponse),
+        (status = 200, description = "A completion, or an SSE stream of chunks when `stream` is true",
+            content((CompletionResponse = "application/json"), (String = "text/event-stream"))),
         (status = 400, body = super::error::ErrorResponse),
         (status = 404, description = "Unknown model", body = super::error::ErrorResponse),
         (status = 413, body = super::error::ErrorResponse),
@@ -86,11 +87,11 @@ pub async fn create(State(st): State<AppState>, body: Result<Bytes, BytesRejecti
     }
     let logprobs = params::completion_logprobs(req.logprobs)?;
     let echo = req.echo.unwrap_or(false);
-    if echo && logprobs.is_some() {
-        // That needs the prompt's logprobs, which the engine does not compute yet.
-        return Err(ApiError::invalid_param("echo", "echo together with logprobs is not supported yet"));
+    let mut params = params::validate(&req.shared(), req.max_tokens, logprobs, ready.engine.info())?;
+    if echo {
+        // The echoed prompt carries logprobs too (the first token's are null).
+        params.prompt_logprobs = logprobs;
     }
-    let params = params::validate(&req.shared(), req.max_tokens, logprobs, ready.engine.info())?;
     let tok = &ready.tokenizer;
     let inputs = parse_prompts(&req.prompt)?;
     let mut prompts = Vec::with_capacity(inputs.len());
@@ -137,7 +138,11 @@ pub async fn create(State(st): State<AppState>, body: Result<Bytes, BytesRejecti
             let echo = &echo_texts[prompt_index];
             let logprobs = params.logprobs.map(|_| {
                 let mut lp = CompletionLogprobs::default();
-                let mut offset = echo.chars().count();
+                let mut offset = 0;
+                match &c.prompt_logprobs {
+                    Some(p) => offset = lp.push_prompt(tok, &prompts[prompt_index], p, offset),
+                    None => offset += echo.chars().count(),
+                }
                 for t in &c.tokens {
                     offset = lp.push(tok, t, offset);
                 }
@@ -190,6 +195,10 @@ impl CompletionChunks {
 
 impl ChunkRenderer for CompletionChunks {
     fn start(&mut self) -> Vec<Value> {
+        if self.logprobs {
+            // The echo goes out with the prompt's logprobs, once the engine has them.
+            return vec![];
+        }
         (0..self.offsets.len())
             .filter(|&i| !self.echo[i / self.n].is_empty())
             .map(|i| {
@@ -200,6 +209,15 @@ impl ChunkRenderer for CompletionChunks {
 
     fn event(&mut self, ev: ChoiceEvent) -> Vec<Value> {
         match ev {
+            ChoiceEvent::Prompt { index, prompt, logprobs } => {
+                let mut lp = CompletionLogprobs::default();
+                let offset = lp.push_prompt(&self.tokenizer, &prompt, &logprobs, 0);
+                if let Some(o) = self.offsets.get_mut(index) {
+                    *o = offset;
+                }
+                let text = self.echo.get(index / self.n).cloned().unwrap_or_default();
+                vec![self.chunk(json!({"index": index, "text": text, "logprobs": lp, "finish_reason": null}))]
+            }
             ChoiceEvent::Delta { index, text, tokens } => {
                 if text.is_empty() && (!self.logprobs || tokens.is_empty()) {
                     return vec![];

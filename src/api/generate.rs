@@ -13,11 +13,18 @@ use super::error::ApiError;
 use super::responses::Outcome;
 use super::text::{TextDecoder, TextStep};
 use crate::engine::handle::FinishReason;
-use crate::engine::{EngineEvent, RequestStream, TokenOut};
+use crate::engine::{EngineEvent, RequestStream, TokenLogprob, TokenOut};
 use crate::tokenizer::Tokenizer;
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum ChoiceEvent {
+    /// The prompt's logprobs (entry i is prompt token i + 1's), when asked for;
+    /// before any `Delta`.
+    Prompt {
+        index: usize,
+        prompt: Vec<u32>,
+        logprobs: Vec<TokenLogprob>,
+    },
     /// Text released since the last event and the tokens generated since then
     /// (text may lag tokens: a possible stop string is held back).
     Delta {
@@ -47,7 +54,9 @@ pub struct Choice {
     /// `None` once finished; dropping it early aborts the engine request.
     stream: Option<RequestStream>,
     decoder: TextDecoder,
-    prompt_tokens: usize,
+    prompt: Vec<u32>,
+    /// Known once the engine has computed the prompt.
+    cached_tokens: usize,
     generated: usize,
     stop_token_ids: Vec<u32>,
     queue: VecDeque<Result<ChoiceEvent, ApiError>>,
@@ -59,7 +68,8 @@ impl Choice {
             index: spec.index,
             stream: Some(stream),
             decoder: TextDecoder::new(tokenizer, &spec.prompt, spec.stops, spec.include_stop, spec.skip_special_tokens),
-            prompt_tokens: spec.prompt.len(),
+            prompt: spec.prompt,
+            cached_tokens: 0,
             generated: 0,
             stop_token_ids: spec.stop_token_ids,
             queue: VecDeque::new(),
@@ -74,6 +84,13 @@ impl Choice {
             }
             let stream = self.stream.as_mut()?;
             match stream.next().await {
+                Some(EngineEvent::Started(info)) => {
+                    self.cached_tokens = info.cached_prompt_tokens;
+                    if let Some(logprobs) = info.prompt_logprobs {
+                        let prompt = self.prompt.clone();
+                        self.queue.push_back(Ok(ChoiceEvent::Prompt { index: self.index, prompt, logprobs }));
+                    }
+                }
                 Some(EngineEvent::Token(t)) => {
                     self.generated += 1;
                     match self.decoder.push_token(t.id) {
@@ -114,9 +131,8 @@ impl Choice {
             (Some(stop), finished) => Outcome {
                 finish_reason: "stop",
                 stop_reason: Value::String(stop),
-                prompt_tokens: self.prompt_tokens,
-                // Known only when the engine finished the request itself.
-                cached_tokens: finished.as_ref().map_or(0, |f| f.cached_tokens),
+                prompt_tokens: self.prompt.len(),
+                cached_tokens: self.cached_tokens,
                 completion_tokens: finished.as_ref().map_or(self.generated, |f| f.completion_tokens),
             },
             (None, Some(o)) => o,
@@ -150,6 +166,7 @@ pub struct Collected {
     pub index: usize,
     pub text: String,
     pub tokens: Vec<TokenOut>,
+    pub prompt_logprobs: Option<Vec<TokenLogprob>>,
     pub outcome: Outcome,
 }
 
@@ -159,13 +176,17 @@ pub async fn collect(choices: Vec<Choice>) -> Result<Vec<Collected>, ApiError> {
     let runs = choices.into_iter().map(|mut c| async move {
         let mut text = String::new();
         let mut tokens = Vec::new();
+        let mut prompt_logprobs = None;
         while let Some(ev) = c.next().await {
             match ev? {
+                ChoiceEvent::Prompt { logprobs, .. } => prompt_logprobs = Some(logprobs),
                 ChoiceEvent::Delta { text: t, tokens: ts, .. } => {
                     text.push_str(&t);
                     tokens.extend(ts);
                 }
-                ChoiceEvent::Done { index, outcome } => return Ok(Collected { index, text, tokens, outcome }),
+                ChoiceEvent::Done { index, outcome } => {
+                    return Ok(Collected { index, text, tokens, prompt_logprobs, outcome })
+                }
             }
         }
         Err(ApiError::internal("the engine ended the request without finishing it"))

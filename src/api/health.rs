@@ -13,7 +13,11 @@ use super::AppState;
 /// 200 once the engine is up, 503 while the model loads.
 #[utoipa::path(get, path = "/health", responses((status = 200), (status = 503, body = super::error::ErrorResponse)))]
 pub async fn health(State(st): State<AppState>) -> Result<StatusCode, ApiError> {
-    st.ready().map(|_| StatusCode::OK)
+    let ready = st.ready()?;
+    if !ready.engine.is_alive() {
+        return Err(ApiError::unavailable("the engine has stopped"));
+    }
+    Ok(StatusCode::OK)
 }
 
 #[derive(Serialize, ToSchema)]

@@ -97,6 +97,7 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(health::metrics))
         .route("/openapi.json", get(openapi::spec))
         .route("/v1/models", get(models::list))
+        .route("/v1/models/{*model}", get(models::retrieve))
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
         .fallback(health::not_found)
@@ -142,7 +143,9 @@ where
     };
     axum::serve(listener, router(state.clone())).with_graceful_shutdown(shutdown).await?;
     if let Ok(ready) = state.ready() {
-        ready.engine.shutdown();
+        if !ready.engine.shutdown_and_wait(std::time::Duration::from_secs(30)).await {
+            eprintln!("tandem: the engine did not stop within 30 s");
+        }
     }
     match load_error.get().cloned() {
         Some(e) => Err(ServeError::Load(e)),

@@ -1,7 +1,7 @@
 //! Model names: which `model` values this server answers to, resolved in one
 //! place so LoRA adapters (and routes) can join as more targets later.
 
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::Json;
 use serde::Serialize;
 use utoipa::ToSchema;
@@ -77,22 +77,37 @@ pub struct ModelList {
     pub data: Vec<ModelCard>,
 }
 
+fn base_card(st: &AppState, ready: &super::Ready) -> ModelCard {
+    ModelCard {
+        id: st.names.served.clone(),
+        object: "model",
+        created: st.created,
+        owned_by: "tandem",
+        root: ready.source.clone(),
+        parent: None,
+        max_model_len: ready.engine.info().max_model_len,
+    }
+}
+
 /// The served models (today: the base model).
 #[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList), (status = 503, body = super::error::ErrorResponse)))]
 pub async fn list(State(st): State<AppState>) -> Result<Json<ModelList>, ApiError> {
     let ready = st.ready()?;
-    Ok(Json(ModelList {
-        object: "list",
-        data: vec![ModelCard {
-            id: st.names.served.clone(),
-            object: "model",
-            created: st.created,
-            owned_by: "tandem",
-            root: ready.source.clone(),
-            parent: None,
-            max_model_len: ready.engine.info().max_model_len,
-        }],
-    }))
+    Ok(Json(ModelList { object: "list", data: vec![base_card(&st, ready)] }))
+}
+
+/// One model by any name it answers to (ids may contain `/`, as hub ids do).
+#[utoipa::path(
+    get,
+    path = "/v1/models/{model}",
+    params(("model" = String, Path, description = "A served model name")),
+    responses((status = 200, body = ModelCard), (status = 404, body = super::error::ErrorResponse), (status = 503, body = super::error::ErrorResponse))
+)]
+pub async fn retrieve(State(st): State<AppState>, Path(model): Path<String>) -> Result<Json<ModelCard>, ApiError> {
+    let ready = st.ready()?;
+    match resolve(&st.names, Some(&model))?.target {
+        Target::Base => Ok(Json(ModelCard { id: model, ..base_card(&st, ready) })),
+    }
 }
 
 #[cfg(test)]

@@ -9,7 +9,15 @@ use super::{chat, completions, error, health, models, protocol, responses};
 #[derive(OpenApi)]
 #[openapi(
     info(title = "tandem", description = "OpenAI-compatible LLM server"),
-    paths(chat::create, completions::create, models::list, health::health, health::version, health::metrics),
+    paths(
+        chat::create,
+        completions::create,
+        models::list,
+        models::retrieve,
+        health::health,
+        health::version,
+        health::metrics
+    ),
     components(schemas(
         protocol::ChatCompletionRequest,
         protocol::CompletionRequest,
@@ -20,6 +28,7 @@ use super::{chat, completions, error, health, models, protocol, responses};
         responses::CompletionResponse,
         responses::Usage,
         models::ModelList,
+        models::ModelCard,
         error::ErrorResponse,
     ))
 )]

@@ -54,6 +54,8 @@ pub struct GenParams {
     pub include_stop_str: bool,
     /// `Some(k)`: return logprobs with k alternatives.
     pub logprobs: Option<usize>,
+    /// `Some(k)`: also the prompt's logprobs (completions with `echo`).
+    pub prompt_logprobs: Option<usize>,
     pub stream: bool,
     pub include_usage: bool,
 }
@@ -164,6 +166,7 @@ pub fn validate(
         skip_special_tokens: s.skip_special_tokens,
         include_stop_str: s.include_stop_str_in_output,
         logprobs,
+        prompt_logprobs: None,
         stream: s.stream,
         include_usage: s.include_usage,
     })
@@ -237,6 +240,7 @@ impl GenParams {
                         ignore_eos: self.ignore_eos,
                     },
                     logprobs: self.logprobs,
+                    prompt_logprobs: self.prompt_logprobs,
                 }
             })
             .collect())

@@ -8,12 +8,55 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
+use utoipa::openapi::schema::{ArrayBuilder, Object, ObjectBuilder, OneOfBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
 use utoipa::ToSchema;
 
 /// `stop`: one string or a list of them.
-#[derive(Debug, Clone, Default, PartialEq, ToSchema)]
-#[schema(value_type = Object)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct StopStrings(pub Vec<String>);
+
+impl utoipa::PartialSchema for StopStrings {
+    fn schema() -> RefOr<Schema> {
+        one_of([string(), array(string())])
+    }
+}
+impl ToSchema for StopStrings {}
+
+fn string() -> RefOr<Schema> {
+    Object::with_type(Type::String).into()
+}
+fn integer() -> RefOr<Schema> {
+    ObjectBuilder::new().schema_type(Type::Integer).minimum(Some(0)).build().into()
+}
+fn array(items: RefOr<Schema>) -> RefOr<Schema> {
+    ArrayBuilder::new().items(items).build().into()
+}
+fn one_of<const N: usize>(items: [RefOr<Schema>; N]) -> RefOr<Schema> {
+    let mut b = OneOfBuilder::new();
+    for i in items {
+        b = b.item(i);
+    }
+    RefOr::T(Schema::OneOf(b.build()))
+}
+
+/// `prompt`: a string, strings, token ids, or lists of token ids.
+fn prompt_schema() -> RefOr<Schema> {
+    one_of([string(), array(string()), array(integer()), array(array(integer()))])
+}
+
+/// A message's `content`: a string, `{type: "text", text}` parts, or null.
+fn content_schema() -> RefOr<Schema> {
+    let part = ObjectBuilder::new()
+        .property("type", ObjectBuilder::new().schema_type(Type::String).enum_values(Some(["text"])))
+        .property("text", Object::with_type(Type::String))
+        .required("type")
+        .required("text")
+        .build();
+    let mut b = OneOfBuilder::new().item(string()).item(array(part.into()));
+    b = b.item(Object::with_type(Type::Null));
+    RefOr::T(Schema::OneOf(b.build()))
+}
 
 impl<'de> Deserialize<'de> for StopStrings {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -82,6 +125,7 @@ macro_rules! generation_request {
             pub frequency_penalty: Option<f64>,
             /// vLLM: > 0, 1 = off.
             #[serde(default)]
+            #[schema(exclusive_minimum = 0)]
             pub repetition_penalty: Option<f64>,
             /// Token id (as a string) -> bias in [-100, 100] added to its logit.
             #[serde(default)]
@@ -152,7 +196,7 @@ generation_request! {
     pub struct ChatCompletionRequest {
         /// At least one message: `{role, content}` where content is a string or an
         /// array of `{type: "text", text}` parts; assistant messages may carry `tool_calls`.
-        #[schema(value_type = Vec<ChatMessage>)]
+        #[schema(value_type = Vec<ChatMessage>, min_items = 1)]
         pub messages: Vec<Value>,
         /// Function definitions, passed to the chat template.
         #[serde(default)]
@@ -184,7 +228,7 @@ generation_request! {
     pub struct CompletionRequest {
         /// A string, an array of strings, an array of token ids, or an array of
         /// token-id arrays; each prompt gets `n` choices.
-        #[schema(value_type = Object)]
+        #[schema(schema_with = prompt_schema)]
         pub prompt: Value,
         /// Return the sampled tokens' log probabilities and this many alternatives (0..=20).
         #[serde(default)]
@@ -204,10 +248,10 @@ generation_request! {
 #[allow(dead_code)]
 #[derive(ToSchema)]
 pub struct ChatMessage {
-    /// system, user, assistant or tool.
+    #[schema(pattern = "^(system|developer|user|assistant|tool|function)$")]
     pub role: String,
     /// A string or an array of `{type: "text", text}` parts.
-    #[schema(value_type = Object)]
+    #[schema(schema_with = content_schema)]
     pub content: Option<Value>,
     pub name: Option<String>,
     /// Assistant tool calls; `function.arguments` is a JSON string.

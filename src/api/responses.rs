@@ -7,7 +7,7 @@ use serde_json::{json, Map, Value};
 use utoipa::ToSchema;
 
 use super::text::token_bytes;
-use crate::engine::TokenOut;
+use crate::engine::{TokenLogprob, TokenOut};
 use crate::tokenizer::Tokenizer;
 
 #[derive(Debug, Clone, Default, Serialize, ToSchema, PartialEq)]
@@ -102,26 +102,45 @@ pub fn chat_logprobs(tok: &Tokenizer, tokens: &[TokenOut]) -> Value {
 #[derive(Debug, Default, Clone, Serialize, PartialEq)]
 pub struct CompletionLogprobs {
     pub tokens: Vec<String>,
-    pub token_logprobs: Vec<f32>,
-    pub top_logprobs: Vec<Map<String, Value>>,
+    /// `null` for the first prompt token under `echo` (nothing precedes it).
+    pub token_logprobs: Vec<Option<f32>>,
+    pub top_logprobs: Vec<Option<Map<String, Value>>>,
     pub text_offset: Vec<usize>,
 }
 
 impl CompletionLogprobs {
     pub fn push(&mut self, tok: &Tokenizer, t: &TokenOut, offset: usize) -> usize {
-        let text = String::from_utf8_lossy(&token_bytes(tok, t.id)).into_owned();
-        let lp = finite(t.logprob.unwrap_or(f32::NEG_INFINITY));
-        // The alternatives, plus the sampled token (OpenAI: up to logprobs + 1 entries).
-        let mut top = Map::new();
-        for &(id, l) in &t.top_logprobs {
-            let s = String::from_utf8_lossy(&token_bytes(tok, id)).into_owned();
-            top.entry(s).or_insert(json!(finite(l)));
+        self.push_entry(tok, t.id, Some((t.logprob.unwrap_or(f32::NEG_INFINITY), &t.top_logprobs)), offset)
+    }
+
+    /// The prompt's tokens (for `echo`): the first has no logprob; token i's
+    /// is `logprobs[i - 1]`.
+    pub fn push_prompt(&mut self, tok: &Tokenizer, prompt: &[u32], logprobs: &[TokenLogprob], offset: usize) -> usize {
+        let mut offset = offset;
+        for (i, &id) in prompt.iter().enumerate() {
+            let lp = i.checked_sub(1).and_then(|j| logprobs.get(j)).map(|l| (l.logprob, &l.top_logprobs));
+            offset = self.push_entry(tok, id, lp, offset);
         }
-        top.entry(text.clone()).or_insert(json!(lp));
+        offset
+    }
+
+    fn push_entry(&mut self, tok: &Tokenizer, id: u32, lp: Option<(f32, &Vec<(u32, f32)>)>, offset: usize) -> usize {
+        let text = String::from_utf8_lossy(&token_bytes(tok, id)).into_owned();
+        let entry = lp.map(|(lp, alternatives)| {
+            let lp = finite(lp);
+            // The alternatives, plus the chosen token (OpenAI: up to logprobs + 1 entries).
+            let mut top = Map::new();
+            for &(alt, l) in alternatives {
+                let s = String::from_utf8_lossy(&token_bytes(tok, alt)).into_owned();
+                top.entry(s).or_insert(json!(finite(l)));
+            }
+            top.entry(text.clone()).or_insert(json!(lp));
+            (lp, top)
+        });
         let next = offset + text.chars().count();
         self.tokens.push(text);
-        self.token_logprobs.push(lp);
-        self.top_logprobs.push(top);
+        self.token_logprobs.push(entry.as_ref().map(|e| e.0));
+        self.top_logprobs.push(entry.map(|e| e.1));
         self.text_offset.push(offset);
         next
     }

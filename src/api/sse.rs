@@ -113,7 +113,7 @@ mod tests {
         fn event(&mut self, ev: ChoiceEvent) -> Vec<Value> {
             match ev {
                 ChoiceEvent::Delta { text, .. } => vec![json!({"text": text})],
-                ChoiceEvent::Done { .. } => vec![],
+                ChoiceEvent::Done { .. } | ChoiceEvent::Prompt { .. } => vec![],
             }
         }
         fn usage(&mut self) -> Option<Value> {

@@ -7,15 +7,18 @@ use std::time::Instant;
 use crate::backend::Backend;
 use crate::kv::KvCacheManager;
 
-use super::handle::{EngineConfig, EngineInfo, EngineRequest, FinishInfo, FinishReason, RequestId, TokenOut};
+use super::handle::{
+    EngineConfig, EngineInfo, EngineRequest, FinishInfo, FinishReason, RequestId, StartInfo, TokenLogprob, TokenOut,
+};
 use super::request::Request;
-use super::runner::{ModelRunner, RunChunk, RunnerConfig};
+use super::runner::{ChunkLogits, ModelRunner, RunChunk, RunnerConfig};
 use super::sampler;
 use super::scheduler::{RequestUpdate, Scheduler, SchedulerConfig, SchedulerOutput};
 
 /// What one step produced, in order, per request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum StepEvent {
+    Started(RequestId, StartInfo),
     Token(RequestId, TokenOut),
     Finished(RequestId, FinishInfo),
 }
@@ -90,16 +93,21 @@ impl<B: Backend> EngineCore<B> {
         if out.chunks.is_empty() {
             return (out, Vec::new());
         }
-        let mut with_logits = Vec::new();
+        // Per chunk: (request, its logits mode, first position, rows).
+        let mut plan = Vec::with_capacity(out.chunks.len());
         let chunks: Vec<RunChunk> = out
             .chunks
             .iter()
             .map(|&(id, n)| {
                 let r = self.scheduler.get(id).expect("scheduled requests exist");
-                let logits = r.num_computed + n == r.tokens.len();
-                if logits {
-                    with_logits.push(id);
-                }
+                let last = r.num_computed + n == r.tokens.len();
+                let wants_prompt = r.prompt_logprobs.is_some() && r.prompt_logprobs_got.len() + 1 < r.prompt_len;
+                let logits = match (wants_prompt, last) {
+                    (true, _) => ChunkLogits::All,
+                    (false, true) => ChunkLogits::Last,
+                    (false, false) => ChunkLogits::None,
+                };
+                plan.push((id, logits, r.num_computed, n));
                 RunChunk { tokens: &r.tokens, start: r.num_computed, len: n, blocks: &r.blocks.blocks, logits }
             })
             .collect();
@@ -107,28 +115,51 @@ impl<B: Backend> EngineCore<B> {
         drop(chunks);
         let vocab = self.info.vocab_size;
         let eos = &self.info.eos_token_ids;
-        let sampled: Vec<(RequestId, TokenOut)> = with_logits
-            .iter()
-            .enumerate()
-            .map(|(row, &id)| {
-                let r = self.scheduler.get_mut(id).expect("scheduled requests exist");
-                let row = &logits[row * vocab..(row + 1) * vocab];
-                let banned = r.banned_tokens(eos);
-                let tok = r.sampler.sample(row, &banned);
-                let (logprob, top_logprobs) = match r.logprobs {
-                    Some(k) => {
-                        let (lp, top) = sampler::logprobs(row, tok, k);
-                        (Some(lp), top)
+        let mut sampled: Vec<(RequestId, TokenOut)> = Vec::new();
+        let mut started = Vec::new();
+        let mut row = 0;
+        for (id, mode, start, n) in plan {
+            let r = self.scheduler.get_mut(id).expect("scheduled requests exist");
+            let rows = match mode {
+                ChunkLogits::None => continue,
+                ChunkLogits::Last => row..row + 1,
+                ChunkLogits::All => row..row + n,
+            };
+            row = rows.end;
+            if mode == ChunkLogits::All {
+                let k = r.prompt_logprobs.unwrap_or(0);
+                for (i, p) in (start..start + n).enumerate() {
+                    if p == r.prompt_logprobs_got.len() && p + 1 < r.prompt_len {
+                        let l = &logits[(rows.start + i) * vocab..(rows.start + i + 1) * vocab];
+                        let (logprob, top_logprobs) = sampler::logprobs(l, r.tokens[p + 1], k);
+                        r.prompt_logprobs_got.push(TokenLogprob { logprob, top_logprobs });
                     }
-                    None => (None, Vec::new()),
-                };
-                (id, TokenOut { id: tok, logprob, top_logprobs })
-            })
-            .collect();
+                }
+            }
+            if start + n != r.tokens.len() {
+                continue;
+            }
+            let last = &logits[(rows.end - 1) * vocab..rows.end * vocab];
+            let banned = r.banned_tokens(eos);
+            let tok = r.sampler.sample(last, &banned);
+            let (logprob, top_logprobs) = match r.logprobs {
+                Some(k) => {
+                    let (lp, top) = sampler::logprobs(last, tok, k);
+                    (Some(lp), top)
+                }
+                None => (None, Vec::new()),
+            };
+            if r.num_generated == 0 {
+                let prompt_logprobs = r.prompt_logprobs.map(|_| std::mem::take(&mut r.prompt_logprobs_got));
+                let info = StartInfo { cached_prompt_tokens: r.cached_prompt_tokens.unwrap_or(0), prompt_logprobs };
+                started.push(StepEvent::Started(id, info));
+            }
+            sampled.push((id, TokenOut { id: tok, logprob, top_logprobs }));
+        }
         let updates = self.scheduler.update_from_output(&out, sampled, eos);
-        let events = updates
+        let events = started
             .into_iter()
-            .map(|u| match u {
+            .chain(updates.into_iter().map(|u| match u {
                 RequestUpdate::Token(id, t) => StepEvent::Token(id, t),
                 RequestUpdate::Finished { id, reason, stop_token } => {
                     let r = self.scheduler.take_finished(id).expect("finished requests exist until taken");
@@ -141,7 +172,7 @@ impl<B: Backend> EngineCore<B> {
                     };
                     StepEvent::Finished(id, info)
                 }
-            })
+            }))
             .collect();
         (out, events)
     }
@@ -164,6 +195,7 @@ impl<B: Backend> EngineCore<B> {
                 match ev {
                     StepEvent::Token(id, t) => toks[(id - base) as usize].push(t),
                     StepEvent::Finished(id, f) => done[(id - base) as usize] = Some(f),
+                    StepEvent::Started(..) => {}
                 }
             }
         }

@@ -87,6 +87,11 @@ impl<B: Backend> EngineLoop<B> {
                         // A closed receiver means the client left; its Abort is on the way.
                         let _ = c.events.send(EngineEvent::Token(t));
                     }
+                    StepEvent::Started(id, info) => {
+                        if let Some(c) = clients.get(&id) {
+                            let _ = c.events.send(EngineEvent::Started(info));
+                        }
+                    }
                     StepEvent::Finished(id, f) => {
                         if f.stop_token.is_some() {
                             generated += 1;

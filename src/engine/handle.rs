@@ -34,6 +34,26 @@ pub struct EngineRequest {
     /// `Some(k)`: return each generated token's logprob and its `k` most likely
     /// alternatives (log-softmax of the raw logits, before penalties and temperature).
     pub logprobs: Option<usize>,
+    /// `Some(k)`: also return each prompt token's logprob (from position 1 on)
+    /// with `k` alternatives. Such a request computes its whole prompt (no
+    /// prefix-cache reuse: cached positions have no logits).
+    pub prompt_logprobs: Option<usize>,
+}
+
+/// A token's log-probability and the most likely alternatives at its position.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenLogprob {
+    pub logprob: f32,
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// Sent once, before the first token, when the prompt has been computed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StartInfo {
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub cached_prompt_tokens: usize,
+    /// One entry per prompt token after the first, when asked for.
+    pub prompt_logprobs: Option<Vec<TokenLogprob>>,
 }
 
 /// One generated token.
@@ -64,10 +84,11 @@ pub struct FinishInfo {
     pub output_tokens: usize,
 }
 
-/// What a request's channel carries, in order: tokens, then one `Finished` or
-/// `Failed`, then the channel closes.
+/// What a request's channel carries, in order: `Started`, tokens, then one
+/// `Finished` or `Failed`, then the channel closes.
 #[derive(Debug, Clone, PartialEq)]
 pub enum EngineEvent {
+    Started(StartInfo),
     Token(TokenOut),
     Finished(FinishInfo),
     /// This request failed (the engine goes on serving others).
@@ -187,6 +208,17 @@ impl EngineHandle {
     pub fn shutdown(&self) {
         let _ = self.commands.send(Command::Shutdown);
     }
+
+    /// `shutdown`, then waits up to `timeout` for the engine thread to exit.
+    /// Returns whether it did.
+    pub async fn shutdown_and_wait(&self, timeout: std::time::Duration) -> bool {
+        self.shutdown();
+        let start = std::time::Instant::now();
+        while self.is_alive() && start.elapsed() < timeout {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        !self.is_alive()
+    }
 }
 
 /// One request's events. Dropping it before `Finished` aborts the request.
@@ -208,7 +240,7 @@ impl RequestStream {
             return None;
         }
         let ev = self.events.recv().await.unwrap_or_else(|| EngineEvent::Failed("the engine stopped".into()));
-        if !matches!(ev, EngineEvent::Token(_)) {
+        if matches!(ev, EngineEvent::Finished(_) | EngineEvent::Failed(_)) {
             self.done = true;
         }
         Some(ev)

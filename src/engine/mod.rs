@@ -1,12 +1,12 @@
-//! Running sequences through a model. `runner` turns a set of per-sequence token
-//! chunks into one flattened varlen step over the paged KV cache; `generate`
-//! drives prompts to completion with chunked prefill mixed with decodes;
-//! `sampler` turns logits into token ids; `handle` is the async façade over the
-//! engine thread. Nothing here knows HTTP or text.
+//! Running requests through a model. `scheduler` decides what each step runs
+//! (chunked prefill mixed with decodes, preemption, prefix reuse through
+//! `kv::KvCacheManager`); `runner` turns that into one flattened varlen step over
+//! the paged KV cache; `sampler` turns logits into token ids; `core` ties them
+//! into one synchronous step; `engine_loop` runs it on the engine thread and
+//! `handle` is the async façade the HTTP side holds. Nothing here knows HTTP or text.
 
 pub mod core;
 mod engine_loop;
-pub mod generate;
 pub mod handle;
 pub mod request;
 pub mod runner;
@@ -14,10 +14,9 @@ pub mod sampler;
 pub mod scheduler;
 
 pub use core::{EngineCore, StepEvent};
-pub use generate::{GenerateOutput, Generator};
 pub use handle::{
     spawn_engine, EngineConfig, EngineEvent, EngineHandle, EngineInfo, EngineRequest, FinishInfo, FinishReason,
-    RequestId, RequestStream, StoppingParams, SubmitError, TokenOut,
+    RequestId, RequestStream, StartInfo, StoppingParams, SubmitError, TokenLogprob, TokenOut,
 };
-pub use runner::{ModelRunner, RunChunk, RunnerConfig, SeqState, StepError};
+pub use runner::{ChunkLogits, ModelRunner, RunChunk, RunnerConfig, SeqState, StepError};
 pub use sampler::{Sampler, SamplingParams};

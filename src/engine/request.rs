@@ -28,6 +28,9 @@ pub struct Request {
     pub sampler: Sampler,
     pub stopping: StoppingParams,
     pub logprobs: Option<usize>,
+    pub prompt_logprobs: Option<usize>,
+    /// Logprobs of prompt tokens 1.. gathered so far (when `prompt_logprobs`).
+    pub prompt_logprobs_got: Vec<super::handle::TokenLogprob>,
     /// Tokens generated, the stop token included (what usage counts).
     pub num_generated: usize,
     pub arrival: Instant,
@@ -51,6 +54,8 @@ impl Request {
             sampler,
             stopping: req.stopping,
             logprobs: req.logprobs,
+            prompt_logprobs: req.prompt_logprobs,
+            prompt_logprobs_got: Vec::new(),
             num_generated: 0,
             arrival,
             last_token_at: None,

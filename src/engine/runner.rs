@@ -62,8 +62,17 @@ pub struct RunChunk<'a> {
     pub start: usize,
     pub len: usize,
     pub blocks: &'a [BlockId],
-    /// Return the logits of the chunk's last token.
-    pub logits: bool,
+    pub logits: ChunkLogits,
+}
+
+/// Which of a chunk's rows return logits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkLogits {
+    None,
+    /// The last row (to sample the next token).
+    Last,
+    /// Every row (prompt logprobs).
+    All,
 }
 
 impl<B: Backend> ModelRunner<B> {
@@ -85,7 +94,7 @@ impl<B: Backend> ModelRunner<B> {
     }
 
     /// Runs every chunk as one flattened varlen step. Returns logits, row-major,
-    /// one row per chunk with `logits` set, in chunk order.
+    /// for the rows each chunk's `logits` asks for, in chunk and row order.
     pub fn execute(&mut self, chunks: &[RunChunk<'_>]) -> Vec<f32> {
         let bs = self.cfg.block_size;
         let total: usize = chunks.iter().map(|c| c.len).sum();
@@ -102,8 +111,10 @@ impl<B: Backend> ModelRunner<B> {
                 let block = c.blocks[p / bs];
                 slots.push((block.index() * bs + p % bs) as u32);
             }
-            if c.logits {
-                logits_rows.push(token_ids.len() - 1);
+            match c.logits {
+                ChunkLogits::None => {}
+                ChunkLogits::Last => logits_rows.push(token_ids.len() - 1),
+                ChunkLogits::All => logits_rows.extend(start..token_ids.len()),
             }
             seqs.push(SeqAttention {
                 rows: start..token_ids.len(),
@@ -153,7 +164,7 @@ impl<B: Backend> ModelRunner<B> {
                     start: q.num_computed,
                     len: n,
                     blocks: &q.blocks.blocks,
-                    logits: q.num_computed + n == q.tokens.len(),
+                    logits: if q.num_computed + n == q.tokens.len() { ChunkLogits::Last } else { ChunkLogits::None },
                 }
             })
             .collect();

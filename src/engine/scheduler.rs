@@ -133,7 +133,7 @@ impl Scheduler {
         while out.num_preempted == 0 && budget > 0 && self.running.len() < self.cfg.max_num_seqs {
             let Some(&id) = self.waiting.front() else { break };
             let req = self.requests.get_mut(&id).expect("waiting requests exist");
-            let hit = if req.num_computed == 0 {
+            let hit = if req.num_computed == 0 && req.prompt_logprobs.is_none() {
                 self.kv.find_prefix(&req.tokens, &req.block_hashes)
             } else {
                 Default::default()
@@ -246,6 +246,7 @@ mod tests {
             sampling: SamplingParams::default(),
             stopping: StoppingParams { max_tokens, min_tokens: 0, stop_token_ids: vec![], ignore_eos: false },
             logprobs: None,
+            prompt_logprobs: None,
         };
         Request::new(id, r, Instant::now())
     }

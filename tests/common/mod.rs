@@ -114,6 +114,7 @@ pub fn greedy(prompt: &[u32], max_tokens: usize) -> EngineRequest {
         sampling: SamplingParams::default(),
         stopping: StoppingParams { max_tokens, min_tokens: 0, stop_token_ids: vec![], ignore_eos: false },
         logprobs: None,
+        prompt_logprobs: None,
     }
 }
 
