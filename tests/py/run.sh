@@ -4,7 +4,8 @@
 #   2. starts target/release/tandem serve on a free port, waits for GET /health == 200
 #   3. pytest tests/py (the official openai client + raw httpx against the server)
 #   4. schemathesis against the server's /openapi.json (bounded in time)
-#   5. SIGTERM: the server must exit with status 0 within 30 s (graceful shutdown)
+#   5. /metrics: no KV block is held once the load is over
+#   6. SIGTERM: the server must exit with status 0 within 30 s (graceful shutdown)
 # Exits non-zero if any step failed. Run from anywhere; needs python3 (with venv/pip)
 # and network access to PyPI the first time.
 #
@@ -132,7 +133,31 @@ if [[ ${SKIP_SCHEMATHESIS:-} != 1 ]]; then
     ) || failed+=("schemathesis")
 fi
 
-# ---- 5. graceful shutdown -----------------------------------------------------
+# ---- 5. blocks come back -------------------------------------------------------
+# After all that load (streams cut short, aborted choices, fuzzed bodies) no KV
+# block may stay held: only the prefix cache keeps (free) blocks.
+say "KV blocks return to the prefix-cache-only baseline"
+"$PY" - "$BASE/metrics" <<'PYEOF' || failed+=("KV blocks still held after the load")
+import sys, time, urllib.request
+want = {"tandem_kv_blocks_used": 0.0, "vllm:num_requests_running": 0.0, "vllm:num_requests_waiting": 0.0}
+deadline = time.time() + 60
+while True:
+    text = urllib.request.urlopen(sys.argv[1], timeout=10).read().decode()
+    got = {}
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] in want:
+            got[parts[0]] = float(parts[1])
+    if got == want:
+        print("idle:", got)
+        break
+    if time.time() > deadline:
+        print("still held after 60 s:", got, file=sys.stderr)
+        sys.exit(1)
+    time.sleep(0.5)
+PYEOF
+
+# ---- 6. graceful shutdown -----------------------------------------------------
 say "SIGTERM to the server (pid $SERVER_PID)"
 if ! kill -0 "$SERVER_PID" 2>/dev/null; then
     wait "$SERVER_PID"; rc=$?
