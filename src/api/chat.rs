@@ -25,7 +25,7 @@ use crate::tokenizer::Tokenizer;
     request_body = ChatCompletionRequest,
     responses(
         (status = 200, description = "A completion, or an SSE stream of chunks when `stream` is true",
-            content((ChatCompletionResponse = "application/json"), (String = "text/event-stream"))),
+            content((ChatCompletionResponse = "application/json"), (super::sse::SseEvent = "text/event-stream"))),
         (status = 400, body = super::error::ErrorResponse),
         (status = 404, description = "Unknown model", body = super::error::ErrorResponse),
         (status = 413, body = super::error::ErrorResponse),

@@ -69,7 +69,7 @@ pub fn parse_prompts(v: &Value) -> Result<Vec<PromptInput>, ApiError> {
     request_body = CompletionRequest,
     responses(
         (status = 200, description = "A completion, or an SSE stream of chunks when `stream` is true",
-            content((CompletionResponse = "application/json"), (String = "text/event-stream"))),
+            content((CompletionResponse = "application/json"), (super::sse::SseEvent = "text/event-stream"))),
         (status = 400, body = super::error::ErrorResponse),
         (status = 404, description = "Unknown model", body = super::error::ErrorResponse),
         (status = 413, body = super::error::ErrorResponse),

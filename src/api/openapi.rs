@@ -4,7 +4,7 @@
 use axum::Json;
 use utoipa::OpenApi;
 
-use super::{chat, completions, error, health, models, protocol, responses};
+use super::{chat, completions, error, health, models, protocol, responses, sse};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -30,6 +30,7 @@ use super::{chat, completions, error, health, models, protocol, responses};
         models::ModelList,
         models::ModelCard,
         error::ErrorResponse,
+        sse::SseEvent,
     ))
 )]
 pub struct ApiDoc;

@@ -7,6 +7,16 @@ use serde_json::{json, Map, Value};
 use utoipa::ToSchema;
 
 use super::text::token_bytes;
+
+/// `stop_reason`: the matched stop string, the stop token id, or null.
+fn stop_reason_schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+    use utoipa::openapi::schema::{Object, OneOfBuilder, Schema, Type};
+    let b = OneOfBuilder::new()
+        .item(Object::with_type(Type::String))
+        .item(Object::with_type(Type::Integer))
+        .item(Object::with_type(Type::Null));
+    utoipa::openapi::RefOr::T(Schema::OneOf(b.build()))
+}
 use crate::engine::{TokenLogprob, TokenOut};
 use crate::tokenizer::Tokenizer;
 
@@ -160,7 +170,7 @@ pub struct ChatChoice {
     #[schema(value_type = Option<Object>)]
     pub logprobs: Option<Value>,
     pub finish_reason: &'static str,
-    #[schema(value_type = Option<Object>)]
+    #[schema(schema_with = stop_reason_schema)]
     pub stop_reason: Value,
 }
 
@@ -181,7 +191,7 @@ pub struct CompletionChoice {
     #[schema(value_type = Option<Object>)]
     pub logprobs: Option<CompletionLogprobs>,
     pub finish_reason: &'static str,
-    #[schema(value_type = Option<Object>)]
+    #[schema(schema_with = stop_reason_schema)]
     pub stop_reason: Value,
 }
 

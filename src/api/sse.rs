@@ -18,6 +18,15 @@ use tokio::time::Instant;
 use super::error::ApiError;
 use super::generate::{ChoiceEvent, ChoiceStream};
 
+/// One server-sent event, as the OpenAPI document describes a streamed response:
+/// `data` is a JSON chunk (the response's `.chunk` object) or `[DONE]`.
+#[allow(dead_code)]
+#[derive(utoipa::ToSchema)]
+pub struct SseEvent {
+    pub data: String,
+    pub event: Option<String>,
+}
+
 pub fn event(v: &Value) -> Bytes {
     let mut s = String::with_capacity(64);
     s.push_str("data: ");
