@@ -131,7 +131,7 @@ fn run() -> Result<()> {
                 logprobs: None,
                 prompt_logprobs: None,
             };
-            engine.add_request(0, req, std::time::Instant::now());
+            engine.add_request(0, req);
             let mut stream = tandem::tokenizer::DecodeStream::new(true);
             let mut stdout = std::io::stdout().lock();
             while engine.has_work() {

@@ -50,7 +50,7 @@ fn preemption_when_the_cache_runs_out_recomputes_without_changing_outputs() {
     let mut e = engine(model(), &cfg);
     let n = reqs.len();
     for (i, r) in reqs.into_iter().enumerate() {
-        e.add_request(i as u64, r, std::time::Instant::now());
+        e.add_request(i as u64, r);
     }
     let mut out = vec![Vec::new(); n];
     let mut preempted = 0;
@@ -235,7 +235,7 @@ fn prompt_logprobs_are_the_log_softmax_of_each_prompt_position() {
     e.generate(vec![greedy(&p, 1)]);
     let req = EngineRequest { prompt_logprobs: Some(2), ..greedy(&p, 1) };
     let id = 7;
-    e.add_request(id, req, std::time::Instant::now());
+    e.add_request(id, req);
     let mut got = None;
     while e.has_work() {
         for ev in e.step().1 {

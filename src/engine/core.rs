@@ -2,13 +2,11 @@
 //! synchronous and knows no channels, so tests and `tandem generate` drive it
 //! directly; the engine thread (`engine_loop`) wraps it for serving.
 
-use std::time::Instant;
-
 use crate::backend::Backend;
 use crate::kv::KvCacheManager;
 
 use super::handle::{
-    EngineConfig, EngineInfo, EngineRequest, FinishInfo, FinishReason, RequestId, StartInfo, TokenLogprob, TokenOut,
+    EngineConfig, EngineInfo, EngineRequest, FinishInfo, RequestId, StartInfo, TokenLogprob, TokenOut,
 };
 use super::request::Request;
 use super::runner::{ChunkLogits, ModelRunner, RunChunk, RunnerConfig};
@@ -70,16 +68,13 @@ impl<B: Backend> EngineCore<B> {
     pub fn scheduler(&self) -> &Scheduler {
         &self.scheduler
     }
-    pub fn runner(&self) -> &ModelRunner<B> {
-        &self.runner
-    }
     pub fn has_work(&self) -> bool {
         self.scheduler.has_work()
     }
 
     /// Queues a request (already validated by `EngineHandle::submit` or the caller).
-    pub fn add_request(&mut self, id: RequestId, req: EngineRequest, arrival: Instant) {
-        self.scheduler.add(Request::new(id, req, arrival));
+    pub fn add_request(&mut self, id: RequestId, req: EngineRequest) {
+        self.scheduler.add(Request::new(id, req));
     }
 
     /// Drops a request and frees its blocks; returns it if it existed.
@@ -181,10 +176,9 @@ impl<B: Backend> EngineCore<B> {
     /// finish — for `tandem generate`, benches and tests.
     pub fn generate(&mut self, reqs: Vec<EngineRequest>) -> Vec<(Vec<TokenOut>, FinishInfo)> {
         let n = reqs.len();
-        let now = Instant::now();
         let base = 1 << 40;
         for (i, r) in reqs.into_iter().enumerate() {
-            self.add_request(base + i as u64, r, now);
+            self.add_request(base + i as u64, r);
         }
         let mut toks: Vec<Vec<TokenOut>> = vec![Vec::new(); n];
         let mut done: Vec<Option<FinishInfo>> = vec![None; n];
@@ -200,14 +194,5 @@ impl<B: Backend> EngineCore<B> {
             }
         }
         toks.into_iter().zip(done).map(|(t, d)| (t, d.expect("every request finishes"))).collect()
-    }
-}
-
-impl FinishReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-        }
     }
 }

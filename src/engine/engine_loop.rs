@@ -117,7 +117,7 @@ impl<B: Backend> EngineLoop<B> {
         match c {
             Command::Add { id, req, events } => {
                 let arrival = Instant::now();
-                self.core.add_request(id, req, arrival);
+                self.core.add_request(id, req);
                 clients.insert(id, Client { events, arrival, admitted: false, last_token_at: None });
             }
             Command::Abort(id) => {

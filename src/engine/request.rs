@@ -2,8 +2,6 @@
 //! many of them are in the KV cache, the blocks that hold them, and the state
 //! its sampler and stop conditions need. Owned by the scheduler.
 
-use std::time::Instant;
-
 use crate::kv::{BlockHash, BlockTable};
 
 use super::handle::{EngineRequest, FinishReason, RequestId, StoppingParams};
@@ -33,13 +31,10 @@ pub struct Request {
     pub prompt_logprobs_got: Vec<super::handle::TokenLogprob>,
     /// Tokens generated, the stop token included (what usage counts).
     pub num_generated: usize,
-    pub arrival: Instant,
-    pub last_token_at: Option<Instant>,
-    pub num_preemptions: u32,
 }
 
 impl Request {
-    pub fn new(id: RequestId, req: EngineRequest, arrival: Instant) -> Self {
+    pub fn new(id: RequestId, req: EngineRequest) -> Self {
         let sampler = Sampler::with_prompt(req.sampling, &req.prompt);
         Self {
             id,
@@ -57,9 +52,6 @@ impl Request {
             prompt_logprobs: req.prompt_logprobs,
             prompt_logprobs_got: Vec::new(),
             num_generated: 0,
-            arrival,
-            last_token_at: None,
-            num_preemptions: 0,
         }
     }
 

@@ -108,8 +108,7 @@ impl<B: Backend> ModelRunner<B> {
             for p in c.start..c.start + c.len {
                 token_ids.push(c.tokens[p]);
                 positions.push(p as u32);
-                let block = c.blocks[p / bs];
-                slots.push((block.index() * bs + p % bs) as u32);
+                slots.push(crate::kv::slot(c.blocks, p, bs).expect("the caller reserved blocks for the chunk"));
             }
             match c.logits {
                 ChunkLogits::None => {}

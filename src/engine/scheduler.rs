@@ -164,7 +164,6 @@ impl Scheduler {
         self.kv.free(&mut req.blocks);
         req.num_computed = 0;
         req.num_registered_blocks = 0;
-        req.num_preemptions += 1;
         self.waiting.push_front(id);
     }
 
@@ -234,8 +233,6 @@ impl Scheduler {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Instant;
-
     use super::*;
     use crate::engine::handle::{EngineRequest, StoppingParams};
     use crate::engine::sampler::SamplingParams;
@@ -248,7 +245,7 @@ mod tests {
             logprobs: None,
             prompt_logprobs: None,
         };
-        Request::new(id, r, Instant::now())
+        Request::new(id, r)
     }
 
     fn sched(budget: usize, max_seqs: usize, blocks: usize, bs: usize) -> Scheduler {

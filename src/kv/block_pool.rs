@@ -174,12 +174,6 @@ impl BlockPool {
         let c = self.content[b.index()].as_ref()?;
         (c.parent == parent && *c.tokens == *tokens).then_some(b)
     }
-
-    /// Forgets every cached prefix (blocks in use keep their contents).
-    pub fn clear_prefix_cache(&mut self) {
-        self.cached.clear();
-        self.content.iter_mut().for_each(|c| *c = None);
-    }
 }
 
 #[cfg(test)]

@@ -113,10 +113,6 @@ impl KvCacheManager {
             self.pool.release(b);
         }
     }
-
-    pub fn clear_prefix_cache(&mut self) {
-        self.pool.clear_prefix_cache();
-    }
 }
 
 #[cfg(test)]

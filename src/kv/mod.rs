@@ -39,6 +39,13 @@ impl BlockId {
     }
 }
 
+/// Cache slot (block * block_size + offset) of token position `pos` of a
+/// sequence whose blocks, in token order, are `blocks`.
+pub fn slot(blocks: &[BlockId], pos: usize, block_size: usize) -> Option<u32> {
+    let block = blocks.get(pos / block_size)?;
+    u32::try_from(block.index() * block_size + pos % block_size).ok()
+}
+
 /// Blocks held by one sequence, in token order.
 #[derive(Debug, Default, Clone)]
 pub struct BlockTable {
@@ -52,8 +59,7 @@ impl BlockTable {
     }
     /// Cache slot (block * block_size + offset) of token position `pos`.
     pub fn slot(&self, pos: usize, block_size: usize) -> Option<u32> {
-        let block = self.blocks.get(pos / block_size)?;
-        u32::try_from(block.index() * block_size + pos % block_size).ok()
+        slot(&self.blocks, pos, block_size)
     }
     /// Grows the table so it can hold `tokens` tokens, taking blocks from `pool`.
     /// On failure nothing is taken.

@@ -61,7 +61,7 @@ pub fn all_logits(be: &CpuBackend, model: &LlamaModel<CpuBackend>, ids: &[u32]) 
     // Blocks 1.. in reverse order, so a block table that is not the identity is exercised.
     let table: Vec<tandem::kv::BlockId> = (1..nblocks as u32).rev().map(tandem::kv::BlockId).collect();
     let positions: Vec<u32> = (0..ids.len() as u32).collect();
-    let slots: Vec<u32> = (0..ids.len()).map(|p| (table[p / bs].0 as usize * bs + p % bs) as u32).collect();
+    let slots: Vec<u32> = (0..ids.len()).map(|p| tandem::kv::slot(&table, p, bs).unwrap()).collect();
     let rows: Vec<usize> = (0..ids.len()).collect();
     let input = StepInput {
         token_ids: ids,
