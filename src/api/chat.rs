@@ -15,7 +15,7 @@ use super::protocol::ChatCompletionRequest;
 use super::responses::{
     chat_logprobs, response_id, unix_now, ChatChoice, ChatCompletionResponse, ChatMessageOut, UsageTally,
 };
-use super::sse::{self, ChunkRenderer};
+use super::sse::{self, ChunkHeader, ChunkRenderer};
 use super::{json, models, params, AppState};
 use crate::tokenizer::Tokenizer;
 
@@ -63,16 +63,19 @@ pub async fn create(State(st): State<AppState>, body: Result<Bytes, BytesRejecti
     let created = unix_now();
     if params.stream {
         let renderer = ChatChunks {
-            id,
-            created,
-            model: model.name,
+            header: ChunkHeader {
+                id,
+                object: "chat.completion.chunk",
+                created,
+                model: model.name,
+                include_usage: params.include_usage,
+            },
             n: params.n,
             logprobs: params.logprobs.is_some(),
-            include_usage: params.include_usage,
             tokenizer: ready.tokenizer.clone(),
             tally: UsageTally::default(),
         };
-        let deadline = st.request_timeout().map_or(far_future(), |t| tokio::time::Instant::now() + t);
+        let deadline = sse::deadline(st.request_timeout());
         return Ok(sse::respond(generate::merge(choices), renderer, deadline, st.server.request_timeout_s));
     }
     let done = generate::collect_within(choices, st.request_timeout()).await?;
@@ -99,10 +102,6 @@ pub async fn create(State(st): State<AppState>, body: Result<Bytes, BytesRejecti
         usage: tally.usage(),
     };
     Ok(Json(resp).into_response())
-}
-
-pub(crate) fn far_future() -> tokio::time::Instant {
-    tokio::time::Instant::now() + std::time::Duration::from_secs(100 * 365 * 86400)
 }
 
 /// Checks each message and puts it in the shape chat templates expect: text
@@ -201,37 +200,18 @@ fn parse_tool_call_arguments(calls: &mut Value, at: &str) -> Result<(), ApiError
 /// Chat chunks: a `role` delta per choice first, then `content` deltas, then an
 /// empty delta with `finish_reason`; `usage` last when asked for.
 struct ChatChunks {
-    id: String,
-    created: u64,
-    model: String,
+    header: ChunkHeader,
     n: usize,
     logprobs: bool,
-    include_usage: bool,
     tokenizer: Arc<Tokenizer>,
     tally: UsageTally,
-}
-
-impl ChatChunks {
-    fn chunk(&self, choice: Value) -> Value {
-        let mut v = json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-        });
-        if self.include_usage {
-            v["usage"] = Value::Null;
-        }
-        v
-    }
 }
 
 impl ChunkRenderer for ChatChunks {
     fn start(&mut self) -> Vec<Value> {
         (0..self.n)
             .map(|i| {
-                self.chunk(json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}))
+                self.header.chunk(json!({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}))
             })
             .collect()
     }
@@ -245,13 +225,14 @@ impl ChunkRenderer for ChatChunks {
                 }
                 let lp = if self.logprobs { chat_logprobs(&self.tokenizer, &tokens) } else { Value::Null };
                 vec![self
+                    .header
                     .chunk(json!({"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": null}))]
             }
             // Chat has no prompt logprobs.
             ChoiceEvent::Prompt { .. } => vec![],
             ChoiceEvent::Done { index, outcome } => {
                 self.tally.add(0, &outcome);
-                vec![self.chunk(json!({
+                vec![self.header.chunk(json!({
                     "index": index,
                     "delta": {},
                     "logprobs": null,
@@ -263,16 +244,7 @@ impl ChunkRenderer for ChatChunks {
     }
 
     fn usage(&mut self) -> Option<Value> {
-        self.include_usage.then(|| {
-            json!({
-                "id": self.id,
-                "object": "chat.completion.chunk",
-                "created": self.created,
-                "model": self.model,
-                "choices": [],
-                "usage": self.tally.usage(),
-            })
-        })
+        self.header.usage_chunk(self.tally.usage())
     }
 }
 
@@ -315,12 +287,15 @@ mod tests {
         let p =
             std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny/qwen2/hf-f32/tokenizer.json");
         ChatChunks {
-            id: "chatcmpl-1".into(),
-            created: 7,
-            model: "m".into(),
+            header: ChunkHeader {
+                id: "chatcmpl-1".into(),
+                object: "chat.completion.chunk",
+                created: 7,
+                model: "m".into(),
+                include_usage,
+            },
             n: 2,
             logprobs,
-            include_usage,
             tokenizer: Arc::new(Tokenizer::from_file(&p).unwrap()),
             tally: UsageTally::default(),
         }

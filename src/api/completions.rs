@@ -10,12 +10,11 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use super::chat::far_future;
 use super::error::ApiError;
 use super::generate::{self, ChoiceEvent};
 use super::protocol::CompletionRequest;
 use super::responses::{response_id, unix_now, CompletionChoice, CompletionLogprobs, CompletionResponse, UsageTally};
-use super::sse::{self, ChunkRenderer};
+use super::sse::{self, ChunkHeader, ChunkRenderer};
 use super::{json, models, params, AppState};
 use crate::tokenizer::Tokenizer;
 
@@ -114,18 +113,21 @@ pub async fn create(State(st): State<AppState>, body: Result<Bytes, BytesRejecti
     let echo_texts: Vec<String> = if echo { prompt_texts } else { vec![String::new(); prompts.len()] };
     if params.stream {
         let renderer = CompletionChunks {
-            id,
-            created,
-            model: model.name,
+            header: ChunkHeader {
+                id,
+                object: "text_completion",
+                created,
+                model: model.name,
+                include_usage: params.include_usage,
+            },
             n: params.n,
             echo: echo_texts.clone(),
             offsets: (0..prompts.len() * params.n).map(|i| echo_texts[i / params.n].chars().count()).collect(),
             logprobs: params.logprobs.is_some(),
-            include_usage: params.include_usage,
             tokenizer: ready.tokenizer.clone(),
             tally: UsageTally::default(),
         };
-        let deadline = st.request_timeout().map_or(far_future(), |t| tokio::time::Instant::now() + t);
+        let deadline = sse::deadline(st.request_timeout());
         return Ok(sse::respond(generate::merge(choices), renderer, deadline, st.server.request_timeout_s));
     }
     let done = generate::collect_within(choices, st.request_timeout()).await?;
@@ -163,34 +165,15 @@ pub async fn create(State(st): State<AppState>, body: Result<Bytes, BytesRejecti
 }
 
 struct CompletionChunks {
-    id: String,
-    created: u64,
-    model: String,
+    header: ChunkHeader,
     n: usize,
     /// Per prompt: the text `echo` sends first.
     echo: Vec<String>,
     /// Per choice: `text_offset` of its next token.
     offsets: Vec<usize>,
     logprobs: bool,
-    include_usage: bool,
     tokenizer: Arc<Tokenizer>,
     tally: UsageTally,
-}
-
-impl CompletionChunks {
-    fn chunk(&self, choice: Value) -> Value {
-        let mut v = json!({
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
-        });
-        if self.include_usage {
-            v["usage"] = Value::Null;
-        }
-        v
-    }
 }
 
 impl ChunkRenderer for CompletionChunks {
@@ -202,7 +185,8 @@ impl ChunkRenderer for CompletionChunks {
         (0..self.offsets.len())
             .filter(|&i| !self.echo[i / self.n].is_empty())
             .map(|i| {
-                self.chunk(json!({"index": i, "text": self.echo[i / self.n], "logprobs": null, "finish_reason": null}))
+                self.header
+                    .chunk(json!({"index": i, "text": self.echo[i / self.n], "logprobs": null, "finish_reason": null}))
             })
             .collect()
     }
@@ -216,7 +200,7 @@ impl ChunkRenderer for CompletionChunks {
                     *o = offset;
                 }
                 let text = self.echo.get(index / self.n).cloned().unwrap_or_default();
-                vec![self.chunk(json!({"index": index, "text": text, "logprobs": lp, "finish_reason": null}))]
+                vec![self.header.chunk(json!({"index": index, "text": text, "logprobs": lp, "finish_reason": null}))]
             }
             ChoiceEvent::Delta { index, text, tokens } => {
                 if text.is_empty() && (!self.logprobs || tokens.is_empty()) {
@@ -235,11 +219,11 @@ impl ChunkRenderer for CompletionChunks {
                 } else {
                     Value::Null
                 };
-                vec![self.chunk(json!({"index": index, "text": text, "logprobs": lp, "finish_reason": null}))]
+                vec![self.header.chunk(json!({"index": index, "text": text, "logprobs": lp, "finish_reason": null}))]
             }
             ChoiceEvent::Done { index, outcome } => {
                 self.tally.add(index / self.n, &outcome);
-                vec![self.chunk(json!({
+                vec![self.header.chunk(json!({
                     "index": index,
                     "text": "",
                     "logprobs": null,
@@ -251,16 +235,7 @@ impl ChunkRenderer for CompletionChunks {
     }
 
     fn usage(&mut self) -> Option<Value> {
-        self.include_usage.then(|| {
-            json!({
-                "id": self.id,
-                "object": "text_completion",
-                "created": self.created,
-                "model": self.model,
-                "choices": [],
-                "usage": self.tally.usage(),
-            })
-        })
+        self.header.usage_chunk(self.tally.usage())
     }
 }
 

@@ -17,6 +17,7 @@ use tokio::time::Instant;
 
 use super::error::ApiError;
 use super::generate::{ChoiceEvent, ChoiceStream};
+use super::responses::Usage;
 
 /// One server-sent event, as the OpenAPI document describes a streamed response:
 /// `data` is a JSON chunk (the response's `.chunk` object) or `[DONE]`.
@@ -36,6 +37,54 @@ pub fn event(v: &Value) -> Bytes {
 }
 
 pub const DONE: &[u8] = b"data: [DONE]\n\n";
+
+/// What every chunk of one streamed response carries besides its choice.
+pub struct ChunkHeader {
+    pub id: String,
+    /// "chat.completion.chunk" or "text_completion".
+    pub object: &'static str,
+    pub created: u64,
+    pub model: String,
+    /// Every chunk carries `usage: null`, and a usage chunk comes last.
+    pub include_usage: bool,
+}
+
+impl ChunkHeader {
+    /// A chunk holding one choice.
+    pub fn chunk(&self, choice: Value) -> Value {
+        let mut v = serde_json::json!({
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        });
+        if self.include_usage {
+            v["usage"] = Value::Null;
+        }
+        v
+    }
+
+    /// The final chunk with `usage` and `choices: []`, when the client asked for it.
+    pub fn usage_chunk(&self, usage: Usage) -> Option<Value> {
+        self.include_usage.then(|| {
+            serde_json::json!({
+                "id": self.id,
+                "object": self.object,
+                "created": self.created,
+                "model": self.model,
+                "choices": [],
+                "usage": usage,
+            })
+        })
+    }
+}
+
+/// When a stream started now must end: after the server's request timeout,
+/// or (no timeout) never in practice.
+pub fn deadline(timeout: Option<std::time::Duration>) -> Instant {
+    Instant::now() + timeout.unwrap_or(std::time::Duration::from_secs(100 * 365 * 86400))
+}
 
 /// Turns choice events into chunk JSON for one endpoint.
 pub trait ChunkRenderer: Send + 'static {
