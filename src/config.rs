@@ -15,6 +15,23 @@ pub struct Config {
     pub cache: CacheSection,
     pub scheduler: SchedulerSection,
     pub server: ServerSection,
+    pub lora: LoraSection,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    /// Adapter slots: distinct adapters a running batch can hold (0 disables LoRA).
+    pub max_loras: usize,
+    pub max_lora_rank: usize,
+    /// Host cache for parsed adapter weights, in MiB.
+    pub max_cpu_lora_mib: usize,
+    /// Directories HTTP requests may load adapters from.
+    pub allowed_roots: Vec<String>,
+    /// Whether HTTP requests may name Hugging Face hub adapters.
+    pub allow_hub: bool,
+    /// Adapters loaded at start: name -> directory (or hub id).
+    pub adapters: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

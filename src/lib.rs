@@ -13,6 +13,7 @@ pub mod config;
 pub mod engine;
 pub mod kv;
 pub mod loader;
+pub mod lora;
 pub mod metrics;
 pub mod model;
 pub mod quant;

@@ -14,6 +14,7 @@ use tandem::engine::{
     spawn_engine, EngineConfig, EngineCore, EngineRequest, ModelRunner, RunnerConfig, SamplingParams, StepEvent,
     StoppingParams,
 };
+use tandem::lora::{LoraRegistry, RegistryConfig};
 use tandem::model::{load_model, LoadedModel};
 
 #[derive(Parser)]
@@ -27,6 +28,47 @@ struct Cli {
     threads: Option<usize>,
     #[command(subcommand)]
     cmd: Cmd,
+}
+
+/// LoRA flags shared by `serve` and `generate`.
+#[derive(clap::Args, Default)]
+struct LoraArgs {
+    /// A LoRA adapter to load at start, as name=directory (or name=org/repo);
+    /// repeatable. Requests choose it with `model: "name"`.
+    #[arg(long = "lora", value_name = "NAME=PATH")]
+    lora: Vec<String>,
+    /// A directory HTTP requests may load adapters from (load_lora_adapter,
+    /// adapter_id); repeatable.
+    #[arg(long = "lora-root", value_name = "DIR")]
+    lora_root: Vec<String>,
+    /// Adapter slots (distinct adapters in the running batch at once).
+    #[arg(long)]
+    max_loras: Option<usize>,
+    /// Largest adapter rank accepted.
+    #[arg(long)]
+    max_lora_rank: Option<usize>,
+}
+
+impl LoraArgs {
+    fn apply(self, cfg: &mut Config) -> Result<()> {
+        for spec in self.lora {
+            let Some((name, path)) = spec.split_once('=') else {
+                bail!("--lora {spec:?}: expected NAME=PATH");
+            };
+            if name.is_empty() || path.is_empty() {
+                bail!("--lora {spec:?}: expected NAME=PATH");
+            }
+            cfg.lora.adapters.insert(name.to_string(), path.to_string());
+        }
+        cfg.lora.allowed_roots.extend(self.lora_root);
+        if let Some(n) = self.max_loras {
+            cfg.lora.max_loras = n;
+        }
+        if let Some(r) = self.max_lora_rank {
+            cfg.lora.max_lora_rank = r;
+        }
+        Ok(())
+    }
 }
 
 #[derive(Subcommand)]
@@ -58,6 +100,9 @@ enum Cmd {
         top_p: f32,
         #[arg(long)]
         seed: Option<u64>,
+        /// Run with this PEFT LoRA adapter directory.
+        #[arg(long)]
+        adapter: Option<PathBuf>,
     },
     /// Serve the OpenAI-compatible HTTP API.
     Serve {
@@ -70,6 +115,26 @@ enum Cmd {
         /// Port to bind; 0 picks a free one (default: the config's `server.port`).
         #[arg(long)]
         port: Option<u16>,
+        #[command(flatten)]
+        lora: LoraArgs,
+    },
+    /// Measure serving throughput with many LoRA adapters against the base model alone.
+    BenchLora {
+        #[arg(long)]
+        model: Option<String>,
+        /// Running sequences at once.
+        #[arg(long, value_delimiter = ',', default_values_t = vec![16, 32])]
+        concurrency: Vec<usize>,
+        /// Distinct adapters per run (0 = base only).
+        #[arg(long, value_delimiter = ',', default_values_t = vec![1, 8, 32, 128])]
+        adapters: Vec<usize>,
+        /// Adapter ranks (all seven projections).
+        #[arg(long, value_delimiter = ',', default_values_t = vec![16])]
+        rank: Vec<usize>,
+        #[arg(long, default_value_t = 32)]
+        prompt_len: usize,
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
     },
     /// Measure prefill and decode throughput.
     Bench {
@@ -104,8 +169,28 @@ fn run() -> Result<()> {
         cfg.cpu.threads = t;
     }
     match cli.cmd {
-        Cmd::Generate { model, prompt, chat, system, max_tokens, ignore_eos, temperature, top_k, top_p, seed } => {
+        Cmd::Generate {
+            model,
+            prompt,
+            chat,
+            system,
+            max_tokens,
+            ignore_eos,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            adapter,
+        } => {
             let (be, loaded) = load(&cfg, model)?;
+            let adapter = match adapter {
+                Some(dir) => {
+                    let limits = tandem::lora::LoraLimits { max_rank: cfg.lora.max_lora_rank };
+                    let name = dir.display().to_string();
+                    Some(Arc::new(tandem::lora::load_peft_dir(&name, &dir, &loaded.model.config, limits)?))
+                }
+                None => None,
+            };
             let tok = loaded.tokenizer.context("this model has no tokenizer, so it cannot take text")?;
             let text = if chat {
                 let tmpl = tok.chat_template().context("this model has no chat template")?;
@@ -130,6 +215,7 @@ fn run() -> Result<()> {
                 stopping: StoppingParams { max_tokens, min_tokens: 0, stop_token_ids: vec![], ignore_eos },
                 logprobs: None,
                 prompt_logprobs: None,
+                adapter,
             };
             engine.add_request(0, req);
             let mut stream = tandem::tokenizer::DecodeStream::new(true);
@@ -148,7 +234,8 @@ fn run() -> Result<()> {
             stdout.write_all(stream.flush(&tok)?.as_bytes())?;
             writeln!(stdout)?;
         }
-        Cmd::Serve { model, host, port } => {
+        Cmd::Serve { model, host, port, lora } => {
+            lora.apply(&mut cfg)?;
             if let Some(h) = host {
                 cfg.server.host = h;
             }
@@ -157,6 +244,24 @@ fn run() -> Result<()> {
             }
             let spec = model.unwrap_or_else(|| cfg.model.path.clone());
             serve(cfg, spec)?;
+        }
+        Cmd::BenchLora { model, concurrency, adapters, rank, prompt_len, max_tokens } => {
+            let (be, loaded) = load(&cfg, model)?;
+            let name = tandem::backend::Backend::name(&be);
+            println!("model: {}\nbackend: {name}\nmax_loras: {}", loaded.source, cfg.lora.max_loras);
+            let opts = tandem::bench::lora::LoraBenchOptions {
+                concurrency,
+                adapters,
+                ranks: rank,
+                prompt_len,
+                max_tokens,
+                max_loras: cfg.lora.max_loras,
+            };
+            let engine_cfg = EngineConfig::from_config(&cfg, vec![]);
+            let scratch = tempfile_dir()?;
+            let report = tandem::bench::lora::run(be, loaded.model, &engine_cfg, &opts, &scratch)?;
+            let _ = std::fs::remove_dir_all(&scratch);
+            print!("{report}");
         }
         Cmd::Bench { model, prompt_len, decode_steps, batch, reps } => {
             let (be, loaded) = load(&cfg, model)?;
@@ -181,13 +286,24 @@ fn serve(cfg: Config, spec: String) -> Result<()> {
         // Tests and scripts read the bound address (port 0 picks one) from this line.
         eprintln!("tandem: listening on http://{}", listener.local_addr()?);
         let names = ModelNames::from_spec(&spec, &cfg.server.served_model_name);
+        let reserved = names.all();
         let state = AppState::new(names, cfg.server.clone());
         let loader = move || -> std::result::Result<Ready, String> {
-            let (be, loaded) = load(&cfg, Some(spec)).map_err(|e| format!("{e:#}"))?;
+            let (be, loaded) = load(&cfg, Some(spec.clone())).map_err(|e| format!("{e:#}"))?;
             let tok = loaded.tokenizer.ok_or("this model has no tokenizer; the HTTP API needs one")?;
             let engine_cfg = EngineConfig::from_config(&cfg, tok.eos_token_ids());
+            let loras = Arc::new(LoraRegistry::new(registry_config(&cfg), loaded.model.config.clone(), reserved));
+            for (name, path) in &cfg.lora.adapters {
+                let a = loras.load_startup(name, path).map_err(|e| format!("LoRA adapter '{name}': {e}"))?;
+                if let Some(base) = a.base_model.as_deref() {
+                    if !spec.contains(base) && !base.contains(spec.as_str()) {
+                        eprintln!("tandem: warning: adapter '{name}' was trained on '{base}', not '{spec}'");
+                    }
+                }
+                eprintln!("tandem: LoRA adapter '{name}' loaded (rank {}, {} KiB)", a.max_rank, a.bytes() / 1024);
+            }
             let engine = spawn_engine(be, loaded.model, engine_cfg).map_err(|e| format!("starting the engine: {e}"))?;
-            Ok(Ready { engine, tokenizer: Arc::new(tok), source: loaded.source })
+            Ok(Ready { engine, tokenizer: Arc::new(tok), source: loaded.source, loras })
         };
         tandem::api::serve(listener, state, loader).await?;
         eprintln!("tandem: stopped");
@@ -203,6 +319,23 @@ fn load(cfg: &Config, spec: Option<String>) -> Result<(CpuBackend, LoadedModel<C
     Ok((be, loaded))
 }
 
+/// A fresh scratch directory under the system temp dir.
+fn tempfile_dir() -> Result<PathBuf> {
+    let d = std::env::temp_dir().join(format!("tandem-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    Ok(d)
+}
+
 fn runner_config(cfg: &Config) -> RunnerConfig {
-    RunnerConfig { block_size: cfg.cache.block_size, num_blocks: cfg.cache.num_blocks }
+    RunnerConfig { block_size: cfg.cache.block_size, num_blocks: cfg.cache.num_blocks, max_loras: cfg.lora.max_loras }
+}
+
+fn registry_config(cfg: &Config) -> RegistryConfig {
+    RegistryConfig {
+        max_loras: cfg.lora.max_loras,
+        limits: tandem::lora::LoraLimits { max_rank: cfg.lora.max_lora_rank },
+        max_host_bytes: cfg.lora.max_cpu_lora_mib.saturating_mul(1 << 20),
+        allowed_roots: cfg.lora.allowed_roots.iter().map(PathBuf::from).collect(),
+        allow_hub: cfg.lora.allow_hub,
+    }
 }

@@ -3,6 +3,7 @@
 //! tandem's own carry the `tandem_` prefix. The engine thread writes them; the
 //! HTTP side only renders.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -94,10 +95,99 @@ pub struct Metrics {
     pub inter_token: Histogram,
     pub e2e: Histogram,
     pub queue_time: Histogram,
+    pub lora: LoraMetrics,
+}
+
+/// LoRA gauges and counters written by the engine thread.
+#[derive(Default)]
+pub struct LoraMetrics {
+    pub max_loras: usize,
+    /// Adapter names of running / waiting requests, comma-separated, and when they were set.
+    pub info: Mutex<LoraInfo>,
+    /// Slots pinned by running requests, and slots holding an adapter.
+    pub slots_pinned: Value,
+    pub slots_occupied: Value,
+    pub slot_loads: Value,
+    pub slot_evictions: Value,
+    /// Per adapter name: (finished requests, generated tokens).
+    pub per_adapter: Mutex<BTreeMap<String, (u64, u64)>>,
+}
+
+#[derive(Default, Clone, PartialEq)]
+pub struct LoraInfo {
+    pub running: String,
+    pub waiting: String,
+    pub updated_unix_s: f64,
+}
+
+impl LoraMetrics {
+    pub fn count_tokens(&self, adapter: &str, tokens: u64) {
+        self.per_adapter.lock().unwrap_or_else(|e| e.into_inner()).entry(adapter.to_string()).or_default().1 += tokens;
+    }
+    pub fn count_request(&self, adapter: &str) {
+        self.per_adapter.lock().unwrap_or_else(|e| e.into_inner()).entry(adapter.to_string()).or_default().0 += 1;
+    }
+    /// Sets the adapter lists; the timestamp moves only when they change.
+    pub fn set_info(&self, running: String, waiting: String) {
+        let mut i = self.info.lock().unwrap_or_else(|e| e.into_inner());
+        if i.running != running || i.waiting != waiting || i.updated_unix_s == 0.0 {
+            let now =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+            *i = LoraInfo { running, waiting, updated_unix_s: now };
+        }
+    }
+
+    fn render(&self, o: &mut String) {
+        let info = self.info.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let _ = writeln!(
+            o,
+            "# HELP vllm:lora_requests_info Running stats on LoRA requests (value: when the lists last changed).\n\
+             # TYPE vllm:lora_requests_info gauge\n\
+             vllm:lora_requests_info{{max_lora=\"{}\",running_lora_adapters=\"{}\",waiting_lora_adapters=\"{}\"}} {}",
+            self.max_loras,
+            escape_label(&info.running),
+            escape_label(&info.waiting),
+            info.updated_unix_s
+        );
+        let mut one = |name: &str, kind: &str, help: &str, v: f64| {
+            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        };
+        one("tandem_lora_slots_total", "gauge", "LoRA adapter slots (max_loras).", self.max_loras as f64);
+        one("tandem_lora_slots_pinned", "gauge", "Adapter slots in use by running requests.", self.slots_pinned.get());
+        one("tandem_lora_slots_occupied", "gauge", "Adapter slots holding an adapter.", self.slots_occupied.get());
+        one(
+            "tandem_lora_slot_utilization",
+            "gauge",
+            "Pinned adapter slots over all slots.",
+            if self.max_loras > 0 { self.slots_pinned.get() / self.max_loras as f64 } else { 0.0 },
+        );
+        one("tandem_lora_slot_loads_total", "counter", "Adapters put into a slot.", self.slot_loads.get());
+        one("tandem_lora_slot_evictions_total", "counter", "Adapters evicted from a slot.", self.slot_evictions.get());
+        let per = self.per_adapter.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let _ = writeln!(
+            o,
+            "# HELP tandem_lora_requests_total Finished requests per adapter.\n# TYPE tandem_lora_requests_total counter"
+        );
+        for (name, (reqs, _)) in &per {
+            let _ = writeln!(o, "tandem_lora_requests_total{{adapter=\"{}\"}} {reqs}", escape_label(name));
+        }
+        let _ = writeln!(
+            o,
+            "# HELP tandem_lora_generation_tokens_total Generated tokens per adapter.\n# TYPE tandem_lora_generation_tokens_total counter"
+        );
+        for (name, (_, toks)) in &per {
+            let _ = writeln!(o, "tandem_lora_generation_tokens_total{{adapter=\"{}\"}} {toks}", escape_label(name));
+        }
+    }
+}
+
+/// Prometheus label-value escaping.
+pub fn escape_label(s: &str) -> String {
+    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 impl Metrics {
-    pub fn new(block_size: usize, num_blocks: usize, prefix_caching: bool) -> Self {
+    pub fn new(block_size: usize, num_blocks: usize, prefix_caching: bool, max_loras: usize) -> Self {
         Self {
             block_size,
             num_blocks,
@@ -119,6 +209,7 @@ impl Metrics {
             inter_token: Histogram::new(ITL_BUCKETS),
             e2e: Histogram::new(E2E_BUCKETS),
             queue_time: Histogram::new(E2E_BUCKETS),
+            lora: LoraMetrics { max_loras, ..Default::default() },
         }
     }
 
@@ -184,6 +275,7 @@ impl Metrics {
         self.inter_token.render(&mut o, "vllm:time_per_output_token_seconds", "Time between output tokens.");
         self.e2e.render(&mut o, "vllm:e2e_request_latency_seconds", "Arrival to finish.");
         self.queue_time.render(&mut o, "vllm:request_queue_time_seconds", "Arrival to first admission.");
+        self.lora.render(&mut o);
         o
     }
 }
@@ -208,10 +300,19 @@ mod tests {
 
     #[test]
     fn gauges_render_under_vllm_names() {
-        let m = Metrics::new(16, 100, true);
+        let m = Metrics::new(16, 100, true, 4);
+        m.lora.set_info("a,b".into(), "c\"".into());
+        m.lora.count_request("a");
         m.requests_running.set(3.0);
         let t = m.render();
         assert!(t.contains("\nvllm:num_requests_running 3\n"), "{t}");
         assert!(t.contains("num_gpu_blocks=\"100\""), "{t}");
+        assert!(
+            t.contains(
+                "vllm:lora_requests_info{max_lora=\"4\",running_lora_adapters=\"a,b\",waiting_lora_adapters=\"c\\\"\"}"
+            ),
+            "{t}"
+        );
+        assert!(t.contains("tandem_lora_requests_total{adapter=\"a\"} 1\n"), "{t}");
     }
 }

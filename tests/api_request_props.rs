@@ -22,6 +22,7 @@ fn info() -> EngineInfo {
         max_num_seqs: 8,
         max_num_batched_tokens: 64,
         max_waiting: 8,
+        max_loras: 0,
     }
 }
 

@@ -18,6 +18,7 @@ fuzz_target!(|data: &[u8]| {
         max_num_seqs: 8,
         max_num_batched_tokens: 64,
         max_waiting: 8,
+        max_loras: 0,
     };
     if let Ok(r) = parse::<CompletionRequest>(data) {
         if let Ok(p) = validate(&r.shared(), r.max_tokens, None, &info) {

@@ -37,10 +37,12 @@ pub async fn create(State(st): State<AppState>, body: Result<Bytes, BytesRejecti
     let body = body?;
     let ready = st.ready()?;
     let req: ChatCompletionRequest = json::parse(&body)?;
-    let model = models::resolve(&st.names, req.model.as_deref())?;
+    let model =
+        models::resolve(&st, req.model.as_deref(), req.adapter_id.as_deref(), req.adapter_source.as_deref()).await?;
     let logprobs = params::chat_logprobs(req.logprobs, req.top_logprobs)?;
     let max_tokens = req.max_completion_tokens.or(req.max_tokens);
-    let params = params::validate(&req.shared(), max_tokens, logprobs, ready.engine.info())?;
+    let mut params = params::validate(&req.shared(), max_tokens, logprobs, ready.engine.info())?;
+    params.adapter = model.target.adapter();
     let messages = prepare_messages(&req.messages)?;
 
     let tok = &ready.tokenizer;

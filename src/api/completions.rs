@@ -80,13 +80,15 @@ pub async fn create(State(st): State<AppState>, body: Result<Bytes, BytesRejecti
     let body = body?;
     let ready = st.ready()?;
     let req: CompletionRequest = json::parse(&body)?;
-    let model = models::resolve(&st.names, req.model.as_deref())?;
+    let model =
+        models::resolve(&st, req.model.as_deref(), req.adapter_id.as_deref(), req.adapter_source.as_deref()).await?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid_param("suffix", "suffix is not supported"));
     }
     let logprobs = params::completion_logprobs(req.logprobs)?;
     let echo = req.echo.unwrap_or(false);
     let mut params = params::validate(&req.shared(), req.max_tokens, logprobs, ready.engine.info())?;
+    params.adapter = model.target.adapter();
     if echo {
         // The echoed prompt carries logprobs too (the first token's are null).
         params.prompt_logprobs = logprobs;

@@ -33,7 +33,9 @@ pub async fn version() -> Json<Version> {
 /// Prometheus text exposition format.
 #[utoipa::path(get, path = "/metrics", responses((status = 200, content_type = "text/plain"), (status = 503)))]
 pub async fn metrics(State(st): State<AppState>) -> Result<Response, ApiError> {
-    let text = st.ready()?.engine.metrics().render();
+    let ready = st.ready()?;
+    let mut text = ready.engine.metrics().render();
+    ready.loras.render_metrics(&mut text);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
 }
 

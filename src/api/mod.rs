@@ -7,10 +7,11 @@
 //! streams finish, then stop the engine.
 //!
 //! Text work (templates, tokenizing, detokenizing, stop strings) happens here,
-//! on the request's task; the engine sees token ids only. Auth, canary routing
-//! and adapter selection are meant to come as tower layers and as more targets
-//! in `models::resolve`.
+//! on the request's task; the engine sees token ids only. Adapter selection
+//! happens in `models::resolve`; auth and canary routing are meant to come as
+//! tower layers and as more targets there.
 
+pub mod adapters;
 pub mod chat;
 pub mod completions;
 pub mod error;
@@ -44,6 +45,8 @@ pub struct Ready {
     pub tokenizer: Arc<Tokenizer>,
     /// Where the model came from (`root` in `/v1/models`).
     pub source: String,
+    /// The LoRA adapters `model` can name.
+    pub loras: Arc<crate::lora::LoraRegistry>,
 }
 
 /// Shared by every handler; cheap to clone.
@@ -100,6 +103,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models/{*model}", get(models::retrieve))
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
+        .route("/v1/load_lora_adapter", post(adapters::load))
+        .route("/v1/unload_lora_adapter", post(adapters::unload))
         .fallback(health::not_found)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)

@@ -1,5 +1,8 @@
-//! Model names: which `model` values this server answers to, resolved in one
-//! place so LoRA adapters (and routes) can join as more targets later.
+//! Model names: which `model` values this server answers to (the base model
+//! and the LoRA adapters in the registry), resolved in one place so routes can
+//! join as more targets later.
+
+use std::sync::Arc;
 
 use axum::extract::{Path, State};
 use axum::Json;
@@ -8,6 +11,8 @@ use utoipa::ToSchema;
 
 use super::error::ApiError;
 use super::AppState;
+use crate::lora::registry::RegistryError;
+use crate::lora::{LoraAdapter, LoraError};
 
 /// The names the base model answers to.
 #[derive(Debug, Clone, PartialEq)]
@@ -36,27 +41,129 @@ impl ModelNames {
 }
 
 /// What a request's `model` selects.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Target {
     Base,
+    Adapter(Arc<LoraAdapter>),
 }
 
-#[derive(Debug, Clone, PartialEq)]
+impl Target {
+    pub fn adapter(&self) -> Option<Arc<LoraAdapter>> {
+        match self {
+            Target::Base => None,
+            Target::Adapter(a) => Some(a.clone()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
 pub struct Resolved {
     /// The `model` to echo in the response: the request's own, or the served name.
     pub name: String,
     pub target: Target,
 }
 
-/// The one place that maps a request's `model` to what serves it. Empty or
-/// absent means the base model (LoRAX's convention).
-pub fn resolve(names: &ModelNames, requested: Option<&str>) -> Result<Resolved, ApiError> {
-    match requested {
-        None | Some("") => Ok(Resolved { name: names.served.clone(), target: Target::Base }),
-        Some(m) if m == names.served || names.aliases.iter().any(|a| a == m) => {
-            Ok(Resolved { name: m.to_string(), target: Target::Base })
+/// How a request's `model` names what serves it, before any registry lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelRef {
+    Base,
+    /// A registered adapter by name (`model` = adapter, or `base:adapter`).
+    Adapter(String),
+    /// Not the base model and not `base:<something>`.
+    Unknown,
+}
+
+impl ModelNames {
+    /// Splits `model` the way vLLM, SGLang and LoRAX clients spell it: empty or
+    /// absent = base; a base name = base; `base:adapter` (split at a known base
+    /// name, since LoRAX ids may hold `:`) = that adapter; anything else may be
+    /// an adapter's own name.
+    pub fn classify(&self, requested: Option<&str>) -> ModelRef {
+        let m = match requested {
+            None | Some("") => return ModelRef::Base,
+            Some(m) => m,
+        };
+        let bases = std::iter::once(&self.served).chain(&self.aliases);
+        if bases.clone().any(|b| b == m) {
+            return ModelRef::Base;
         }
-        Some(m) => Err(ApiError::model_not_found(m)),
+        for b in bases {
+            if let Some(rest) = m.strip_prefix(b.as_str()).and_then(|r| r.strip_prefix(':')) {
+                if !rest.is_empty() {
+                    return ModelRef::Adapter(rest.to_string());
+                }
+            }
+        }
+        ModelRef::Unknown
+    }
+
+    /// Every name the base model answers to.
+    pub fn all(&self) -> Vec<String> {
+        std::iter::once(self.served.clone()).chain(self.aliases.iter().cloned()).collect()
+    }
+}
+
+/// The one place that maps a request's `model` (and LoRAX's `adapter_id` /
+/// `adapter_source`) to what serves it. Order: exact name (base, then loaded
+/// adapters), `base:adapter`, then `adapter_id` loaded on demand.
+pub async fn resolve(
+    st: &AppState,
+    requested: Option<&str>,
+    adapter_id: Option<&str>,
+    adapter_source: Option<&str>,
+) -> Result<Resolved, ApiError> {
+    let echo = |t: Target| Resolved {
+        name: requested.filter(|m| !m.is_empty()).unwrap_or(&st.names.served).to_string(),
+        target: t,
+    };
+    let registry = st.ready.get().map(|r| r.loras.clone());
+    let lookup = |name: String| {
+        let registry = registry.clone();
+        async move {
+            let Some(reg) = registry else { return Ok(None) };
+            if !reg.contains(&name) {
+                return Ok(None);
+            }
+            // A host-cache miss re-reads the adapter from disk: off the async threads.
+            tokio::task::spawn_blocking(move || reg.get(&name))
+                .await
+                .map_err(|e| ApiError::internal(format!("adapter lookup failed: {e}")))?
+                .map_err(|e| adapter_error(e, "model"))
+        }
+    };
+    if let Some(id) = adapter_id.filter(|s| !s.is_empty()) {
+        let Some(reg) = registry.clone() else { return Err(ApiError::unavailable("the model is still loading")) };
+        let (id2, src) = (id.to_string(), adapter_source.map(str::to_string));
+        let a = tokio::task::spawn_blocking(move || reg.on_demand(&id2, src.as_deref()))
+            .await
+            .map_err(|e| ApiError::internal(format!("adapter load failed: {e}")))?
+            .map_err(|e| adapter_error(e, "adapter_id"))?;
+        return Ok(Resolved {
+            name: requested.filter(|m| !m.is_empty()).unwrap_or(id).to_string(),
+            target: Target::Adapter(a),
+        });
+    }
+    let m = requested.unwrap_or("");
+    match st.names.classify(requested) {
+        ModelRef::Base => Ok(echo(Target::Base)),
+        ModelRef::Adapter(name) => match lookup(name).await? {
+            Some(a) => Ok(echo(Target::Adapter(a))),
+            None => Err(ApiError::model_not_found(m)),
+        },
+        ModelRef::Unknown => match lookup(m.to_string()).await? {
+            Some(a) => Ok(echo(Target::Adapter(a))),
+            None => Err(ApiError::model_not_found(m)),
+        },
+    }
+}
+
+/// A registry failure as the API reports it.
+pub fn adapter_error(e: RegistryError, param: &str) -> ApiError {
+    match e {
+        RegistryError::Unknown(_) | RegistryError::Lora(LoraError::NotFound { .. }) => {
+            ApiError::not_found(e.to_string()).with_param(param)
+        }
+        _ => ApiError::invalid_param(param, e.to_string()),
     }
 }
 
@@ -89,11 +196,19 @@ fn base_card(st: &AppState, ready: &super::Ready) -> ModelCard {
     }
 }
 
-/// The served models (today: the base model).
+fn adapter_card(st: &AppState, ready: &super::Ready, name: String, root: String) -> ModelCard {
+    ModelCard { id: name, root, parent: Some(st.names.served.clone()), ..base_card(st, ready) }
+}
+
+/// The base model, then every registered adapter (with `parent` = the base).
 #[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList), (status = 503, body = super::error::ErrorResponse)))]
 pub async fn list(State(st): State<AppState>) -> Result<Json<ModelList>, ApiError> {
     let ready = st.ready()?;
-    Ok(Json(ModelList { object: "list", data: vec![base_card(&st, ready)] }))
+    let mut data = vec![base_card(&st, ready)];
+    for (name, root) in ready.loras.list() {
+        data.push(adapter_card(&st, ready, name, root));
+    }
+    Ok(Json(ModelList { object: "list", data }))
 }
 
 /// One model by any name it answers to (ids may contain `/`, as hub ids do).
@@ -105,8 +220,14 @@ pub async fn list(State(st): State<AppState>) -> Result<Json<ModelList>, ApiErro
 )]
 pub async fn retrieve(State(st): State<AppState>, Path(model): Path<String>) -> Result<Json<ModelCard>, ApiError> {
     let ready = st.ready()?;
-    match resolve(&st.names, Some(&model))?.target {
-        Target::Base => Ok(Json(ModelCard { id: model, ..base_card(&st, ready) })),
+    let adapter = match st.names.classify(Some(&model)) {
+        ModelRef::Base => return Ok(Json(ModelCard { id: model, ..base_card(&st, ready) })),
+        ModelRef::Adapter(name) => name,
+        ModelRef::Unknown => model.clone(),
+    };
+    match ready.loras.list().into_iter().find(|(n, _)| *n == adapter) {
+        Some((_, root)) => Ok(Json(adapter_card(&st, ready, model, root))),
+        None => Err(ApiError::model_not_found(&model)),
     }
 }
 
@@ -115,7 +236,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_and_resolution() {
+    fn names_and_classification() {
         let n = ModelNames::from_spec("org/not-a-local-model", "");
         assert_eq!(n.served, "org/not-a-local-model");
         let dir = env!("CARGO_MANIFEST_DIR").to_string() + "/tests/fixtures/tiny/qwen2/hf-f32";
@@ -124,11 +245,17 @@ mod tests {
         assert_eq!(n.aliases, vec![dir.clone()]);
         let n = ModelNames::from_spec(&dir, "coder");
         assert_eq!(n.served, "coder");
-        assert_eq!(resolve(&n, None).unwrap().name, "coder");
-        assert_eq!(resolve(&n, Some("")).unwrap().name, "coder");
-        assert_eq!(resolve(&n, Some("hf-f32")).unwrap().name, "hf-f32");
-        assert_eq!(resolve(&n, Some(&dir)).unwrap().target, Target::Base);
-        let e = resolve(&n, Some("gpt-4")).unwrap_err();
+        assert_eq!(n.classify(None), ModelRef::Base);
+        assert_eq!(n.classify(Some("")), ModelRef::Base);
+        assert_eq!(n.classify(Some("hf-f32")), ModelRef::Base);
+        assert_eq!(n.classify(Some(&dir)), ModelRef::Base);
+        assert_eq!(n.classify(Some("gpt-4")), ModelRef::Unknown);
+        // SGLang's base:adapter, split at the base name (the adapter may hold ':').
+        assert_eq!(n.classify(Some("coder:sql")), ModelRef::Adapter("sql".into()));
+        assert_eq!(n.classify(Some("hf-f32:org/a:b")), ModelRef::Adapter("org/a:b".into()));
+        assert_eq!(n.classify(Some("coder:")), ModelRef::Unknown);
+        assert_eq!(n.classify(Some("coderx:sql")), ModelRef::Unknown);
+        let e = ApiError::model_not_found("gpt-4");
         assert_eq!(e.status.as_u16(), 404);
         assert_eq!(e.message, "The model `gpt-4` does not exist.");
     }

@@ -4,7 +4,7 @@
 use axum::Json;
 use utoipa::OpenApi;
 
-use super::{chat, completions, error, health, models, protocol, responses, sse};
+use super::{adapters, chat, completions, error, health, models, protocol, responses, sse};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -14,6 +14,8 @@ use super::{chat, completions, error, health, models, protocol, responses, sse};
         completions::create,
         models::list,
         models::retrieve,
+        adapters::load,
+        adapters::unload,
         health::health,
         health::version,
         health::metrics
@@ -29,6 +31,8 @@ use super::{chat, completions, error, health, models, protocol, responses, sse};
         responses::Usage,
         models::ModelList,
         models::ModelCard,
+        adapters::LoadLoraAdapterRequest,
+        adapters::UnloadLoraAdapterRequest,
         error::ErrorResponse,
         sse::SseEvent,
     ))

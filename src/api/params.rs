@@ -58,6 +58,8 @@ pub struct GenParams {
     pub prompt_logprobs: Option<usize>,
     pub stream: bool,
     pub include_usage: bool,
+    /// The LoRA adapter every choice runs with (set after model resolution).
+    pub adapter: Option<std::sync::Arc<crate::lora::LoraAdapter>>,
 }
 
 fn range(param: &str, v: Option<f64>, ok: impl Fn(f64) -> bool, rule: &str) -> Result<(), ApiError> {
@@ -169,6 +171,7 @@ pub fn validate(
         prompt_logprobs: None,
         stream: s.stream,
         include_usage: s.include_usage,
+        adapter: None,
     })
 }
 
@@ -241,6 +244,7 @@ impl GenParams {
                     },
                     logprobs: self.logprobs,
                     prompt_logprobs: self.prompt_logprobs,
+                    adapter: self.adapter.clone(),
                 }
             })
             .collect())
@@ -261,6 +265,7 @@ mod tests {
             max_num_seqs: 8,
             max_num_batched_tokens: 64,
             max_waiting: 16,
+            max_loras: 2,
         }
     }
 

@@ -160,6 +160,14 @@ macro_rules! generation_request {
             /// vLLM: keep the matched stop string in the output.
             #[serde(default)]
             pub include_stop_str_in_output: Option<bool>,
+            /// LoRAX: a LoRA adapter to run with, loaded on first use: a directory
+            /// under the server's allowed roots, or a hub repo when allowed.
+            #[serde(default)]
+            pub adapter_id: Option<String>,
+            /// LoRAX: where `adapter_id` lives: "local" or "hub" (default: a path
+            /// if absolute, else hub).
+            #[serde(default)]
+            pub adapter_source: Option<String>,
         }
 
         impl $name {

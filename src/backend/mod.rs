@@ -12,6 +12,7 @@ use std::ops::Range;
 use std::sync::Arc;
 
 use crate::kv::BlockId;
+use crate::lora::LoraMatrix;
 use crate::quant::ggml::GgmlType;
 
 #[derive(Debug, thiserror::Error)]
@@ -136,6 +137,8 @@ pub trait Backend: Send + Sync + 'static {
     type Weight: Send + Sync;
     type Tensor: Send;
     type KvCache: Send;
+    /// One adapted projection of a LoRA adapter, resident where the backend computes.
+    type LoraWeight: Send + Sync;
 
     fn name(&self) -> String;
     fn load_weight(&self, w: HostWeight) -> Result<Self::Weight, BackendError>;
@@ -165,6 +168,13 @@ pub trait Backend: Send + Sync + 'static {
     /// Rows `rows` of `x`, in order, as a new tensor.
     fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Self::Tensor;
 
+    /// Puts one LoRA matrix pair where the backend computes (a device slot).
+    fn load_lora(&self, m: &Arc<LoraMatrix>) -> Result<Self::LoraWeight, BackendError>;
+    /// For each segment, `out[rows] += (x[rows] · Aᵀ) · Bt` with that segment's
+    /// adapter (SGMV-style: one call covers every adapter in the batch; rows in
+    /// no segment are untouched and cost nothing).
+    fn lora_add(&self, x: &Self::Tensor, segments: &[LoraSegment<'_, Self>], out: &mut Self::Tensor);
+
     fn alloc_kv(&self, spec: KvCacheSpec) -> Result<Self::KvCache, BackendError>;
     /// Writes each token's K and V (`[tokens, kv_heads*head_dim]`) to its slot
     /// (`block * block_size + offset`) in `layer`.
@@ -186,4 +196,10 @@ pub struct MatmulJob<'a, B: Backend + ?Sized> {
     pub w: &'a B::Weight,
     pub bias: Option<&'a B::Weight>,
     pub out: &'a mut B::Tensor,
+}
+
+/// Rows of a batch that run one adapter's matrix (see [`Backend::lora_add`]).
+pub struct LoraSegment<'a, B: Backend + ?Sized> {
+    pub rows: Range<usize>,
+    pub w: &'a B::LoraWeight,
 }

@@ -47,9 +47,13 @@ impl<B: Backend> EngineCore<B> {
             max_num_seqs: cfg.max_num_seqs.max(1),
             max_num_batched_tokens: cfg.max_num_batched_tokens.max(1),
             max_waiting: cfg.max_waiting,
+            max_loras: cfg.max_loras,
         };
-        let runner =
-            ModelRunner::new(backend, model, RunnerConfig { block_size: cfg.block_size, num_blocks: cfg.num_blocks })?;
+        let runner = ModelRunner::new(
+            backend,
+            model,
+            RunnerConfig { block_size: cfg.block_size, num_blocks: cfg.num_blocks, max_loras: cfg.max_loras },
+        )?;
         let kv = KvCacheManager::new(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching);
         let scheduler = Scheduler::new(
             SchedulerConfig {
@@ -58,6 +62,7 @@ impl<B: Backend> EngineCore<B> {
                 max_model_len,
             },
             kv,
+            cfg.max_loras,
         );
         Ok(Self { runner, scheduler, info })
     }
@@ -67,6 +72,11 @@ impl<B: Backend> EngineCore<B> {
     }
     pub fn scheduler(&self) -> &Scheduler {
         &self.scheduler
+    }
+    /// Changes the cap on running sequences (benchmarks).
+    pub fn set_max_num_seqs(&mut self, n: usize) {
+        self.scheduler.set_max_num_seqs(n);
+        self.info.max_num_seqs = n.max(1);
     }
     pub fn has_work(&self) -> bool {
         self.scheduler.has_work()
@@ -88,6 +98,12 @@ impl<B: Backend> EngineCore<B> {
         if out.chunks.is_empty() {
             return (out, Vec::new());
         }
+        for &slot in &out.lora_loads {
+            let adapter = self.scheduler.slots().adapter(slot).expect("slots to load hold an adapter");
+            // Parsing checked the adapter against this model, so this cannot fail on the CPU;
+            // a device backend that runs out of memory here has no way back.
+            self.runner.load_adapter(slot, adapter).expect("loading an adapter into its slot");
+        }
         // Per chunk: (request, its logits mode, first position, rows).
         let mut plan = Vec::with_capacity(out.chunks.len());
         let chunks: Vec<RunChunk> = out
@@ -103,7 +119,14 @@ impl<B: Backend> EngineCore<B> {
                     (false, false) => ChunkLogits::None,
                 };
                 plan.push((id, logits, r.num_computed, n));
-                RunChunk { tokens: &r.tokens, start: r.num_computed, len: n, blocks: &r.blocks.blocks, logits }
+                RunChunk {
+                    tokens: &r.tokens,
+                    start: r.num_computed,
+                    len: n,
+                    blocks: &r.blocks.blocks,
+                    logits,
+                    lora_slot: r.lora_slot,
+                }
             })
             .collect();
         let logits = self.runner.execute(&chunks);

@@ -18,6 +18,8 @@ use super::handle::{Command, EngineEvent, FinishReason, RequestId};
 
 struct Client {
     events: UnboundedSender<EngineEvent>,
+    /// The adapter's name, for per-adapter counters.
+    adapter: Option<String>,
     arrival: Instant,
     admitted: bool,
     last_token_at: Option<Instant>,
@@ -84,6 +86,9 @@ impl<B: Backend> EngineLoop<B> {
                             Some(prev) => self.metrics.inter_token.observe((now - prev).as_secs_f64()),
                         }
                         c.last_token_at = Some(now);
+                        if let Some(a) = &c.adapter {
+                            self.metrics.lora.count_tokens(a, 1);
+                        }
                         // A closed receiver means the client left; its Abort is on the way.
                         let _ = c.events.send(EngineEvent::Token(t));
                     }
@@ -103,6 +108,12 @@ impl<B: Backend> EngineLoop<B> {
                         self.metrics.prompt_tokens.add(f.prompt_tokens as f64);
                         if let Some(c) = clients.remove(&id) {
                             self.metrics.e2e.observe((now - c.arrival).as_secs_f64());
+                            if let Some(a) = &c.adapter {
+                                if f.stop_token.is_some() {
+                                    self.metrics.lora.count_tokens(a, 1);
+                                }
+                                self.metrics.lora.count_request(a);
+                            }
                             let _ = c.events.send(EngineEvent::Finished(f));
                         }
                     }
@@ -117,8 +128,9 @@ impl<B: Backend> EngineLoop<B> {
         match c {
             Command::Add { id, req, events } => {
                 let arrival = Instant::now();
+                let adapter = req.adapter.as_ref().map(|a| a.name.clone());
                 self.core.add_request(id, req);
-                clients.insert(id, Client { events, arrival, admitted: false, last_token_at: None });
+                clients.insert(id, Client { events, adapter, arrival, admitted: false, last_token_at: None });
             }
             Command::Abort(id) => {
                 if self.core.abort(id).is_some() {
@@ -145,6 +157,19 @@ impl<B: Backend> EngineLoop<B> {
         m.kv_blocks_cached.set(s.kv().pool().num_cached() as f64);
         m.prefix_cache_queries.set(s.prefix_queried_tokens as f64);
         m.prefix_cache_hits.set(s.prefix_hit_tokens as f64);
+        let slots = s.slots();
+        m.lora.slots_pinned.set(slots.pinned() as f64);
+        m.lora.slots_occupied.set(slots.occupied() as f64);
+        m.lora.slot_loads.set(slots.loads as f64);
+        m.lora.slot_evictions.set(slots.evictions as f64);
+        if slots.capacity() > 0 {
+            let names = |it: &mut dyn Iterator<Item = &super::request::Request>| {
+                let set: std::collections::BTreeSet<&str> =
+                    it.filter_map(|r| r.adapter.as_deref().map(|a| a.name.as_str())).collect();
+                set.into_iter().collect::<Vec<_>>().join(",")
+            };
+            m.lora.set_info(names(&mut s.running_requests()), names(&mut s.waiting_requests()));
+        }
     }
 }
 

@@ -38,6 +38,9 @@ pub struct EngineRequest {
     /// with `k` alternatives. Such a request computes its whole prompt (no
     /// prefix-cache reuse: cached positions have no logits).
     pub prompt_logprobs: Option<usize>,
+    /// The LoRA adapter to run with (`None`: the base model). The request keeps
+    /// this version to the end, whatever the registry does meanwhile.
+    pub adapter: Option<Arc<crate::lora::LoraAdapter>>,
 }
 
 /// A token's log-probability and the most likely alternatives at its position.
@@ -127,6 +130,8 @@ pub struct EngineInfo {
     pub max_num_batched_tokens: usize,
     /// Requests that may wait for admission before `submit` answers `QueueFull`.
     pub max_waiting: usize,
+    /// LoRA adapter slots (0: LoRA disabled).
+    pub max_loras: usize,
 }
 
 pub(crate) enum Command {
@@ -181,6 +186,12 @@ impl EngineHandle {
             return Err(SubmitError::InvalidParam {
                 param: "prompt",
                 message: format!("token id {t} is outside the vocabulary (size {})", info.vocab_size),
+            });
+        }
+        if req.adapter.is_some() && info.max_loras == 0 {
+            return Err(SubmitError::InvalidParam {
+                param: "model",
+                message: "LoRA adapters are disabled on this server (lora.max_loras = 0)".into(),
             });
         }
         if req.prompt.len().saturating_add(req.stopping.max_tokens) > info.max_model_len {
@@ -268,6 +279,8 @@ pub struct EngineConfig {
     pub eos_token_ids: Vec<u32>,
     /// Cap on prompt + output tokens; 0 = the model's own context length.
     pub max_model_len: usize,
+    /// LoRA adapter slots (0: requests with an adapter are refused).
+    pub max_loras: usize,
 }
 
 impl EngineConfig {
@@ -281,6 +294,7 @@ impl EngineConfig {
             max_waiting: cfg.scheduler.max_waiting,
             eos_token_ids,
             max_model_len: 0,
+            max_loras: cfg.lora.max_loras,
         }
     }
 }
@@ -296,7 +310,7 @@ where
 {
     let core = super::core::EngineCore::new(backend, model, &cfg)?;
     let info = Arc::new(core.info().clone());
-    let metrics = Arc::new(Metrics::new(cfg.block_size, cfg.num_blocks, cfg.enable_prefix_caching));
+    let metrics = Arc::new(Metrics::new(cfg.block_size, cfg.num_blocks, cfg.enable_prefix_caching, cfg.max_loras));
     let (tx, rx) = std::sync::mpsc::channel();
     let waiting = Arc::new(AtomicUsize::new(0));
     let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));

@@ -21,8 +21,12 @@ pub struct Request {
     pub num_registered_blocks: usize,
     /// Prompt tokens served from the prefix cache at first admission.
     pub cached_prompt_tokens: Option<usize>,
-    /// Content version of the adapter the request runs with (0 = base model).
+    /// The adapter the request runs with, if any.
+    pub adapter: Option<std::sync::Arc<crate::lora::LoraAdapter>>,
+    /// Its content version (0 = base model): part of every prefix-cache key.
     pub adapter_version: u64,
+    /// The adapter slot pinned for it while it runs.
+    pub lora_slot: Option<usize>,
     pub sampler: Sampler,
     pub stopping: StoppingParams,
     pub logprobs: Option<usize>,
@@ -45,7 +49,9 @@ impl Request {
             block_hashes: Vec::new(),
             num_registered_blocks: 0,
             cached_prompt_tokens: None,
-            adapter_version: 0,
+            adapter_version: req.adapter.as_ref().map_or(0, |a| a.version),
+            adapter: req.adapter,
+            lora_slot: None,
             sampler,
             stopping: req.stopping,
             logprobs: req.logprobs,

@@ -5,7 +5,8 @@
 
 use crate::backend::{Backend, KvCacheSpec, SeqAttention};
 use crate::kv::{BlockId, BlockPool, BlockPoolError, BlockTable};
-use crate::model::{LlamaModel, StepInput};
+use crate::lora::LoraAdapter;
+use crate::model::{DeviceAdapter, LlamaModel, LoraStep, StepInput};
 
 #[derive(Debug, Clone, Copy)]
 pub struct RunnerConfig {
@@ -13,11 +14,13 @@ pub struct RunnerConfig {
     pub block_size: usize,
     /// KV blocks in the cache (one is the reserved null block).
     pub num_blocks: usize,
+    /// LoRA adapter slots.
+    pub max_loras: usize,
 }
 
 impl Default for RunnerConfig {
     fn default() -> Self {
-        Self { block_size: 16, num_blocks: 4096 }
+        Self { block_size: 16, num_blocks: 4096, max_loras: 0 }
     }
 }
 
@@ -38,6 +41,8 @@ pub struct SeqState {
     /// Tokens whose K/V are already in the cache.
     pub num_computed: usize,
     pub blocks: BlockTable,
+    /// Adapter slot (loaded with `ModelRunner::load_adapter`), if any.
+    pub lora_slot: Option<usize>,
 }
 
 impl SeqState {
@@ -51,6 +56,8 @@ pub struct ModelRunner<B: Backend> {
     pub model: LlamaModel<B>,
     kv: B::KvCache,
     cfg: RunnerConfig,
+    /// Mirrors the scheduler's `SlotTable`: what it says to load, when.
+    lora_slots: Vec<Option<DeviceAdapter<B>>>,
 }
 
 /// One sequence's share of a step: run `tokens[start..start + len]` at positions
@@ -63,6 +70,8 @@ pub struct RunChunk<'a> {
     pub len: usize,
     pub blocks: &'a [BlockId],
     pub logits: ChunkLogits,
+    /// The adapter slot the chunk runs with (`None`: the base model).
+    pub lora_slot: Option<usize>,
 }
 
 /// Which of a chunk's rows return logits.
@@ -86,7 +95,21 @@ impl<B: Backend> ModelRunner<B> {
             head_dim: c.head_dim,
         };
         let kv = backend.alloc_kv(spec)?;
-        Ok(Self { backend, model, kv, cfg })
+        let lora_slots = (0..cfg.max_loras).map(|_| None).collect();
+        Ok(Self { backend, model, kv, cfg, lora_slots })
+    }
+
+    /// Puts `adapter` into `slot` (replacing whatever was there).
+    pub fn load_adapter(&mut self, slot: usize, adapter: &LoraAdapter) -> Result<(), crate::backend::BackendError> {
+        let dev = DeviceAdapter::load(&self.backend, adapter, &self.model.config)?;
+        let place = self.lora_slots.get_mut(slot).ok_or_else(|| {
+            crate::backend::BackendError::Invalid(format!(
+                "adapter slot {slot} does not exist (max_loras {})",
+                self.cfg.max_loras
+            ))
+        })?;
+        *place = Some(dev);
+        Ok(())
     }
 
     pub fn config(&self) -> RunnerConfig {
@@ -103,8 +126,15 @@ impl<B: Backend> ModelRunner<B> {
         let mut slots = Vec::with_capacity(total);
         let mut logits_rows = Vec::new();
         let mut seqs = Vec::with_capacity(chunks.len());
+        let mut lora_segments: Vec<(std::ops::Range<usize>, usize)> = Vec::new();
         for c in chunks {
             let start = token_ids.len();
+            if let Some(slot) = c.lora_slot {
+                match lora_segments.last_mut() {
+                    Some((rows, s)) if *s == slot && rows.end == start => rows.end = start + c.len,
+                    _ => lora_segments.push((start..start + c.len, slot)),
+                }
+            }
             for p in c.start..c.start + c.len {
                 token_ids.push(c.tokens[p]);
                 positions.push(p as u32);
@@ -128,7 +158,8 @@ impl<B: Backend> ModelRunner<B> {
             seqs,
             logits_rows: &logits_rows,
         };
-        let logits = self.model.forward(&self.backend, &mut self.kv, &input);
+        let lora = LoraStep { segments: &lora_segments, slots: &self.lora_slots };
+        let logits = self.model.forward(&self.backend, &mut self.kv, &input, &lora);
         self.backend.download(&logits)
     }
 
@@ -164,6 +195,7 @@ impl<B: Backend> ModelRunner<B> {
                     len: n,
                     blocks: &q.blocks.blocks,
                     logits: if q.num_computed + n == q.tokens.len() { ChunkLogits::Last } else { ChunkLogits::None },
+                    lora_slot: q.lora_slot,
                 }
             })
             .collect();

@@ -9,6 +9,7 @@
 use std::collections::{HashMap, VecDeque};
 
 use crate::kv::{KvCacheManager, PrefixHit};
+use crate::lora::SlotTable;
 
 use super::handle::{FinishReason, RequestId, TokenOut};
 use super::request::Request;
@@ -28,6 +29,8 @@ pub struct SchedulerOutput {
     /// Requests admitted from the waiting queue for the first time this step.
     pub first_admitted: Vec<RequestId>,
     pub num_preempted: usize,
+    /// Adapter slots the runner must (re)load, from `Scheduler::slots`, before running.
+    pub lora_loads: Vec<usize>,
 }
 
 /// What became of a request in `update_from_output`.
@@ -45,16 +48,18 @@ pub struct Scheduler {
     requests: HashMap<RequestId, Request>,
     waiting: VecDeque<RequestId>,
     running: Vec<RequestId>,
+    slots: SlotTable,
     /// Prefix-cache lookups and hits, in prompt tokens (for the hit-rate metric).
     pub prefix_queried_tokens: u64,
     pub prefix_hit_tokens: u64,
 }
 
 impl Scheduler {
-    pub fn new(cfg: SchedulerConfig, kv: KvCacheManager) -> Self {
+    pub fn new(cfg: SchedulerConfig, kv: KvCacheManager, max_loras: usize) -> Self {
         Self {
             cfg,
             kv,
+            slots: SlotTable::new(max_loras),
             requests: HashMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -65,6 +70,20 @@ impl Scheduler {
 
     pub fn kv(&self) -> &KvCacheManager {
         &self.kv
+    }
+    /// Changes the cap on running sequences (benchmarks); running ones stay.
+    pub fn set_max_num_seqs(&mut self, n: usize) {
+        self.cfg.max_num_seqs = n.max(1);
+    }
+    pub fn slots(&self) -> &SlotTable {
+        &self.slots
+    }
+    /// Running and waiting requests, for gauges.
+    pub fn running_requests(&self) -> impl Iterator<Item = &Request> {
+        self.running.iter().filter_map(|id| self.requests.get(id))
+    }
+    pub fn waiting_requests(&self) -> impl Iterator<Item = &Request> {
+        self.waiting.iter().filter_map(|id| self.requests.get(id))
     }
     pub fn num_waiting(&self) -> usize {
         self.waiting.len()
@@ -95,6 +114,9 @@ impl Scheduler {
         self.waiting.retain(|&w| w != id);
         self.running.retain(|&r| r != id);
         self.kv.free(&mut req.blocks);
+        if let Some(slot) = req.lora_slot.take() {
+            self.slots.release(slot);
+        }
         Some(req)
     }
 
@@ -130,9 +152,17 @@ impl Scheduler {
             i += 1;
         }
         // vLLM's rule: no admissions in a step that had to preempt.
+        let mut w = 0;
         while out.num_preempted == 0 && budget > 0 && self.running.len() < self.cfg.max_num_seqs {
-            let Some(&id) = self.waiting.front() else { break };
+            let Some(&id) = self.waiting.get(w) else { break };
             let req = self.requests.get_mut(&id).expect("waiting requests exist");
+            // A request whose adapter has no free slot waits without holding up others.
+            if let Some(a) = &req.adapter {
+                if !self.slots.can_acquire(a) {
+                    w += 1;
+                    continue;
+                }
+            }
             let hit = if req.num_computed == 0 && req.prompt_logprobs.is_none() {
                 self.kv.find_prefix(&req.tokens, &req.block_hashes)
             } else {
@@ -143,6 +173,13 @@ impl Scheduler {
             if self.kv.allocate(&mut req.blocks, &hit, start + n).is_err() {
                 break;
             }
+            if let Some(a) = &req.adapter {
+                let got = self.slots.acquire(a).expect("can_acquire said yes and nothing ran since");
+                if got.needs_load {
+                    out.lora_loads.push(got.slot);
+                }
+                req.lora_slot = Some(got.slot);
+            }
             req.num_computed = start;
             req.num_registered_blocks = hit.blocks.len();
             if req.cached_prompt_tokens.is_none() {
@@ -151,7 +188,7 @@ impl Scheduler {
                 self.prefix_hit_tokens += start.min(req.prompt_len) as u64;
                 out.first_admitted.push(id);
             }
-            self.waiting.pop_front();
+            self.waiting.remove(w);
             self.running.push(id);
             out.chunks.push((id, n));
             budget -= n;
@@ -164,6 +201,9 @@ impl Scheduler {
         self.kv.free(&mut req.blocks);
         req.num_computed = 0;
         req.num_registered_blocks = 0;
+        if let Some(slot) = req.lora_slot.take() {
+            self.slots.release(slot);
+        }
         self.waiting.push_front(id);
     }
 
@@ -221,6 +261,9 @@ impl Scheduler {
         self.running.retain(|&r| r != id);
         if let Some(req) = self.requests.get_mut(&id) {
             self.kv.free(&mut req.blocks);
+            if let Some(slot) = req.lora_slot.take() {
+                self.slots.release(slot);
+            }
         }
         updates.push(RequestUpdate::Finished { id, reason, stop_token });
     }
@@ -244,13 +287,14 @@ mod tests {
             stopping: StoppingParams { max_tokens, min_tokens: 0, stop_token_ids: vec![], ignore_eos: false },
             logprobs: None,
             prompt_logprobs: None,
+            adapter: None,
         };
         Request::new(id, r)
     }
 
     fn sched(budget: usize, max_seqs: usize, blocks: usize, bs: usize) -> Scheduler {
         let cfg = SchedulerConfig { max_num_batched_tokens: budget, max_num_seqs: max_seqs, max_model_len: 1 << 20 };
-        Scheduler::new(cfg, KvCacheManager::new(blocks, bs, true))
+        Scheduler::new(cfg, KvCacheManager::new(blocks, bs, true), 2)
     }
 
     /// Pretends the model ran `out` and sampled `tok` for every finished chunk.

@@ -340,3 +340,39 @@ fn download(id: &HubId<'_>, cache: &Path, opts: &HubOptions) -> Result<ModelSour
         }),
     }
 }
+
+/// The directory of a PEFT adapter hub repo (`org/name`): its cached snapshot
+/// when that has `adapter_config.json`, else (when online) the config and
+/// `adapter_model.safetensors` downloaded into the HF cache. Never fetches
+/// pickle weights. Errors are the reason, for the caller to wrap.
+pub fn resolve_adapter(repo: &str) -> Result<PathBuf, String> {
+    resolve_adapter_with(repo, &HubOptions::from_env())
+}
+
+pub fn resolve_adapter_with(repo: &str, opts: &HubOptions) -> Result<PathBuf, String> {
+    let id = parse_hub_id(repo).map_err(|e| e.to_string())?;
+    if id.file.is_some() {
+        return Err("an adapter is a whole repository: use <org>/<name>".into());
+    }
+    let Some(cache) = &opts.cache_dir else { return Err("no HF cache location (set HF_HUB_CACHE or HOME)".into()) };
+    if let Some(snap) = resolve_in_cache(cache, id.repo, "main") {
+        if snap.join("adapter_config.json").is_file() {
+            return Ok(snap);
+        }
+    }
+    if opts.offline {
+        return Err(format!("not in the HF cache at {} and offline (HF_HUB_OFFLINE)", cache.display()));
+    }
+    let mut builder = ApiBuilder::from_cache(Cache::new(cache.to_path_buf())).with_progress(false);
+    if let Some(t) = &opts.token {
+        builder = builder.with_token(Some(t.clone()));
+    }
+    if let Some(e) = &opts.endpoint {
+        builder = builder.with_endpoint(e.clone());
+    }
+    let api = builder.build().map_err(|e| format!("hub client: {e}"))?;
+    let r = api.model(id.repo.to_string());
+    let config = r.get("adapter_config.json").map_err(|e| format!("downloading adapter_config.json: {e}"))?;
+    r.get("adapter_model.safetensors").map_err(|e| format!("downloading adapter_model.safetensors: {e}"))?;
+    config.parent().map(Path::to_path_buf).ok_or_else(|| "the downloaded file has no directory".into())
+}

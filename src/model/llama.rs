@@ -4,7 +4,10 @@
 
 use crate::backend::{AttentionMeta, Backend, MatmulJob, RopeTable};
 
+use crate::lora::LoraTarget;
+
 use super::config::ModelConfig;
+use super::lora::LoraStep;
 use super::weights::{TensorName, WeightError, WeightSource};
 use super::StepInput;
 
@@ -101,7 +104,8 @@ impl<B: Backend> LlamaModel<B> {
 
     /// Runs one step: writes the new tokens' K/V into the cache and returns the
     /// logits `[input.logits_rows.len(), vocab]` for the rows that need them.
-    pub fn forward(&self, be: &B, kv: &mut B::KvCache, input: &StepInput<'_>) -> B::Tensor {
+    /// Rows in a `lora` segment add their adapter's delta to every projection it targets.
+    pub fn forward(&self, be: &B, kv: &mut B::KvCache, input: &StepInput<'_>, lora: &LoraStep<'_, B>) -> B::Tensor {
         let c = &self.config;
         let t = input.token_ids.len();
         let (h, d) = (c.hidden_size, c.head_dim);
@@ -132,11 +136,15 @@ impl<B: Backend> LlamaModel<B> {
                     MatmulJob { w: &l.v, bias: l.v_bias.as_ref(), out: &mut v },
                 ],
             );
+            be.lora_add(&normed, &lora.segments(i, LoraTarget::Q), &mut q);
+            be.lora_add(&normed, &lora.segments(i, LoraTarget::K), &mut k);
+            be.lora_add(&normed, &lora.segments(i, LoraTarget::V), &mut v);
             be.rope(&mut q, c.num_heads, d, input.positions, &self.rope);
             be.rope(&mut k, c.num_kv_heads, d, input.positions, &self.rope);
             be.write_kv(kv, i, &k, &v, input.slot_mapping);
             be.paged_attention(kv, i, &q, &meta, &mut attn);
             be.matmul(&attn, &l.o, &mut proj);
+            be.lora_add(&attn, &lora.segments(i, LoraTarget::O), &mut proj);
             be.add_assign(&mut x, &proj);
 
             be.rms_norm(&x, &l.ffn_norm, c.rms_norm_eps, &mut normed);
@@ -147,8 +155,11 @@ impl<B: Backend> LlamaModel<B> {
                     MatmulJob { w: &l.up, bias: None, out: &mut up },
                 ],
             );
+            be.lora_add(&normed, &lora.segments(i, LoraTarget::Gate), &mut gate);
+            be.lora_add(&normed, &lora.segments(i, LoraTarget::Up), &mut up);
             be.silu_mul(&gate, &up, &mut act);
             be.matmul(&act, &l.down, &mut proj);
+            be.lora_add(&act, &lora.segments(i, LoraTarget::Down), &mut proj);
             be.add_assign(&mut x, &proj);
         }
         let last = be.gather_rows(&x, input.logits_rows);

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod llama;
+pub mod lora;
 pub mod weights;
 
 use std::path::Path;
@@ -16,6 +17,7 @@ use crate::tokenizer::{GgufVocab, Tokenizer};
 
 pub use config::{Arch, ModelConfig};
 pub use llama::LlamaModel;
+pub use lora::{DeviceAdapter, LoraStep};
 pub use weights::{TensorName, WeightSource};
 
 /// What one forward step computes: a flattened varlen batch of new tokens from

@@ -103,6 +103,12 @@ impl Server {
         (status, v)
     }
 
+    /// A POST whose answer may be plain text (vLLM's adapter endpoints).
+    pub async fn post_text(&self, path: &str, body: &Value) -> (u16, String) {
+        let r = reqwest::Client::new().post(self.url(path)).json(body).send().await.unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
+
     /// A streamed request's events: each `data:` payload as JSON, and whether
     /// `[DONE]` ended the stream (it must be last).
     pub async fn post_stream(&self, path: &str, body: &Value) -> (Vec<Value>, bool) {

@@ -46,6 +46,16 @@ pub fn floats(v: &serde_json::Value) -> Vec<f32> {
 
 /// Logits at every position of `ids`, computed as one prefill over a fresh cache.
 pub fn all_logits(be: &CpuBackend, model: &LlamaModel<CpuBackend>, ids: &[u32]) -> Vec<Vec<f32>> {
+    all_logits_with(be, model, ids, None)
+}
+
+/// `all_logits` with every row running `adapter` (when given).
+pub fn all_logits_with(
+    be: &CpuBackend,
+    model: &LlamaModel<CpuBackend>,
+    ids: &[u32],
+    adapter: Option<&tandem::lora::LoraAdapter>,
+) -> Vec<Vec<f32>> {
     let c = &model.config;
     let bs = 16;
     let nblocks = ids.len().div_ceil(bs) + 1;
@@ -70,7 +80,11 @@ pub fn all_logits(be: &CpuBackend, model: &LlamaModel<CpuBackend>, ids: &[u32]) 
         seqs: vec![SeqAttention { rows: 0..ids.len(), context_len: ids.len(), block_table: &table }],
         logits_rows: &rows,
     };
-    let out = be.download(&model.forward(be, &mut kv, &input));
+    let slots_dev: Vec<Option<tandem::model::DeviceAdapter<CpuBackend>>> =
+        vec![adapter.map(|a| tandem::model::DeviceAdapter::load(be, a, c).unwrap())];
+    let segments = if adapter.is_some() { vec![(0..ids.len(), 0usize)] } else { vec![] };
+    let lora = tandem::model::LoraStep { segments: &segments, slots: &slots_dev };
+    let out = be.download(&model.forward(be, &mut kv, &input, &lora));
     out.chunks(c.vocab_size).map(|r| r.to_vec()).collect()
 }
 
@@ -100,6 +114,7 @@ pub fn engine_config(block_size: usize, num_blocks: usize, max_num_batched_token
         max_waiting: 1024,
         eos_token_ids: vec![],
         max_model_len: 0,
+        max_loras: 4,
     }
 }
 
@@ -115,6 +130,7 @@ pub fn greedy(prompt: &[u32], max_tokens: usize) -> EngineRequest {
         stopping: StoppingParams { max_tokens, min_tokens: 0, stop_token_ids: vec![], ignore_eos: false },
         logprobs: None,
         prompt_logprobs: None,
+        adapter: None,
     }
 }
 

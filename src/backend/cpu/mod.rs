@@ -5,10 +5,16 @@
 
 mod attention;
 mod dequant;
+mod lora;
 mod matmul;
 mod ops;
 
-use super::{AttentionMeta, Backend, BackendError, HostWeight, KvCacheSpec, MatmulJob, RopeTable, WeightBytes};
+use std::sync::Arc;
+
+use super::{
+    AttentionMeta, Backend, BackendError, HostWeight, KvCacheSpec, LoraSegment, MatmulJob, RopeTable, WeightBytes,
+};
+use crate::lora::LoraMatrix;
 use crate::quant::ggml::GgmlType;
 
 pub use dequant::dequant_row_chunk;
@@ -107,6 +113,8 @@ impl Backend for CpuBackend {
     type Weight = CpuWeight;
     type Tensor = CpuTensor;
     type KvCache = CpuKvCache;
+    /// Host memory is the CPU's device memory: a slot shares the parsed matrices.
+    type LoraWeight = Arc<LoraMatrix>;
 
     fn name(&self) -> String {
         format!("cpu ({:?}, {} threads)", self.isa, self.threads())
@@ -193,6 +201,25 @@ impl Backend for CpuBackend {
             data.extend_from_slice(&x.data[r * x.cols..(r + 1) * x.cols]);
         }
         CpuTensor { data, rows: rows.len(), cols: x.cols }
+    }
+
+    fn load_lora(&self, m: &Arc<LoraMatrix>) -> Result<Arc<LoraMatrix>, BackendError> {
+        Ok(Arc::clone(m))
+    }
+
+    fn lora_add(&self, x: &CpuTensor, segments: &[LoraSegment<'_, Self>], out: &mut CpuTensor) {
+        if segments.is_empty() {
+            return;
+        }
+        assert_eq!(x.rows, out.rows);
+        let mut row_w: Vec<Option<&LoraMatrix>> = vec![None; x.rows];
+        for s in segments {
+            assert_eq!((s.w.in_features, s.w.out_features), (x.cols, out.cols), "LoRA matrix shape");
+            for r in s.rows.clone() {
+                row_w[r] = Some(s.w);
+            }
+        }
+        lora::lora_add(&self.pool, self.isa, &x.data, x.cols, &row_w, &mut out.data, out.cols);
     }
 
     fn alloc_kv(&self, spec: KvCacheSpec) -> Result<CpuKvCache, BackendError> {

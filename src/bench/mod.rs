@@ -1,6 +1,8 @@
 //! `tandem bench`: prefill tok/s for one long prompt and decode tok/s at several
 //! numbers of concurrent sequences, each the median of a few repetitions.
 
+pub mod lora;
+
 use std::fmt;
 use std::time::Instant;
 

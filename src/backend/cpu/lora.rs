@@ -1,0 +1,121 @@
+//! Batched heterogeneous LoRA on the CPU: every row of the batch that belongs
+//! to an adapter segment gets `y += (x · Aᵀ) · Bt` with its own adapter's
+//! matrices, rows in parallel. The shrink is a dot product per rank (16
+//! independent lanes, reduced in a fixed order) and the expand a sum of scaled
+//! `Bt` rows; both are written so the compiler vectorises them for the ISA the
+//! wrapper enables, with the same arithmetic order on every ISA, so a row's
+//! result never depends on the batch around it.
+
+use rayon::prelude::*;
+
+use super::Isa;
+use crate::lora::LoraMatrix;
+
+/// `out[r] += (x[r] · Aᵀ) · Bt` for each row `r` with `Some(matrix)` in `row_w`.
+pub fn lora_add(
+    pool: &rayon::ThreadPool,
+    isa: Isa,
+    x: &[f32],
+    k: usize,
+    row_w: &[Option<&LoraMatrix>],
+    out: &mut [f32],
+    n: usize,
+) {
+    let rows = row_w.len();
+    debug_assert_eq!(x.len(), rows * k);
+    debug_assert_eq!(out.len(), rows * n);
+    let active = row_w.iter().filter(|w| w.is_some()).count();
+    if active == 0 {
+        return;
+    }
+    let run = |(r, o): (usize, &mut [f32])| {
+        if let Some(w) = row_w[r] {
+            row(isa, &x[r * k..(r + 1) * k], w, o);
+        }
+    };
+    let threads = pool.current_num_threads().max(1);
+    if active == 1 || threads == 1 {
+        out.chunks_mut(n).enumerate().for_each(run);
+    } else {
+        let min_len = (rows / (threads * 4)).max(1);
+        pool.install(|| out.par_chunks_mut(n).enumerate().with_min_len(min_len).for_each(run));
+    }
+}
+
+fn row(isa: Isa, x: &[f32], w: &LoraMatrix, out: &mut [f32]) {
+    assert_eq!(x.len(), w.in_features);
+    assert_eq!(out.len(), w.out_features);
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: `Isa::detect` only reports an ISA whose features the CPU has.
+        match isa {
+            Isa::Avx512 => return unsafe { row_avx512(x, w, out) },
+            Isa::Avx2 => return unsafe { row_avx2(x, w, out) },
+            Isa::Scalar => {}
+        }
+    }
+    let _ = isa;
+    row_body(x, w, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn row_avx512(x: &[f32], w: &LoraMatrix, out: &mut [f32]) {
+    row_body(x, w, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn row_avx2(x: &[f32], w: &LoraMatrix, out: &mut [f32]) {
+    row_body(x, w, out)
+}
+
+/// Ranks handled without a heap allocation (larger ranks allocate).
+const STACK_RANK: usize = 128;
+
+#[inline(always)]
+fn row_body(x: &[f32], w: &LoraMatrix, out: &mut [f32]) {
+    let (k, n, r) = (w.in_features, w.out_features, w.rank);
+    let mut stack = [0f32; STACK_RANK];
+    let mut heap = Vec::new();
+    let v: &mut [f32] = if r <= STACK_RANK {
+        &mut stack[..r]
+    } else {
+        heap.resize(r, 0.0);
+        &mut heap
+    };
+    for (j, vj) in v.iter_mut().enumerate() {
+        *vj = dot(x, &w.a[j * k..(j + 1) * k]);
+    }
+    for (j, &vj) in v.iter().enumerate() {
+        let b = &w.bt[j * n..(j + 1) * n];
+        for (o, &bv) in out.iter_mut().zip(b) {
+            *o += vj * bv;
+        }
+    }
+}
+
+/// Sum of products in 16 independent lanes, then a fixed pairwise reduction.
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let split = a.len() / L * L;
+    for (ca, cb) in a[..split].chunks_exact(L).zip(b[..split].chunks_exact(L)) {
+        for i in 0..L {
+            acc[i] += ca[i] * cb[i];
+        }
+    }
+    let mut width = L;
+    while width > 1 {
+        width /= 2;
+        for i in 0..width {
+            acc[i] += acc[i + width];
+        }
+    }
+    let mut s = acc[0];
+    for (x, y) in a[split..].iter().zip(&b[split..]) {
+        s += x * y;
+    }
+    s
+}

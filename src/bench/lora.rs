@@ -1,0 +1,256 @@
+//! `tandem bench-lora`: serving throughput with many LoRA adapters against the
+//! base model alone, in one process and one run, plus the latency from reading
+//! a new adapter off disk to its first token.
+//!
+//! Each configuration submits `max(concurrency, adapters)` requests (request i
+//! runs adapter i mod `adapters`; 0 adapters = base only) to an engine core
+//! whose running batch holds at most `concurrency` sequences, and steps it to
+//! completion: output tok/s = generated tokens / wall time, prefill included,
+//! as a server would see it. Adapters have random weights on all seven
+//! projections and live in memory (host cache); more adapters than
+//! `max_loras` slots means the scheduler cycles them through the slots.
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use rand::{Rng, SeedableRng};
+
+use crate::backend::Backend;
+use crate::engine::{EngineConfig, EngineCore, EngineRequest, SamplingParams, StoppingParams};
+use crate::lora::{LoraAdapter, LoraMatrix, LoraTarget};
+use crate::model::{LlamaModel, ModelConfig};
+
+pub struct LoraBenchOptions {
+    pub concurrency: Vec<usize>,
+    pub adapters: Vec<usize>,
+    pub ranks: Vec<usize>,
+    pub prompt_len: usize,
+    pub max_tokens: usize,
+    pub max_loras: usize,
+}
+
+pub struct LoraBenchRow {
+    pub concurrency: usize,
+    pub adapters: usize,
+    pub rank: usize,
+    pub requests: usize,
+    pub tok_s: f64,
+    /// tok/s over the base-only run with the same concurrency and request count.
+    pub vs_base: f64,
+}
+
+pub struct ColdLoad {
+    pub rank: usize,
+    /// Reading and checking the PEFT directory.
+    pub parse_ms: f64,
+    /// From the start of the read to the first token of a request using it.
+    pub first_token_ms: f64,
+    /// The same request on the base model.
+    pub base_first_token_ms: f64,
+}
+
+pub struct LoraBenchReport {
+    pub rows: Vec<LoraBenchRow>,
+    pub cold: Vec<ColdLoad>,
+}
+
+impl fmt::Display for LoraBenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(f, "| concurrency | distinct adapters | rank | requests | output tok/s | vs base-only |")?;
+        writeln!(f, "| ---: | ---: | ---: | ---: | ---: | ---: |")?;
+        for r in &self.rows {
+            let adapters = if r.adapters == 0 { "base only".to_string() } else { r.adapters.to_string() };
+            writeln!(
+                f,
+                "| {} | {adapters} | {} | {} | {:.1} | {:.2}x |",
+                r.concurrency,
+                if r.adapters == 0 { "-".to_string() } else { r.rank.to_string() },
+                r.requests,
+                r.tok_s,
+                r.vs_base
+            )?;
+        }
+        if !self.cold.is_empty() {
+            writeln!(f, "\n| cold adapter (rank) | parse ms | read -> first token ms | base first token ms |")?;
+            writeln!(f, "| ---: | ---: | ---: | ---: |")?;
+            for c in &self.cold {
+                writeln!(
+                    f,
+                    "| {} | {:.1} | {:.1} | {:.1} |",
+                    c.rank, c.parse_ms, c.first_token_ms, c.base_first_token_ms
+                )?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// An adapter of `rank` on every projection of every layer, random weights.
+pub fn random_adapter(cfg: &ModelConfig, rank: usize, seed: u64) -> LoraAdapter {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let layers = (0..cfg.num_layers)
+        .map(|_| {
+            LoraTarget::ALL.map(|t| {
+                let (inf, outf) = t.shape(cfg);
+                let mut v = |n: usize, s: f32| (0..n).map(|_| rng.gen_range(-s..s)).collect::<Vec<f32>>();
+                let a = v(rank * inf, 0.05);
+                let bt = v(rank * outf, 0.05);
+                Some(Arc::new(LoraMatrix { rank, in_features: inf, out_features: outf, a, bt }))
+            })
+        })
+        .collect();
+    LoraAdapter::new(format!("random-{seed}"), "memory".into(), layers, None)
+}
+
+/// Writes `a` as a PEFT directory (config + f32 safetensors; the scaling is 1).
+pub fn write_peft_dir(a: &LoraAdapter, dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let mut header = serde_json::Map::new();
+    let mut data: Vec<u8> = Vec::new();
+    let mut put = |name: String, shape: [usize; 2], vals: &mut dyn Iterator<Item = f32>| {
+        let start = data.len();
+        data.extend(vals.flat_map(f32::to_le_bytes));
+        header.insert(name, serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}));
+    };
+    for (l, targets) in a.layers.iter().enumerate() {
+        for (t, m) in LoraTarget::ALL.iter().zip(targets) {
+            let Some(m) = m else { continue };
+            let key = format!("base_model.model.model.layers.{l}.{}.{}", t.parent(), t.module());
+            put(format!("{key}.lora_A.weight"), [m.rank, m.in_features], &mut m.a.iter().copied());
+            // B = btᵀ, [out, r].
+            let (r, n) = (m.rank, m.out_features);
+            put(format!("{key}.lora_B.weight"), [n, r], &mut (0..n * r).map(|i| m.bt[(i % r) * n + i / r]));
+        }
+    }
+    let h = serde_json::to_vec(&serde_json::Value::Object(header))?;
+    let mut file = (h.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(&h);
+    file.extend_from_slice(&data);
+    std::fs::write(dir.join("adapter_model.safetensors"), file)?;
+    let config = serde_json::json!({
+        "peft_type": "LORA", "r": a.max_rank, "lora_alpha": a.max_rank,
+        "target_modules": LoraTarget::ALL.map(|t| t.module()),
+    });
+    std::fs::write(dir.join("adapter_config.json"), serde_json::to_vec_pretty(&config)?)
+}
+
+fn prompt(len: usize, seed: usize, vocab: usize) -> Vec<u32> {
+    (0..len).map(|i| ((i * 7919 + seed * 104729 + 17) % vocab.min(32000)) as u32).collect()
+}
+
+fn request(
+    o: &LoraBenchOptions,
+    i: usize,
+    vocab: usize,
+    adapter: Option<Arc<LoraAdapter>>,
+    max_tokens: usize,
+) -> EngineRequest {
+    EngineRequest {
+        prompt: prompt(o.prompt_len, i, vocab),
+        sampling: SamplingParams::default(),
+        stopping: StoppingParams { max_tokens, min_tokens: 0, stop_token_ids: vec![], ignore_eos: true },
+        logprobs: None,
+        prompt_logprobs: None,
+        adapter,
+    }
+}
+
+/// Runs every configuration on one engine (rebuilt per configuration from the
+/// same loaded model would need a reload, so one core serves them all, its
+/// prefix cache emptied between runs by distinct prompts).
+pub fn run<B: Backend>(
+    backend: B,
+    model: LlamaModel<B>,
+    base_cfg: &EngineConfig,
+    o: &LoraBenchOptions,
+    scratch: &Path,
+) -> Result<LoraBenchReport, crate::backend::BackendError> {
+    let mc = model.config.clone();
+    let vocab = mc.vocab_size;
+    let max_c = o.concurrency.iter().copied().max().unwrap_or(1);
+    let cfg = EngineConfig { max_num_seqs: max_c, max_loras: o.max_loras, ..base_cfg.clone() };
+    let mut core = EngineCore::new(backend, model, &cfg)?;
+    let max_adapters = o.adapters.iter().copied().max().unwrap_or(0);
+    let mut seed = 0usize;
+    let mut rows = Vec::new();
+    for &rank in &o.ranks {
+        eprintln!("bench-lora: making {max_adapters} random rank-{rank} adapters");
+        let pool: Vec<Arc<LoraAdapter>> =
+            (0..max_adapters).map(|i| Arc::new(random_adapter(&mc, rank, (rank * 1000 + i) as u64))).collect();
+        for &c in &o.concurrency {
+            core.set_max_num_seqs(c);
+            let mut base_by_requests: std::collections::HashMap<usize, f64> = Default::default();
+            for &n in &o.adapters {
+                let requests = c.max(n);
+                let mut run_one = |adapters: usize| -> f64 {
+                    let reqs: Vec<EngineRequest> = (0..requests)
+                        .map(|i| {
+                            seed += 1;
+                            let a = (adapters > 0).then(|| pool[i % adapters].clone());
+                            request(o, seed, vocab, a, o.max_tokens)
+                        })
+                        .collect();
+                    let t = Instant::now();
+                    let out = core.generate(reqs);
+                    let toks: usize = out.iter().map(|(t, _)| t.len()).sum();
+                    toks as f64 / t.elapsed().as_secs_f64()
+                };
+                let base = match base_by_requests.get(&requests) {
+                    Some(&b) => b,
+                    None => {
+                        let b = run_one(0);
+                        eprintln!("bench-lora: concurrency {c}, base only, {requests} requests: {b:.1} tok/s");
+                        base_by_requests.insert(requests, b);
+                        rows.push(LoraBenchRow { concurrency: c, adapters: 0, rank, requests, tok_s: b, vs_base: 1.0 });
+                        b
+                    }
+                };
+                if n == 0 {
+                    continue;
+                }
+                let tok_s = run_one(n);
+                eprintln!(
+                    "bench-lora: concurrency {c}, {n} adapters of rank {rank}, {requests} requests: {tok_s:.1} tok/s"
+                );
+                rows.push(LoraBenchRow { concurrency: c, adapters: n, rank, requests, tok_s, vs_base: tok_s / base });
+            }
+        }
+    }
+    // Cold load: a new adapter read from disk, then one request's first token.
+    let mut cold = Vec::new();
+    core.set_max_num_seqs(max_c);
+    for &rank in &o.ranks {
+        let (mut parse, mut first, mut base_first) = (Vec::new(), Vec::new(), Vec::new());
+        for rep in 0..3 {
+            let dir = scratch.join(format!("cold-r{rank}-{rep}"));
+            write_peft_dir(&random_adapter(&mc, rank, 900_000 + (rank * 10 + rep) as u64), &dir)
+                .map_err(|e| crate::backend::BackendError::Invalid(format!("writing {}: {e}", dir.display())))?;
+            seed += 1;
+            let t = Instant::now();
+            core.generate(vec![request(o, seed, vocab, None, 1)]);
+            base_first.push(t.elapsed().as_secs_f64() * 1e3);
+            seed += 1;
+            let t = Instant::now();
+            let a = crate::lora::load_peft_dir("cold", &dir, &mc, crate::lora::LoraLimits { max_rank: rank.max(1) })
+                .map_err(|e| crate::backend::BackendError::Invalid(e.to_string()))?;
+            parse.push(t.elapsed().as_secs_f64() * 1e3);
+            core.generate(vec![request(o, seed, vocab, Some(Arc::new(a)), 1)]);
+            first.push(t.elapsed().as_secs_f64() * 1e3);
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        cold.push(ColdLoad {
+            rank,
+            parse_ms: median(parse),
+            first_token_ms: median(first),
+            base_first_token_ms: median(base_first),
+        });
+    }
+    Ok(LoraBenchReport { rows, cold })
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
