@@ -24,6 +24,8 @@ pub struct LoraSection {
     /// Adapter slots: distinct adapters a running batch can hold (0 disables LoRA).
     pub max_loras: usize,
     pub max_lora_rank: usize,
+    /// How adapter weights are stored for compute.
+    pub dtype: crate::lora::LoraDtype,
     /// Host cache for parsed adapter weights, in MiB.
     pub max_cpu_lora_mib: usize,
     /// Directories HTTP requests may load adapters from.

@@ -47,6 +47,9 @@ struct LoraArgs {
     /// Largest adapter rank accepted.
     #[arg(long)]
     max_lora_rank: Option<usize>,
+    /// How adapter weights are stored: f32 or bf16.
+    #[arg(long)]
+    lora_dtype: Option<tandem::lora::LoraDtype>,
 }
 
 impl LoraArgs {
@@ -66,6 +69,9 @@ impl LoraArgs {
         }
         if let Some(r) = self.max_lora_rank {
             cfg.lora.max_lora_rank = r;
+        }
+        if let Some(d) = self.lora_dtype {
+            cfg.lora.dtype = d;
         }
         Ok(())
     }
@@ -135,6 +141,12 @@ enum Cmd {
         prompt_len: usize,
         #[arg(long, default_value_t = 32)]
         max_tokens: usize,
+        /// How adapter weights are stored: f32 or bf16 (default: the config's).
+        #[arg(long)]
+        lora_dtype: Option<tandem::lora::LoraDtype>,
+        /// Interleaved (base only, with adapters) pairs per configuration.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
     },
     /// Measure prefill and decode throughput.
     Bench {
@@ -185,7 +197,7 @@ fn run() -> Result<()> {
             let (be, loaded) = load(&cfg, model)?;
             let adapter = match adapter {
                 Some(dir) => {
-                    let limits = tandem::lora::LoraLimits { max_rank: cfg.lora.max_lora_rank };
+                    let limits = tandem::lora::LoraOptions { max_rank: cfg.lora.max_lora_rank, dtype: cfg.lora.dtype };
                     let name = dir.display().to_string();
                     Some(Arc::new(tandem::lora::load_peft_dir(&name, &dir, &loaded.model.config, limits)?))
                 }
@@ -245,10 +257,16 @@ fn run() -> Result<()> {
             let spec = model.unwrap_or_else(|| cfg.model.path.clone());
             serve(cfg, spec)?;
         }
-        Cmd::BenchLora { model, concurrency, adapters, rank, prompt_len, max_tokens } => {
+        Cmd::BenchLora { model, concurrency, adapters, rank, prompt_len, max_tokens, lora_dtype, reps } => {
+            if let Some(d) = lora_dtype {
+                cfg.lora.dtype = d;
+            }
             let (be, loaded) = load(&cfg, model)?;
             let name = tandem::backend::Backend::name(&be);
-            println!("model: {}\nbackend: {name}\nmax_loras: {}", loaded.source, cfg.lora.max_loras);
+            println!(
+                "model: {}\nbackend: {name}\nmax_loras: {}\nlora dtype: {:?}",
+                loaded.source, cfg.lora.max_loras, cfg.lora.dtype
+            );
             let opts = tandem::bench::lora::LoraBenchOptions {
                 concurrency,
                 adapters,
@@ -256,6 +274,8 @@ fn run() -> Result<()> {
                 prompt_len,
                 max_tokens,
                 max_loras: cfg.lora.max_loras,
+                dtype: cfg.lora.dtype,
+                reps,
             };
             let engine_cfg = EngineConfig::from_config(&cfg, vec![]);
             let scratch = tempfile_dir()?;
@@ -295,11 +315,6 @@ fn serve(cfg: Config, spec: String) -> Result<()> {
             let loras = Arc::new(LoraRegistry::new(registry_config(&cfg), loaded.model.config.clone(), reserved));
             for (name, path) in &cfg.lora.adapters {
                 let a = loras.load_startup(name, path).map_err(|e| format!("LoRA adapter '{name}': {e}"))?;
-                if let Some(base) = a.base_model.as_deref() {
-                    if !spec.contains(base) && !base.contains(spec.as_str()) {
-                        eprintln!("tandem: warning: adapter '{name}' was trained on '{base}', not '{spec}'");
-                    }
-                }
                 eprintln!("tandem: LoRA adapter '{name}' loaded (rank {}, {} KiB)", a.max_rank, a.bytes() / 1024);
             }
             let engine = spawn_engine(be, loaded.model, engine_cfg).map_err(|e| format!("starting the engine: {e}"))?;
@@ -333,7 +348,7 @@ fn runner_config(cfg: &Config) -> RunnerConfig {
 fn registry_config(cfg: &Config) -> RegistryConfig {
     RegistryConfig {
         max_loras: cfg.lora.max_loras,
-        limits: tandem::lora::LoraLimits { max_rank: cfg.lora.max_lora_rank },
+        limits: tandem::lora::LoraOptions { max_rank: cfg.lora.max_lora_rank, dtype: cfg.lora.dtype },
         max_host_bytes: cfg.lora.max_cpu_lora_mib.saturating_mul(1 << 20),
         allowed_roots: cfg.lora.allowed_roots.iter().map(PathBuf::from).collect(),
         allow_hub: cfg.lora.allow_hub,

@@ -64,17 +64,20 @@ async fn answers_and_streams_like_it_answers() {
 async fn lora_adapters_on_the_default_model() {
     use std::sync::Arc;
     use tandem::bench::lora::{random_adapter, write_peft_dir};
-    use tandem::lora::{LoraAdapter, LoraMatrix};
+    use tandem::lora::{LoraAdapter, LoraDtype, LoraMatrix, LoraValues};
     let Some(model) = default_model() else { return };
     let gguf = tandem::loader::gguf::GgufFile::open(&model).unwrap();
     let cfg = tandem::model::ModelConfig::from_gguf(&gguf).unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let rnd = random_adapter(&cfg, 8, 7);
+    let rnd = random_adapter(&cfg, 8, 7, LoraDtype::F32);
     write_peft_dir(&rnd, &tmp.path().join("rnd")).unwrap();
     let zero_layers = rnd
         .layers
         .iter()
-        .map(|l| l.clone().map(|m| m.map(|m| Arc::new(LoraMatrix { bt: vec![0.0; m.bt.len()], ..(*m).clone() }))))
+        .map(|l| {
+            l.clone()
+                .map(|m| m.map(|m| Arc::new(LoraMatrix { bt: LoraValues::F32(vec![0.0; m.bt.len()]), ..(*m).clone() })))
+        })
         .collect();
     write_peft_dir(&LoraAdapter::new("zero".into(), String::new(), zero_layers, None), &tmp.path().join("zero"))
         .unwrap();

@@ -191,3 +191,18 @@ fn environment_is_honoured() {
     std::env::remove_var("HF_HOME");
     std::env::remove_var("HF_HUB_OFFLINE");
 }
+
+#[test]
+fn adapter_hub_ids_resolve_from_the_cache_offline() {
+    use tandem::loader::hub::resolve_adapter_with;
+    let cache = tempfile::tempdir().unwrap();
+    let snap = fake_repo(cache.path(), "org/sql-lora", &["adapter_config.json", "adapter_model.safetensors"]);
+    let opts = offline(cache.path());
+    assert_eq!(resolve_adapter_with("org/sql-lora", &opts).unwrap(), snap);
+    // A model repo (no adapter_config.json) is not an adapter; offline it cannot be fetched.
+    fake_repo(cache.path(), "org/model", &["config.json", "model.safetensors"]);
+    let e = resolve_adapter_with("org/model", &opts).unwrap_err();
+    assert!(e.contains("offline"), "{e}");
+    assert!(resolve_adapter_with("org/sql-lora:x.gguf", &opts).unwrap_err().contains("whole repository"));
+    assert!(resolve_adapter_with("../etc", &opts).is_err());
+}

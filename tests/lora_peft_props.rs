@@ -10,7 +10,7 @@ use proptest::prelude::*;
 use serde_json::{json, Value};
 use tandem::loader::safetensors::SafetensorsFile;
 use tandem::lora::peft::parse_peft;
-use tandem::lora::{LoraLimits, LoraTarget};
+use tandem::lora::{LoraDtype, LoraOptions, LoraTarget};
 use tandem::model::ModelConfig;
 
 fn base() -> ModelConfig {
@@ -25,7 +25,7 @@ fn real_config(name: &str) -> Value {
     read_json(&fixture("tiny/lora").join(name).join("adapter_config.json"))
 }
 
-const LIMITS: LoraLimits = LoraLimits { max_rank: 16 };
+const LIMITS: LoraOptions = LoraOptions { max_rank: 16, dtype: LoraDtype::F32 };
 
 /// Parses and, when it succeeds, checks every matrix against the base model.
 fn check(config: &[u8], weights: &[u8], base: &ModelConfig) {
@@ -40,7 +40,7 @@ fn check(config: &[u8], weights: &[u8], base: &ModelConfig) {
                 assert!(m.rank >= 1 && m.rank <= LIMITS.max_rank);
                 assert_eq!(m.a.len(), m.rank * inf);
                 assert_eq!(m.bt.len(), m.rank * outf);
-                assert!(m.a.iter().chain(&m.bt).all(|x| x.is_finite()));
+                assert!(m.a.to_f32().iter().chain(&m.bt.to_f32()).all(|x| x.is_finite()));
             }
         }
     }

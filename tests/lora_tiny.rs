@@ -14,12 +14,12 @@ use serde_json::Value;
 use tandem::backend::cpu::CpuBackend;
 use tandem::engine::{EngineRequest, FinishInfo, TokenOut};
 use tandem::lora::registry::RegistryError;
-use tandem::lora::{load_peft_dir, LoraAdapter, LoraError, LoraLimits, LoraRegistry, RegistryConfig};
+use tandem::lora::{load_peft_dir, LoraAdapter, LoraDtype, LoraError, LoraOptions, LoraRegistry, RegistryConfig};
 use tandem::model::{load_hf_dir, LlamaModel, ModelConfig};
 
 const BASE: &str = "tiny/qwen2/hf-f32";
 const ADAPTERS: [&str; 4] = ["a-r4-qv", "b-r8-all", "c-r16-mlp", "a-r4-qv-v2"];
-const LIMITS: LoraLimits = LoraLimits { max_rank: 64 };
+const LIMITS: LoraOptions = LoraOptions { max_rank: 64, dtype: LoraDtype::F32 };
 
 fn golden() -> Value {
     read_json(&fixture("tiny/lora/golden.json"))
@@ -39,6 +39,11 @@ fn config() -> ModelConfig {
 
 fn adapter(name: &str) -> Arc<LoraAdapter> {
     Arc::new(load_peft_dir(name, &adapter_dir(name), &config(), LIMITS).unwrap())
+}
+
+fn adapter_bf16(name: &str) -> Arc<LoraAdapter> {
+    let opts = LoraOptions { dtype: LoraDtype::Bf16, ..LIMITS };
+    Arc::new(load_peft_dir(name, &adapter_dir(name), &config(), opts).unwrap())
 }
 
 fn rows(v: &Value) -> Vec<Vec<f32>> {
@@ -80,6 +85,43 @@ fn logits_match_peft_and_the_merged_model() {
             assert!(max_rel_err(&got, &base) > 1e-2, "{name}: logits equal the base model's");
         }
     }
+}
+
+/// bf16 storage: half the bytes, outputs within bf16 rounding of peft's, still
+/// batch invariant, and a version of its own (its KV differs from f32's).
+#[test]
+fn bf16_adapters_stay_close_to_peft_and_batch_invariant() {
+    let g = golden();
+    let be = CpuBackend::new(2).unwrap();
+    let m = model();
+    let inputs: Vec<Vec<u32>> = g["inputs"].as_array().unwrap().iter().map(ids).collect();
+    for name in ADAPTERS {
+        let (a, a32) = (adapter_bf16(name), adapter(name));
+        assert_eq!(a.bytes() * 2, a32.bytes());
+        assert_ne!(a.version, a32.version);
+        for (i, input) in inputs.iter().enumerate() {
+            let got = all_logits_with(&be, &m, input, Some(&a));
+            let peft = rows(&g["adapters"][name]["logits"][i]);
+            let base = rows(&g["base"]["logits"][i]);
+            // bf16 keeps 8 mantissa bits, so the error scales with how far the
+            // adapter moves the logits, not with the logits themselves.
+            let max_abs = |x: &[Vec<f32>], y: &[Vec<f32>]| {
+                x.iter().flatten().zip(y.iter().flatten()).fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+            };
+            let (err, delta) = (max_abs(&got, &peft), max_abs(&peft, &base));
+            eprintln!("{name}, input {i}: bf16 error {err}, adapter delta {delta}");
+            assert!(err < 0.03 * delta, "{name}, input {i}: error {err} vs peft, adapter delta {delta}");
+        }
+    }
+    let adapters =
+        [None, Some(adapter_bf16("a-r4-qv")), Some(adapter_bf16("b-r8-all")), Some(adapter_bf16("c-r16-mlp"))];
+    let reqs: Vec<EngineRequest> =
+        prompts().iter().enumerate().map(|(i, p)| with_adapter(p, 8, adapters[i % 4].as_ref())).collect();
+    let solo: Vec<Vec<u32>> = reqs
+        .iter()
+        .map(|r| outputs(&engine(model(), &engine_config(16, 256, 512)).generate(vec![r.clone()]))[0].clone())
+        .collect();
+    assert_eq!(outputs(&engine(model(), &engine_config(16, 256, 13)).generate(reqs)), solo);
 }
 
 #[test]
@@ -234,7 +276,7 @@ fn variant(root: &Path, name: &str, edit: impl FnOnce(&mut Value)) -> PathBuf {
 fn registry(roots: Vec<PathBuf>, max_rank: usize) -> LoraRegistry {
     let cfg = RegistryConfig {
         max_loras: 4,
-        limits: LoraLimits { max_rank },
+        limits: LoraOptions { max_rank, dtype: LoraDtype::F32 },
         max_host_bytes: 1 << 30,
         allowed_roots: roots,
         allow_hub: false,
@@ -305,6 +347,11 @@ fn bad_adapters_are_refused_with_reasons_and_leave_the_registry_unchanged() {
     let e = closed.load("x", &adapter_dir("a-r4-qv"), false, false).unwrap_err();
     assert!(matches!(e, RegistryError::Lora(LoraError::NotAllowed(_))), "{e}");
     assert_eq!(reg.list(), before, "failed loads left the registry as it was");
+    // The fixtures name their base by path; another base name gets a warning.
+    let a = reg.get("good").unwrap().unwrap();
+    assert_eq!(reg.base_mismatch(&a), None);
+    let other = LoraRegistry::new(RegistryConfig { ..reg.config().clone() }, config(), vec!["llama-3-8b".into()]);
+    assert!(other.base_mismatch(&a).unwrap().contains("trained on 'tests/fixtures/tiny/qwen2/hf-f32'"));
     assert_eq!(reg.get("good").unwrap().unwrap().name, "good");
 }
 

@@ -5,7 +5,7 @@
 use libfuzzer_sys::fuzz_target;
 use tandem::loader::safetensors::SafetensorsFile;
 use tandem::lora::peft::parse_peft;
-use tandem::lora::LoraLimits;
+use tandem::lora::{LoraDtype, LoraOptions};
 use tandem::model::ModelConfig;
 
 fuzz_target!(|data: &[u8]| {
@@ -19,6 +19,6 @@ fuzz_target!(|data: &[u8]| {
     }))
     .expect("a valid config");
     if let Ok(f) = SafetensorsFile::from_bytes(weights.to_vec()) {
-        let _ = parse_peft(config, &f, &base, LoraLimits { max_rank: 64 });
+        let _ = parse_peft(config, &f, &base, LoraOptions { max_rank: 64, dtype: LoraDtype::F32 });
     }
 });

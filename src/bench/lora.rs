@@ -3,10 +3,11 @@
 //! a new adapter off disk to its first token.
 //!
 //! Each configuration submits `max(concurrency, adapters)` requests (request i
-//! runs adapter i mod `adapters`; 0 adapters = base only) to an engine core
+//! runs adapter i mod `adapters`), and the same number without adapters, to an engine core
 //! whose running batch holds at most `concurrency` sequences, and steps it to
 //! completion: output tok/s = generated tokens / wall time, prefill included,
-//! as a server would see it. Adapters have random weights on all seven
+//! as a server would see it; base-only and adapter runs alternate `reps` times
+//! and the ratio is the median of the pairs. Adapters have random weights on all seven
 //! projections and live in memory (host cache); more adapters than
 //! `max_loras` slots means the scheduler cycles them through the slots.
 
@@ -19,7 +20,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::backend::Backend;
 use crate::engine::{EngineConfig, EngineCore, EngineRequest, SamplingParams, StoppingParams};
-use crate::lora::{LoraAdapter, LoraMatrix, LoraTarget};
+use crate::lora::{LoraAdapter, LoraDtype, LoraMatrix, LoraOptions, LoraTarget, LoraValues};
 use crate::model::{LlamaModel, ModelConfig};
 
 pub struct LoraBenchOptions {
@@ -29,6 +30,9 @@ pub struct LoraBenchOptions {
     pub prompt_len: usize,
     pub max_tokens: usize,
     pub max_loras: usize,
+    pub dtype: LoraDtype,
+    /// Interleaved (base, adapters) pairs per configuration.
+    pub reps: usize,
 }
 
 pub struct LoraBenchRow {
@@ -36,8 +40,11 @@ pub struct LoraBenchRow {
     pub adapters: usize,
     pub rank: usize,
     pub requests: usize,
+    /// Base only, the same requests without adapters (median).
+    pub base_tok_s: f64,
+    /// With the adapters (median).
     pub tok_s: f64,
-    /// tok/s over the base-only run with the same concurrency and request count.
+    /// Median over repetitions of (with adapters / base only), runs interleaved.
     pub vs_base: f64,
 }
 
@@ -58,18 +65,16 @@ pub struct LoraBenchReport {
 
 impl fmt::Display for LoraBenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        writeln!(f, "| concurrency | distinct adapters | rank | requests | output tok/s | vs base-only |")?;
-        writeln!(f, "| ---: | ---: | ---: | ---: | ---: | ---: |")?;
+        writeln!(
+            f,
+            "| concurrency | distinct adapters | rank | requests | base only tok/s | with adapters tok/s | ratio |"
+        )?;
+        writeln!(f, "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")?;
         for r in &self.rows {
-            let adapters = if r.adapters == 0 { "base only".to_string() } else { r.adapters.to_string() };
             writeln!(
                 f,
-                "| {} | {adapters} | {} | {} | {:.1} | {:.2}x |",
-                r.concurrency,
-                if r.adapters == 0 { "-".to_string() } else { r.rank.to_string() },
-                r.requests,
-                r.tok_s,
-                r.vs_base
+                "| {} | {} | {} | {} | {:.1} | {:.1} | {:.2}x |",
+                r.concurrency, r.adapters, r.rank, r.requests, r.base_tok_s, r.tok_s, r.vs_base
             )?;
         }
         if !self.cold.is_empty() {
@@ -88,7 +93,7 @@ impl fmt::Display for LoraBenchReport {
 }
 
 /// An adapter of `rank` on every projection of every layer, random weights.
-pub fn random_adapter(cfg: &ModelConfig, rank: usize, seed: u64) -> LoraAdapter {
+pub fn random_adapter(cfg: &ModelConfig, rank: usize, seed: u64, dtype: LoraDtype) -> LoraAdapter {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let layers = (0..cfg.num_layers)
         .map(|_| {
@@ -97,7 +102,13 @@ pub fn random_adapter(cfg: &ModelConfig, rank: usize, seed: u64) -> LoraAdapter 
                 let mut v = |n: usize, s: f32| (0..n).map(|_| rng.gen_range(-s..s)).collect::<Vec<f32>>();
                 let a = v(rank * inf, 0.05);
                 let bt = v(rank * outf, 0.05);
-                Some(Arc::new(LoraMatrix { rank, in_features: inf, out_features: outf, a, bt }))
+                Some(Arc::new(LoraMatrix {
+                    rank,
+                    in_features: inf,
+                    out_features: outf,
+                    a: LoraValues::from_f32(a, dtype),
+                    bt: LoraValues::from_f32(bt, dtype),
+                }))
             })
         })
         .collect();
@@ -118,10 +129,11 @@ pub fn write_peft_dir(a: &LoraAdapter, dir: &Path) -> std::io::Result<()> {
         for (t, m) in LoraTarget::ALL.iter().zip(targets) {
             let Some(m) = m else { continue };
             let key = format!("base_model.model.model.layers.{l}.{}.{}", t.parent(), t.module());
-            put(format!("{key}.lora_A.weight"), [m.rank, m.in_features], &mut m.a.iter().copied());
+            put(format!("{key}.lora_A.weight"), [m.rank, m.in_features], &mut m.a.to_f32().into_iter());
             // B = btᵀ, [out, r].
             let (r, n) = (m.rank, m.out_features);
-            put(format!("{key}.lora_B.weight"), [n, r], &mut (0..n * r).map(|i| m.bt[(i % r) * n + i / r]));
+            let bt = m.bt.to_f32();
+            put(format!("{key}.lora_B.weight"), [n, r], &mut (0..n * r).map(|i| bt[(i % r) * n + i / r]));
         }
     }
     let h = serde_json::to_vec(&serde_json::Value::Object(header))?;
@@ -178,11 +190,10 @@ pub fn run<B: Backend>(
     for &rank in &o.ranks {
         eprintln!("bench-lora: making {max_adapters} random rank-{rank} adapters");
         let pool: Vec<Arc<LoraAdapter>> =
-            (0..max_adapters).map(|i| Arc::new(random_adapter(&mc, rank, (rank * 1000 + i) as u64))).collect();
+            (0..max_adapters).map(|i| Arc::new(random_adapter(&mc, rank, (rank * 1000 + i) as u64, o.dtype))).collect();
         for &c in &o.concurrency {
             core.set_max_num_seqs(c);
-            let mut base_by_requests: std::collections::HashMap<usize, f64> = Default::default();
-            for &n in &o.adapters {
+            for &n in o.adapters.iter().filter(|&&n| n > 0) {
                 let requests = c.max(n);
                 let mut run_one = |adapters: usize| -> f64 {
                     let reqs: Vec<EngineRequest> = (0..requests)
@@ -197,24 +208,29 @@ pub fn run<B: Backend>(
                     let toks: usize = out.iter().map(|(t, _)| t.len()).sum();
                     toks as f64 / t.elapsed().as_secs_f64()
                 };
-                let base = match base_by_requests.get(&requests) {
-                    Some(&b) => b,
-                    None => {
-                        let b = run_one(0);
-                        eprintln!("bench-lora: concurrency {c}, base only, {requests} requests: {b:.1} tok/s");
-                        base_by_requests.insert(requests, b);
-                        rows.push(LoraBenchRow { concurrency: c, adapters: 0, rank, requests, tok_s: b, vs_base: 1.0 });
-                        b
-                    }
-                };
-                if n == 0 {
-                    continue;
+                // Base-only and with-adapters runs interleaved, so drift on a
+                // noisy machine hits both alike; the ratio is the median of pairs.
+                let (mut base, mut lora, mut ratio) = (Vec::new(), Vec::new(), Vec::new());
+                for rep in 0..o.reps.max(1) {
+                    let b = run_one(0);
+                    let l = run_one(n);
+                    eprintln!(
+                        "bench-lora: concurrency {c}, {n} adapters of rank {rank}, {requests} requests, rep {rep}: \
+                         base {b:.1} tok/s, adapters {l:.1} tok/s"
+                    );
+                    base.push(b);
+                    lora.push(l);
+                    ratio.push(l / b);
                 }
-                let tok_s = run_one(n);
-                eprintln!(
-                    "bench-lora: concurrency {c}, {n} adapters of rank {rank}, {requests} requests: {tok_s:.1} tok/s"
-                );
-                rows.push(LoraBenchRow { concurrency: c, adapters: n, rank, requests, tok_s, vs_base: tok_s / base });
+                rows.push(LoraBenchRow {
+                    concurrency: c,
+                    adapters: n,
+                    rank,
+                    requests,
+                    base_tok_s: median(base),
+                    tok_s: median(lora),
+                    vs_base: median(ratio),
+                });
             }
         }
     }
@@ -225,7 +241,7 @@ pub fn run<B: Backend>(
         let (mut parse, mut first, mut base_first) = (Vec::new(), Vec::new(), Vec::new());
         for rep in 0..3 {
             let dir = scratch.join(format!("cold-r{rank}-{rep}"));
-            write_peft_dir(&random_adapter(&mc, rank, 900_000 + (rank * 10 + rep) as u64), &dir)
+            write_peft_dir(&random_adapter(&mc, rank, 900_000 + (rank * 10 + rep) as u64, LoraDtype::F32), &dir)
                 .map_err(|e| crate::backend::BackendError::Invalid(format!("writing {}: {e}", dir.display())))?;
             seed += 1;
             let t = Instant::now();
@@ -233,8 +249,9 @@ pub fn run<B: Backend>(
             base_first.push(t.elapsed().as_secs_f64() * 1e3);
             seed += 1;
             let t = Instant::now();
-            let a = crate::lora::load_peft_dir("cold", &dir, &mc, crate::lora::LoraLimits { max_rank: rank.max(1) })
-                .map_err(|e| crate::backend::BackendError::Invalid(e.to_string()))?;
+            let a =
+                crate::lora::load_peft_dir("cold", &dir, &mc, LoraOptions { max_rank: rank.max(1), dtype: o.dtype })
+                    .map_err(|e| crate::backend::BackendError::Invalid(e.to_string()))?;
             parse.push(t.elapsed().as_secs_f64() * 1e3);
             core.generate(vec![request(o, seed, vocab, Some(Arc::new(a)), 1)]);
             first.push(t.elapsed().as_secs_f64() * 1e3);

@@ -19,6 +19,8 @@ pub enum StepEvent {
     Started(RequestId, StartInfo),
     Token(RequestId, TokenOut),
     Finished(RequestId, FinishInfo),
+    /// The request could not run (its adapter failed to load) and is gone.
+    Failed(RequestId, String),
 }
 
 pub struct EngineCore<B: Backend> {
@@ -94,15 +96,32 @@ impl<B: Backend> EngineCore<B> {
 
     /// Schedules, runs and samples one step.
     pub fn step(&mut self) -> (SchedulerOutput, Vec<StepEvent>) {
-        let out = self.scheduler.schedule();
-        if out.chunks.is_empty() {
-            return (out, Vec::new());
-        }
+        let mut out = self.scheduler.schedule();
+        let mut failed = Vec::new();
+        let mut bad_slots = Vec::new();
         for &slot in &out.lora_loads {
-            let adapter = self.scheduler.slots().adapter(slot).expect("slots to load hold an adapter");
-            // Parsing checked the adapter against this model, so this cannot fail on the CPU;
-            // a device backend that runs out of memory here has no way back.
-            self.runner.load_adapter(slot, adapter).expect("loading an adapter into its slot");
+            let loaded = match self.scheduler.slots().adapter(slot) {
+                Some(a) => {
+                    self.runner.load_adapter(slot, a).map_err(|e| format!("loading LoRA adapter '{}': {e}", a.name))
+                }
+                None => Err("the adapter slot is empty".into()),
+            };
+            // Parsing checked the adapter against this model, so the CPU cannot
+            // fail here; a device backend can run out of memory.
+            if let Err(e) = loaded {
+                bad_slots.push(slot);
+                failed.push(e);
+            }
+        }
+        let mut failed_events = Vec::new();
+        if !bad_slots.is_empty() {
+            let why = failed.join("; ");
+            for id in self.scheduler.fail_slots(&mut out, &bad_slots) {
+                failed_events.push(StepEvent::Failed(id, why.clone()));
+            }
+        }
+        if out.chunks.is_empty() {
+            return (out, failed_events);
         }
         // Per chunk: (request, its logits mode, first position, rows).
         let mut plan = Vec::with_capacity(out.chunks.len());
@@ -175,8 +194,9 @@ impl<B: Backend> EngineCore<B> {
             sampled.push((id, TokenOut { id: tok, logprob, top_logprobs }));
         }
         let updates = self.scheduler.update_from_output(&out, sampled, eos);
-        let events = started
+        let events = failed_events
             .into_iter()
+            .chain(started)
             .chain(updates.into_iter().map(|u| match u {
                 RequestUpdate::Token(id, t) => StepEvent::Token(id, t),
                 RequestUpdate::Finished { id, reason, stop_token } => {
@@ -207,11 +227,15 @@ impl<B: Backend> EngineCore<B> {
         let mut done: Vec<Option<FinishInfo>> = vec![None; n];
         while self.has_work() {
             let (out, events) = self.step();
-            assert!(!out.chunks.is_empty(), "the scheduler made no progress with work queued");
+            assert!(
+                !out.chunks.is_empty() || events.iter().any(|e| matches!(e, StepEvent::Failed(..))),
+                "the scheduler made no progress with work queued"
+            );
             for ev in events {
                 match ev {
                     StepEvent::Token(id, t) => toks[(id - base) as usize].push(t),
                     StepEvent::Finished(id, f) => done[(id - base) as usize] = Some(f),
+                    StepEvent::Failed(id, why) => panic!("request {} failed: {why}", id - base),
                     StepEvent::Started(..) => {}
                 }
             }

@@ -92,6 +92,15 @@ impl<B: Backend> EngineLoop<B> {
                         // A closed receiver means the client left; its Abort is on the way.
                         let _ = c.events.send(EngineEvent::Token(t));
                     }
+                    StepEvent::Failed(id, why) => {
+                        self.metrics.finished_abort.add(1.0);
+                        if let Some(c) = clients.remove(&id) {
+                            if !c.admitted {
+                                self.waiting.fetch_sub(1, Ordering::SeqCst);
+                            }
+                            let _ = c.events.send(EngineEvent::Failed(why));
+                        }
+                    }
                     StepEvent::Started(id, info) => {
                         if let Some(c) = clients.get(&id) {
                             let _ = c.events.send(EngineEvent::Started(info));

@@ -101,14 +101,15 @@ impl<B: Backend> ModelRunner<B> {
 
     /// Puts `adapter` into `slot` (replacing whatever was there).
     pub fn load_adapter(&mut self, slot: usize, adapter: &LoraAdapter) -> Result<(), crate::backend::BackendError> {
-        let dev = DeviceAdapter::load(&self.backend, adapter, &self.model.config)?;
         let place = self.lora_slots.get_mut(slot).ok_or_else(|| {
             crate::backend::BackendError::Invalid(format!(
                 "adapter slot {slot} does not exist (max_loras {})",
                 self.cfg.max_loras
             ))
         })?;
-        *place = Some(dev);
+        // Whatever was there is stale either way.
+        *place = None;
+        *place = Some(DeviceAdapter::load(&self.backend, adapter, &self.model.config)?);
         Ok(())
     }
 

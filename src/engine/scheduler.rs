@@ -75,6 +75,25 @@ impl Scheduler {
     pub fn set_max_num_seqs(&mut self, n: usize) {
         self.cfg.max_num_seqs = n.max(1);
     }
+    /// Fails every request scheduled in `out` on one of `slots` (their adapter
+    /// could not be loaded): they are dropped from the step and from the
+    /// scheduler, and the slots emptied. Returns the dropped requests.
+    pub fn fail_slots(&mut self, out: &mut SchedulerOutput, slots: &[usize]) -> Vec<RequestId> {
+        let doomed: Vec<RequestId> = out
+            .chunks
+            .iter()
+            .map(|c| c.0)
+            .filter(|id| self.requests.get(id).and_then(|r| r.lora_slot).is_some_and(|s| slots.contains(&s)))
+            .collect();
+        for &id in &doomed {
+            self.abort(id);
+        }
+        out.chunks.retain(|c| !doomed.contains(&c.0));
+        for &s in slots {
+            self.slots.invalidate(s);
+        }
+        doomed
+    }
     pub fn slots(&self) -> &SlotTable {
         &self.slots
     }

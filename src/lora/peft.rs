@@ -16,7 +16,7 @@ use serde_json::Value;
 use crate::loader::safetensors::{SafetensorsFile, StDtype};
 use crate::model::ModelConfig;
 
-use super::{LoraAdapter, LoraLayers, LoraMatrix, LoraTarget};
+use super::{LoraAdapter, LoraDtype, LoraLayers, LoraMatrix, LoraTarget, LoraValues};
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -40,10 +40,11 @@ impl LoraError {
     }
 }
 
-/// Limits an adapter must meet.
+/// Limits an adapter must meet, and how its weights are stored.
 #[derive(Debug, Clone, Copy)]
-pub struct LoraLimits {
+pub struct LoraOptions {
     pub max_rank: usize,
+    pub dtype: LoraDtype,
 }
 
 /// The fields of `adapter_config.json` tandem reads; the rest are ignored.
@@ -87,7 +88,12 @@ fn default_alpha() -> f64 {
 const EMBEDDING_MODULES: &[&str] = &["embed_tokens", "lm_head", "wte", "embed_in", "embed_out"];
 
 /// Reads and checks the adapter in `dir` against `base`.
-pub fn load_peft_dir(name: &str, dir: &Path, base: &ModelConfig, limits: LoraLimits) -> Result<LoraAdapter, LoraError> {
+pub fn load_peft_dir(
+    name: &str,
+    dir: &Path,
+    base: &ModelConfig,
+    limits: LoraOptions,
+) -> Result<LoraAdapter, LoraError> {
     let shown = dir.display().to_string();
     if !dir.is_dir() {
         return Err(LoraError::NotFound { path: shown, reason: "not a directory".into() });
@@ -125,7 +131,7 @@ pub fn parse_peft(
     config: &[u8],
     weights: &SafetensorsFile,
     base: &ModelConfig,
-    limits: LoraLimits,
+    limits: LoraOptions,
 ) -> Result<(LoraLayers<Arc<LoraMatrix>>, Option<String>), String> {
     let cfg: PeftConfig =
         serde_json::from_slice(config).map_err(|e| format!("{CONFIG_FILE} is not a valid PEFT config: {e}"))?;
@@ -172,8 +178,13 @@ pub fn parse_peft(
         if a_vals.iter().chain(&bt).any(|x| !x.is_finite()) {
             return Err(format!("{module} has non-finite weights"));
         }
-        layers[layer][target.index()] =
-            Some(Arc::new(LoraMatrix { rank: r, in_features: inf, out_features: outf, a: a_vals, bt }));
+        layers[layer][target.index()] = Some(Arc::new(LoraMatrix {
+            rank: r,
+            in_features: inf,
+            out_features: outf,
+            a: LoraValues::from_f32(a_vals, limits.dtype),
+            bt: LoraValues::from_f32(bt, limits.dtype),
+        }));
     }
     Ok((layers, cfg.base_model_name_or_path.clone()))
 }

@@ -18,14 +18,14 @@ use std::sync::{Arc, Mutex};
 
 use crate::model::ModelConfig;
 
-use super::peft::{load_peft_dir, LoraError, LoraLimits};
+use super::peft::{load_peft_dir, LoraError, LoraOptions};
 use super::LoraAdapter;
 
 #[derive(Debug, Clone)]
 pub struct RegistryConfig {
     /// Device slots (0 = LoRA disabled: every load is refused).
     pub max_loras: usize,
-    pub limits: LoraLimits,
+    pub limits: LoraOptions,
     /// Host cache budget for parsed weights.
     pub max_host_bytes: usize,
     /// Directories that HTTP-supplied paths must lie under (empty: none may).
@@ -164,6 +164,9 @@ impl LoraRegistry {
         }
         let dir = if trusted { dir.to_path_buf() } else { self.check_allowed(dir)? };
         let adapter = Arc::new(self.read(name, &dir)?);
+        if let Some(w) = self.base_mismatch(&adapter) {
+            eprintln!("tandem: warning: LoRA adapter '{name}': {w}");
+        }
         let mut st = self.lock();
         if !inplace && st.entries.contains_key(name) {
             return Err(RegistryError::NameTaken(name.to_string()));
@@ -230,6 +233,21 @@ impl LoraRegistry {
         }
         crate::loader::hub::resolve_adapter(repo)
             .map_err(|reason| LoraError::NotFound { path: repo.to_string(), reason }.into())
+    }
+
+    /// Why `a` may not fit this base model, judged by name only (PEFT records
+    /// the base it was trained on as a hub id or path; ours may be a file name).
+    pub fn base_mismatch(&self, a: &LoraAdapter) -> Option<String> {
+        let trained = a.base_model.as_deref()?.trim_end_matches('/');
+        let stem = trained.rsplit('/').next().unwrap_or(trained).to_ascii_lowercase();
+        if stem.is_empty() {
+            return None;
+        }
+        let ours: Vec<String> = self.reserved.iter().map(|n| n.to_ascii_lowercase()).collect();
+        let same = ours.iter().any(|n| n.contains(&stem) || (!n.is_empty() && stem.contains(n.as_str())));
+        (!same).then(|| {
+            format!("it was trained on '{trained}', and this server's base is '{}'", self.reserved.join("' / '"))
+        })
     }
 
     fn read(&self, name: &str, dir: &Path) -> Result<LoraAdapter, RegistryError> {

@@ -99,6 +99,14 @@ impl SlotTable {
         s.pins = s.pins.saturating_sub(1);
     }
 
+    /// Empties an unpinned slot whose load failed, so no later request takes
+    /// it for resident.
+    pub fn invalidate(&mut self, slot: usize) {
+        if self.slots[slot].as_ref().is_some_and(|s| s.pins == 0) {
+            self.slots[slot] = None;
+        }
+    }
+
     pub fn adapter(&self, slot: usize) -> Option<&Arc<LoraAdapter>> {
         self.slots.get(slot)?.as_ref().map(|s| &s.adapter)
     }
@@ -109,7 +117,14 @@ mod tests {
     use super::*;
 
     fn adapter(name: &str, seed: f32) -> Arc<LoraAdapter> {
-        let m = crate::lora::LoraMatrix { rank: 1, in_features: 1, out_features: 1, a: vec![seed], bt: vec![1.0] };
+        use crate::lora::LoraValues::F32;
+        let m = crate::lora::LoraMatrix {
+            rank: 1,
+            in_features: 1,
+            out_features: 1,
+            a: F32(vec![seed]),
+            bt: F32(vec![1.0]),
+        };
         Arc::new(LoraAdapter::new(
             name.into(),
             String::new(),
@@ -142,6 +157,19 @@ mod tests {
         // a stayed resident: no load.
         assert!(!t.acquire(&a).unwrap().needs_load);
         assert_eq!(t.pinned(), 2);
+    }
+
+    #[test]
+    fn an_invalidated_slot_is_loaded_again() {
+        let a = adapter("a", 1.0);
+        let mut t = SlotTable::new(1);
+        let s = t.acquire(&a).unwrap();
+        t.invalidate(s.slot);
+        assert!(t.adapter(s.slot).is_some(), "a pinned slot stays");
+        t.release(s.slot);
+        t.invalidate(s.slot);
+        assert!(t.adapter(s.slot).is_none());
+        assert!(t.acquire(&a).unwrap().needs_load);
     }
 
     #[test]

@@ -8,8 +8,10 @@
 
 use rayon::prelude::*;
 
+use half::bf16;
+
 use super::Isa;
-use crate::lora::LoraMatrix;
+use crate::lora::{LoraMatrix, LoraValues};
 
 /// `out[r] += (x[r] · Aᵀ) · Bt` for each row `r` with `Some(matrix)` in `row_w`.
 pub fn lora_add(
@@ -70,11 +72,41 @@ unsafe fn row_avx2(x: &[f32], w: &LoraMatrix, out: &mut [f32]) {
     row_body(x, w, out)
 }
 
+/// A stored weight value, widened to f32 in registers.
+trait Elem: Copy {
+    fn f(self) -> f32;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn f(self) -> f32 {
+        self
+    }
+}
+
+impl Elem for bf16 {
+    /// bf16 is the top half of an f32: widening is a shift (vectorises).
+    #[inline(always)]
+    fn f(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+}
+
 /// Ranks handled without a heap allocation (larger ranks allocate).
 const STACK_RANK: usize = 128;
 
 #[inline(always)]
 fn row_body(x: &[f32], w: &LoraMatrix, out: &mut [f32]) {
+    match (&w.a, &w.bt) {
+        (LoraValues::F32(a), LoraValues::F32(bt)) => row_typed(x, w, a, bt, out),
+        (LoraValues::Bf16(a), LoraValues::Bf16(bt)) => row_typed(x, w, a, bt, out),
+        (LoraValues::F32(a), LoraValues::Bf16(bt)) => row_typed(x, w, a, bt, out),
+        (LoraValues::Bf16(a), LoraValues::F32(bt)) => row_typed(x, w, a, bt, out),
+    }
+}
+
+#[inline(always)]
+fn row_typed<A: Elem, B: Elem>(x: &[f32], w: &LoraMatrix, a: &[A], bt: &[B], out: &mut [f32]) {
     let (k, n, r) = (w.in_features, w.out_features, w.rank);
     let mut stack = [0f32; STACK_RANK];
     let mut heap = Vec::new();
@@ -85,25 +117,25 @@ fn row_body(x: &[f32], w: &LoraMatrix, out: &mut [f32]) {
         &mut heap
     };
     for (j, vj) in v.iter_mut().enumerate() {
-        *vj = dot(x, &w.a[j * k..(j + 1) * k]);
+        *vj = dot(x, &a[j * k..(j + 1) * k]);
     }
     for (j, &vj) in v.iter().enumerate() {
-        let b = &w.bt[j * n..(j + 1) * n];
+        let b = &bt[j * n..(j + 1) * n];
         for (o, &bv) in out.iter_mut().zip(b) {
-            *o += vj * bv;
+            *o += vj * bv.f();
         }
     }
 }
 
 /// Sum of products in 16 independent lanes, then a fixed pairwise reduction.
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<B: Elem>(a: &[f32], b: &[B]) -> f32 {
     const L: usize = 16;
     let mut acc = [0f32; L];
     let split = a.len() / L * L;
     for (ca, cb) in a[..split].chunks_exact(L).zip(b[..split].chunks_exact(L)) {
         for i in 0..L {
-            acc[i] += ca[i] * cb[i];
+            acc[i] += ca[i] * cb[i].f();
         }
     }
     let mut width = L;
@@ -115,7 +147,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     }
     let mut s = acc[0];
     for (x, y) in a[split..].iter().zip(&b[split..]) {
-        s += x * y;
+        s += x * y.f();
     }
     s
 }
