@@ -21,9 +21,18 @@
 #   LLAMA_THREADS     llama-server -t (default: nproc)    LLAMA_SLOTS  -np (16)
 #   CTX_PER_SLOT      llama-server context per slot (default 400 for throughput, 1600 for prefix)
 #   TANDEM_BIN        (target/release/tandem)   TANDEM_ARGS  extra `tandem serve` flags
+#   LLAMA_ARGS        extra llama-server flags (e.g. --lora FILE.gguf)
+#   TANDEM_LOAD_MODEL the `model` the load sends to tandem (e.g. a LoRA adapter's name)
 #   SERVERS           which to run, in order (default "llama tandem")
 #   PORT              (default: a free one)     OUT_DIR (target/loadtests/<date>)
 #   TANDEM_PY_VENV    venv with httpx (default target/py-venv; created if missing)
+#
+# LoRA, the same random rank-16 adapter on both servers (make_random_lora.py
+# writes it as PEFT for tandem and as GGUF for llama.cpp; it needs numpy,
+# safetensors and gguf):
+#   python3 loadtests/make_random_lora.py $MODEL /tmp/lora --rank 16
+#   LLAMA_ARGS="--lora /tmp/lora/lora.gguf" TANDEM_ARGS="--lora rnd=/tmp/lora/peft" \
+#     TANDEM_LOAD_MODEL=rnd LEVELS=16 loadtests/run-vs-llama-server.sh throughput
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -44,6 +53,8 @@ LLAMA_THREADS=${LLAMA_THREADS:-$(nproc)}
 LLAMA_SLOTS=${LLAMA_SLOTS:-16}
 TANDEM_BIN=${TANDEM_BIN:-target/release/tandem}
 TANDEM_ARGS=${TANDEM_ARGS:-}
+LLAMA_ARGS=${LLAMA_ARGS:-}
+TANDEM_LOAD_MODEL=${TANDEM_LOAD_MODEL:-}
 SERVERS=${SERVERS:-llama tandem}
 OUT_DIR=${OUT_DIR:-target/loadtests/$(date +%Y%m%d-%H%M%S)}
 VENV=${TANDEM_PY_VENV:-target/py-venv}
@@ -94,10 +105,11 @@ start_server() { # name mode
     case $name in
     llama)
         [[ -x $LLAMA_SERVER ]] || { echo "no llama-server at $LLAMA_SERVER" >&2; return 1; }
-        echo "# llama-server -t $LLAMA_THREADS -np $LLAMA_SLOTS -c $ctx (log $log)" >&2
+        echo "# llama-server -t $LLAMA_THREADS -np $LLAMA_SLOTS -c $ctx $LLAMA_ARGS (log $log)" >&2
+        # shellcheck disable=SC2086
         LD_LIBRARY_PATH=$(dirname "$LLAMA_SERVER")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH} \
             "$LLAMA_SERVER" -m "$MODEL" -t "$LLAMA_THREADS" -np "$LLAMA_SLOTS" -c "$ctx" \
-            --host 127.0.0.1 --port "$PORT" --no-webui >"$log" 2>&1 &
+            --host 127.0.0.1 --port "$PORT" --no-webui $LLAMA_ARGS >"$log" 2>&1 &
         ;;
     tandem)
         "$TANDEM_BIN" serve --help >/dev/null 2>&1 || { echo "$TANDEM_BIN has no working 'serve'" >&2; return 1; }
@@ -118,6 +130,7 @@ run_load() { # name mode
         args=(--concurrency "$LEVELS" --max-tokens "$MAX_TOKENS")
         [[ -n $REQUESTS ]] && args+=(--requests-per-level "$REQUESTS")
     fi
+    [[ $name == tandem && -n $TANDEM_LOAD_MODEL ]] && args+=(--model "$TANDEM_LOAD_MODEL")
     "$PY" loadtests/sse_load.py --url "$BASE" --endpoint "$ENDPOINT" --prompt-tokens "$PROMPT_TOKENS" \
         --title "$name ($mode)" --out "$out" "${args[@]}" | tee "$OUT_DIR/$name-$mode.md"
 }

@@ -408,3 +408,32 @@ fn the_host_cache_drops_least_recently_used_weights_and_rereads_them() {
     assert_eq!(reg.get("a").unwrap().unwrap().version, a.version);
     assert_eq!(reg.list().len(), 3);
 }
+
+#[test]
+fn a_request_waiting_for_a_slot_does_not_starve() {
+    use tandem::engine::scheduler::SLOT_WAIT_LIMIT;
+    let (a, b) = (adapter("a-r4-qv"), adapter("b-r8-all"));
+    let mut cfg = engine_config(16, 256, 512);
+    cfg.max_loras = 1;
+    let mut e = engine(model(), &cfg);
+    let p = prompts();
+    // A steady stream of short requests for `a` keeps the only slot pinned.
+    let mut next = 0u64;
+    let mut add_a = |e: &mut tandem::engine::EngineCore<CpuBackend>| {
+        e.add_request(next, with_adapter(&p[(next % 8) as usize], 3, Some(&a)));
+        next += 1;
+    };
+    add_a(&mut e);
+    e.add_request(1 << 20, with_adapter(&p[0], 2, Some(&b)));
+    let mut b_done_at = None;
+    for step in 0..(SLOT_WAIT_LIMIT as usize * 4) {
+        add_a(&mut e);
+        let (_, events) = e.step();
+        if events.iter().any(|ev| matches!(ev, tandem::engine::StepEvent::Finished(id, _) if *id == 1 << 20)) {
+            b_done_at = Some(step);
+            break;
+        }
+    }
+    let at = b_done_at.expect("the request for b finished despite a's steady traffic");
+    assert!(at >= SLOT_WAIT_LIMIT as usize, "b waited for the slot first (finished at step {at})");
+}

@@ -267,7 +267,13 @@ pub fn run<B: Backend>(
     Ok(LoraBenchReport { rows, cold })
 }
 
+/// The middle value; the mean of the two middle ones for an even count.
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    let n = v.len();
+    if n.is_multiple_of(2) {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    } else {
+        v[n / 2]
+    }
 }

@@ -27,6 +27,8 @@ pub struct Request {
     pub adapter_version: u64,
     /// The adapter slot pinned for it while it runs.
     pub lora_slot: Option<usize>,
+    /// Admission passes that skipped it because every slot was pinned.
+    pub slot_waits: u32,
     pub sampler: Sampler,
     pub stopping: StoppingParams,
     pub logprobs: Option<usize>,
@@ -52,6 +54,7 @@ impl Request {
             adapter_version: req.adapter.as_ref().map_or(0, |a| a.version),
             adapter: req.adapter,
             lora_slot: None,
+            slot_waits: 0,
             sampler,
             stopping: req.stopping,
             logprobs: req.logprobs,

@@ -14,6 +14,11 @@ use crate::lora::SlotTable;
 use super::handle::{FinishReason, RequestId, TokenOut};
 use super::request::Request;
 
+/// Admission passes a request may wait for an adapter slot before the
+/// scheduler stops admitting other adapters' requests (base-model requests
+/// still go), so pinned slots drain and it cannot starve.
+pub const SLOT_WAIT_LIMIT: u32 = 32;
+
 #[derive(Debug, Clone, Copy)]
 pub struct SchedulerConfig {
     pub max_num_batched_tokens: usize,
@@ -172,12 +177,27 @@ impl Scheduler {
         }
         // vLLM's rule: no admissions in a step that had to preempt.
         let mut w = 0;
+        // The adapter version of the oldest request that has waited too long for a slot.
+        let mut starving: Option<u64> = self
+            .waiting
+            .iter()
+            .filter_map(|id| self.requests.get(id))
+            .find(|r| r.slot_waits >= SLOT_WAIT_LIMIT)
+            .and_then(|r| r.adapter.as_ref().map(|a| a.version));
         while out.num_preempted == 0 && budget > 0 && self.running.len() < self.cfg.max_num_seqs {
             let Some(&id) = self.waiting.get(w) else { break };
             let req = self.requests.get_mut(&id).expect("waiting requests exist");
-            // A request whose adapter has no free slot waits without holding up others.
+            // A request whose adapter has no free slot waits without holding up
+            // others, unless one has waited so long that adapters yield to it.
             if let Some(a) = &req.adapter {
-                if !self.slots.can_acquire(a) {
+                let yields = starving.is_some_and(|v| v != a.version);
+                if yields || !self.slots.can_acquire(a) {
+                    if !yields {
+                        req.slot_waits += 1;
+                        if req.slot_waits >= SLOT_WAIT_LIMIT && starving.is_none() {
+                            starving = Some(a.version);
+                        }
+                    }
                     w += 1;
                     continue;
                 }

@@ -1,8 +1,8 @@
 //! Batched heterogeneous LoRA on the CPU: every row of the batch that belongs
 //! to an adapter segment gets `y += (x · Aᵀ) · Bt` with its own adapter's
-//! matrices, rows in parallel. The shrink is a dot product per rank (16
+//! matrices, rows in parallel. The shrink is a dot product per rank (64
 //! independent lanes, reduced in a fixed order) and the expand a sum of scaled
-//! `Bt` rows; both are written so the compiler vectorises them for the ISA the
+//! `Bt` rows, a tile of outputs at a time; both are written so the compiler vectorises them for the ISA the
 //! wrapper enables, with the same arithmetic order on every ISA, so a row's
 //! result never depends on the batch around it.
 
@@ -119,18 +119,34 @@ fn row_typed<A: Elem, B: Elem>(x: &[f32], w: &LoraMatrix, a: &[A], bt: &[B], out
     for (j, vj) in v.iter_mut().enumerate() {
         *vj = dot(x, &a[j * k..(j + 1) * k]);
     }
-    for (j, &vj) in v.iter().enumerate() {
-        let b = &bt[j * n..(j + 1) * n];
-        for (o, &bv) in out.iter_mut().zip(b) {
-            *o += vj * bv.f();
+    // Expand a tile of outputs at a time, held in registers across the rank:
+    // each output still gets out + v0·b0 + v1·b1 + ... in that order.
+    const T: usize = 64;
+    let split = n / T * T;
+    for (t, tile) in out[..split].chunks_exact_mut(T).enumerate() {
+        let o0 = t * T;
+        let mut acc = [0f32; T];
+        acc.copy_from_slice(tile);
+        for (j, &vj) in v.iter().enumerate() {
+            let b = &bt[j * n + o0..j * n + o0 + T];
+            for i in 0..T {
+                acc[i] += vj * b[i].f();
+            }
+        }
+        tile.copy_from_slice(&acc);
+    }
+    for (o, y) in out.iter_mut().enumerate().skip(split) {
+        for (j, &vj) in v.iter().enumerate() {
+            *y += vj * bt[j * n + o].f();
         }
     }
 }
 
-/// Sum of products in 16 independent lanes, then a fixed pairwise reduction.
+/// Sum of products in 64 independent lanes (several vector registers, so the
+/// adds do not wait on each other), then a fixed pairwise reduction.
 #[inline(always)]
 fn dot<B: Elem>(a: &[f32], b: &[B]) -> f32 {
-    const L: usize = 16;
+    const L: usize = 64;
     let mut acc = [0f32; L];
     let split = a.len() / L * L;
     for (ca, cb) in a[..split].chunks_exact(L).zip(b[..split].chunks_exact(L)) {
