@@ -106,7 +106,10 @@ class Bench:
             self.base += "/v1"
         self.chat = args.endpoint == "chat"
         self.path = "/chat/completions" if self.chat else "/completions"
-        self.model: str | None = args.model
+        # Several comma-separated names: request i uses models[i % len] (a
+        # multi-adapter mix); calibration uses the first.
+        self.models: list[str] = [m for m in (args.model or "").split(",") if m]
+        self.model: str | None = self.models[0] if self.models else None
         self.words_per_prompt = args.prompt_tokens  # refined by calibration
         self.prefix_text = ""
         self.usage_seen = False
@@ -197,6 +200,8 @@ class Bench:
         res = Result(level=level, index=index, ok=False)
         prompt = self.unique_prompt(f"Request {level}-{index}-{seed}", self.words_per_prompt, seed)
         body = self.body(prompt, self.args.max_tokens, stream=True)
+        if len(self.models) > 1:
+            body["model"] = self.models[index % len(self.models)]
         t0 = time.perf_counter()
         res.start = t0 - t_level
         last = None
@@ -354,7 +359,7 @@ async def amain(args: argparse.Namespace) -> int:
     finally:
         await b.client.aclose()
 
-    print(table(summaries, args.title or f"{b.base} ({b.model})"))
+    print(table(summaries, args.title or f"{b.base} ({','.join(b.models) or b.model})"))
     if args.shared_prefix_tokens > 0:
         for c in levels:
             print(f"\nSequential TTFTs at concurrency {c} (shared prefix {args.shared_prefix_tokens} tokens):\n")
@@ -377,7 +382,12 @@ async def amain(args: argparse.Namespace) -> int:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (with or without /v1)")
-    p.add_argument("--model", default=None, help="model name (default: first of GET /v1/models)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model name, or several comma-separated (request i uses the i-th mod n: a LoRA adapter mix); "
+        "default: first of GET /v1/models",
+    )
     p.add_argument("--api-key", default="unused")
     p.add_argument("--endpoint", choices=["completions", "chat"], default="completions")
     p.add_argument("--concurrency", default="1,4,16,32", help="comma-separated levels")
