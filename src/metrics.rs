@@ -149,9 +149,7 @@ impl LoraMetrics {
             escape_label(&info.waiting),
             info.updated_unix_s
         );
-        let mut one = |name: &str, kind: &str, help: &str, v: f64| {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-        };
+        let mut one = |name: &str, kind: &str, help: &str, v: f64| write_metric(o, name, kind, help, v);
         one("tandem_lora_slots_total", "gauge", "LoRA adapter slots (max_loras).", self.max_loras as f64);
         one("tandem_lora_slots_pinned", "gauge", "Adapter slots in use by running requests.", self.slots_pinned.get());
         one("tandem_lora_slots_occupied", "gauge", "Adapter slots holding an adapter.", self.slots_occupied.get());
@@ -179,6 +177,11 @@ impl LoraMetrics {
             let _ = writeln!(o, "tandem_lora_generation_tokens_total{{adapter=\"{}\"}} {toks}", escape_label(name));
         }
     }
+}
+
+/// One unlabelled gauge or counter with its HELP and TYPE lines.
+pub fn write_metric(o: &mut String, name: &str, kind: &str, help: &str, v: f64) {
+    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
 }
 
 /// Prometheus label-value escaping.
@@ -216,9 +219,7 @@ impl Metrics {
     /// Renders every metric in the Prometheus text format.
     pub fn render(&self) -> String {
         let mut o = String::new();
-        let mut one = |name: &str, kind: &str, help: &str, v: f64| {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-        };
+        let mut one = |name: &str, kind: &str, help: &str, v: f64| write_metric(&mut o, name, kind, help, v);
         one("vllm:num_requests_running", "gauge", "Requests in the running batch.", self.requests_running.get());
         one("vllm:num_requests_waiting", "gauge", "Requests waiting for admission.", self.requests_waiting.get());
         one(

@@ -21,15 +21,10 @@ fn prompts(n: usize) -> Vec<Vec<u32>> {
     (0..n).map(|i| (0..(3 + 11 * i % 70)).map(|j| ((j * 13 + i * 7 + 3) % 250) as u32).collect()).collect()
 }
 
-fn solo_outputs(reqs: &[EngineRequest]) -> Vec<Vec<u32>> {
-    let mut e = engine(model(), &engine_config(16, 256, 512));
-    reqs.iter().map(|r| token_ids(&e.generate(vec![r.clone()])[0].0)).collect()
-}
-
 #[test]
 fn sixteen_batched_requests_with_chunked_prefill_each_match_their_solo_run() {
     let reqs: Vec<EngineRequest> = prompts(16).iter().map(|p| greedy(p, 12)).collect();
-    let solo = solo_outputs(&reqs);
+    let solo = solo_outputs(model, &reqs);
     // A small budget: prefill is chunked and mixed with other sequences' decodes.
     let mut e = engine(model(), &engine_config(16, 256, 7));
     let batched = e.generate(reqs);
@@ -44,7 +39,7 @@ fn sixteen_batched_requests_with_chunked_prefill_each_match_their_solo_run() {
 #[test]
 fn preemption_when_the_cache_runs_out_recomputes_without_changing_outputs() {
     let reqs: Vec<EngineRequest> = prompts(8).iter().map(|p| greedy(p, 20)).collect();
-    let solo = solo_outputs(&reqs);
+    let solo = solo_outputs(model, &reqs);
     // 24 usable blocks of 4 tokens: far too few for 8 requests of up to ~90 tokens.
     let cfg = engine_config(4, 25, 64);
     let mut e = engine(model(), &cfg);
@@ -74,7 +69,7 @@ fn a_cached_prefix_skips_prefill_and_gives_the_same_tokens() {
     let system: Vec<u32> = (0..100).map(|j| (j * 17 % 240) as u32 + 3).collect();
     let a: Vec<u32> = system.iter().copied().chain([7, 8, 9]).collect();
     let b: Vec<u32> = system.iter().copied().chain([10, 11]).collect();
-    let solo = solo_outputs(&[greedy(&b, 10)]);
+    let solo = solo_outputs(model, &[greedy(&b, 10)]);
     let mut cfg = engine_config(16, 256, 512);
     let mut e = engine(model(), &cfg);
     let first = e.generate(vec![greedy(&a, 4)]);
@@ -98,18 +93,18 @@ fn seeded_sampling_is_the_same_alone_and_batched() {
     };
     let ps = prompts(6);
     let reqs: Vec<EngineRequest> = ps.iter().enumerate().map(|(i, p)| sampled(p, 100 + i as u64)).collect();
-    let solo = solo_outputs(&reqs);
+    let solo = solo_outputs(model, &reqs);
     let mut e = engine(model(), &engine_config(16, 256, 9));
     let batched: Vec<Vec<u32>> = e.generate(reqs).iter().map(|o| token_ids(&o.0)).collect();
     assert_eq!(batched, solo);
-    let other = solo_outputs(&[sampled(&ps[0], 999)]);
+    let other = solo_outputs(model, &[sampled(&ps[0], 999)]);
     assert_ne!(other[0], solo[0], "a different seed samples differently");
 }
 
 #[test]
 fn stop_tokens_min_tokens_and_logprobs() {
     let p = &prompts(3)[2];
-    let free = solo_outputs(&[greedy(p, 12)])[0].clone();
+    let free = solo_outputs(model, &[greedy(p, 12)])[0].clone();
     // Stop at the 5th generated token: it is not output but counts as generated.
     let mut e = engine(model(), &engine_config(16, 256, 512));
     let stop = free[4];
@@ -161,7 +156,7 @@ fn the_handle_streams_tokens_aborts_on_drop_and_reports_metrics() {
     cfg.max_waiting = 64;
     let h = spawn_engine(CpuBackend::new(2).unwrap(), model(), cfg).unwrap();
     let p = prompts(4)[3].clone();
-    let want = solo_outputs(&[greedy(&p, 8)])[0].clone();
+    let want = solo_outputs(model, &[greedy(&p, 8)])[0].clone();
     rt().block_on(async {
         let mut s = h.submit(greedy(&p, 8)).unwrap();
         let mut got = vec![];

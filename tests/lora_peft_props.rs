@@ -8,7 +8,7 @@ mod common;
 use common::*;
 use proptest::prelude::*;
 use serde_json::{json, Value};
-use tandem::loader::safetensors::SafetensorsFile;
+use tandem::loader::safetensors::{serialize, SafetensorsFile, StDtype};
 use tandem::lora::peft::parse_peft;
 use tandem::lora::{LoraDtype, LoraOptions, LoraTarget};
 use tandem::model::ModelConfig;
@@ -48,28 +48,28 @@ fn check(config: &[u8], weights: &[u8], base: &ModelConfig) {
 
 /// A safetensors file of the given (name, dtype, shape) tensors filled with small values.
 fn safetensors(tensors: &[(String, &str, Vec<usize>)]) -> Vec<u8> {
-    let mut header = serde_json::Map::new();
-    let mut data = Vec::new();
-    for (name, dtype, shape) in tensors {
-        let size = if *dtype == "F32" { 4 } else { 2 };
-        let n: usize = shape.iter().product();
-        let start = data.len();
-        for i in 0..n {
-            let v = ((i % 7) as f32 - 3.0) * 0.01;
-            match *dtype {
-                "F32" => data.extend_from_slice(&v.to_le_bytes()),
-                "F16" => data.extend_from_slice(&half::f16::from_f32(v).to_le_bytes()),
-                _ => data.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
-            }
-        }
-        assert_eq!(data.len() - start, n * size);
-        header.insert(name.clone(), json!({"dtype": dtype, "shape": shape, "data_offsets": [start, data.len()]}));
-    }
-    let h = serde_json::to_vec(&Value::Object(header)).unwrap();
-    let mut out = (h.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&h);
-    out.extend_from_slice(&data);
-    out
+    let data: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, dtype, shape)| {
+            let n: usize = shape.iter().product();
+            (0..n)
+                .flat_map(|i| {
+                    let v = ((i % 7) as f32 - 3.0) * 0.01;
+                    match *dtype {
+                        "F32" => v.to_le_bytes().to_vec(),
+                        "F16" => half::f16::from_f32(v).to_le_bytes().to_vec(),
+                        _ => half::bf16::from_f32(v).to_le_bytes().to_vec(),
+                    }
+                })
+                .collect()
+        })
+        .collect();
+    let views: Vec<(&str, StDtype, &[usize], &[u8])> = tensors
+        .iter()
+        .zip(&data)
+        .map(|((name, dtype, shape), d)| (name.as_str(), StDtype::parse(dtype).unwrap(), &shape[..], &d[..]))
+        .collect();
+    serialize(&views)
 }
 
 fn tensor_name() -> impl Strategy<Value = String> {

@@ -117,10 +117,7 @@ fn bf16_adapters_stay_close_to_peft_and_batch_invariant() {
         [None, Some(adapter_bf16("a-r4-qv")), Some(adapter_bf16("b-r8-all")), Some(adapter_bf16("c-r16-mlp"))];
     let reqs: Vec<EngineRequest> =
         prompts().iter().enumerate().map(|(i, p)| with_adapter(p, 8, adapters[i % 4].as_ref())).collect();
-    let solo: Vec<Vec<u32>> = reqs
-        .iter()
-        .map(|r| outputs(&engine(model(), &engine_config(16, 256, 512)).generate(vec![r.clone()]))[0].clone())
-        .collect();
+    let solo = solo_outputs(model, &reqs);
     assert_eq!(outputs(&engine(model(), &engine_config(16, 256, 13)).generate(reqs)), solo);
 }
 
@@ -150,14 +147,9 @@ fn one_batch_of_base_and_three_adapters_equals_each_solo_run() {
         vec![None, Some(adapter("a-r4-qv")), Some(adapter("b-r8-all")), Some(adapter("c-r16-mlp"))];
     let reqs: Vec<EngineRequest> =
         prompts().iter().enumerate().map(|(i, p)| with_adapter(p, 10, adapters[i % 4].as_ref())).collect();
-    let solo: Vec<Vec<u32>> = reqs
-        .iter()
-        .map(|r| outputs(&engine(model(), &engine_config(16, 256, 512)).generate(vec![r.clone()]))[0].clone())
-        .collect();
+    let solo = solo_outputs(model, &reqs);
     // Each adapter changes some prompt's tokens (so equal outputs below mean something).
-    let run = |p: &[u32], a: Option<&Arc<LoraAdapter>>| {
-        outputs(&engine(model(), &engine_config(16, 256, 512)).generate(vec![with_adapter(p, 10, a)]))[0].clone()
-    };
+    let run = |p: &[u32], a: Option<&Arc<LoraAdapter>>| solo_outputs(model, &[with_adapter(p, 10, a)]);
     for a in adapters.iter().flatten() {
         assert!(prompts().iter().any(|p| run(p, Some(a)) != run(p, None)), "{} never changes the output", a.name);
     }
@@ -174,10 +166,7 @@ fn more_adapters_than_slots_wait_their_turn_without_changing_outputs() {
     let names = ["a-r4-qv", "b-r8-all", "c-r16-mlp", "a-r4-qv-v2"];
     let reqs: Vec<EngineRequest> =
         prompts().iter().enumerate().map(|(i, p)| with_adapter(p, 6, Some(&adapter(names[i % 4])))).collect();
-    let solo: Vec<Vec<u32>> = reqs
-        .iter()
-        .map(|r| outputs(&engine(model(), &engine_config(16, 256, 512)).generate(vec![r.clone()]))[0].clone())
-        .collect();
+    let solo = solo_outputs(model, &reqs);
     let mut cfg = engine_config(16, 256, 512);
     cfg.max_loras = 2;
     let mut e = engine(model(), &cfg);
@@ -229,8 +218,7 @@ fn a_reloaded_adapter_never_reuses_the_old_versions_cached_prefix() {
     let new = Arc::new(new.renamed("a-r4-qv", "reloaded"));
     assert_ne!(old.version, new.version);
     let p: Vec<u32> = (0..64).map(|i| (i * 7 % 250 + 3) as u32).collect();
-    let want_new =
-        outputs(&engine(model(), &engine_config(16, 256, 512)).generate(vec![with_adapter(&p, 8, Some(&new))]));
+    let want_new = solo_outputs(model, &[with_adapter(&p, 8, Some(&new))]);
     let mut e = engine(model(), &engine_config(16, 256, 512));
     let first = e.generate(vec![with_adapter(&p, 8, Some(&old))]);
     let again = e.generate(vec![with_adapter(&p, 8, Some(&old))]);
@@ -366,17 +354,11 @@ fn reload_in_place_publishes_a_new_version_and_old_holders_keep_theirs() {
     let p = &prompts()[3];
     let mut e = engine(model(), &engine_config(16, 256, 512));
     let both = outputs(&e.generate(vec![with_adapter(p, 8, Some(&v1)), with_adapter(p, 8, Some(&v2))]));
-    let want_v1 = outputs(&engine(model(), &engine_config(16, 256, 512)).generate(vec![with_adapter(
-        p,
-        8,
-        Some(&adapter("a-r4-qv")),
-    )]));
-    let want_v2 = outputs(&engine(model(), &engine_config(16, 256, 512)).generate(vec![with_adapter(
-        p,
-        8,
-        Some(&adapter("a-r4-qv-v2")),
-    )]));
-    assert_eq!(both, vec![want_v1[0].clone(), want_v2[0].clone()]);
+    let want = solo_outputs(
+        model,
+        &[with_adapter(p, 8, Some(&adapter("a-r4-qv"))), with_adapter(p, 8, Some(&adapter("a-r4-qv-v2")))],
+    );
+    assert_eq!(both, want);
     reg.unload("x").unwrap();
     assert!(reg.get("x").unwrap().is_none());
     assert!(matches!(reg.unload("x"), Err(RegistryError::Unknown(_))));

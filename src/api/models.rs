@@ -97,6 +97,16 @@ impl ModelNames {
         ModelRef::Unknown
     }
 
+    /// The adapter name `model` may mean, or `None` for the base model: the
+    /// part after `base:`, or the whole name when it is not the base's.
+    pub fn adapter_name(&self, requested: &str) -> Option<String> {
+        match self.classify(Some(requested)) {
+            ModelRef::Base => None,
+            ModelRef::Adapter(name) => Some(name),
+            ModelRef::Unknown => Some(requested.to_string()),
+        }
+    }
+
     /// Every name the base model answers to.
     pub fn all(&self) -> Vec<String> {
         std::iter::once(self.served.clone()).chain(self.aliases.iter().cloned()).collect()
@@ -112,48 +122,30 @@ pub async fn resolve(
     adapter_id: Option<&str>,
     adapter_source: Option<&str>,
 ) -> Result<Resolved, ApiError> {
-    let echo = |t: Target| Resolved {
-        name: requested.filter(|m| !m.is_empty()).unwrap_or(&st.names.served).to_string(),
-        target: t,
-    };
+    let requested = requested.filter(|m| !m.is_empty());
     let registry = st.ready.get().map(|r| r.loras.clone());
-    let lookup = |name: String| {
-        let registry = registry.clone();
-        async move {
-            let Some(reg) = registry else { return Ok(None) };
-            if !reg.contains(&name) {
-                return Ok(None);
-            }
-            // A host-cache miss re-reads the adapter from disk: off the async threads.
-            tokio::task::spawn_blocking(move || reg.get(&name))
-                .await
-                .map_err(|e| ApiError::internal(format!("adapter lookup failed: {e}")))?
-                .map_err(|e| adapter_error(e, "model"))
-        }
-    };
     if let Some(id) = adapter_id.filter(|s| !s.is_empty()) {
-        let Some(reg) = registry.clone() else { return Err(ApiError::unavailable("the model is still loading")) };
+        let Some(reg) = registry else { return Err(ApiError::unavailable("the model is still loading")) };
         let (id2, src) = (id.to_string(), adapter_source.map(str::to_string));
         let a = tokio::task::spawn_blocking(move || reg.on_demand(&id2, src.as_deref()))
             .await
             .map_err(|e| ApiError::internal(format!("adapter load failed: {e}")))?
             .map_err(|e| adapter_error(e, "adapter_id"))?;
-        return Ok(Resolved {
-            name: requested.filter(|m| !m.is_empty()).unwrap_or(id).to_string(),
-            target: Target::Adapter(a),
-        });
+        return Ok(Resolved { name: requested.unwrap_or(id).to_string(), target: Target::Adapter(a) });
     }
-    let m = requested.unwrap_or("");
-    match st.names.classify(requested) {
-        ModelRef::Base => Ok(echo(Target::Base)),
-        ModelRef::Adapter(name) => match lookup(name).await? {
-            Some(a) => Ok(echo(Target::Adapter(a))),
-            None => Err(ApiError::model_not_found(m)),
-        },
-        ModelRef::Unknown => match lookup(m.to_string()).await? {
-            Some(a) => Ok(echo(Target::Adapter(a))),
-            None => Err(ApiError::model_not_found(m)),
-        },
+    let Some(m) = requested else { return Ok(Resolved { name: st.names.served.clone(), target: Target::Base }) };
+    let Some(name) = st.names.adapter_name(m) else {
+        return Ok(Resolved { name: m.to_string(), target: Target::Base });
+    };
+    let Some(reg) = registry.filter(|r| r.contains(&name)) else { return Err(ApiError::model_not_found(m)) };
+    // A host-cache miss re-reads the adapter from disk: off the async threads.
+    let found = tokio::task::spawn_blocking(move || reg.get(&name))
+        .await
+        .map_err(|e| ApiError::internal(format!("adapter lookup failed: {e}")))?
+        .map_err(|e| adapter_error(e, "model"))?;
+    match found {
+        Some(a) => Ok(Resolved { name: m.to_string(), target: Target::Adapter(a) }),
+        None => Err(ApiError::model_not_found(m)),
     }
 }
 
@@ -220,10 +212,8 @@ pub async fn list(State(st): State<AppState>) -> Result<Json<ModelList>, ApiErro
 )]
 pub async fn retrieve(State(st): State<AppState>, Path(model): Path<String>) -> Result<Json<ModelCard>, ApiError> {
     let ready = st.ready()?;
-    let adapter = match st.names.classify(Some(&model)) {
-        ModelRef::Base => return Ok(Json(ModelCard { id: model, ..base_card(&st, ready) })),
-        ModelRef::Adapter(name) => name,
-        ModelRef::Unknown => model.clone(),
+    let Some(adapter) = st.names.adapter_name(&model) else {
+        return Ok(Json(ModelCard { id: model, ..base_card(&st, ready) }));
     };
     match ready.loras.list().into_iter().find(|(n, _)| *n == adapter) {
         Some((_, root)) => Ok(Json(adapter_card(&st, ready, model, root))),

@@ -18,8 +18,10 @@ use std::time::Instant;
 
 use rand::{Rng, SeedableRng};
 
+use super::{median, prompt};
 use crate::backend::Backend;
 use crate::engine::{EngineConfig, EngineCore, EngineRequest, SamplingParams, StoppingParams};
+use crate::loader::safetensors::{serialize, StDtype};
 use crate::lora::{LoraAdapter, LoraDtype, LoraMatrix, LoraOptions, LoraTarget, LoraValues};
 use crate::model::{LlamaModel, ModelConfig};
 
@@ -118,38 +120,30 @@ pub fn random_adapter(cfg: &ModelConfig, rank: usize, seed: u64, dtype: LoraDtyp
 /// Writes `a` as a PEFT directory (config + f32 safetensors; the scaling is 1).
 pub fn write_peft_dir(a: &LoraAdapter, dir: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(dir)?;
-    let mut header = serde_json::Map::new();
-    let mut data: Vec<u8> = Vec::new();
-    let mut put = |name: String, shape: [usize; 2], vals: &mut dyn Iterator<Item = f32>| {
-        let start = data.len();
-        data.extend(vals.flat_map(f32::to_le_bytes));
-        header.insert(name, serde_json::json!({"dtype": "F32", "shape": shape, "data_offsets": [start, data.len()]}));
-    };
+    let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    // (name, shape, data) per tensor, then one file.
+    let mut tensors: Vec<(String, [usize; 2], Vec<u8>)> = Vec::new();
     for (l, targets) in a.layers.iter().enumerate() {
         for (t, m) in LoraTarget::ALL.iter().zip(targets) {
             let Some(m) = m else { continue };
             let key = format!("base_model.model.model.layers.{l}.{}.{}", t.parent(), t.module());
-            put(format!("{key}.lora_A.weight"), [m.rank, m.in_features], &mut m.a.to_f32().into_iter());
+            tensors.push((format!("{key}.lora_A.weight"), [m.rank, m.in_features], f32_bytes(&m.a.to_f32())));
             // B = btᵀ, [out, r].
             let (r, n) = (m.rank, m.out_features);
             let bt = m.bt.to_f32();
-            put(format!("{key}.lora_B.weight"), [n, r], &mut (0..n * r).map(|i| bt[(i % r) * n + i / r]));
+            let b: Vec<f32> = (0..n * r).map(|i| bt[(i % r) * n + i / r]).collect();
+            tensors.push((format!("{key}.lora_B.weight"), [n, r], f32_bytes(&b)));
         }
     }
-    let h = serde_json::to_vec(&serde_json::Value::Object(header))?;
-    let mut file = (h.len() as u64).to_le_bytes().to_vec();
-    file.extend_from_slice(&h);
-    file.extend_from_slice(&data);
+    let views: Vec<(&str, StDtype, &[usize], &[u8])> =
+        tensors.iter().map(|(name, shape, data)| (name.as_str(), StDtype::F32, &shape[..], &data[..])).collect();
+    let file = serialize(&views);
     std::fs::write(dir.join("adapter_model.safetensors"), file)?;
     let config = serde_json::json!({
         "peft_type": "LORA", "r": a.max_rank, "lora_alpha": a.max_rank,
         "target_modules": LoraTarget::ALL.map(|t| t.module()),
     });
     std::fs::write(dir.join("adapter_config.json"), serde_json::to_vec_pretty(&config)?)
-}
-
-fn prompt(len: usize, seed: usize, vocab: usize) -> Vec<u32> {
-    (0..len).map(|i| ((i * 7919 + seed * 104729 + 17) % vocab.min(32000)) as u32).collect()
 }
 
 fn request(
@@ -265,15 +259,4 @@ pub fn run<B: Backend>(
         });
     }
     Ok(LoraBenchReport { rows, cold })
-}
-
-/// The middle value; the mean of the two middle ones for an even count.
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n.is_multiple_of(2) {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    } else {
-        v[n / 2]
-    }
 }

@@ -35,9 +35,15 @@ impl fmt::Display for BenchReport {
     }
 }
 
+/// The middle value; the mean of the two middle ones for an even count.
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    let n = v.len();
+    if n.is_multiple_of(2) {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    } else {
+        v[n / 2]
+    }
 }
 
 /// Deterministic pseudo-random prompt tokens (bench content does not matter).

@@ -23,8 +23,6 @@ pub struct Request {
     pub cached_prompt_tokens: Option<usize>,
     /// The adapter the request runs with, if any.
     pub adapter: Option<std::sync::Arc<crate::lora::LoraAdapter>>,
-    /// Its content version (0 = base model): part of every prefix-cache key.
-    pub adapter_version: u64,
     /// The adapter slot pinned for it while it runs.
     pub lora_slot: Option<usize>,
     /// Admission passes that skipped it because every slot was pinned.
@@ -51,7 +49,6 @@ impl Request {
             block_hashes: Vec::new(),
             num_registered_blocks: 0,
             cached_prompt_tokens: None,
-            adapter_version: req.adapter.as_ref().map_or(0, |a| a.version),
             adapter: req.adapter,
             lora_slot: None,
             slot_waits: 0,
@@ -62,6 +59,11 @@ impl Request {
             prompt_logprobs_got: Vec::new(),
             num_generated: 0,
         }
+    }
+
+    /// The adapter's content version (0 = base model): part of every prefix-cache key.
+    pub fn adapter_version(&self) -> u64 {
+        self.adapter.as_ref().map_or(0, |a| a.version)
     }
 
     /// Tokens not yet in the cache (1 for a running decode).

@@ -126,7 +126,7 @@ impl Scheduler {
     }
 
     pub fn add(&mut self, mut req: Request) {
-        self.kv.hash_full_blocks(&req.tokens, req.adapter_version, &mut req.block_hashes);
+        self.kv.hash_full_blocks(&req.tokens, req.adapter_version(), &mut req.block_hashes);
         self.waiting.push_back(req.id);
         self.requests.insert(req.id, req);
     }
@@ -281,7 +281,7 @@ impl Scheduler {
             }
             req.tokens.push(tok.id);
             req.sampler.observe(tok.id);
-            self.kv.hash_full_blocks(&req.tokens, req.adapter_version, &mut req.block_hashes);
+            self.kv.hash_full_blocks(&req.tokens, req.adapter_version(), &mut req.block_hashes);
             updates.push(RequestUpdate::Token(id, tok));
             if let Some(reason) = finish {
                 self.finish(id, reason, None, &mut updates);

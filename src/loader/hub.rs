@@ -275,17 +275,21 @@ fn is_repo_relative(s: &str) -> bool {
         && s.split('/').all(|c| !c.is_empty() && c != "." && c != "..")
 }
 
-fn download(id: &HubId<'_>, cache: &Path, opts: &HubOptions) -> Result<ModelSource, HubError> {
-    let dl_err = |file: &str, source| HubError::Download { repo: id.repo.into(), file: file.into(), source };
-    let mut builder =
-        ApiBuilder::from_cache(Cache::new(cache.to_path_buf())).with_progress(std::io::stderr().is_terminal());
+/// An hf-hub client writing into `cache`, with the token and endpoint of `opts`.
+fn hub_api(cache: &Path, opts: &HubOptions, progress: bool) -> Result<hf_hub::api::sync::Api, ApiError> {
+    let mut builder = ApiBuilder::from_cache(Cache::new(cache.to_path_buf())).with_progress(progress);
     if let Some(t) = &opts.token {
         builder = builder.with_token(Some(t.clone()));
     }
     if let Some(e) = &opts.endpoint {
         builder = builder.with_endpoint(e.clone());
     }
-    let api = builder.build().map_err(|e| dl_err("(client setup)", e))?;
+    builder.build()
+}
+
+fn download(id: &HubId<'_>, cache: &Path, opts: &HubOptions) -> Result<ModelSource, HubError> {
+    let dl_err = |file: &str, source| HubError::Download { repo: id.repo.into(), file: file.into(), source };
+    let api = hub_api(cache, opts, std::io::stderr().is_terminal()).map_err(|e| dl_err("(client setup)", e))?;
     let repo = api.model(id.repo.to_string());
     let get = |f: &str| repo.get(f).map_err(|e| dl_err(f, e));
 
@@ -363,14 +367,7 @@ pub fn resolve_adapter_with(repo: &str, opts: &HubOptions) -> Result<PathBuf, St
     if opts.offline {
         return Err(format!("not in the HF cache at {} and offline (HF_HUB_OFFLINE)", cache.display()));
     }
-    let mut builder = ApiBuilder::from_cache(Cache::new(cache.to_path_buf())).with_progress(false);
-    if let Some(t) = &opts.token {
-        builder = builder.with_token(Some(t.clone()));
-    }
-    if let Some(e) = &opts.endpoint {
-        builder = builder.with_endpoint(e.clone());
-    }
-    let api = builder.build().map_err(|e| format!("hub client: {e}"))?;
+    let api = hub_api(cache, opts, false).map_err(|e| format!("hub client: {e}"))?;
     let r = api.model(id.repo.to_string());
     let config = r.get("adapter_config.json").map_err(|e| format!("downloading adapter_config.json: {e}"))?;
     r.get("adapter_model.safetensors").map_err(|e| format!("downloading adapter_model.safetensors: {e}"))?;

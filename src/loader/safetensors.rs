@@ -84,25 +84,50 @@ impl StDtype {
             Self::F64 | Self::I64 | Self::U64 => 8,
         }
     }
+    /// Every dtype with its name in the header.
+    const NAMES: [(Self, &'static str); 13] = [
+        (Self::F32, "F32"),
+        (Self::F16, "F16"),
+        (Self::BF16, "BF16"),
+        (Self::I32, "I32"),
+        (Self::I64, "I64"),
+        (Self::U8, "U8"),
+        (Self::I8, "I8"),
+        (Self::I16, "I16"),
+        (Self::U16, "U16"),
+        (Self::U32, "U32"),
+        (Self::U64, "U64"),
+        (Self::F64, "F64"),
+        (Self::Bool, "BOOL"),
+    ];
     /// Parse the header's dtype string (`"F32"`, `"BF16"`, `"BOOL"`, ...).
     pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "F32" => Self::F32,
-            "F16" => Self::F16,
-            "BF16" => Self::BF16,
-            "I32" => Self::I32,
-            "I64" => Self::I64,
-            "U8" => Self::U8,
-            "I8" => Self::I8,
-            "I16" => Self::I16,
-            "U16" => Self::U16,
-            "U32" => Self::U32,
-            "U64" => Self::U64,
-            "F64" => Self::F64,
-            "BOOL" => Self::Bool,
-            _ => return None,
-        })
+        Self::NAMES.iter().find(|(_, n)| *n == s).map(|(d, _)| *d)
     }
+    /// The header's name for this dtype.
+    pub fn name(self) -> &'static str {
+        Self::NAMES.iter().find(|(d, _)| *d == self).map(|(_, n)| *n).expect("every dtype is named")
+    }
+}
+
+/// A safetensors file holding `(name, dtype, shape, little-endian data)`
+/// tensors in order (benches and tests write adapters with it).
+pub fn serialize(tensors: &[(&str, StDtype, &[usize], &[u8])]) -> Vec<u8> {
+    let mut header = serde_json::Map::new();
+    let mut data = Vec::new();
+    for (name, dtype, shape, bytes) in tensors {
+        let start = data.len();
+        data.extend_from_slice(bytes);
+        header.insert(
+            name.to_string(),
+            serde_json::json!({"dtype": dtype.name(), "shape": shape, "data_offsets": [start, data.len()]}),
+        );
+    }
+    let header = serde_json::to_vec(&serde_json::Value::Object(header)).expect("a JSON map serialises");
+    let mut out = (header.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&header);
+    out.extend_from_slice(&data);
+    out
 }
 
 /// One tensor's header entry.

@@ -67,6 +67,13 @@ struct State {
     clock: u64,
 }
 
+impl State {
+    /// Bytes of the weights held in memory.
+    fn resident_bytes(&self) -> usize {
+        self.entries.values().filter_map(|e| e.adapter.as_ref()).map(|a| a.bytes()).sum()
+    }
+}
+
 /// Counters the registry keeps for `/metrics`.
 #[derive(Default)]
 pub struct RegistryCounters {
@@ -110,7 +117,7 @@ impl LoraRegistry {
 
     /// Bytes of weights the host cache holds.
     pub fn host_bytes(&self) -> usize {
-        self.lock().entries.values().filter_map(|e| e.adapter.as_ref()).map(|a| a.bytes()).sum()
+        self.lock().resident_bytes()
     }
 
     /// The adapter registered as `name`, re-read from disk if the host cache
@@ -279,11 +286,9 @@ impl LoraRegistry {
 
     /// Appends the registry's metrics in the Prometheus text format.
     pub fn render_metrics(&self, o: &mut String) {
-        use std::fmt::Write;
         let (registered, resident, bytes) = {
             let st = self.lock();
-            let res: Vec<_> = st.entries.values().filter_map(|e| e.adapter.as_ref()).collect();
-            (st.entries.len(), res.len(), res.iter().map(|a| a.bytes()).sum::<usize>())
+            (st.entries.len(), st.entries.values().filter(|e| e.adapter.is_some()).count(), st.resident_bytes())
         };
         let rows = [
             ("tandem_lora_adapters_registered", "gauge", "Adapters the server answers to.", registered as f64),
@@ -308,27 +313,22 @@ impl LoraRegistry {
             ),
         ];
         for (name, kind, help, v) in rows {
-            let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+            crate::metrics::write_metric(o, name, kind, help, v);
         }
     }
 
     /// Drops the least recently used weights (never `keep`'s) until the cache fits.
     fn shrink(&self, st: &mut State, keep: &str) {
-        loop {
-            let total: usize = st.entries.values().filter_map(|e| e.adapter.as_ref()).map(|a| a.bytes()).sum();
-            if total <= self.cfg.max_host_bytes {
-                return;
-            }
+        let mut total = st.resident_bytes();
+        while total > self.cfg.max_host_bytes {
             let victim = st
                 .entries
-                .iter()
+                .iter_mut()
                 .filter(|(n, e)| e.adapter.is_some() && n.as_str() != keep)
                 .min_by_key(|(_, e)| e.last_used)
-                .map(|(n, _)| n.clone());
+                .map(|(_, e)| e);
             let Some(v) = victim else { return };
-            if let Some(e) = st.entries.get_mut(&v) {
-                e.adapter = None;
-            }
+            total -= v.adapter.take().map_or(0, |a| a.bytes());
             self.counters.host_evictions.fetch_add(1, Ordering::Relaxed);
         }
     }

@@ -134,6 +134,14 @@ pub fn greedy(prompt: &[u32], max_tokens: usize) -> EngineRequest {
     }
 }
 
+/// Each request's tokens when it runs alone, on a fresh engine over `model()`
+/// (16-token blocks, a 512-token budget): the reference batched runs must equal.
+pub fn solo_outputs(model: impl Fn() -> LlamaModel<CpuBackend>, reqs: &[EngineRequest]) -> Vec<Vec<u32>> {
+    reqs.iter()
+        .map(|r| token_ids(&engine(model(), &engine_config(16, 256, 512)).generate(vec![r.clone()])[0].0))
+        .collect()
+}
+
 pub fn token_ids(out: &[TokenOut]) -> Vec<u32> {
     out.iter().map(|t| t.id).collect()
 }
