@@ -2,11 +2,15 @@
 # The whole test suite, as CI runs it (.ci/run calls this), on a fresh machine:
 # fetches the default model, builds once with optimisation, runs every test.
 # Needs: a Rust toolchain (cargo), python3 with pip and venv (model download,
-# HTTP client tests).
+# NVRTC, HTTP client tests), g++ (the CUDA kernel emulator test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 scripts/get-default-model.sh
+# NVRTC from PyPI: tests/cuda_nvrtc.rs compiles every CUDA kernel with it (and
+# fails under CI if it is missing).
+TANDEM_NVRTC_LIB=$(scripts/get-nvrtc.sh)
+export TANDEM_NVRTC_LIB
 cargo fmt --all -- --check
 # One optimised build shared by the binary and the tests (numeric tests are far
 # too slow unoptimised).

@@ -16,6 +16,17 @@ pub struct Config {
     pub scheduler: SchedulerSection,
     pub server: ServerSection,
     pub lora: LoraSection,
+    pub device: DeviceSection,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSection {
+    /// "cpu" or "cuda:N" ("cuda" = "cuda:0").
+    pub name: String,
+    /// CUDA: the fraction of device memory tandem may use; KV blocks fill what
+    /// weights, adapter slots and activations leave of it.
+    pub gpu_memory_utilization: f64,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -107,6 +118,9 @@ impl Config {
             path: file.map(|p| p.display().to_string()).unwrap_or_default(),
             reason: e.to_string(),
         })?;
+        if let Ok(d) = std::env::var("TANDEM_DEVICE") {
+            cfg.device.name = d;
+        }
         if let Ok(m) = std::env::var("TANDEM_MODEL") {
             cfg.model.path = m;
         }

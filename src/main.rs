@@ -9,6 +9,8 @@ use clap::{Parser, Subcommand};
 
 use tandem::api::{AppState, ModelNames, Ready};
 use tandem::backend::cpu::CpuBackend;
+use tandem::backend::cuda::CudaBackend;
+use tandem::backend::device::{Device, OpenBackend};
 use tandem::config::Config;
 use tandem::engine::{
     spawn_engine, EngineConfig, EngineCore, EngineRequest, ModelRunner, RunnerConfig, SamplingParams, StepEvent,
@@ -16,6 +18,8 @@ use tandem::engine::{
 };
 use tandem::lora::{LoraRegistry, RegistryConfig};
 use tandem::model::{load_model, LoadedModel};
+
+mod selftest;
 
 #[derive(Parser)]
 #[command(name = "tandem", version, about = "Serve one base LLM and many LoRA adapters")]
@@ -26,6 +30,9 @@ struct Cli {
     /// CPU worker threads (0 = one per core).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Where the model runs: cpu or cuda:N (default: the config's `device.name`).
+    #[arg(long, global = true)]
+    device: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -148,6 +155,18 @@ enum Cmd {
         #[arg(long, default_value_t = 3)]
         reps: usize,
     },
+    /// Check every op of --device against the CPU backend, then greedy decoding
+    /// of a model end to end; exits non-zero on any failure.
+    Selftest {
+        /// Model for the end-to-end check (default: the config's model, when present).
+        #[arg(long)]
+        model: Option<String>,
+        /// Greedy tokens compared end to end (0 skips the check).
+        #[arg(long, default_value_t = 32)]
+        e2e_tokens: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Measure prefill and decode throughput.
     Bench {
         #[arg(long)]
@@ -180,7 +199,22 @@ fn run() -> Result<()> {
     if let Some(t) = cli.threads {
         cfg.cpu.threads = t;
     }
-    match cli.cmd {
+    if let Some(d) = cli.device {
+        cfg.device.name = d;
+    }
+    let device: Device = cfg.device.name.parse().map_err(anyhow::Error::msg)?;
+    if let Cmd::Selftest { model, e2e_tokens, seed } = cli.cmd {
+        return selftest::run(&cfg, device, model, e2e_tokens, seed);
+    }
+    match device {
+        Device::Cpu => run_on::<CpuBackend>(cli.cmd, cfg),
+        Device::Cuda(_) => run_on::<CudaBackend>(cli.cmd, cfg),
+    }
+}
+
+/// Runs a command with the model on backend `B`.
+fn run_on<B: OpenBackend>(cmd: Cmd, mut cfg: Config) -> Result<()> {
+    match cmd {
         Cmd::Generate {
             model,
             prompt,
@@ -194,7 +228,7 @@ fn run() -> Result<()> {
             seed,
             adapter,
         } => {
-            let (be, loaded) = load(&cfg, model)?;
+            let (be, loaded) = load::<B>(&mut cfg, model)?;
             let adapter = match adapter {
                 Some(dir) => {
                     let limits = tandem::lora::LoraOptions { max_rank: cfg.lora.max_lora_rank, dtype: cfg.lora.dtype };
@@ -255,13 +289,13 @@ fn run() -> Result<()> {
                 cfg.server.port = p;
             }
             let spec = model.unwrap_or_else(|| cfg.model.path.clone());
-            serve(cfg, spec)?;
+            serve::<B>(cfg, spec)?;
         }
         Cmd::BenchLora { model, concurrency, adapters, rank, prompt_len, max_tokens, lora_dtype, reps } => {
             if let Some(d) = lora_dtype {
                 cfg.lora.dtype = d;
             }
-            let (be, loaded) = load(&cfg, model)?;
+            let (be, loaded) = load::<B>(&mut cfg, model)?;
             let name = tandem::backend::Backend::name(&be);
             println!(
                 "model: {}\nbackend: {name}\nmax_loras: {}\nlora dtype: {:?}",
@@ -284,7 +318,7 @@ fn run() -> Result<()> {
             print!("{report}");
         }
         Cmd::Bench { model, prompt_len, decode_steps, batch, reps } => {
-            let (be, loaded) = load(&cfg, model)?;
+            let (be, loaded) = load::<B>(&mut cfg, model)?;
             let name = tandem::backend::Backend::name(&be);
             let mut runner = ModelRunner::new(be, loaded.model, runner_config(&cfg))?;
             let opts = tandem::bench::BenchOptions { prompt_len, decode_steps, batches: batch, reps };
@@ -292,13 +326,14 @@ fn run() -> Result<()> {
             let report = tandem::bench::run(&mut runner, &opts)?;
             print!("{report}");
         }
+        Cmd::Selftest { .. } => unreachable!("handled before choosing a backend"),
     }
     Ok(())
 }
 
 /// Binds at once, then serves while the model loads on a blocking thread
 /// (`/health` answers 503 until it is up); returns after a graceful shutdown.
-fn serve(cfg: Config, spec: String) -> Result<()> {
+fn serve<B: OpenBackend>(cfg: Config, spec: String) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     rt.block_on(async move {
         let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
@@ -309,7 +344,8 @@ fn serve(cfg: Config, spec: String) -> Result<()> {
         let reserved = names.all();
         let state = AppState::new(names, cfg.server.clone());
         let loader = move || -> std::result::Result<Ready, String> {
-            let (be, loaded) = load(&cfg, Some(spec.clone())).map_err(|e| format!("{e:#}"))?;
+            let mut cfg = cfg.clone();
+            let (be, loaded) = load::<B>(&mut cfg, Some(spec.clone())).map_err(|e| format!("{e:#}"))?;
             let tok = loaded.tokenizer.ok_or("this model has no tokenizer; the HTTP API needs one")?;
             let engine_cfg = EngineConfig::from_config(&cfg, tok.eos_token_ids());
             let loras = Arc::new(LoraRegistry::new(registry_config(&cfg), loaded.model.config.clone(), reserved));
@@ -326,11 +362,13 @@ fn serve(cfg: Config, spec: String) -> Result<()> {
     })
 }
 
-/// The CPU backend and the model `spec` names (the config's model by default).
-fn load(cfg: &Config, spec: Option<String>) -> Result<(CpuBackend, LoadedModel<CpuBackend>)> {
+/// The backend and the model `spec` names (the config's model by default);
+/// sets `cfg.cache.num_blocks` to what the device gives the KV cache.
+fn load<B: OpenBackend>(cfg: &mut Config, spec: Option<String>) -> Result<(B, LoadedModel<B>)> {
     let spec = spec.unwrap_or_else(|| cfg.model.path.clone());
-    let be = CpuBackend::new(cfg.cpu.threads)?;
+    let be = B::open(cfg).with_context(|| format!("opening device {}", cfg.device.name))?;
     let loaded = load_model(&be, &spec).with_context(|| format!("loading model '{spec}'"))?;
+    cfg.cache.num_blocks = be.kv_blocks(&loaded.model.config, cfg)?;
     Ok((be, loaded))
 }
 

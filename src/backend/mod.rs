@@ -7,6 +7,9 @@
 //! model code.
 
 pub mod cpu;
+pub mod cuda;
+pub mod device;
+pub mod selftest;
 
 use std::ops::Range;
 use std::sync::Arc;

@@ -4,6 +4,7 @@
 pub mod config;
 pub mod llama;
 pub mod lora;
+pub mod random;
 pub mod weights;
 
 use std::path::Path;
@@ -61,6 +62,12 @@ pub struct LoadedModel<B: Backend> {
 
 /// Loads a model from a spec: a `.gguf` file, an HF directory, or a hub id.
 pub fn load_model<B: Backend>(be: &B, spec: &str) -> Result<LoadedModel<B>, ModelError> {
+    if let Some(r) = random::parse(spec) {
+        let r = r.map_err(|reason| ModelError::File { path: spec.into(), reason })?;
+        let config = r.config.clone();
+        let model = LlamaModel::load(be, &WeightSource::Random(Box::new(r)), config)?;
+        return Ok(LoadedModel { model, tokenizer: None, source: spec.to_string() });
+    }
     match resolve_model(spec)? {
         ModelSource::Gguf(path) => load_gguf(be, &path),
         ModelSource::HfDir(dir) => load_hf_dir(be, &dir),

@@ -89,6 +89,8 @@ impl TensorName {
 pub enum WeightSource {
     Gguf(Arc<GgufFile>),
     Safetensors(Arc<SafetensorsModel>),
+    /// Generated on demand (benchmarks of shapes without a file).
+    Random(Box<super::random::RandomModel>),
 }
 
 impl WeightSource {
@@ -97,6 +99,7 @@ impl WeightSource {
         match self {
             WeightSource::Gguf(f) => gguf_weight(f, name, cfg),
             WeightSource::Safetensors(m) => st_weight(m, name),
+            WeightSource::Random(r) => Ok(r.weight(name)),
         }
     }
     pub fn require(&self, name: TensorName, cfg: &ModelConfig) -> Result<HostWeight, WeightError> {
@@ -106,6 +109,7 @@ impl WeightSource {
         match self {
             WeightSource::Gguf(_) => name.gguf(),
             WeightSource::Safetensors(_) => name.hf(),
+            WeightSource::Random(_) => format!("{name:?}"),
         }
     }
 }

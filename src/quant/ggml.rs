@@ -16,6 +16,9 @@ pub enum GgmlType {
 }
 
 impl GgmlType {
+    /// Every kind tandem supports.
+    pub const ALL: [GgmlType; 9] =
+        [Self::F32, Self::F16, Self::BF16, Self::Q4_0, Self::Q5_0, Self::Q8_0, Self::Q4K, Self::Q5K, Self::Q6K];
     /// Parse a `ggml_type` id; `None` for types tandem does not support.
     pub fn from_id(id: u32) -> Option<Self> {
         Some(match id {

@@ -2,3 +2,4 @@
 //! The kernels that compute with these formats live in `backend/`.
 
 pub mod ggml;
+pub mod random;

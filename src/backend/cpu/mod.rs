@@ -96,6 +96,10 @@ impl CpuBackend {
             .map_err(|e| BackendError::Invalid(format!("thread pool: {e}")))?;
         Ok(Self { pool, isa: Isa::detect() })
     }
+    /// A backend forced to one instruction set (the self-test compares ISAs).
+    pub fn with_isa(threads: usize, isa: Isa) -> Result<Self, BackendError> {
+        Ok(Self { isa, ..Self::new(threads)? })
+    }
     pub fn isa(&self) -> Isa {
         self.isa
     }

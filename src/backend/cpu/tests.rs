@@ -3,17 +3,7 @@ use crate::backend::{Backend, HostWeight, WeightBytes};
 use crate::quant::ggml::{dequantize, GgmlType};
 use rand::{Rng, SeedableRng};
 
-const KINDS: [GgmlType; 9] = [
-    GgmlType::F32,
-    GgmlType::F16,
-    GgmlType::BF16,
-    GgmlType::Q4_0,
-    GgmlType::Q5_0,
-    GgmlType::Q8_0,
-    GgmlType::Q4K,
-    GgmlType::Q5K,
-    GgmlType::Q6K,
-];
+const KINDS: [GgmlType; 9] = GgmlType::ALL;
 
 /// Random but well-formed weight bytes: quants random, scales finite and small.
 fn random_weight(kind: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {

@@ -1,0 +1,104 @@
+// tandem CUDA kernels: helpers shared by every module. The CUDA backend prepends
+// this text to each kernels/<module>.cu and compiles the result with NVRTC,
+// which has no CUDA headers here; the CPU emulator (kernels/emu/) compiles the
+// same text with g++ after its shim. Hence: no #include, and only the device
+// features KERNEL_SPEC.md allows (no intrinsics, no atomics, one shuffle).
+
+typedef unsigned char u8;
+typedef unsigned short u16;
+typedef unsigned int u32;
+
+#define WARP 32
+
+// NVRTC defines no INFINITY without math.h; the emulator's <cmath> does. A
+// bit cast is a constant expression for both compilers (unlike 1.0f/0.0f,
+// which is a division by zero, or __int_as_float, which g++ lacks).
+#ifndef INFINITY
+#define INFINITY (__builtin_bit_cast(float, 0x7f800000u))
+#endif
+
+// Reinterpreting bits: __builtin_bit_cast is well defined in both compilers,
+// where the CUDA-only __float_as_uint would not build under the emulator.
+__device__ __forceinline__ float u32_as_f32(u32 u) { return __builtin_bit_cast(float, u); }
+__device__ __forceinline__ u32 f32_as_u32(float f) { return __builtin_bit_cast(u32, f); }
+
+// bf16 is the top half of an f32.
+__device__ __forceinline__ float bf16_to_f32(u16 h) { return u32_as_f32((u32)h << 16); }
+
+// Round to nearest, ties to even (as the `half` crate's bf16::from_f32); a NaN
+// stays a NaN (quiet bit set) instead of rounding into an infinity.
+__device__ __forceinline__ u16 f32_to_bf16(float f) {
+    u32 u = f32_as_u32(f);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (u16)((u >> 16) | 0x0040u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (u16)(u >> 16);
+}
+
+// IEEE half -> f32 by integer arithmetic (no __half2float), as the `half` crate
+// converts: subnormals exact, infinities kept, NaNs quieted.
+__device__ __forceinline__ float f16_to_f32(u16 h) {
+    const u32 sign = (u32)(h & 0x8000u) << 16;
+    const u32 exp = (h >> 10) & 0x1fu;
+    const u32 man = h & 0x3ffu;
+    if (exp == 0x1fu) {
+        return u32_as_f32(sign | 0x7f800000u | (man != 0 ? 0x00400000u : 0u) | (man << 13));
+    }
+    if (exp == 0) {
+        // man * 2^-24 is exact in f32 (at most 10 significant bits).
+        return u32_as_f32(sign | f32_as_u32((float)man * 5.9604644775390625e-8f));
+    }
+    return u32_as_f32(sign | ((exp + 112u) << 23) | (man << 13));
+}
+
+// Little-endian loads from byte buffers whose offsets need not be aligned.
+__device__ __forceinline__ u16 read_u16_le(const u8* p) { return (u16)(p[0] | ((u16)p[1] << 8)); }
+__device__ __forceinline__ float read_f16_le(const u8* p) { return f16_to_f32(read_u16_le(p)); }
+
+// Butterfly reductions: every lane ends with the result. Every lane of the warp
+// must call these (the emulator treats each shuffle as a warp barrier).
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(0xffffffffu, v, m);
+    return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+    for (int m = 16; m > 0; m >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, m));
+    return v;
+}
+
+// Block-wide reductions returning the result to every thread. `scratch` is a
+// __shared__ array of at least THREADS/32 floats declared by the kernel; every
+// thread of the block must call. The leading barrier lets a kernel call these
+// back to back with one scratch: no warp overwrites a partial that a slower
+// warp of the previous call has yet to read.
+template <int THREADS>
+__device__ __forceinline__ float block_sum(float v, float* scratch) {
+    static_assert(THREADS % WARP == 0 && THREADS >= WARP && THREADS <= 1024, "whole warps");
+    v = warp_sum(v);
+    if constexpr (THREADS == WARP) return v;
+    const int lane = (int)threadIdx.x % WARP, warp = (int)threadIdx.x / WARP;
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    return warp_sum(lane < THREADS / WARP ? scratch[lane] : 0.0f);
+}
+template <int THREADS>
+__device__ __forceinline__ float block_max(float v, float* scratch) {
+    static_assert(THREADS % WARP == 0 && THREADS >= WARP && THREADS <= 1024, "whole warps");
+    v = warp_max(v);
+    if constexpr (THREADS == WARP) return v;
+    const int lane = (int)threadIdx.x % WARP, warp = (int)threadIdx.x / WARP;
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    return warp_max(lane < THREADS / WARP ? scratch[lane] : -INFINITY);
+}
+
+// This block's index among all blocks of the grid, and how many there are:
+// element-wise kernels stride by the whole grid, so they are correct for
+// whatever grid shape the launcher computes.
+__device__ __forceinline__ long long grid_block_index() {
+    return (long long)blockIdx.x + (long long)gridDim.x * ((long long)blockIdx.y + (long long)gridDim.y * blockIdx.z);
+}
+__device__ __forceinline__ long long grid_block_count() {
+    return (long long)gridDim.x * gridDim.y * gridDim.z;
+}

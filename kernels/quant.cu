@@ -1,0 +1,373 @@
+// GGUF weight kernels: gemv against quantised rows, and dequantisation to bf16
+// (for the prefill GEMM) or to f32 rows (embedding lookup).
+//
+// Weights are row-major [rows(out), cols(in)], each row a whole number of ggml
+// blocks, rows `row_bytes` apart. Reference: src/quant/ggml.rs `dequantize`; the
+// dequant kernels reproduce its f32 values bit for bit.
+//
+// Alignment: `w` must be 4-byte aligned (cudaMalloc and GGUF's 32-byte tensor
+// alignment give more). Every block size and every field offset used below is
+// even, so all u16 loads are then 2-aligned; f32 weights are read as floats.
+//
+// One decoder per kind serves all three entry points, so they cannot drift apart:
+// a kind splits each block into LPB "slices" of 8 values, one slice per thread
+// (or lane): NRUN runs of RUN consecutive values, RSTRIDE apart, starting at
+// element base(li) of the block; each run has one scale dl (and, for K kinds,
+// one min ml). A value is dl*q (- ml). Lanes of a warp take neighbouring slices,
+// so reads of activations and writes of outputs hit few cache lines per load.
+
+// A product that is never fused into an FMA: the reference rounds d*q before it
+// subtracts dmin*m, and NVRTC contracts a*b - c by default (--fmad=true). The
+// emulator's g++ -std=c++20 does not contract, so a plain product is the same.
+__device__ __forceinline__ float q_mul(float a, float b) {
+#ifdef __CUDACC_RTC__
+    return __fmul_rn(a, b);
+#else
+    return a * b;
+#endif
+}
+
+// Loops over a slice's 8 values must unroll so its arrays stay in registers;
+// g++ (the emulator) knows no `#pragma unroll` and would warn under -Wall.
+#ifdef __CUDACC_RTC__
+#define Q_UNROLL _Pragma("unroll")
+#define Q_UNROLL4 _Pragma("unroll 4")
+#else
+#define Q_UNROLL
+#define Q_UNROLL4
+#endif
+
+// Offsets are even (see the header), so one aligned u16 load replaces two byte
+// loads; little endian on both the GPU and the emulator's host.
+__device__ __forceinline__ u32 q_ld16(const u8* p) { return *(const u16*)p; }
+__device__ __forceinline__ u32 q_ld32(const u8* p) { return q_ld16(p) | (q_ld16(p + 2) << 16); }
+__device__ __forceinline__ float q_f16(const u8* p) { return f16_to_f32((u16)q_ld16(p)); }
+__device__ __forceinline__ int q_i8(u32 b) { return (int)((b & 0xffu) ^ 0x80u) - 0x80; }
+
+// ggml-quants.c get_scale_min_k4 (as src/quant/ggml.rs).
+__device__ __forceinline__ void q_scale_min_k4(int j, const u8* s, int& sc, int& m) {
+    if (j < 4) {
+        sc = s[j] & 63;
+        m = s[j + 4] & 63;
+    } else {
+        sc = (s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4);
+        m = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
+    }
+}
+
+// ---- quantised kinds ----
+
+// 18 bytes: f16 d, 16 bytes of nibbles (value l low, value l+16 high).
+// Slice li (0..3): bytes 4li..4li+3 -> values 4li+k and 16+4li+k.
+struct KQ4_0 {
+    static constexpr bool PLAIN = false, HAS_MIN = false;
+    static constexpr int QK = 32, BYTES = 18, LPB = 4, RUN = 4, NRUN = 2, RSTRIDE = 16;
+    __device__ static __forceinline__ int base(int li) { return 4 * li; }
+    __device__ static __forceinline__ void decode(const u8* b, int li, float (&q)[8], float (&dl)[NRUN], float (&)[NRUN]) {
+        const float d = q_f16(b);
+        const u32 qs = q_ld32(b + 2 + 4 * li);
+        Q_UNROLL
+        for (int k = 0; k < 4; ++k) {
+            q[k] = (float)((int)((qs >> (8 * k)) & 0xF) - 8);
+            q[4 + k] = (float)((int)((qs >> (8 * k + 4)) & 0xF) - 8);
+        }
+        dl[0] = d;
+        dl[1] = d;
+    }
+};
+
+// 22 bytes: f16 d, u32 qh (bit j = 5th bit of value j), 16 bytes of nibbles.
+struct KQ5_0 {
+    static constexpr bool PLAIN = false, HAS_MIN = false;
+    static constexpr int QK = 32, BYTES = 22, LPB = 4, RUN = 4, NRUN = 2, RSTRIDE = 16;
+    __device__ static __forceinline__ int base(int li) { return 4 * li; }
+    __device__ static __forceinline__ void decode(const u8* b, int li, float (&q)[8], float (&dl)[NRUN], float (&)[NRUN]) {
+        const float d = q_f16(b);
+        const u32 h = q_ld32(b + 2) >> (4 * li);
+        const u32 qs = q_ld32(b + 6 + 4 * li);
+        Q_UNROLL
+        for (int k = 0; k < 4; ++k) {
+            const u32 lo = ((qs >> (8 * k)) & 0xF) | (((h >> k) & 1) << 4);
+            const u32 hi = ((qs >> (8 * k + 4)) & 0xF) | (((h >> (k + 16)) & 1) << 4);
+            q[k] = (float)((int)lo - 16);
+            q[4 + k] = (float)((int)hi - 16);
+        }
+        dl[0] = d;
+        dl[1] = d;
+    }
+};
+
+// 34 bytes: f16 d, 32 signed bytes.
+struct KQ8_0 {
+    static constexpr bool PLAIN = false, HAS_MIN = false;
+    static constexpr int QK = 32, BYTES = 34, LPB = 4, RUN = 4, NRUN = 2, RSTRIDE = 16;
+    __device__ static __forceinline__ int base(int li) { return 4 * li; }
+    __device__ static __forceinline__ void decode(const u8* b, int li, float (&q)[8], float (&dl)[NRUN], float (&)[NRUN]) {
+        const float d = q_f16(b);
+        const u32 lo = q_ld32(b + 2 + 4 * li);
+        const u32 hi = q_ld32(b + 18 + 4 * li);
+        Q_UNROLL
+        for (int k = 0; k < 4; ++k) {
+            q[k] = (float)q_i8(lo >> (8 * k));
+            q[4 + k] = (float)q_i8(hi >> (8 * k));
+        }
+        dl[0] = d;
+        dl[1] = d;
+    }
+};
+
+// Q4_K (144 bytes: d, dmin, scales[12], qs[128]) and Q5_K (176 bytes: d, dmin,
+// scales[12], qh[32], qs[128]). Chunk c (64 values) uses qs[32c..32c+32]: low
+// nibbles are sub-block 2c, high nibbles sub-block 2c+1; Q5_K adds bit 2c / 2c+1
+// of qh[l] as the 5th bit. Slice li: c = li/8, bytes 4j..4j+3 with j = li%8.
+template <bool Q5>
+struct KQxK {
+    static constexpr bool PLAIN = false, HAS_MIN = true;
+    static constexpr int QK = 256, BYTES = Q5 ? 176 : 144, LPB = 32, RUN = 4, NRUN = 2, RSTRIDE = 32;
+    __device__ static __forceinline__ int base(int li) { return 64 * (li >> 3) + 4 * (li & 7); }
+    __device__ static __forceinline__ void decode(const u8* b, int li, float (&q)[8], float (&dl)[NRUN], float (&ml)[NRUN]) {
+        const int c = li >> 3, j = li & 7;
+        const float d = q_f16(b), dmin = q_f16(b + 2);
+        Q_UNROLL
+        for (int t = 0; t < 2; ++t) {
+            int sc, m;
+            q_scale_min_k4(2 * c + t, b + 4, sc, m);
+            dl[t] = q_mul(d, (float)sc);
+            ml[t] = q_mul(dmin, (float)m);
+        }
+        const u32 qs = q_ld32(b + (Q5 ? 48 : 16) + 32 * c + 4 * j);
+        const u32 qh = Q5 ? q_ld32(b + 16 + 4 * j) >> (2 * c) : 0u;
+        Q_UNROLL
+        for (int k = 0; k < 4; ++k) {
+            q[k] = (float)(((qs >> (8 * k)) & 0xF) | (((qh >> (8 * k)) & 1) << 4));
+            q[4 + k] = (float)(((qs >> (8 * k + 4)) & 0xF) | (((qh >> (8 * k + 1)) & 1) << 4));
+        }
+    }
+};
+typedef KQxK<false> KQ4K;
+typedef KQxK<true> KQ5K;
+
+// 210 bytes: ql[128], qh[64], i8 scales[16], f16 d. Half h (128 values) uses
+// ql[64h..], qh[32h..], scales[8h..]; position l < 32 of the half gives values
+// l, l+32, l+64, l+96 from ql[l], ql[l+32] and the 2-bit pairs of qh[l], with
+// scale index l/16 + 0, 2, 4, 6. Slice li: h = li/16, l = 2(li%16) + {0,1}; run t
+// is the values l+32t.
+struct KQ6K {
+    static constexpr bool PLAIN = false, HAS_MIN = false;
+    static constexpr int QK = 256, BYTES = 210, LPB = 32, RUN = 2, NRUN = 4, RSTRIDE = 32;
+    __device__ static __forceinline__ int base(int li) { return 128 * (li >> 4) + 2 * (li & 15); }
+    __device__ static __forceinline__ void decode(const u8* b, int li, float (&q)[8], float (&dl)[NRUN], float (&)[NRUN]) {
+        const int h = li >> 4, m = li & 15;
+        const float d = q_f16(b + 208);
+        const u32 qa = q_ld16(b + 64 * h + 2 * m);
+        const u32 qb = q_ld16(b + 64 * h + 32 + 2 * m);
+        const u32 qh = q_ld16(b + 128 + 32 * h + 2 * m);
+        Q_UNROLL
+        for (int k = 0; k < 2; ++k) {
+            const u32 a = qa >> (8 * k), bb = qb >> (8 * k), hh = qh >> (8 * k);
+            q[k] = (float)((int)((a & 0xF) | ((hh & 3) << 4)) - 32);
+            q[2 + k] = (float)((int)((bb & 0xF) | (((hh >> 2) & 3) << 4)) - 32);
+            q[4 + k] = (float)((int)(((a >> 4) & 0xF) | (((hh >> 4) & 3) << 4)) - 32);
+            q[6 + k] = (float)((int)(((bb >> 4) & 0xF) | (((hh >> 6) & 3) << 4)) - 32);
+        }
+        const u8* sc = b + 192 + 8 * h + (m >> 3);
+        Q_UNROLL
+        for (int t = 0; t < 4; ++t) dl[t] = q_mul(d, (float)q_i8(sc[2 * t]));
+    }
+};
+
+// ---- plain kinds: element k of a row ----
+
+struct KF32 {
+    static constexpr bool PLAIN = true;
+    __device__ static __forceinline__ float ld(const u8* row, int k) { return ((const float*)row)[k]; }
+};
+struct KF16 {
+    static constexpr bool PLAIN = true;
+    __device__ static __forceinline__ float ld(const u8* row, int k) { return f16_to_f32(((const u16*)row)[k]); }
+};
+struct KBF16 {
+    static constexpr bool PLAIN = true;
+    __device__ static __forceinline__ float ld(const u8* row, int k) { return bf16_to_f32(((const u16*)row)[k]); }
+};
+
+// ---- gemv ----
+
+// Adds this lane's share of W[row] · x[b] to acc[b] for b < NB; x rows are
+// `cols` apart. Quantised kinds: lane handles slice lane%LPB of blocks
+// lane/LPB, lane/LPB + 32/LPB, ...; the scale is applied once per run (and the
+// min once per run via the sum of x), not per value.
+template <class K, int NB>
+__device__ __forceinline__ void gemv_lane(const u8* __restrict__ row, const float* __restrict__ x, int cols, float (&acc)[NB]) {
+    const int lane = (int)threadIdx.x & 31;
+    if constexpr (K::PLAIN) {
+        Q_UNROLL4
+        for (int k = lane; k < cols; k += 32) {
+            const float wv = K::ld(row, k);
+            Q_UNROLL
+            for (int b = 0; b < NB; ++b) acc[b] += x[(long long)b * cols + k] * wv;
+        }
+    } else {
+        const int li = lane % K::LPB, nblk = cols / K::QK;
+        for (int blk = lane / K::LPB; blk < nblk; blk += 32 / K::LPB) {
+            float q[8], dl[K::NRUN], ml[K::NRUN];
+            K::decode(row + (long long)blk * K::BYTES, li, q, dl, ml);
+            const float* xs = x + (long long)blk * K::QK + K::base(li);
+            Q_UNROLL
+            for (int b = 0; b < NB; ++b) {
+                const float* xb = xs + (long long)b * cols;
+                float s = 0.0f;
+                Q_UNROLL
+                for (int t = 0; t < K::NRUN; ++t) {
+                    float sq = 0.0f, sx = 0.0f;
+                    Q_UNROLL
+                    for (int k = 0; k < K::RUN; ++k) {
+                        const float xv = xb[t * K::RSTRIDE + k];
+                        sq += xv * q[t * K::RUN + k];
+                        if constexpr (K::HAS_MIN) sx += xv;
+                    }
+                    s += dl[t] * sq;
+                    if constexpr (K::HAS_MIN) s -= ml[t] * sx;
+                }
+                acc[b] += s;
+            }
+        }
+    }
+}
+
+// NB activation rows at once: every lane reaches the warp_sum (the emulator
+// treats a shuffle as a warp barrier), a row past `rows` just adds nothing.
+template <class K, int NB>
+__device__ __forceinline__ void gemv_rows(const u8* __restrict__ w, const float* __restrict__ x, const float* __restrict__ bias,
+                                          float* __restrict__ out, int rows, int cols, int row_bytes, int r) {
+    const bool valid = r < rows && threadIdx.x < 128;
+    float acc[NB];
+    Q_UNROLL
+    for (int b = 0; b < NB; ++b) acc[b] = 0.0f;
+    if (valid) gemv_lane<K, NB>(w + (long long)r * row_bytes, x, cols, acc);
+    Q_UNROLL
+    for (int b = 0; b < NB; ++b) {
+        float v = warp_sum(acc[b]);
+        if (valid && (threadIdx.x & 31) == 0) {
+            if (bias != nullptr) v += bias[r];
+            out[(long long)b * rows + r] = v;
+        }
+    }
+}
+
+// One warp per output row, 4 rows per block. A batch over 8 is done in chunks of
+// 8 (rereading the weights) rather than refused.
+template <class K>
+__device__ __forceinline__ void gemv(const u8* __restrict__ w, const float* __restrict__ x, const float* __restrict__ bias,
+                                     float* __restrict__ out, int rows, int cols, int row_bytes, int batch) {
+    const int r = (int)blockIdx.x * 4 + (int)(threadIdx.x >> 5);
+    for (int b0 = 0; b0 < batch; b0 += 8) {
+        const float* xc = x + (long long)b0 * cols;
+        float* oc = out + (long long)b0 * rows;
+        switch (batch - b0 < 8 ? batch - b0 : 8) {
+            case 1: gemv_rows<K, 1>(w, xc, bias, oc, rows, cols, row_bytes, r); break;
+            case 2: gemv_rows<K, 2>(w, xc, bias, oc, rows, cols, row_bytes, r); break;
+            case 3: gemv_rows<K, 3>(w, xc, bias, oc, rows, cols, row_bytes, r); break;
+            case 4: gemv_rows<K, 4>(w, xc, bias, oc, rows, cols, row_bytes, r); break;
+            case 5: gemv_rows<K, 5>(w, xc, bias, oc, rows, cols, row_bytes, r); break;
+            case 6: gemv_rows<K, 6>(w, xc, bias, oc, rows, cols, row_bytes, r); break;
+            case 7: gemv_rows<K, 7>(w, xc, bias, oc, rows, cols, row_bytes, r); break;
+            default: gemv_rows<K, 8>(w, xc, bias, oc, rows, cols, row_bytes, r); break;
+        }
+    }
+}
+
+// ---- dequantisation ----
+
+__device__ __forceinline__ void q_store(float* p, float v) { *p = v; }
+__device__ __forceinline__ void q_store(u16* p, float v) { *p = f32_to_bf16(v); }
+
+// The block's threads stride over the row: elements for plain kinds, slices for
+// quantised ones. Values are exactly ggml.rs's: (dl*q) - ml, each op rounded.
+template <class K, class T>
+__device__ __forceinline__ void dequant_row(const u8* __restrict__ row, int cols, T* __restrict__ out) {
+    const int tid = (int)threadIdx.x, nt = (int)blockDim.x;
+    if constexpr (K::PLAIN) {
+        for (int k = tid; k < cols; k += nt) q_store(out + k, K::ld(row, k));
+    } else {
+        const int nslices = cols / K::QK * K::LPB;
+        for (int s = tid; s < nslices; s += nt) {
+            const int blk = s / K::LPB, li = s % K::LPB;
+            float q[8], dl[K::NRUN], ml[K::NRUN];
+            K::decode(row + (long long)blk * K::BYTES, li, q, dl, ml);
+            T* o = out + (long long)blk * K::QK + K::base(li);
+            Q_UNROLL
+            for (int t = 0; t < K::NRUN; ++t) {
+                Q_UNROLL
+                for (int k = 0; k < K::RUN; ++k) {
+                    float v = q_mul(dl[t], q[t * K::RUN + k]);
+                    if constexpr (K::HAS_MIN) v = v - ml[t];
+                    q_store(o + t * K::RSTRIDE + k, v);
+                }
+            }
+        }
+    }
+}
+
+template <class K>
+__device__ __forceinline__ void dequant_bf16(const u8* __restrict__ w, u16* __restrict__ out, int rows, int cols, int row_bytes) {
+    const int r = (int)blockIdx.x;
+    if (r >= rows) return;
+    dequant_row<K>(w + (long long)r * row_bytes, cols, out + (long long)r * cols);
+}
+
+// Out-of-range ids read the last row (as the spec's min(id, table_rows-1)).
+template <class K>
+__device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, const u32* __restrict__ ids, float* __restrict__ out, int n,
+                                             int cols, int row_bytes, int table_rows) {
+    const int i = (int)blockIdx.x;
+    if (i >= n) return;
+    float* o = out + (long long)i * cols;
+    if (table_rows <= 0) {
+        for (int k = (int)threadIdx.x; k < cols; k += (int)blockDim.x) o[k] = 0.0f;
+        return;
+    }
+    const u32 id = ids[i] < (u32)table_rows ? ids[i] : (u32)(table_rows - 1);
+    dequant_row<K>(w + (long long)id * row_bytes, cols, o);
+}
+
+// ---- entry points ----
+// gemv_K:         launch: grid (ceil(rows/4)), block 128 (one warp per row)
+// dequant_bf16_K: launch: grid (rows), block 256
+// dequant_rows_K: launch: grid (n), block 256
+
+#define GEMV_ARGS const u8* __restrict__ w, const float* __restrict__ x, const float* __restrict__ bias, float* __restrict__ out, \
+                  int rows, int cols, int row_bytes, int batch
+#define BF16_ARGS const u8* __restrict__ w, u16* __restrict__ out, int rows, int cols, int row_bytes
+#define ROWS_ARGS const u8* __restrict__ w, const u32* __restrict__ ids, float* __restrict__ out, int n, int cols, int row_bytes, \
+                  int table_rows
+
+extern "C" __global__ void gemv_f32(GEMV_ARGS) { gemv<KF32>(w, x, bias, out, rows, cols, row_bytes, batch); }
+extern "C" __global__ void gemv_f16(GEMV_ARGS) { gemv<KF16>(w, x, bias, out, rows, cols, row_bytes, batch); }
+extern "C" __global__ void gemv_bf16(GEMV_ARGS) { gemv<KBF16>(w, x, bias, out, rows, cols, row_bytes, batch); }
+extern "C" __global__ void gemv_q4_0(GEMV_ARGS) { gemv<KQ4_0>(w, x, bias, out, rows, cols, row_bytes, batch); }
+extern "C" __global__ void gemv_q5_0(GEMV_ARGS) { gemv<KQ5_0>(w, x, bias, out, rows, cols, row_bytes, batch); }
+extern "C" __global__ void gemv_q8_0(GEMV_ARGS) { gemv<KQ8_0>(w, x, bias, out, rows, cols, row_bytes, batch); }
+extern "C" __global__ void gemv_q4_k(GEMV_ARGS) { gemv<KQ4K>(w, x, bias, out, rows, cols, row_bytes, batch); }
+extern "C" __global__ void gemv_q5_k(GEMV_ARGS) { gemv<KQ5K>(w, x, bias, out, rows, cols, row_bytes, batch); }
+extern "C" __global__ void gemv_q6_k(GEMV_ARGS) { gemv<KQ6K>(w, x, bias, out, rows, cols, row_bytes, batch); }
+
+extern "C" __global__ void dequant_bf16_f32(BF16_ARGS) { dequant_bf16<KF32>(w, out, rows, cols, row_bytes); }
+extern "C" __global__ void dequant_bf16_f16(BF16_ARGS) { dequant_bf16<KF16>(w, out, rows, cols, row_bytes); }
+extern "C" __global__ void dequant_bf16_bf16(BF16_ARGS) { dequant_bf16<KBF16>(w, out, rows, cols, row_bytes); }
+extern "C" __global__ void dequant_bf16_q4_0(BF16_ARGS) { dequant_bf16<KQ4_0>(w, out, rows, cols, row_bytes); }
+extern "C" __global__ void dequant_bf16_q5_0(BF16_ARGS) { dequant_bf16<KQ5_0>(w, out, rows, cols, row_bytes); }
+extern "C" __global__ void dequant_bf16_q8_0(BF16_ARGS) { dequant_bf16<KQ8_0>(w, out, rows, cols, row_bytes); }
+extern "C" __global__ void dequant_bf16_q4_k(BF16_ARGS) { dequant_bf16<KQ4K>(w, out, rows, cols, row_bytes); }
+extern "C" __global__ void dequant_bf16_q5_k(BF16_ARGS) { dequant_bf16<KQ5K>(w, out, rows, cols, row_bytes); }
+extern "C" __global__ void dequant_bf16_q6_k(BF16_ARGS) { dequant_bf16<KQ6K>(w, out, rows, cols, row_bytes); }
+
+extern "C" __global__ void dequant_rows_f32(ROWS_ARGS) { dequant_rows<KF32>(w, ids, out, n, cols, row_bytes, table_rows); }
+extern "C" __global__ void dequant_rows_f16(ROWS_ARGS) { dequant_rows<KF16>(w, ids, out, n, cols, row_bytes, table_rows); }
+extern "C" __global__ void dequant_rows_bf16(ROWS_ARGS) { dequant_rows<KBF16>(w, ids, out, n, cols, row_bytes, table_rows); }
+extern "C" __global__ void dequant_rows_q4_0(ROWS_ARGS) { dequant_rows<KQ4_0>(w, ids, out, n, cols, row_bytes, table_rows); }
+extern "C" __global__ void dequant_rows_q5_0(ROWS_ARGS) { dequant_rows<KQ5_0>(w, ids, out, n, cols, row_bytes, table_rows); }
+extern "C" __global__ void dequant_rows_q8_0(ROWS_ARGS) { dequant_rows<KQ8_0>(w, ids, out, n, cols, row_bytes, table_rows); }
+extern "C" __global__ void dequant_rows_q4_k(ROWS_ARGS) { dequant_rows<KQ4K>(w, ids, out, n, cols, row_bytes, table_rows); }
+extern "C" __global__ void dequant_rows_q5_k(ROWS_ARGS) { dequant_rows<KQ5K>(w, ids, out, n, cols, row_bytes, table_rows); }
+extern "C" __global__ void dequant_rows_q6_k(ROWS_ARGS) { dequant_rows<KQ6K>(w, ids, out, n, cols, row_bytes, table_rows); }

@@ -1,0 +1,186 @@
+//! `out = x · Wᵀ (+ bias)` for every weight kind.
+//!
+//! Small batches (≤ [`GEMV_MAX_ROWS`] rows, i.e. decode) are memory-bound: a
+//! GEMV kernel per kind reads each weight byte once, dequantising in registers,
+//! with f32 activations. Larger batches are compute-bound and go to cuBLAS on
+//! tensor cores: activations are rounded to bf16 (f16 for f16 weights), and a
+//! quantised weight is first expanded to a bf16 scratch matrix, whose cost the
+//! batch amortises. f32 weights use a plain f32 GEMM.
+
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
+use cudarc::driver::CudaSlice;
+
+use super::launch::{kind_suffix, KArg};
+use super::{grow, ops, CudaBackend, CudaTensor, CudaWeight};
+use crate::backend::MatmulJob;
+use crate::quant::ggml::GgmlType;
+
+/// The most activation rows the GEMV kernels take (kernels/quant.cu).
+pub const GEMV_MAX_ROWS: usize = 8;
+
+pub fn matmul_many(be: &CudaBackend, x: &CudaTensor, jobs: &mut [MatmulJob<'_, CudaBackend>]) {
+    for j in jobs.iter() {
+        assert_eq!(j.w.cols, x.cols, "weight '{}' input features", j.w.name);
+        assert_eq!((j.out.rows, j.out.cols), (x.rows, j.w.rows), "weight '{}' output shape", j.w.name);
+    }
+    if x.rows <= GEMV_MAX_ROWS {
+        for j in jobs.iter_mut() {
+            gemv(be, x, j.w, j.bias, j.out);
+        }
+        return;
+    }
+    let mut scratch = be.scratch.lock().expect("scratch lock");
+    let n = x.rows * x.cols;
+    // The bf16 copy of x is made once and shared by every job that needs it.
+    let mut x_half: Option<bool> = None;
+    for j in jobs.iter_mut() {
+        let w = j.w;
+        match w.kind {
+            GgmlType::F32 => {
+                gemm(be, Operand::F32(&w.data), be.ptr(&x.data), cudaDataType_t::CUDA_R_32F, x.rows, w, j.out)
+            }
+            kind if be.options.f32_gemm => {
+                // The whole weight expanded to f32 by the embedding kernel (row ids 0..rows).
+                if scratch.iota.as_ref().is_none_or(|s| s.len() < w.rows) {
+                    let ids: Vec<u32> = (0..w.rows.next_power_of_two() as u32).collect();
+                    scratch.iota = Some(be.upload_vec(&ids));
+                }
+                let iota = be.ptr(scratch.iota.as_ref().expect("just set"));
+                let wbuf = be.ptr(grow(be, &mut scratch.weight32, w.rows * w.cols));
+                be.kernels.launch(
+                    &be.stream,
+                    &format!("dequant_rows_{}", kind_suffix(kind)),
+                    (w.rows as u32, 1, 1),
+                    256,
+                    &[
+                        KArg::Ptr(be.ptr(&w.data)),
+                        KArg::Ptr(iota),
+                        KArg::Ptr(wbuf),
+                        KArg::I32(w.rows as i32),
+                        KArg::I32(w.cols as i32),
+                        KArg::I32(w.row_bytes as i32),
+                        KArg::I32(w.rows as i32),
+                    ],
+                );
+                gemm(
+                    be,
+                    Operand::Raw(wbuf, cudaDataType_t::CUDA_R_32F),
+                    be.ptr(&x.data),
+                    cudaDataType_t::CUDA_R_32F,
+                    x.rows,
+                    w,
+                    j.out,
+                );
+            }
+            kind => {
+                let f16 = kind == GgmlType::F16;
+                let act = grow(be, &mut scratch.act16, n);
+                if x_half != Some(f16) {
+                    ops::to_half(be, x, act, f16);
+                    x_half = Some(f16);
+                }
+                let act_ptr = be.ptr(act);
+                let half_type = if f16 { cudaDataType_t::CUDA_R_16F } else { cudaDataType_t::CUDA_R_16BF };
+                if matches!(kind, GgmlType::F16 | GgmlType::BF16) {
+                    gemm(be, Operand::Half(be.ptr(&w.data)), act_ptr, half_type, x.rows, w, j.out);
+                } else {
+                    let wbuf = grow(be, &mut scratch.weight16, w.rows * w.cols);
+                    be.kernels.launch(
+                        &be.stream,
+                        &format!("dequant_bf16_{}", kind_suffix(kind)),
+                        (w.rows as u32, 1, 1),
+                        256,
+                        &[
+                            KArg::Ptr(be.ptr(&w.data)),
+                            KArg::Ptr(be.ptr(wbuf)),
+                            KArg::I32(w.rows as i32),
+                            KArg::I32(w.cols as i32),
+                            KArg::I32(w.row_bytes as i32),
+                        ],
+                    );
+                    let wptr = be.ptr(wbuf);
+                    gemm(be, Operand::Half(wptr), act_ptr, cudaDataType_t::CUDA_R_16BF, x.rows, w, j.out);
+                }
+            }
+        }
+        if let Some(b) = j.bias {
+            ops::add_bias(be, j.out, b);
+        }
+    }
+}
+
+fn gemv(be: &CudaBackend, x: &CudaTensor, w: &CudaWeight, bias: Option<&CudaWeight>, out: &mut CudaTensor) {
+    let bias_ptr = bias.map_or(0, |b| be.ptr(ops::vector(b)));
+    be.kernels.launch(
+        &be.stream,
+        &format!("gemv_{}", kind_suffix(w.kind)),
+        ((w.rows as u32).div_ceil(4), 1, 1),
+        128,
+        &[
+            KArg::Ptr(be.ptr(&w.data)),
+            KArg::Ptr(be.ptr(&x.data)),
+            KArg::Ptr(bias_ptr),
+            KArg::Ptr(be.ptr(&out.data)),
+            KArg::I32(w.rows as i32),
+            KArg::I32(w.cols as i32),
+            KArg::I32(w.row_bytes as i32),
+            KArg::I32(x.rows as i32),
+        ],
+    );
+}
+
+enum Operand<'a> {
+    F32(&'a CudaSlice<u8>),
+    /// A 16-bit matrix of the activations' type.
+    Half(u64),
+    /// Any matrix at an address, with its type.
+    Raw(u64, cudaDataType_t),
+}
+
+/// cuBLAS is column-major: row-major `out[m, n] = x[m, k] · W[n, k]ᵀ` is
+/// column-major `outᵀ[n, m] = W'ᵀ · x'` where `W'` = W read as `[k, n]` and
+/// `x'` = x read as `[k, m]`, all with leading dimension k (n for out).
+fn gemm(
+    be: &CudaBackend,
+    w: Operand<'_>,
+    x_ptr: u64,
+    x_type: cudaDataType_t,
+    m: usize,
+    wt: &CudaWeight,
+    out: &mut CudaTensor,
+) {
+    let (n, k) = (wt.rows as i32, wt.cols as i32);
+    let (w_ptr, w_type) = match w {
+        Operand::F32(s) => (be.ptr(s), cudaDataType_t::CUDA_R_32F),
+        Operand::Half(p) => (p, x_type),
+        Operand::Raw(p, t) => (p, t),
+    };
+    let (alpha, beta) = (1.0f32, 0.0f32);
+    let blas = be.blas.lock().expect("cuBLAS lock");
+    // SAFETY: every pointer is a live device allocation of at least the size
+    // the dimensions above index; alpha/beta live across the call.
+    let r = unsafe {
+        cudarc::cublas::result::gemm_ex(
+            *blas.handle(),
+            cublasOperation_t::CUBLAS_OP_T,
+            cublasOperation_t::CUBLAS_OP_N,
+            n,
+            m as i32,
+            k,
+            &alpha as *const f32 as *const _,
+            w_ptr as *const _,
+            w_type,
+            k,
+            x_ptr as *const _,
+            x_type,
+            k,
+            &beta as *const f32 as *const _,
+            be.ptr(&out.data) as *mut _,
+            cudaDataType_t::CUDA_R_32F,
+            n,
+            cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+    };
+    super::ck(r, "cublasGemmEx");
+}

@@ -1,0 +1,359 @@
+//! The CUDA backend: weights, KV blocks and adapter slots in device memory, and
+//! every op run by kernels of ours (`kernels/*.cu`, compiled with NVRTC at
+//! start-up) or by cuBLAS for dense GEMMs.
+//!
+//! cudarc loads libcuda, cuBLAS and NVRTC at run time, so this module builds and
+//! its host-side tests run on machines without CUDA; [`CudaBackend::new`] is
+//! where a missing driver or GPU becomes an error. The CPU backend is the
+//! reference: `tandem selftest --device cuda` runs every op on both.
+//!
+//! One context and one stream per backend (so per engine); every op is queued
+//! on that stream in order, and only downloads wait for the device.
+
+mod gemm;
+pub mod launch;
+pub mod libs;
+pub mod nvrtc;
+mod ops;
+pub mod plan;
+
+use std::sync::{Arc, Mutex};
+
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
+
+use super::{AttentionMeta, Backend, BackendError, HostWeight, KvCacheSpec, LoraSegment, MatmulJob, RopeTable};
+use crate::lora::{LoraMatrix, LoraValues};
+use crate::quant::ggml::GgmlType;
+use launch::Kernels;
+
+/// A weight in device memory: its bytes as loaded (quantised kinds stay
+/// quantised); vectors (norms, biases) are expanded to f32 at load.
+pub struct CudaWeight {
+    pub name: String,
+    pub kind: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    pub row_bytes: usize,
+    data: CudaSlice<u8>,
+    vector: Option<CudaSlice<f32>>,
+}
+
+/// f32 activations `[rows, cols]`, row-major, in device memory.
+pub struct CudaTensor {
+    data: CudaSlice<f32>,
+    rows: usize,
+    cols: usize,
+}
+
+/// Per layer, keys and values for every slot: `[slots, kv_heads * head_dim]` f32.
+pub struct CudaKvCache {
+    spec: KvCacheSpec,
+    k: Vec<CudaSlice<f32>>,
+    v: Vec<CudaSlice<f32>>,
+}
+
+/// One adapted projection in device memory (`a` `[rank, in]`, `bt` `[rank, out]`,
+/// f32 or bf16 as the adapter was stored).
+pub struct CudaLora {
+    rank: usize,
+    in_features: usize,
+    out_features: usize,
+    bf16: bool,
+    a: CudaSlice<u8>,
+    bt: CudaSlice<u8>,
+}
+
+/// Device scratch reused across ops, grown on demand (the engine thread is the
+/// only caller, so the lock is never contended).
+#[derive(Default)]
+struct Scratch {
+    act16: Option<CudaSlice<u16>>,
+    weight16: Option<CudaSlice<u16>>,
+    weight32: Option<CudaSlice<f32>>,
+    /// 0, 1, 2, ... (row ids for expanding a whole weight with dequant_rows).
+    iota: Option<CudaSlice<u32>>,
+    lora_t: Option<CudaSlice<f32>>,
+    attn_acc: Option<CudaSlice<f32>>,
+    attn_ml: Option<CudaSlice<f32>>,
+}
+
+/// Choices made when opening a device.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CudaOptions {
+    /// Every GEMM in f32 (quantised and 16-bit weights expanded to f32), as the
+    /// CPU computes: slower, for checking tokens against the CPU exactly.
+    pub f32_gemm: bool,
+}
+
+pub struct CudaBackend {
+    ordinal: usize,
+    options: CudaOptions,
+    device_name: String,
+    arch: String,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: Mutex<CudaBlas>,
+    kernels: Kernels,
+    scratch: Mutex<Scratch>,
+    /// The rope table last uploaded (models use one table for their lifetime).
+    rope_freq: Mutex<Option<(Vec<f32>, CudaSlice<f32>)>>,
+}
+
+/// Panics with what failed: a CUDA error inside a step means the device is in
+/// an unknown state, which the engine treats as fatal.
+fn ck<T, E: std::fmt::Debug>(r: Result<T, E>, what: &str) -> T {
+    r.unwrap_or_else(|e| panic!("CUDA {what}: {e:?}"))
+}
+
+impl CudaBackend {
+    /// Opens device `ordinal`, compiles (or reads cached) kernels for its
+    /// architecture and sets up cuBLAS.
+    pub fn new(ordinal: usize) -> Result<Self, BackendError> {
+        Self::with_options(ordinal, CudaOptions::default())
+    }
+
+    pub fn with_options(ordinal: usize, options: CudaOptions) -> Result<Self, BackendError> {
+        let err = |what: &str, e: &dyn std::fmt::Debug| BackendError::Invalid(format!("cuda:{ordinal}: {what}: {e:?}"));
+        if !libs::driver_present() {
+            return Err(BackendError::Invalid(
+                "no CUDA driver (libcuda.so.1) on this machine; use --device cpu".into(),
+            ));
+        }
+        let count = CudaContext::device_count().map_err(|e| err("counting devices", &e))?;
+        if ordinal >= count.max(0) as usize {
+            return Err(BackendError::Invalid(format!("cuda:{ordinal}: this machine has {count} CUDA device(s)")));
+        }
+        if !libs::cublas_present() {
+            return Err(BackendError::Invalid(
+                "cuBLAS (libcublas.so.13) not found; set TANDEM_CUDA_LIB_DIRS to its directory".into(),
+            ));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| err("creating a context", &e))?;
+        // One stream per backend and everything queued on it in order: cudarc's
+        // per-allocation events would only add overhead.
+        // SAFETY: no other stream ever touches this context's allocations.
+        unsafe { ctx.disable_event_tracking() };
+        let (major, minor) = ctx.compute_capability().map_err(|e| err("compute capability", &e))?;
+        let arch = format!("sm_{major}{minor}");
+        let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let stream = ctx.new_stream().map_err(|e| err("creating a stream", &e))?;
+        let kernels = Kernels::load(&ctx, &arch)?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| err("cuBLAS", &e))?;
+        Ok(Self {
+            ordinal,
+            options,
+            device_name,
+            arch,
+            ctx,
+            stream,
+            blas: Mutex::new(blas),
+            kernels,
+            scratch: Mutex::new(Scratch::default()),
+            rope_freq: Mutex::new(None),
+        })
+    }
+
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn memory_info(&self) -> Result<(usize, usize), BackendError> {
+        self.ctx.mem_get_info().map_err(|e| BackendError::Invalid(format!("cuMemGetInfo: {e:?}")))
+    }
+
+    /// How many KV blocks of `spec`'s shape fit once `utilization` of the
+    /// device's memory is in use, keeping `reserve` bytes for activations:
+    /// weights and adapter slots are already resident, so what is free now is
+    /// what the cache may take (vLLM's `gpu_memory_utilization`).
+    pub fn kv_blocks_that_fit(
+        &self,
+        spec: KvCacheSpec,
+        utilization: f64,
+        reserve: usize,
+    ) -> Result<usize, BackendError> {
+        let (free, total) = self.memory_info()?;
+        let used = total - free;
+        let budget = (total as f64 * utilization) as usize;
+        let left = budget.saturating_sub(used).saturating_sub(reserve);
+        let per_block = 2 * spec.num_layers * spec.block_size * spec.kv_heads * spec.head_dim * 4;
+        Ok(left / per_block.max(1))
+    }
+
+    /// Waits until every queued op has finished.
+    pub fn synchronize(&self) {
+        ck(self.stream.synchronize(), "synchronize");
+    }
+
+    fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
+        s.device_ptr(&self.stream).0
+    }
+
+    fn upload_vec<T: DeviceRepr>(&self, v: &[T]) -> CudaSlice<T> {
+        // cuMemAlloc of 0 bytes fails; an empty upload never gets read.
+        if v.is_empty() {
+            return ck(unsafe { self.stream.alloc::<T>(1) }, "alloc");
+        }
+        ck(self.stream.clone_htod(v), "upload")
+    }
+
+    fn alloc_zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> CudaSlice<T> {
+        ck(self.stream.alloc_zeros::<T>(n.max(1)), "alloc")
+    }
+
+    /// Greedy sampling and log-probability normaliser on the device: per row of
+    /// `logits`, (argmax, max, logsumexp). Only 12 bytes per row cross PCIe.
+    pub fn argmax_logsumexp(&self, logits: &CudaTensor) -> Vec<(u32, f32, f32)> {
+        ops::argmax_logsumexp(self, logits)
+    }
+}
+
+/// Grows `slot` to hold at least `n` elements and returns it.
+fn grow<'a, T: DeviceRepr + ValidAsZeroBits>(
+    be: &CudaBackend,
+    slot: &'a mut Option<CudaSlice<T>>,
+    n: usize,
+) -> &'a mut CudaSlice<T> {
+    if slot.as_ref().is_none_or(|s| s.len() < n) {
+        *slot = Some(be.alloc_zeros::<T>(n.next_power_of_two()));
+    }
+    slot.as_mut().expect("just set")
+}
+
+impl Backend for CudaBackend {
+    type Weight = CudaWeight;
+    type Tensor = CudaTensor;
+    type KvCache = CudaKvCache;
+    type LoraWeight = CudaLora;
+
+    fn name(&self) -> String {
+        format!("cuda:{} ({}, {})", self.ordinal, self.device_name, self.arch)
+    }
+
+    fn load_weight(&self, w: HostWeight) -> Result<CudaWeight, BackendError> {
+        w.validate()?;
+        let row_bytes = w.kind.row_bytes(w.cols).unwrap_or(0);
+        let vector = if w.rows == 1 {
+            let mut v = vec![0f32; w.cols];
+            crate::quant::ggml::dequantize(w.kind, w.bytes.as_slice(), &mut v)
+                .map_err(|e| BackendError::BadWeight { name: w.name.clone(), reason: e.to_string() })?;
+            Some(self.upload_vec(&v))
+        } else {
+            None
+        };
+        let data = self
+            .stream
+            .clone_htod(w.bytes.as_slice())
+            .map_err(|e| BackendError::OutOfMemory(format!("weight '{}': {e:?}", w.name)))?;
+        Ok(CudaWeight { name: w.name, kind: w.kind, rows: w.rows, cols: w.cols, row_bytes, data, vector })
+    }
+
+    fn weight_shape(&self, w: &CudaWeight) -> (usize, usize) {
+        (w.rows, w.cols)
+    }
+    fn zeros(&self, rows: usize, cols: usize) -> CudaTensor {
+        CudaTensor { data: self.alloc_zeros(rows * cols), rows, cols }
+    }
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> CudaTensor {
+        assert_eq!(data.len(), rows * cols);
+        CudaTensor { data: self.upload_vec(data), rows, cols }
+    }
+    fn download(&self, t: &CudaTensor) -> Vec<f32> {
+        let mut v = ck(self.stream.clone_dtoh(&t.data), "download");
+        v.truncate(t.rows * t.cols);
+        v
+    }
+    fn shape(&self, t: &CudaTensor) -> (usize, usize) {
+        (t.rows, t.cols)
+    }
+
+    fn embedding(&self, table: &CudaWeight, ids: &[u32], out: &mut CudaTensor) {
+        ops::embedding(self, table, ids, out);
+    }
+    fn rms_norm(&self, x: &CudaTensor, w: &CudaWeight, eps: f32, out: &mut CudaTensor) {
+        ops::rms_norm(self, x, w, eps, out);
+    }
+    fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) {
+        ops::add_assign(self, x, y);
+    }
+    fn matmul_many(&self, x: &CudaTensor, jobs: &mut [MatmulJob<'_, Self>]) {
+        gemm::matmul_many(self, x, jobs);
+    }
+    fn rope(&self, x: &mut CudaTensor, heads: usize, head_dim: usize, positions: &[u32], table: &RopeTable) {
+        ops::rope(self, x, heads, head_dim, positions, table);
+    }
+    fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor, out: &mut CudaTensor) {
+        ops::silu_mul(self, gate, up, out);
+    }
+    fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> CudaTensor {
+        ops::gather_rows(self, x, rows)
+    }
+
+    fn load_lora(&self, m: &Arc<LoraMatrix>) -> Result<CudaLora, BackendError> {
+        let bytes = |v: &LoraValues| -> Result<CudaSlice<u8>, BackendError> {
+            let host: Vec<u8> = match v {
+                LoraValues::F32(x) => x.iter().flat_map(|f| f.to_le_bytes()).collect(),
+                LoraValues::Bf16(x) => x.iter().flat_map(|h| h.to_bits().to_le_bytes()).collect(),
+            };
+            self.stream.clone_htod(&host).map_err(|e| BackendError::OutOfMemory(format!("LoRA slot: {e:?}")))
+        };
+        Ok(CudaLora {
+            rank: m.rank,
+            in_features: m.in_features,
+            out_features: m.out_features,
+            bf16: matches!(m.a, LoraValues::Bf16(_)),
+            a: bytes(&m.a)?,
+            bt: bytes(&m.bt)?,
+        })
+    }
+
+    fn lora_add(&self, x: &CudaTensor, segments: &[LoraSegment<'_, Self>], out: &mut CudaTensor) {
+        ops::lora_add(self, x, segments, out);
+    }
+
+    fn alloc_kv(&self, spec: KvCacheSpec) -> Result<CudaKvCache, BackendError> {
+        let per_layer = spec
+            .num_blocks
+            .checked_mul(spec.block_size)
+            .and_then(|s| s.checked_mul(spec.kv_heads * spec.head_dim))
+            .ok_or_else(|| BackendError::OutOfMemory("KV cache size overflows".into()))?;
+        let need = per_layer as u128 * 8 * spec.num_layers as u128;
+        let (free, _) = self.memory_info()?;
+        if need > free as u128 {
+            return Err(BackendError::OutOfMemory(format!(
+                "the KV cache needs {} MiB and the device has {} MiB free; lower cache.num_blocks or \
+                 cache.gpu_memory_utilization",
+                need >> 20,
+                free >> 20
+            )));
+        }
+        let alloc = || {
+            self.stream
+                .alloc_zeros::<f32>(per_layer.max(1))
+                .map_err(|e| BackendError::OutOfMemory(format!("KV cache: {e:?}")))
+        };
+        let mut k = Vec::with_capacity(spec.num_layers);
+        let mut v = Vec::with_capacity(spec.num_layers);
+        for _ in 0..spec.num_layers {
+            k.push(alloc()?);
+            v.push(alloc()?);
+        }
+        Ok(CudaKvCache { spec, k, v })
+    }
+
+    fn write_kv(&self, cache: &mut CudaKvCache, layer: usize, k: &CudaTensor, v: &CudaTensor, slots: &[u32]) {
+        ops::write_kv(self, cache, layer, k, v, slots);
+    }
+
+    fn paged_attention(
+        &self,
+        cache: &CudaKvCache,
+        layer: usize,
+        q: &CudaTensor,
+        meta: &AttentionMeta<'_>,
+        out: &mut CudaTensor,
+    ) {
+        ops::paged_attention(self, cache, layer, q, meta, out);
+    }
+}
