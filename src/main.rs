@@ -344,7 +344,7 @@ fn serve<B: OpenBackend>(cfg: Config, spec: String) -> Result<()> {
         let reserved = names.all();
         let state = AppState::new(names, cfg.server.clone());
         let loader = move || -> std::result::Result<Ready, String> {
-            let mut cfg = cfg.clone();
+            let mut cfg = cfg;
             let (be, loaded) = load::<B>(&mut cfg, Some(spec.clone())).map_err(|e| format!("{e:#}"))?;
             let tok = loaded.tokenizer.ok_or("this model has no tokenizer; the HTTP API needs one")?;
             let engine_cfg = EngineConfig::from_config(&cfg, tok.eos_token_ids());

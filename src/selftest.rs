@@ -9,6 +9,7 @@ use tandem::backend::device::{Device, OpenBackend};
 use tandem::backend::selftest::{self, Check, Report};
 use tandem::backend::Backend;
 use tandem::config::Config;
+use tandem::engine::sampler::{argmax, logprobs};
 use tandem::engine::{EngineConfig, EngineCore, EngineRequest, SamplingParams, StepEvent, StoppingParams};
 use tandem::model::load_model;
 
@@ -16,25 +17,30 @@ pub fn run(cfg: &Config, device: Device, model: Option<String>, e2e_tokens: usiz
     let reference = CpuBackend::new(cfg.cpu.threads)?;
     let mut failures = 0;
     let spec = model.or_else(|| std::path::Path::new(&cfg.model.path).exists().then(|| cfg.model.path.clone()));
+    // The CPU's greedy tokens, computed once for every end-to-end comparison.
+    let reference_tokens = match (&spec, e2e_tokens > 0) {
+        (Some(spec), true) => Some((spec.as_str(), greedy(CpuBackend::new(cfg.cpu.threads)?, cfg, spec, e2e_tokens)?)),
+        _ => None,
+    };
     match device {
         Device::Cpu => {
             // On a CPU the portable code is checked against the SIMD code.
             let dev = CpuBackend::with_isa(cfg.cpu.threads, Isa::Scalar)?;
             failures += ops(&dev, &reference, seed, |_| {});
-            if let (Some(spec), true) = (&spec, e2e_tokens > 0) {
-                failures += e2e("cpu scalar", dev, cfg, spec, e2e_tokens, true)?;
+            if let Some((spec, want)) = &reference_tokens {
+                failures += e2e("cpu scalar", dev, cfg, spec, want, true)?;
             }
         }
         Device::Cuda(i) => {
             let dev = CudaBackend::new(i).context("opening the CUDA device")?;
             failures += ops(&dev, &reference, seed, |r| r.checks.extend(argmax_checks(&dev, seed)));
-            if let (Some(spec), true) = (&spec, e2e_tokens > 0) {
+            if let Some((spec, want)) = &reference_tokens {
                 // The serving configuration (bf16 tensor-core GEMMs for prefill)
                 // is reported, not required to match token for token.
-                e2e("cuda bf16 GEMMs", dev, cfg, spec, e2e_tokens, false)?;
+                e2e("cuda bf16 GEMMs", dev, cfg, spec, want, false)?;
                 // Strict: with every GEMM in f32 the device must give the CPU's tokens.
                 let precise = CudaBackend::with_options(i, CudaOptions { f32_gemm: true })?;
-                failures += e2e("cuda f32 GEMMs", precise, cfg, spec, e2e_tokens, true)?;
+                failures += e2e("cuda f32 GEMMs", precise, cfg, spec, want, true)?;
             }
         }
     }
@@ -65,14 +71,10 @@ fn argmax_checks(dev: &CudaBackend, seed: u64) -> Vec<Check> {
     let mut idx_err = 0f32;
     let (mut lse_got, mut lse_want) = (vec![], vec![]);
     for (r, row) in logits.chunks(vocab).enumerate() {
-        let (mut best, mut mx) = (0usize, f32::NEG_INFINITY);
-        for (i, &v) in row.iter().enumerate() {
-            if v > mx {
-                (best, mx) = (i, v);
-            }
-        }
-        let lse = mx + row.iter().map(|&v| ((v - mx) as f64).exp()).sum::<f64>().ln() as f32;
-        if got[r].0 as usize != best || got[r].1 != mx {
+        // The CPU sampler's own definitions: greedy choice and log-softmax.
+        let best = argmax(row);
+        let lse = row[best as usize] - logprobs(row, best, 0).0;
+        if got[r].0 != best || got[r].1 != row[best as usize] {
             idx_err = f32::INFINITY;
         }
         lse_got.push(got[r].2);
@@ -88,12 +90,11 @@ fn argmax_checks(dev: &CudaBackend, seed: u64) -> Vec<Check> {
     ]
 }
 
-/// Greedy tokens of `spec` on `be` and on the CPU; returns 1 if `strict` and
-/// they differ.
-fn e2e<B: OpenBackend>(label: &str, be: B, cfg: &Config, spec: &str, n: usize, strict: bool) -> Result<usize> {
-    let want = greedy(CpuBackend::new(cfg.cpu.threads)?, cfg, spec, n)?;
-    let got = greedy(be, cfg, spec, n)?;
-    let same = got.iter().zip(&want).take_while(|(a, b)| a == b).count();
+/// Greedy tokens of `spec` on `be` against the CPU's (`want`); returns 1 if
+/// `strict` and they differ.
+fn e2e<B: OpenBackend>(label: &str, be: B, cfg: &Config, spec: &str, want: &[u32], strict: bool) -> Result<usize> {
+    let got = greedy(be, cfg, spec, want.len())?;
+    let same = got.iter().zip(want).take_while(|(a, b)| a == b).count();
     let ok = same == want.len() && got.len() == want.len();
     println!(
         "e2e {label}: {spec}: {same}/{} greedy tokens equal the CPU's{}",

@@ -22,6 +22,7 @@ use tandem::backend::{
 use tandem::kv::BlockId;
 use tandem::lora::{LoraMatrix, LoraValues};
 use tandem::quant::ggml::{dequantize, GgmlType};
+use tandem::quant::random::random_weight_bytes;
 
 // ---- the emulator ----
 
@@ -513,26 +514,9 @@ const KINDS: [(GgmlType, &str, usize); 9] = [
 ];
 const QROWS: usize = 9;
 
-/// Random blocks of `kind`: random quants, f16 scales of magnitude 0.01..0.1.
+/// Random blocks of `kind`: random quants, finite f16 scales of either sign.
 fn random_weight(rng: &mut StdRng, kind: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
-    let v = rand_vec(rng, rows * cols, -1.0, 1.0);
-    let fields: &[usize] = match kind {
-        GgmlType::F32 => return v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        GgmlType::F16 => return v.iter().flat_map(|&x| f16::from_f32(x).to_bits().to_le_bytes()).collect(),
-        GgmlType::BF16 => return v.iter().flat_map(|&x| bf16::from_f32(x).to_bits().to_le_bytes()).collect(),
-        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
-        GgmlType::Q4K | GgmlType::Q5K => &[0, 2],
-        GgmlType::Q6K => &[208],
-    };
-    // Offsets of each block's f16 scale fields (d, dmin); the rest stays random.
-    let mut b: Vec<u8> = (0..kind.row_bytes(cols).unwrap() * rows).map(|_| rng.gen()).collect();
-    for blk in b.chunks_exact_mut(kind.type_size()) {
-        for &o in fields {
-            let s = rng.gen_range(0.01f32..0.1) * if rng.gen() { 1.0 } else { -1.0 };
-            blk[o..o + 2].copy_from_slice(&f16::from_f32(s).to_bits().to_le_bytes());
-        }
-    }
-    b
+    random_weight_bytes(kind, rows, cols, 1.0, &mut tandem::quant::random::Rng::new(rng.gen()))
 }
 
 #[test]

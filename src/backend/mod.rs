@@ -128,6 +128,31 @@ pub struct AttentionMeta<'a> {
     pub sliding_window: Option<usize>,
 }
 
+/// Which keys one query row of a batch attends to: positions `[first, ctx)` of
+/// sequence `seq` (causal up to its own position, cut by a sliding window).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowSpan {
+    pub seq: usize,
+    pub first: usize,
+    pub ctx: usize,
+}
+
+impl AttentionMeta<'_> {
+    /// The span of every row of a `rows`-row batch; `None` for rows in no sequence.
+    pub fn row_spans(&self, rows: usize) -> Vec<Option<RowSpan>> {
+        let mut spans = vec![None; rows];
+        for (s, seq) in self.seqs.iter().enumerate() {
+            let n = seq.rows.len();
+            for (i, r) in seq.rows.clone().enumerate() {
+                let ctx = seq.context_len - n + i + 1;
+                let first = self.sliding_window.map_or(0, |w| ctx.saturating_sub(w));
+                spans[r] = Some(RowSpan { seq: s, first, ctx });
+            }
+        }
+        spans
+    }
+}
+
 /// Precomputed rotary frequencies (one inverse frequency per pair in a head).
 #[derive(Debug, Clone)]
 pub struct RopeTable {

@@ -64,17 +64,22 @@ pub fn random_weight_bytes(kind: GgmlType, rows: usize, cols: usize, scale: f32,
             rng.fill_bytes(&mut b);
             let ts = kind.type_size();
             for blk in b.chunks_exact_mut(ts) {
-                let d = scale * (0.5 + 0.5 * rng.uniform().abs());
+                // Either sign: ggml's quantisers write negative scales too (q4_0
+                // divides by the signed extreme), and kernels must handle them.
+                let mut d = || {
+                    let u = rng.uniform();
+                    scale * (0.5 + 0.5 * u.abs()) * if u < 0.0 { -1.0 } else { 1.0 }
+                };
                 match kind {
                     // 4/5-bit codes span ±16: d of scale/8 keeps |w| ≲ 2·scale.
-                    GgmlType::Q4_0 | GgmlType::Q5_0 => put_f16(blk, 0, d / 8.0),
-                    GgmlType::Q8_0 => put_f16(blk, 0, d / 127.0),
+                    GgmlType::Q4_0 | GgmlType::Q5_0 => put_f16(blk, 0, d() / 8.0),
+                    GgmlType::Q8_0 => put_f16(blk, 0, d() / 127.0),
                     // d·sc·q with 6-bit sc and 4/5-bit q; dmin·m likewise.
                     GgmlType::Q4K | GgmlType::Q5K => {
-                        put_f16(blk, 0, d / (63.0 * 16.0));
-                        put_f16(blk, 2, d / (63.0 * 16.0));
+                        put_f16(blk, 0, d() / (63.0 * 16.0));
+                        put_f16(blk, 2, d() / (63.0 * 16.0));
                     }
-                    GgmlType::Q6K => put_f16(blk, 208, d / (127.0 * 32.0)),
+                    GgmlType::Q6K => put_f16(blk, 208, d() / (127.0 * 32.0)),
                     GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!(),
                 }
             }

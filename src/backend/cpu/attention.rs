@@ -6,7 +6,7 @@
 use rayon::prelude::*;
 
 use super::{CpuKvCache, CpuTensor};
-use crate::backend::AttentionMeta;
+use crate::backend::{AttentionMeta, RowSpan};
 
 pub fn paged_attention(
     pool: &rayon::ThreadPool,
@@ -23,26 +23,15 @@ pub fn paged_attention(
     let kw = kvh * d;
     let group = nh / kvh;
     assert!(group <= MAX_GROUP, "{group} query heads per KV head");
-    // Row -> (sequence, position of that token).
-    let mut row_seq = vec![(usize::MAX, 0usize); q.rows];
-    for (s, seq) in meta.seqs.iter().enumerate() {
-        let n = seq.rows.len();
-        for (i, r) in seq.rows.clone().enumerate() {
-            row_seq[r] = (s, seq.context_len - n + i);
-        }
-    }
+    let spans = meta.row_spans(q.rows);
     let (kc, vc) = (&cache.k[layer], &cache.v[layer]);
     pool.install(|| {
         out.data.par_chunks_mut(nh * d).enumerate().for_each(|(r, orow)| {
-            let (s, pos) = row_seq[r];
-            if s == usize::MAX {
+            let Some(RowSpan { seq, first, ctx }) = spans[r] else {
                 orow.fill(0.0);
                 return;
-            }
-            let table = meta.seqs[s].block_table;
-            let ctx = pos + 1;
-            // Keys this token sees: [first, ctx).
-            let first = meta.sliding_window.map_or(0, |w| ctx.saturating_sub(w));
+            };
+            let table = meta.seqs[seq].block_table;
             let n = ctx - first;
             // Cache slot of every visible key, in order.
             let mut slots = Vec::with_capacity(n);

@@ -5,47 +5,9 @@ use rand::{Rng, SeedableRng};
 
 const KINDS: [GgmlType; 9] = GgmlType::ALL;
 
-/// Random but well-formed weight bytes: quants random, scales finite and small.
+/// Random but well-formed weight bytes: quants random, scales finite, of either sign.
 fn random_weight(kind: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let n = kind.row_bytes(cols).unwrap() * rows;
-    let mut b: Vec<u8> = (0..n).map(|_| rng.gen()).collect();
-    let f16 = |rng: &mut rand::rngs::StdRng| half::f16::from_f32(rng.gen_range(-0.05f32..0.05)).to_bits().to_le_bytes();
-    let ts = kind.type_size();
-    match kind {
-        GgmlType::F32 => {
-            for c in b.chunks_exact_mut(4) {
-                c.copy_from_slice(&rng.gen_range(-1f32..1.0).to_le_bytes());
-            }
-        }
-        GgmlType::F16 => {
-            for c in b.chunks_exact_mut(2) {
-                c.copy_from_slice(&half::f16::from_f32(rng.gen_range(-1f32..1.0)).to_bits().to_le_bytes());
-            }
-        }
-        GgmlType::BF16 => {
-            for c in b.chunks_exact_mut(2) {
-                c.copy_from_slice(&half::bf16::from_f32(rng.gen_range(-1f32..1.0)).to_bits().to_le_bytes());
-            }
-        }
-        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => {
-            for blk in b.chunks_exact_mut(ts) {
-                blk[0..2].copy_from_slice(&f16(&mut rng));
-            }
-        }
-        GgmlType::Q4K | GgmlType::Q5K => {
-            for blk in b.chunks_exact_mut(ts) {
-                blk[0..2].copy_from_slice(&f16(&mut rng));
-                blk[2..4].copy_from_slice(&f16(&mut rng));
-            }
-        }
-        GgmlType::Q6K => {
-            for blk in b.chunks_exact_mut(ts) {
-                blk[208..210].copy_from_slice(&f16(&mut rng));
-            }
-        }
-    }
-    b
+    crate::quant::random::random_weight_bytes(kind, rows, cols, 1.0, &mut crate::quant::random::Rng::new(seed))
 }
 
 fn host(kind: GgmlType, rows: usize, cols: usize, seed: u64) -> HostWeight {

@@ -7,13 +7,11 @@
 //! quantised weight is first expanded to a bf16 scratch matrix, whose cost the
 //! batch amortises. f32 weights use a plain f32 GEMM.
 
-use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
-use cudarc::driver::CudaSlice;
-
 use super::launch::{kind_suffix, KArg};
 use super::{grow, ops, CudaBackend, CudaTensor, CudaWeight};
 use crate::backend::MatmulJob;
 use crate::quant::ggml::GgmlType;
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 
 /// The most activation rows the GEMV kernels take (kernels/quant.cu).
 pub const GEMV_MAX_ROWS: usize = 8;
@@ -31,15 +29,14 @@ pub fn matmul_many(be: &CudaBackend, x: &CudaTensor, jobs: &mut [MatmulJob<'_, C
     }
     let mut scratch = be.scratch.lock().expect("scratch lock");
     let n = x.rows * x.cols;
-    // The bf16 copy of x is made once and shared by every job that needs it.
+    let x_f32 = (be.ptr(&x.data), cudaDataType_t::CUDA_R_32F);
+    // The 16-bit copy of x is made once and shared by every job that needs it.
     let mut x_half: Option<bool> = None;
     for j in jobs.iter_mut() {
         let w = j.w;
         match w.kind {
-            GgmlType::F32 => {
-                gemm(be, Operand::F32(&w.data), be.ptr(&x.data), cudaDataType_t::CUDA_R_32F, x.rows, w, j.out)
-            }
-            kind if be.options.f32_gemm => {
+            GgmlType::F32 => gemm(be, (be.ptr(&w.data), cudaDataType_t::CUDA_R_32F), x_f32, w, j.out),
+            _ if be.options.f32_gemm => {
                 // The whole weight expanded to f32 by the embedding kernel (row ids 0..rows).
                 if scratch.iota.as_ref().is_none_or(|s| s.len() < w.rows) {
                     let ids: Vec<u32> = (0..w.rows.next_power_of_two() as u32).collect();
@@ -47,60 +44,26 @@ pub fn matmul_many(be: &CudaBackend, x: &CudaTensor, jobs: &mut [MatmulJob<'_, C
                 }
                 let iota = be.ptr(scratch.iota.as_ref().expect("just set"));
                 let wbuf = be.ptr(grow(be, &mut scratch.weight32, w.rows * w.cols));
-                be.kernels.launch(
-                    &be.stream,
-                    &format!("dequant_rows_{}", kind_suffix(kind)),
-                    (w.rows as u32, 1, 1),
-                    256,
-                    &[
-                        KArg::Ptr(be.ptr(&w.data)),
-                        KArg::Ptr(iota),
-                        KArg::Ptr(wbuf),
-                        KArg::I32(w.rows as i32),
-                        KArg::I32(w.cols as i32),
-                        KArg::I32(w.row_bytes as i32),
-                        KArg::I32(w.rows as i32),
-                    ],
-                );
-                gemm(
-                    be,
-                    Operand::Raw(wbuf, cudaDataType_t::CUDA_R_32F),
-                    be.ptr(&x.data),
-                    cudaDataType_t::CUDA_R_32F,
-                    x.rows,
-                    w,
-                    j.out,
-                );
+                ops::dequant_rows(be, w, iota, w.rows, wbuf);
+                gemm(be, (wbuf, cudaDataType_t::CUDA_R_32F), x_f32, w, j.out);
             }
             kind => {
                 let f16 = kind == GgmlType::F16;
+                let half_type = if f16 { cudaDataType_t::CUDA_R_16F } else { cudaDataType_t::CUDA_R_16BF };
                 let act = grow(be, &mut scratch.act16, n);
                 if x_half != Some(f16) {
                     ops::to_half(be, x, act, f16);
                     x_half = Some(f16);
                 }
-                let act_ptr = be.ptr(act);
-                let half_type = if f16 { cudaDataType_t::CUDA_R_16F } else { cudaDataType_t::CUDA_R_16BF };
-                if matches!(kind, GgmlType::F16 | GgmlType::BF16) {
-                    gemm(be, Operand::Half(be.ptr(&w.data)), act_ptr, half_type, x.rows, w, j.out);
+                let x16 = (be.ptr(act), half_type);
+                let w16 = if matches!(kind, GgmlType::F16 | GgmlType::BF16) {
+                    be.ptr(&w.data)
                 } else {
-                    let wbuf = grow(be, &mut scratch.weight16, w.rows * w.cols);
-                    be.kernels.launch(
-                        &be.stream,
-                        &format!("dequant_bf16_{}", kind_suffix(kind)),
-                        (w.rows as u32, 1, 1),
-                        256,
-                        &[
-                            KArg::Ptr(be.ptr(&w.data)),
-                            KArg::Ptr(be.ptr(wbuf)),
-                            KArg::I32(w.rows as i32),
-                            KArg::I32(w.cols as i32),
-                            KArg::I32(w.row_bytes as i32),
-                        ],
-                    );
-                    let wptr = be.ptr(wbuf);
-                    gemm(be, Operand::Half(wptr), act_ptr, cudaDataType_t::CUDA_R_16BF, x.rows, w, j.out);
-                }
+                    let wbuf = be.ptr(grow(be, &mut scratch.weight16, w.rows * w.cols));
+                    ops::dequant_bf16(be, w, wbuf);
+                    wbuf
+                };
+                gemm(be, (w16, half_type), x16, w, j.out);
             }
         }
         if let Some(b) = j.bias {
@@ -129,32 +92,17 @@ fn gemv(be: &CudaBackend, x: &CudaTensor, w: &CudaWeight, bias: Option<&CudaWeig
     );
 }
 
-enum Operand<'a> {
-    F32(&'a CudaSlice<u8>),
-    /// A 16-bit matrix of the activations' type.
-    Half(u64),
-    /// Any matrix at an address, with its type.
-    Raw(u64, cudaDataType_t),
-}
-
 /// cuBLAS is column-major: row-major `out[m, n] = x[m, k] · W[n, k]ᵀ` is
 /// column-major `outᵀ[n, m] = W'ᵀ · x'` where `W'` = W read as `[k, n]` and
 /// `x'` = x read as `[k, m]`, all with leading dimension k (n for out).
 fn gemm(
     be: &CudaBackend,
-    w: Operand<'_>,
-    x_ptr: u64,
-    x_type: cudaDataType_t,
-    m: usize,
+    (w_ptr, w_type): (u64, cudaDataType_t),
+    (x_ptr, x_type): (u64, cudaDataType_t),
     wt: &CudaWeight,
     out: &mut CudaTensor,
 ) {
-    let (n, k) = (wt.rows as i32, wt.cols as i32);
-    let (w_ptr, w_type) = match w {
-        Operand::F32(s) => (be.ptr(s), cudaDataType_t::CUDA_R_32F),
-        Operand::Half(p) => (p, x_type),
-        Operand::Raw(p, t) => (p, t),
-    };
+    let (n, k, m) = (wt.rows as i32, wt.cols as i32, out.rows as i32);
     let (alpha, beta) = (1.0f32, 0.0f32);
     let blas = be.blas.lock().expect("cuBLAS lock");
     // SAFETY: every pointer is a live device allocation of at least the size
@@ -165,7 +113,7 @@ fn gemm(
             cublasOperation_t::CUBLAS_OP_T,
             cublasOperation_t::CUBLAS_OP_N,
             n,
-            m as i32,
+            m,
             k,
             &alpha as *const f32 as *const _,
             w_ptr as *const _,

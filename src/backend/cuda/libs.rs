@@ -46,28 +46,24 @@ fn wheel_dirs(env: &Path) -> Vec<PathBuf> {
     out
 }
 
+/// Opens the library at `path` with RTLD_GLOBAL and keeps it loaded for the
+/// life of the process (its soname then satisfies later opens by bare name).
+fn open_global(path: &Path) -> bool {
+    // SAFETY: loading a CUDA library runs its initialisers, which is what
+    // cudarc would do moments later with the same library.
+    let lib = unsafe {
+        libloading::os::unix::Library::open(
+            Some(path),
+            libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL,
+        )
+    };
+    lib.map(std::mem::forget).is_ok()
+}
+
 /// Opens `file` (e.g. `libnvrtc.so.13`) from the first candidate directory that
-/// has it, keeping it loaded for the life of the process. Returns its path.
+/// has it. Returns its path.
 fn preload(file: &str) -> Option<PathBuf> {
-    for dir in candidate_dirs() {
-        let path = dir.join(file);
-        if !path.is_file() {
-            continue;
-        }
-        // SAFETY: loading a CUDA library runs its initialisers, which is what
-        // cudarc would do moments later with the same library.
-        let lib = unsafe {
-            libloading::os::unix::Library::open(
-                Some(&path),
-                libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL,
-            )
-        };
-        if let Ok(lib) = lib {
-            std::mem::forget(lib);
-            return Some(path);
-        }
-    }
-    None
+    candidate_dirs().into_iter().map(|dir| dir.join(file)).find(|path| path.is_file() && open_global(path))
 }
 
 /// Where libnvrtc was found (None: only the loader's default path is left).
@@ -78,17 +74,7 @@ pub fn nvrtc() -> Option<&'static Path> {
         .get_or_init(|| {
             if let Ok(p) = std::env::var("TANDEM_NVRTC_LIB") {
                 let path = PathBuf::from(p);
-                // SAFETY: as in `preload`.
-                let lib = unsafe {
-                    libloading::os::unix::Library::open(
-                        Some(&path),
-                        libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL,
-                    )
-                };
-                return lib.ok().map(|l| {
-                    std::mem::forget(l);
-                    path
-                });
+                return open_global(&path).then_some(path);
             }
             preload("libnvrtc.so.13").or_else(|| preload("libnvrtc.so.12")).or_else(|| preload("libnvrtc.so"))
         })

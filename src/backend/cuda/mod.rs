@@ -190,10 +190,10 @@ impl CudaBackend {
         s.device_ptr(&self.stream).0
     }
 
-    fn upload_vec<T: DeviceRepr>(&self, v: &[T]) -> CudaSlice<T> {
+    fn upload_vec<T: DeviceRepr + ValidAsZeroBits>(&self, v: &[T]) -> CudaSlice<T> {
         // cuMemAlloc of 0 bytes fails; an empty upload never gets read.
         if v.is_empty() {
-            return ck(unsafe { self.stream.alloc::<T>(1) }, "alloc");
+            return self.alloc_zeros(1);
         }
         ck(self.stream.clone_htod(v), "upload")
     }

@@ -22,21 +22,37 @@ pub(super) fn vector(w: &CudaWeight) -> &cudarc::driver::CudaSlice<f32> {
 pub fn embedding(be: &CudaBackend, table: &CudaWeight, ids: &[u32], out: &mut CudaTensor) {
     assert_eq!((out.rows, out.cols), (ids.len(), table.cols));
     let d_ids = be.upload_vec(ids);
-    let name = format!("dequant_rows_{}", kind_suffix(table.kind));
+    dequant_rows(be, table, be.ptr(&d_ids), ids.len(), be.ptr(&out.data));
+}
+
+/// Rows `ids[..n]` of `w` (clamped to its last row) expanded to f32 at `out`:
+/// the embedding lookup, and with ids 0..rows the whole weight.
+pub fn dequant_rows(be: &CudaBackend, w: &CudaWeight, ids: u64, n: usize, out: u64) {
     be.kernels.launch(
         &be.stream,
-        &name,
-        (ids.len() as u32, 1, 1),
+        &format!("dequant_rows_{}", kind_suffix(w.kind)),
+        (n as u32, 1, 1),
         256,
         &[
-            Ptr(be.ptr(&table.data)),
-            Ptr(be.ptr(&d_ids)),
-            Ptr(be.ptr(&out.data)),
-            I32(ids.len() as i32),
-            I32(table.cols as i32),
-            I32(table.row_bytes as i32),
-            I32(table.rows as i32),
+            Ptr(be.ptr(&w.data)),
+            Ptr(ids),
+            Ptr(out),
+            I32(n as i32),
+            I32(w.cols as i32),
+            I32(w.row_bytes as i32),
+            I32(w.rows as i32),
         ],
+    );
+}
+
+/// The whole of `w` expanded to bf16 at `out` (`[rows, cols]`, for a tensor-core GEMM).
+pub fn dequant_bf16(be: &CudaBackend, w: &CudaWeight, out: u64) {
+    be.kernels.launch(
+        &be.stream,
+        &format!("dequant_bf16_{}", kind_suffix(w.kind)),
+        (w.rows as u32, 1, 1),
+        256,
+        &[Ptr(be.ptr(&w.data)), Ptr(out), I32(w.rows as i32), I32(w.cols as i32), I32(w.row_bytes as i32)],
     );
 }
 

@@ -22,20 +22,19 @@ pub struct AttentionPlan {
 }
 
 pub fn attention_plan(meta: &AttentionMeta<'_>, rows: usize, partition: usize) -> AttentionPlan {
-    let mut tok_meta = vec![0i32; rows * 3];
+    // Each sequence's table, concatenated; offsets[s] is where sequence s's starts.
     let mut block_tables = Vec::new();
-    let mut longest = 0usize;
+    let mut offsets = Vec::with_capacity(meta.seqs.len());
     for seq in meta.seqs {
-        let off = block_tables.len();
+        offsets.push(block_tables.len());
         block_tables.extend(seq.block_table.iter().map(|b| b.index() as u32));
-        let n = seq.rows.len();
-        for (i, r) in seq.rows.clone().enumerate() {
-            let ctx = seq.context_len - n + i + 1;
-            let first = meta.sliding_window.map_or(0, |w| ctx.saturating_sub(w));
-            longest = longest.max(ctx - first);
-            tok_meta[r * 3] = first as i32;
-            tok_meta[r * 3 + 1] = ctx as i32;
-            tok_meta[r * 3 + 2] = off as i32;
+    }
+    let mut tok_meta = vec![0i32; rows * 3];
+    let mut longest = 0usize;
+    for (r, span) in meta.row_spans(rows).into_iter().enumerate() {
+        if let Some(s) = span {
+            longest = longest.max(s.ctx - s.first);
+            tok_meta[r * 3..r * 3 + 3].copy_from_slice(&[s.first as i32, s.ctx as i32, offsets[s.seq] as i32]);
         }
     }
     AttentionPlan { tok_meta, block_tables, max_partitions: longest.div_ceil(partition).max(1) }
