@@ -10,8 +10,8 @@ use clap::{Parser, Subcommand};
 use tandem::api::{AppState, ModelNames, Ready};
 use tandem::backend::cpu::CpuBackend;
 use tandem::backend::cuda::CudaBackend;
-use tandem::backend::device::{Device, OpenBackend};
 use tandem::config::Config;
+use tandem::engine::device::{Device, OpenBackend};
 use tandem::engine::{
     spawn_engine, EngineConfig, EngineCore, EngineRequest, ModelRunner, RunnerConfig, SamplingParams, StepEvent,
     StoppingParams,

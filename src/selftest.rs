@@ -5,10 +5,10 @@ use anyhow::{bail, Context, Result};
 
 use tandem::backend::cpu::{CpuBackend, Isa};
 use tandem::backend::cuda::{CudaBackend, CudaOptions};
-use tandem::backend::device::{Device, OpenBackend};
 use tandem::backend::selftest::{self, Check, Report};
 use tandem::backend::Backend;
 use tandem::config::Config;
+use tandem::engine::device::{Device, OpenBackend};
 use tandem::engine::sampler::{argmax, logprobs};
 use tandem::engine::{EngineConfig, EngineCore, EngineRequest, SamplingParams, StepEvent, StoppingParams};
 use tandem::model::load_model;
@@ -66,8 +66,10 @@ fn argmax_checks(dev: &CudaBackend, seed: u64) -> Vec<Check> {
     let mut logits: Vec<f32> = (0..rows * vocab).map(|_| rng.uniform() * 20.0).collect();
     logits[3 * vocab + 7] = 40.0; // a clear winner at a low index
     logits[4 * vocab + vocab - 1] = 40.0; // and at the last index
-    let t = dev.upload(&logits, rows, vocab);
-    let got = dev.argmax_logsumexp(&t);
+    let got = match dev.upload(&logits, rows, vocab).and_then(|t| dev.argmax_logsumexp(&t)) {
+        Ok(got) => got,
+        Err(e) => return vec![Check { name: format!("argmax_logsumexp: {e}"), err: f32::INFINITY, tol: 0.0 }],
+    };
     let mut idx_err = 0f32;
     let (mut lse_got, mut lse_want) = (vec![], vec![]);
     for (r, row) in logits.chunks(vocab).enumerate() {

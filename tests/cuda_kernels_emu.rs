@@ -225,15 +225,15 @@ fn ops_norms_and_residuals() {
         let (r, c, eps) = (rows as i32, cols as i32, 1e-5f32);
         let grid = [rows as u32, 1, 1];
 
-        let mut want = be.zeros(rows, cols);
-        be.rms_norm(&tensor(&x, rows, cols), &wt, eps, &mut want);
+        let mut want = be.zeros(rows, cols).unwrap();
+        be.rms_norm(&tensor(&x, rows, cols), &wt, eps, &mut want).unwrap();
         let mut a = [buf!(&x), buf!(&w), nan_buf(rows * cols), Arg::I(r), Arg::I(c), Arg::F(eps)];
         launch(emu, "rms_norm", grid, B256, &mut a);
         check(&format!("rms_norm {rows}x{cols}"), &f32s(&a[2]), &want.data, &row_scale(&want.data, cols), 1e-6);
 
         let mut sum = tensor(&x, rows, cols);
-        be.add_assign(&mut sum, &tensor(&y, rows, cols));
-        be.rms_norm(&sum, &wt, eps, &mut want);
+        be.add_assign(&mut sum, &tensor(&y, rows, cols)).unwrap();
+        be.rms_norm(&sum, &wt, eps, &mut want).unwrap();
         let mut a = [buf!(&x), buf!(&y), buf!(&w), nan_buf(rows * cols), Arg::I(r), Arg::I(c), Arg::F(eps)];
         launch(emu, "add_rms_norm", grid, B256, &mut a);
         exact(&format!("add_rms_norm {rows}x{cols} (x += y)"), &f32s(&a[0]), &sum.data);
@@ -262,7 +262,7 @@ fn ops_rope_silu_gather() {
     for (style, flag) in [(RopeStyle::Neox, 0), (RopeStyle::Interleaved, 1)] {
         let x = rand_vec(&mut rng, tokens * heads * d, -1.0, 1.0);
         let mut want = tensor(&x, tokens, heads * d);
-        be.rope(&mut want, heads, d, &positions, &RopeTable { inv_freq: inv_freq.clone(), style });
+        be.rope(&mut want, heads, d, &positions, &RopeTable { inv_freq: inv_freq.clone(), style }).unwrap();
         let mut a = vec![buf!(&x), buf!(&positions), buf!(&inv_freq)];
         a.extend(ints([tokens, heads, d, flag]));
         launch(emu, "rope", [tokens as u32, heads as u32, 1], [64, 1, 1], &mut a);
@@ -272,8 +272,8 @@ fn ops_rope_silu_gather() {
     let n = 1007;
     let g = rand_vec(&mut rng, n, -8.0, 8.0);
     let u = rand_vec(&mut rng, n, -2.0, 2.0);
-    let mut want = be.zeros(1, n);
-    be.silu_mul(&tensor(&g, 1, n), &tensor(&u, 1, n), &mut want);
+    let mut want = be.zeros(1, n).unwrap();
+    be.silu_mul(&tensor(&g, 1, n), &tensor(&u, 1, n), &mut want).unwrap();
     let mut a = [buf!(&g), buf!(&u), nan_buf(n), Arg::L(n as i64)];
     launch(emu, "silu_mul", grid_for(n), B256, &mut a);
     check("silu_mul", &f32s(&a[2]), &want.data, &elem_scale(&want.data), 1e-6);
@@ -281,7 +281,7 @@ fn ops_rope_silu_gather() {
     let (rows, cols) = (5, 80);
     let x = rand_vec(&mut rng, rows * cols, -1.0, 1.0);
     let pick = [4usize, 0, 4, 2];
-    let want = be.gather_rows(&tensor(&x, rows, cols), &pick);
+    let want = be.gather_rows(&tensor(&x, rows, cols), &pick).unwrap();
     let ids: Vec<u32> = pick.iter().map(|&r| r as u32).collect();
     let mut a = [buf!(&x), buf!(&ids), nan_buf(pick.len() * cols), Arg::I(pick.len() as i32), Arg::I(cols as i32)];
     launch(emu, "gather_rows", [pick.len() as u32, 1, 1], B256, &mut a);
@@ -365,7 +365,7 @@ fn attention_write_kv_and_split_k() {
     let v = rand_vec(&mut rng, n * width, -1.0, 1.0);
     let spec = KvCacheSpec { num_layers: 1, num_blocks, block_size: bs, kv_heads: kvh, head_dim: d };
     let mut cache = be.alloc_kv(spec).unwrap();
-    be.write_kv(&mut cache, 0, &tensor(&k, n, width), &tensor(&v, n, width), &slots);
+    be.write_kv(&mut cache, 0, &tensor(&k, n, width), &tensor(&v, n, width), &slots).unwrap();
     let zeros = vec![0f32; num_blocks * bs * width];
     let mut a = [buf!(&k), buf!(&v), buf!(&zeros), buf!(&zeros), buf!(&slots), Arg::I(n as i32), Arg::I(width as i32)];
     launch(emu, "write_kv", [n as u32, 1, 1], B256, &mut a);
@@ -387,8 +387,8 @@ fn attention_write_kv_and_split_k() {
             .collect();
         let meta =
             AttentionMeta { seqs: &metas, num_heads: nh, kv_heads: kvh, head_dim: d, scale, sliding_window: window };
-        let mut want = be.zeros(rows, nh * d);
-        be.paged_attention(&cache, 0, &tensor(&q, rows, nh * d), &meta, &mut want);
+        let mut want = be.zeros(rows, nh * d).unwrap();
+        be.paged_attention(&cache, 0, &tensor(&q, rows, nh * d), &meta, &mut want).unwrap();
 
         let mut tok_meta = vec![0i32; rows * 3];
         let mut table_off = 0;
@@ -471,7 +471,7 @@ fn lora_bgmv_two_segments() {
         }
         let segs = [LoraSegment { rows: 0..2, w: &mats[0] }, LoraSegment { rows: 3..5, w: &mats[1] }];
         let mut want = tensor(&base, rows, out_f);
-        be.lora_add(&tensor(&x, rows, in_f), &segs, &mut want);
+        be.lora_add(&tensor(&x, rows, in_f), &segs, &mut want).unwrap();
 
         let sfx = if bf { "bf16" } else { "f32" };
         let rank_buf = buf!(&ranks.map(|r| r as i32));
@@ -533,8 +533,9 @@ fn quant_gemv_every_kind() {
             let x = rand_vec(&mut rng, batch * cols, -1.0, 1.0);
             let bias = (batch > 1).then(|| rand_vec(&mut rng, QROWS, -1.0, 1.0));
             let bias_w = bias.as_ref().map(|b| f32_weight(&be, b, 1, QROWS));
-            let mut want = be.zeros(batch, QROWS);
-            be.matmul_many(&tensor(&x, batch, cols), &mut [MatmulJob { w: &w, bias: bias_w.as_ref(), out: &mut want }]);
+            let mut want = be.zeros(batch, QROWS).unwrap();
+            be.matmul_many(&tensor(&x, batch, cols), &mut [MatmulJob { w: &w, bias: bias_w.as_ref(), out: &mut want }])
+                .unwrap();
             // Scale of each output: Σ|x·w| (+|bias|), what rounding errors grow with.
             let scale: Vec<f32> = (0..batch * QROWS)
                 .map(|i| {
@@ -581,8 +582,8 @@ fn quant_dequant_every_kind() {
         // Id 1000 is past the table: the last row, as the CPU's embedding does.
         let ids = [8u32, 0, 3, 1000, 3];
         let w = weight(&be, kind, QROWS, cols, wb.clone());
-        let mut emb = be.zeros(ids.len(), cols);
-        be.embedding(&w, &ids, &mut emb);
+        let mut emb = be.zeros(ids.len(), cols).unwrap();
+        be.embedding(&w, &ids, &mut emb).unwrap();
         let direct: Vec<f32> =
             ids.iter().flat_map(|&i| wf[(i as usize).min(QROWS - 1) * cols..][..cols].to_vec()).collect();
         exact(&format!("embedding reference {name}"), &emb.data, &direct);

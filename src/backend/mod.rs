@@ -8,15 +8,15 @@
 
 pub mod cpu;
 pub mod cuda;
-pub mod device;
+mod lora_matrix;
 pub mod selftest;
 
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::kv::BlockId;
-use crate::lora::LoraMatrix;
 use crate::quant::ggml::GgmlType;
+
+pub use lora_matrix::{LoraDtype, LoraMatrix, LoraValues};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
@@ -24,9 +24,15 @@ pub enum BackendError {
     BadWeight { name: String, reason: String },
     #[error("out of memory: {0}")]
     OutOfMemory(String),
+    /// The device reported an error (a failed launch or library call); what
+    /// was computed in the op is lost.
+    #[error("device error: {0}")]
+    Device(String),
     #[error("{0}")]
     Invalid(String),
 }
+
+pub type BackendResult<T> = Result<T, BackendError>;
 
 /// Bytes of a weight as loaded: usually a range of a memory-mapped file (no copy),
 /// or an owned buffer when loading had to rearrange the data.
@@ -104,6 +110,18 @@ pub struct KvCacheSpec {
     pub head_dim: usize,
 }
 
+/// Index of a KV block in the backend's cache (block 0 is the null block that
+/// pads block tables; the `kv` module hands out the others).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BlockId(pub u32);
+
+impl BlockId {
+    pub const NULL: BlockId = BlockId(0);
+    pub fn index(self) -> usize {
+        self.0 as usize
+    }
+}
+
 /// One sequence's part of a flattened varlen batch, as attention needs it.
 #[derive(Debug, Clone)]
 pub struct SeqAttention<'a> {
@@ -160,7 +178,12 @@ pub struct RopeTable {
     pub style: RopeStyle,
 }
 
-/// The ops a model needs. All tensors are f32 activations `[rows, cols]`.
+/// The ops a model needs, for inference and for training LoRA adapters
+/// through frozen weights. All tensors are f32 `[rows, cols]`, row-major.
+///
+/// Every op can fail (a device out of memory, a failed launch) and says so; a
+/// failed op fails the step or training step it belongs to, never the process.
+/// Shapes are the caller's contract: a mismatch is a bug and panics.
 pub trait Backend: Send + Sync + 'static {
     type Weight: Send + Sync;
     type Tensor: Send;
@@ -169,44 +192,63 @@ pub trait Backend: Send + Sync + 'static {
     type LoraWeight: Send + Sync;
 
     fn name(&self) -> String;
-    fn load_weight(&self, w: HostWeight) -> Result<Self::Weight, BackendError>;
+    fn load_weight(&self, w: HostWeight) -> BackendResult<Self::Weight>;
     /// (rows, cols) of a weight.
     fn weight_shape(&self, w: &Self::Weight) -> (usize, usize);
-    fn zeros(&self, rows: usize, cols: usize) -> Self::Tensor;
-    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> Self::Tensor;
-    fn download(&self, t: &Self::Tensor) -> Vec<f32>;
+    fn zeros(&self, rows: usize, cols: usize) -> BackendResult<Self::Tensor>;
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> BackendResult<Self::Tensor>;
+    fn download(&self, t: &Self::Tensor) -> BackendResult<Vec<f32>>;
     fn shape(&self, t: &Self::Tensor) -> (usize, usize);
 
     /// out[i] = table[ids[i]] (rows of a possibly quantised table).
-    fn embedding(&self, table: &Self::Weight, ids: &[u32], out: &mut Self::Tensor);
+    fn embedding(&self, table: &Self::Weight, ids: &[u32], out: &mut Self::Tensor) -> BackendResult<()>;
     /// out = rms_norm(x) * w.
-    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32, out: &mut Self::Tensor);
+    fn rms_norm(&self, x: &Self::Tensor, w: &Self::Weight, eps: f32, out: &mut Self::Tensor) -> BackendResult<()>;
     /// x += y.
-    fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor);
+    fn add_assign(&self, x: &mut Self::Tensor, y: &Self::Tensor) -> BackendResult<()>;
     /// Several independent `out = x · wᵀ (+ bias)` sharing one input, in one dispatch.
-    fn matmul_many(&self, x: &Self::Tensor, jobs: &mut [MatmulJob<'_, Self>]);
+    fn matmul_many(&self, x: &Self::Tensor, jobs: &mut [MatmulJob<'_, Self>]) -> BackendResult<()>;
     /// out = x · wᵀ.
-    fn matmul(&self, x: &Self::Tensor, w: &Self::Weight, out: &mut Self::Tensor) {
-        self.matmul_many(x, &mut [MatmulJob { w, bias: None, out }]);
+    fn matmul(&self, x: &Self::Tensor, w: &Self::Weight, out: &mut Self::Tensor) -> BackendResult<()> {
+        self.matmul_many(x, &mut [MatmulJob { w, bias: None, out }])
     }
     /// Rotary embedding in place on `x` = `[tokens, heads * head_dim]`.
-    fn rope(&self, x: &mut Self::Tensor, heads: usize, head_dim: usize, positions: &[u32], table: &RopeTable);
+    fn rope(
+        &self,
+        x: &mut Self::Tensor,
+        heads: usize,
+        head_dim: usize,
+        positions: &[u32],
+        table: &RopeTable,
+    ) -> BackendResult<()>;
     /// out = silu(gate) * up.
-    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor, out: &mut Self::Tensor);
+    fn silu_mul(&self, gate: &Self::Tensor, up: &Self::Tensor, out: &mut Self::Tensor) -> BackendResult<()>;
     /// Rows `rows` of `x`, in order, as a new tensor.
-    fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> Self::Tensor;
+    fn gather_rows(&self, x: &Self::Tensor, rows: &[usize]) -> BackendResult<Self::Tensor>;
 
     /// Puts one LoRA matrix pair where the backend computes (a device slot).
-    fn load_lora(&self, m: &Arc<LoraMatrix>) -> Result<Self::LoraWeight, BackendError>;
+    fn load_lora(&self, m: &Arc<LoraMatrix>) -> BackendResult<Self::LoraWeight>;
     /// For each segment, `out[rows] += (x[rows] · Aᵀ) · Bt` with that segment's
     /// adapter (SGMV-style: one call covers every adapter in the batch; rows in
     /// no segment are untouched and cost nothing).
-    fn lora_add(&self, x: &Self::Tensor, segments: &[LoraSegment<'_, Self>], out: &mut Self::Tensor);
+    fn lora_add(
+        &self,
+        x: &Self::Tensor,
+        segments: &[LoraSegment<'_, Self>],
+        out: &mut Self::Tensor,
+    ) -> BackendResult<()>;
 
-    fn alloc_kv(&self, spec: KvCacheSpec) -> Result<Self::KvCache, BackendError>;
+    fn alloc_kv(&self, spec: KvCacheSpec) -> BackendResult<Self::KvCache>;
     /// Writes each token's K and V (`[tokens, kv_heads*head_dim]`) to its slot
     /// (`block * block_size + offset`) in `layer`.
-    fn write_kv(&self, cache: &mut Self::KvCache, layer: usize, k: &Self::Tensor, v: &Self::Tensor, slots: &[u32]);
+    fn write_kv(
+        &self,
+        cache: &mut Self::KvCache,
+        layer: usize,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        slots: &[u32],
+    ) -> BackendResult<()>;
     /// Causal attention of each new token over its sequence's cached keys/values.
     /// `q` and `out` are `[tokens, num_heads*head_dim]`.
     fn paged_attention(
@@ -216,7 +258,145 @@ pub trait Backend: Send + Sync + 'static {
         q: &Self::Tensor,
         meta: &AttentionMeta<'_>,
         out: &mut Self::Tensor,
-    );
+    ) -> BackendResult<()>;
+
+    // ---- Training: gradients through frozen weights, and the optimiser. ----
+
+    /// `dx (+)= Σ_j dy_j · W_j`: the input gradient of `y_j = x · W_jᵀ` through
+    /// frozen weights of any kind (the transpose direction of `matmul`), summed
+    /// over jobs that share the input. `accumulate` adds to `dx`, else overwrites.
+    fn matmul_input_grad(
+        &self,
+        jobs: &[(&Self::Tensor, &Self::Weight)],
+        dx: &mut Self::Tensor,
+        accumulate: bool,
+    ) -> BackendResult<()>;
+    /// `c = alpha · op(a) · op(b) + beta · c` on f32 tensors, `op` transposing
+    /// when its flag is set (LoRA factors and their gradients).
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        a: &Self::Tensor,
+        trans_a: bool,
+        b: &Self::Tensor,
+        trans_b: bool,
+        alpha: f32,
+        beta: f32,
+        c: &mut Self::Tensor,
+    ) -> BackendResult<()>;
+    /// `dx += ∂(rms_norm(x) · w)/∂x · dy`, row by row.
+    fn rms_norm_backward(
+        &self,
+        x: &Self::Tensor,
+        w: &Self::Weight,
+        eps: f32,
+        dy: &Self::Tensor,
+        dx: &mut Self::Tensor,
+    ) -> BackendResult<()>;
+    /// The gradient through [`Backend::rope`], in place (the inverse rotation).
+    fn rope_backward(
+        &self,
+        dx: &mut Self::Tensor,
+        heads: usize,
+        head_dim: usize,
+        positions: &[u32],
+        table: &RopeTable,
+    ) -> BackendResult<()>;
+    /// Gradients of `out = silu(gate) * up` with respect to gate and up.
+    fn silu_mul_backward(
+        &self,
+        gate: &Self::Tensor,
+        up: &Self::Tensor,
+        dout: &Self::Tensor,
+        dgate: &mut Self::Tensor,
+        dup: &mut Self::Tensor,
+    ) -> BackendResult<()>;
+    /// Gradients of causal attention over whole sequences: `q`, `k`, `v`,
+    /// `out` and `dout` are rows of one flattened batch in which every sequence
+    /// of `meta` is complete (`context_len == rows.len()`, so key j of a
+    /// sequence is its row `rows.start + j`). Overwrites `dq`, `dk`, `dv`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        q: &Self::Tensor,
+        k: &Self::Tensor,
+        v: &Self::Tensor,
+        out: &Self::Tensor,
+        dout: &Self::Tensor,
+        meta: &AttentionMeta<'_>,
+        dq: &mut Self::Tensor,
+        dk: &mut Self::Tensor,
+        dv: &mut Self::Tensor,
+    ) -> BackendResult<()>;
+    /// Cross-entropy of each row of `logits` against `labels[row]`. With
+    /// `grad_scale = Some(s)`, overwrites `logits` with `s · (softmax − onehot)`,
+    /// the gradient of `s · Σ loss`.
+    fn cross_entropy(
+        &self,
+        logits: &mut Self::Tensor,
+        labels: &[u32],
+        grad_scale: Option<f32>,
+    ) -> BackendResult<CrossEntropySums>;
+    /// `dst[rows[i]] += src[i]` (the gradient of `gather_rows`; rows distinct).
+    fn add_rows(&self, src: &Self::Tensor, rows: &[usize], dst: &mut Self::Tensor) -> BackendResult<()>;
+    /// Inverted dropout: `out = x · keep / (1 − p)`, `keep` drawn per element
+    /// from a counter-based hash of (`seed`, element index) that every backend
+    /// computes alike, so the backward is the same call on the gradient.
+    fn dropout(&self, x: &Self::Tensor, p: f32, seed: u64, out: &mut Self::Tensor) -> BackendResult<()>;
+    /// A copy of `x`.
+    fn copy(&self, x: &Self::Tensor) -> BackendResult<Self::Tensor>;
+    /// Every element set to `value`.
+    fn fill(&self, x: &mut Self::Tensor, value: f32) -> BackendResult<()>;
+    /// x *= s.
+    fn scale(&self, x: &mut Self::Tensor, s: f32) -> BackendResult<()>;
+    /// Σ x² in f64 (for global gradient norms).
+    fn sum_squares(&self, x: &Self::Tensor) -> BackendResult<f64>;
+    /// One AdamW update of `param` from `grad · hp.grad_scale` (torch.optim.AdamW's
+    /// arithmetic: decoupled weight decay, bias-corrected moments).
+    fn adamw(
+        &self,
+        param: &mut Self::Tensor,
+        grad: &Self::Tensor,
+        m: &mut Self::Tensor,
+        v: &mut Self::Tensor,
+        hp: &AdamWStep,
+    ) -> BackendResult<()>;
+}
+
+/// Sums over the rows of one [`Backend::cross_entropy`] call.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CrossEntropySums {
+    /// Σ over rows of `logsumexp(logits) − logits[label]`.
+    pub loss: f64,
+    /// Rows whose argmax (the first, on ties) is the label.
+    pub correct: usize,
+}
+
+/// One AdamW step's scalars.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step count, for the bias corrections.
+    pub step: u32,
+    /// Multiplies the gradient first (global-norm clipping).
+    pub grad_scale: f32,
+}
+
+/// Keep-or-drop of element `index` under dropout probability `p` for `seed`:
+/// SplitMix64 of (seed, index), top 24 bits as a uniform in [0, 1). Every
+/// backend's dropout kernel computes exactly this.
+pub fn dropout_keep(seed: u64, index: u64, p: f32) -> bool {
+    let mut z = seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    let u = (z >> 40) as f32 / (1u64 << 24) as f32;
+    u >= p
 }
 
 /// One product of [`Backend::matmul_many`].

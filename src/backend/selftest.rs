@@ -16,8 +16,8 @@ use super::{
     AttentionMeta, Backend, HostWeight, KvCacheSpec, LoraSegment, MatmulJob, RopeStyle, RopeTable, SeqAttention,
     WeightBytes,
 };
-use crate::kv::BlockId;
-use crate::lora::{LoraDtype, LoraMatrix, LoraValues};
+use crate::backend::{BackendResult, BlockId};
+use crate::backend::{LoraDtype, LoraMatrix, LoraValues};
 use crate::quant::ggml::GgmlType;
 use crate::quant::random::{random_weight_bytes, Rng};
 
@@ -92,9 +92,14 @@ fn host_weight(kind: GgmlType, rows: usize, cols: usize, bytes: Vec<u8>) -> Host
 }
 
 /// Runs `op` on a NaN-poisoned output of `rows × cols` and returns it.
-fn poisoned<B: Backend>(be: &B, rows: usize, cols: usize, op: impl FnOnce(&mut B::Tensor)) -> Vec<f32> {
-    let mut out = be.upload(&vec![f32::NAN; rows * cols], rows, cols);
-    op(&mut out);
+fn poisoned<B: Backend>(
+    be: &B,
+    rows: usize,
+    cols: usize,
+    op: impl FnOnce(&mut B::Tensor) -> BackendResult<()>,
+) -> BackendResult<Vec<f32>> {
+    let mut out = be.upload(&vec![f32::NAN; rows * cols], rows, cols)?;
+    op(&mut out)?;
     be.download(&out)
 }
 
@@ -102,41 +107,46 @@ fn poisoned<B: Backend>(be: &B, rows: usize, cols: usize, op: impl FnOnce(&mut B
 pub fn run<B: Backend>(dev: &B, reference: &CpuBackend, seed: u64) -> Report {
     let mut r = Report::default();
     let mut rng = Rng::new(seed);
-    elementwise(dev, reference, &mut rng, &mut r);
-    matmuls(dev, reference, &mut rng, &mut r);
-    loras(dev, reference, &mut rng, &mut r);
-    attention(dev, reference, &mut rng, &mut r);
+    type Section<B> = fn(&B, &CpuBackend, &mut Rng, &mut Report) -> BackendResult<()>;
+    let sections: [(&str, Section<B>); 4] =
+        [("elementwise", elementwise), ("matmuls", matmuls), ("loras", loras), ("attention", attention)];
+    for (name, section) in sections {
+        // A failing op is one failed check; the other sections still run.
+        if let Err(e) = section(dev, reference, &mut rng, &mut r) {
+            r.checks.push(Check { name: format!("{name}: {e}"), err: f32::INFINITY, tol: 0.0 });
+        }
+    }
     r
 }
 
-fn elementwise<B: Backend>(dev: &B, cpu: &CpuBackend, rng: &mut Rng, r: &mut Report) {
+fn elementwise<B: Backend>(dev: &B, cpu: &CpuBackend, rng: &mut Rng, r: &mut Report) -> BackendResult<()> {
     for (rows, cols) in [(1, 64), (3, 80), (17, 896), (64, 4096)] {
         let x = randn(rng, rows * cols, 2.0);
         let y = randn(rng, rows * cols, 2.0);
         let wv = randn(rng, cols, 1.0);
         let wb: Vec<u8> = wv.iter().flat_map(|v| v.to_le_bytes()).collect();
         let (dw, cw) = (
-            dev.load_weight(host_weight(GgmlType::F32, 1, cols, wb.clone())).expect("norm weight"),
-            cpu.load_weight(host_weight(GgmlType::F32, 1, cols, wb)).expect("norm weight"),
+            dev.load_weight(host_weight(GgmlType::F32, 1, cols, wb.clone()))?,
+            cpu.load_weight(host_weight(GgmlType::F32, 1, cols, wb))?,
         );
-        let (dx, cx) = (dev.upload(&x, rows, cols), cpu.upload(&x, rows, cols));
-        let (dy, cy) = (dev.upload(&y, rows, cols), cpu.upload(&y, rows, cols));
-        let got = poisoned(dev, rows, cols, |o| dev.rms_norm(&dx, &dw, 1e-6, o));
-        let want = poisoned(cpu, rows, cols, |o| cpu.rms_norm(&cx, &cw, 1e-6, o));
+        let (dx, cx) = (dev.upload(&x, rows, cols)?, cpu.upload(&x, rows, cols)?);
+        let (dy, cy) = (dev.upload(&y, rows, cols)?, cpu.upload(&y, rows, cols)?);
+        let got = poisoned(dev, rows, cols, |o| dev.rms_norm(&dx, &dw, 1e-6, o))?;
+        let want = poisoned(cpu, rows, cols, |o| cpu.rms_norm(&cx, &cw, 1e-6, o))?;
         r.push(format!("rms_norm {rows}x{cols}"), &got, &want, TOL_F32);
 
-        let got = poisoned(dev, rows, cols, |o| dev.silu_mul(&dx, &dy, o));
-        let want = poisoned(cpu, rows, cols, |o| cpu.silu_mul(&cx, &cy, o));
+        let got = poisoned(dev, rows, cols, |o| dev.silu_mul(&dx, &dy, o))?;
+        let want = poisoned(cpu, rows, cols, |o| cpu.silu_mul(&cx, &cy, o))?;
         r.push(format!("silu_mul {rows}x{cols}"), &got, &want, TOL_F32);
 
-        let (mut dsum, mut csum) = (dev.upload(&x, rows, cols), cpu.upload(&x, rows, cols));
-        dev.add_assign(&mut dsum, &dy);
-        cpu.add_assign(&mut csum, &cy);
-        r.push(format!("add_assign {rows}x{cols}"), &dev.download(&dsum), &cpu.download(&csum), TOL_F32);
+        let (mut dsum, mut csum) = (dev.upload(&x, rows, cols)?, cpu.upload(&x, rows, cols)?);
+        dev.add_assign(&mut dsum, &dy)?;
+        cpu.add_assign(&mut csum, &cy)?;
+        r.push(format!("add_assign {rows}x{cols}"), &dev.download(&dsum)?, &cpu.download(&csum)?, TOL_F32);
 
         let pick: Vec<usize> = (0..rows).rev().step_by(2).collect();
-        let got = dev.download(&dev.gather_rows(&dx, &pick));
-        let want = cpu.download(&cpu.gather_rows(&cx, &pick));
+        let got = dev.download(&dev.gather_rows(&dx, &pick)?)?;
+        let want = cpu.download(&cpu.gather_rows(&cx, &pick)?)?;
         r.push(format!("gather_rows {}of{rows}x{cols}", pick.len()), &got, &want, 0.0);
     }
     for (style, head_dim, heads, tokens) in
@@ -149,53 +159,55 @@ fn elementwise<B: Backend>(dev: &B, cpu: &CpuBackend, rng: &mut Rng, r: &mut Rep
         let cols = heads * head_dim;
         let x = randn(rng, tokens * cols, 1.0);
         let pos: Vec<u32> = (0..tokens as u32).map(|t| t * 37 + 3).collect();
-        let (mut dx, mut cx) = (dev.upload(&x, tokens, cols), cpu.upload(&x, tokens, cols));
-        dev.rope(&mut dx, heads, head_dim, &pos, &table);
-        cpu.rope(&mut cx, heads, head_dim, &pos, &table);
+        let (mut dx, mut cx) = (dev.upload(&x, tokens, cols)?, cpu.upload(&x, tokens, cols)?);
+        dev.rope(&mut dx, heads, head_dim, &pos, &table)?;
+        cpu.rope(&mut cx, heads, head_dim, &pos, &table)?;
         r.push(
             format!("rope {style:?} d{head_dim} h{heads} t{tokens}"),
-            &dev.download(&dx),
-            &cpu.download(&cx),
+            &dev.download(&dx)?,
+            &cpu.download(&cx)?,
             TOL_F32,
         );
     }
+    Ok(())
 }
 
 /// Every weight kind, as embedding table and as matmul weight, at decode (GEMV)
 /// and prefill (GEMM) batch sizes, with and without bias.
-fn matmuls<B: Backend>(dev: &B, cpu: &CpuBackend, rng: &mut Rng, r: &mut Report) {
+fn matmuls<B: Backend>(dev: &B, cpu: &CpuBackend, rng: &mut Rng, r: &mut Report) -> BackendResult<()> {
     let kinds = GgmlType::ALL;
     for kind in kinds {
         let cols = if kind.block_size() == 256 { 512 } else { 96 };
         let rows = 37;
         let bytes = random_weight_bytes(kind, rows, cols, 0.05, rng);
-        let dw = dev.load_weight(host_weight(kind, rows, cols, bytes.clone())).expect("weight");
-        let cw = cpu.load_weight(host_weight(kind, rows, cols, bytes)).expect("weight");
+        let dw = dev.load_weight(host_weight(kind, rows, cols, bytes.clone()))?;
+        let cw = cpu.load_weight(host_weight(kind, rows, cols, bytes))?;
         let ids = [0u32, 36, 5, 5, 999];
-        let got = poisoned(dev, ids.len(), cols, |o| dev.embedding(&dw, &ids, o));
-        let want = poisoned(cpu, ids.len(), cols, |o| cpu.embedding(&cw, &ids, o));
+        let got = poisoned(dev, ids.len(), cols, |o| dev.embedding(&dw, &ids, o))?;
+        let want = poisoned(cpu, ids.len(), cols, |o| cpu.embedding(&cw, &ids, o))?;
         r.push(format!("embedding {kind:?} {rows}x{cols}"), &got, &want, 0.0);
 
         let bias = randn(rng, rows, 0.5);
         let bb: Vec<u8> = bias.iter().flat_map(|v| v.to_le_bytes()).collect();
-        let db = dev.load_weight(host_weight(GgmlType::F32, 1, rows, bb.clone())).expect("bias");
-        let cb = cpu.load_weight(host_weight(GgmlType::F32, 1, rows, bb)).expect("bias");
+        let db = dev.load_weight(host_weight(GgmlType::F32, 1, rows, bb.clone()))?;
+        let cb = cpu.load_weight(host_weight(GgmlType::F32, 1, rows, bb))?;
         for m in [1usize, 3, 8, 9, 40] {
             let x = randn(rng, m * cols, 1.0);
-            let (dx, cx) = (dev.upload(&x, m, cols), cpu.upload(&x, m, cols));
+            let (dx, cx) = (dev.upload(&x, m, cols)?, cpu.upload(&x, m, cols)?);
             let with_bias = m % 2 == 1;
             let got = poisoned(dev, m, rows, |o| {
                 dev.matmul_many(&dx, &mut [MatmulJob { w: &dw, bias: with_bias.then_some(&db), out: o }])
-            });
+            })?;
             let want = poisoned(cpu, m, rows, |o| {
                 cpu.matmul_many(&cx, &mut [MatmulJob { w: &cw, bias: with_bias.then_some(&cb), out: o }])
-            });
+            })?;
             // Batches past the GEMV size may round activations to bf16 (tensor cores).
             let tol = if m > 8 && kind != GgmlType::F32 { TOL_BF16 } else { TOL_F32_REDUCE };
             let b = if with_bias { "+bias" } else { "" };
             r.push(format!("matmul {kind:?} {m}x{cols}·{rows}{b}"), &got, &want, tol);
         }
     }
+    Ok(())
 }
 
 fn lora_matrix(rng: &mut Rng, rank: usize, inf: usize, outf: usize, dtype: LoraDtype) -> Arc<LoraMatrix> {
@@ -210,42 +222,43 @@ fn lora_matrix(rng: &mut Rng, rank: usize, inf: usize, outf: usize, dtype: LoraD
 
 /// Two adapters of different ranks over separate row ranges, with rows in no
 /// segment that must stay untouched.
-fn loras<B: Backend>(dev: &B, cpu: &CpuBackend, rng: &mut Rng, r: &mut Report) {
+fn loras<B: Backend>(dev: &B, cpu: &CpuBackend, rng: &mut Rng, r: &mut Report) -> BackendResult<()> {
     for dtype in [LoraDtype::F32, LoraDtype::Bf16] {
         for (rows, inf, outf) in [(1, 896, 128), (11, 896, 4864), (7, 80, 48)] {
             let m1 = lora_matrix(rng, 8, inf, outf, dtype);
             let m2 = lora_matrix(rng, 16, inf, outf, dtype);
-            let (d1, d2) = (dev.load_lora(&m1).expect("slot"), dev.load_lora(&m2).expect("slot"));
-            let (c1, c2) = (cpu.load_lora(&m1).expect("slot"), cpu.load_lora(&m2).expect("slot"));
+            let (d1, d2) = (dev.load_lora(&m1)?, dev.load_lora(&m2)?);
+            let (c1, c2) = (cpu.load_lora(&m1)?, cpu.load_lora(&m2)?);
             let x = randn(rng, rows * inf, 1.0);
             let base = randn(rng, rows * outf, 1.0);
-            let (dx, cx) = (dev.upload(&x, rows, inf), cpu.upload(&x, rows, inf));
-            let (mut dout, mut cout) = (dev.upload(&base, rows, outf), cpu.upload(&base, rows, outf));
+            let (dx, cx) = (dev.upload(&x, rows, inf)?, cpu.upload(&x, rows, inf)?);
+            let (mut dout, mut cout) = (dev.upload(&base, rows, outf)?, cpu.upload(&base, rows, outf)?);
             let (s1, s2) = (0..rows.div_ceil(3), rows.div_ceil(3)..rows - rows / 4);
             dev.lora_add(
                 &dx,
                 &[LoraSegment { rows: s1.clone(), w: &d1 }, LoraSegment { rows: s2.clone(), w: &d2 }],
                 &mut dout,
-            );
-            cpu.lora_add(&cx, &[LoraSegment { rows: s1, w: &c1 }, LoraSegment { rows: s2, w: &c2 }], &mut cout);
+            )?;
+            cpu.lora_add(&cx, &[LoraSegment { rows: s1, w: &c1 }, LoraSegment { rows: s2, w: &c2 }], &mut cout)?;
             r.push(
                 format!("lora_add {dtype:?} r8+r16 {rows}x{inf}->{outf}"),
-                &dev.download(&dout),
-                &cpu.download(&cout),
+                &dev.download(&dout)?,
+                &cpu.download(&cout)?,
                 TOL_F32_REDUCE,
             );
         }
     }
+    Ok(())
 }
 
 /// KV writes then paged attention: prefill chunks and decodes in one batch,
 /// GQA, blocks out of order, a sliding window, and contexts long enough for
 /// several split-K partitions.
-fn attention<B: Backend>(dev: &B, cpu: &CpuBackend, rng: &mut Rng, r: &mut Report) {
+fn attention<B: Backend>(dev: &B, cpu: &CpuBackend, rng: &mut Rng, r: &mut Report) -> BackendResult<()> {
     for (nh, kvh, d, window) in [(14, 2, 64, None), (8, 8, 128, None), (4, 2, 64, Some(100))] {
         let spec = KvCacheSpec { num_layers: 2, num_blocks: 64, block_size: 16, kv_heads: kvh, head_dim: d };
-        let mut dkv = dev.alloc_kv(spec).expect("kv");
-        let mut ckv = cpu.alloc_kv(spec).expect("kv");
+        let mut dkv = dev.alloc_kv(spec)?;
+        let mut ckv = cpu.alloc_kv(spec)?;
         // Sequence 0: 600 tokens in blocks 40..2 (descending); sequence 1: 37 tokens.
         let t0: Vec<BlockId> = (0..38).map(|i| BlockId(40 - i)).collect();
         let t1: Vec<BlockId> = (0..3).map(|i| BlockId(50 + i)).collect();
@@ -257,10 +270,10 @@ fn attention<B: Backend>(dev: &B, cpu: &CpuBackend, rng: &mut Rng, r: &mut Repor
             let slots: Vec<u32> = (0..len).map(|p| tables[s][p / 16].0 * 16 + (p % 16) as u32).collect();
             let k = randn(rng, len * kvh * d, 1.0);
             let v = randn(rng, len * kvh * d, 1.0);
-            let (dk, dv) = (dev.upload(&k, len, kvh * d), dev.upload(&v, len, kvh * d));
-            let (ck, cv) = (cpu.upload(&k, len, kvh * d), cpu.upload(&v, len, kvh * d));
-            dev.write_kv(&mut dkv, layer, &dk, &dv, &slots);
-            cpu.write_kv(&mut ckv, layer, &ck, &cv, &slots);
+            let (dk, dv) = (dev.upload(&k, len, kvh * d)?, dev.upload(&v, len, kvh * d)?);
+            let (ck, cv) = (cpu.upload(&k, len, kvh * d)?, cpu.upload(&v, len, kvh * d)?);
+            dev.write_kv(&mut dkv, layer, &dk, &dv, &slots)?;
+            cpu.write_kv(&mut ckv, layer, &ck, &cv, &slots)?;
         }
         // Queries: the last 5 tokens of sequence 0 (a prefill chunk), one row
         // in no sequence, and the last token of sequence 1 (a decode).
@@ -278,12 +291,13 @@ fn attention<B: Backend>(dev: &B, cpu: &CpuBackend, rng: &mut Rng, r: &mut Repor
             sliding_window: window,
         };
         let q = randn(rng, rows * nh * d, 1.0);
-        let (dq, cq) = (dev.upload(&q, rows, nh * d), cpu.upload(&q, rows, nh * d));
-        let got = poisoned(dev, rows, nh * d, |o| dev.paged_attention(&dkv, layer, &dq, &meta, o));
-        let want = poisoned(cpu, rows, nh * d, |o| cpu.paged_attention(&ckv, layer, &cq, &meta, o));
+        let (dq, cq) = (dev.upload(&q, rows, nh * d)?, cpu.upload(&q, rows, nh * d)?);
+        let got = poisoned(dev, rows, nh * d, |o| dev.paged_attention(&dkv, layer, &dq, &meta, o))?;
+        let want = poisoned(cpu, rows, nh * d, |o| cpu.paged_attention(&ckv, layer, &cq, &meta, o))?;
         let w = window.map_or(String::new(), |w| format!(" window {w}"));
         r.push(format!("kv+attention h{nh}/{kvh} d{d} ctx 600,37{w}"), &got, &want, TOL_F32_REDUCE);
     }
+    Ok(())
 }
 
 #[cfg(test)]

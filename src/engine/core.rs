@@ -19,7 +19,8 @@ pub enum StepEvent {
     Started(RequestId, StartInfo),
     Token(RequestId, TokenOut),
     Finished(RequestId, FinishInfo),
-    /// The request could not run (its adapter failed to load) and is gone.
+    /// The request could not run (its adapter failed to load, or the device
+    /// failed the step) and is gone.
     Failed(RequestId, String),
 }
 
@@ -148,8 +149,22 @@ impl<B: Backend> EngineCore<B> {
                 }
             })
             .collect();
-        let logits = self.runner.execute(&chunks);
+        let result = self.runner.execute(&chunks);
         drop(chunks);
+        let logits = match result {
+            Ok(logits) => logits,
+            Err(e) => {
+                // The step's sequences may have half-written KV: they fail, the
+                // engine goes on with the rest.
+                let why = format!("the model step failed: {e}");
+                for (id, ..) in plan {
+                    if self.scheduler.abort(id).is_some() {
+                        failed_events.push(StepEvent::Failed(id, why.clone()));
+                    }
+                }
+                return (out, failed_events);
+            }
+        };
         let vocab = self.info.vocab_size;
         let eos = &self.info.eos_token_ids;
         let mut sampled: Vec<(RequestId, TokenOut)> = Vec::new();

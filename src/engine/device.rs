@@ -1,9 +1,9 @@
 //! Choosing a backend by name ("cpu", "cuda:N") and what differs per device at
 //! start-up: how it opens and how many KV blocks it gives the model.
 
-use super::cpu::CpuBackend;
-use super::cuda::CudaBackend;
-use super::{Backend, BackendError, KvCacheSpec};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::CudaBackend;
+use crate::backend::{Backend, BackendError, KvCacheSpec};
 use crate::config::Config;
 use crate::model::config::ModelConfig;
 
@@ -94,7 +94,7 @@ mod tests {
 
     #[test]
     fn cuda_open_without_a_driver_is_a_clear_error() {
-        if super::super::cuda::libs::driver_present() {
+        if crate::backend::cuda::libs::driver_present() {
             eprintln!("SKIP: this machine has a CUDA driver");
             return;
         }

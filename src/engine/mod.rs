@@ -6,6 +6,7 @@
 //! `handle` is the async façade the HTTP side holds. Nothing here knows HTTP or text.
 
 pub mod core;
+pub mod device;
 mod engine_loop;
 pub mod handle;
 pub mod request;

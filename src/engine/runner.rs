@@ -32,6 +32,8 @@ pub enum StepError {
     ContextLimit { max: usize },
     #[error("sequence {index} is empty: there is nothing to compute logits from")]
     EmptyPrompt { index: usize },
+    #[error("the step failed on the device")]
+    Backend(#[from] crate::backend::BackendError),
 }
 
 /// One sequence as the runner sees it: its tokens and how many are in the cache.
@@ -119,7 +121,9 @@ impl<B: Backend> ModelRunner<B> {
 
     /// Runs every chunk as one flattened varlen step. Returns logits, row-major,
     /// for the rows each chunk's `logits` asks for, in chunk and row order.
-    pub fn execute(&mut self, chunks: &[RunChunk<'_>]) -> Vec<f32> {
+    /// On error the step's K/V writes may be partial: the caller fails the
+    /// step's sequences.
+    pub fn execute(&mut self, chunks: &[RunChunk<'_>]) -> Result<Vec<f32>, crate::backend::BackendError> {
         let bs = self.cfg.block_size;
         let total: usize = chunks.iter().map(|c| c.len).sum();
         let mut token_ids = Vec::with_capacity(total);
@@ -159,8 +163,8 @@ impl<B: Backend> ModelRunner<B> {
             seqs,
             logits_rows: &logits_rows,
         };
-        let lora = LoraStep { segments: &lora_segments, slots: &self.lora_slots };
-        let logits = self.model.forward(&self.backend, &mut self.kv, &input, &lora);
+        let mut lora = LoraStep { segments: &lora_segments, slots: &self.lora_slots };
+        let logits = self.model.forward(&self.backend, &mut self.kv, &input, &mut lora)?;
         self.backend.download(&logits)
     }
 
@@ -202,7 +206,7 @@ impl<B: Backend> ModelRunner<B> {
             .collect();
         let which =
             chunks.iter().filter(|&&(s, n)| seqs[s].num_computed + n == seqs[s].tokens.len()).map(|c| c.0).collect();
-        let logits = self.execute(&run);
+        let logits = self.execute(&run)?;
         for &(s, n) in chunks {
             seqs[s].num_computed += n;
         }

@@ -28,16 +28,9 @@ impl BlockHash {
     }
 }
 
-/// Index of a KV block in the backend's cache.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct BlockId(pub u32);
-
-impl BlockId {
-    pub const NULL: BlockId = BlockId(0);
-    pub fn index(self) -> usize {
-        self.0 as usize
-    }
-}
+/// Block ids are part of the backend's KV-cache interface (block tables are
+/// what attention reads); this module hands them out.
+pub use crate::backend::BlockId;
 
 /// Cache slot (block * block_size + offset) of token position `pos` of a
 /// sequence whose blocks, in token order, are `blocks`.

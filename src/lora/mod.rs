@@ -19,6 +19,8 @@ pub use peft::{load_peft_dir, LoraError, LoraOptions};
 pub use registry::{LoraRegistry, RegistryConfig};
 pub use slots::{SlotAssignment, SlotTable};
 
+pub use crate::backend::{LoraDtype, LoraMatrix, LoraValues};
+
 /// A projection of the Llama family that an adapter may target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum LoraTarget {
@@ -82,107 +84,6 @@ impl LoraTarget {
             LoraTarget::Gate | LoraTarget::Up => (h, ff),
             LoraTarget::Down => (ff, h),
         }
-    }
-}
-
-/// How adapter weights are stored for compute. f32 reproduces peft's float32
-/// outputs; bf16 halves the bytes every distinct adapter in a step costs to
-/// read (the limit when many adapters share a batch), as vLLM stores LoRA
-/// weights in the model's 16-bit dtype. Activations stay f32 either way.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LoraDtype {
-    #[default]
-    F32,
-    Bf16,
-}
-
-impl std::str::FromStr for LoraDtype {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "f32" => Ok(LoraDtype::F32),
-            "bf16" => Ok(LoraDtype::Bf16),
-            _ => Err(format!("LoRA dtype {s:?}: expected f32 or bf16")),
-        }
-    }
-}
-
-/// A matrix's values in their storage dtype.
-#[derive(Debug, Clone, PartialEq)]
-pub enum LoraValues {
-    F32(Vec<f32>),
-    Bf16(Vec<half::bf16>),
-}
-
-impl LoraValues {
-    pub fn from_f32(v: Vec<f32>, dtype: LoraDtype) -> Self {
-        match dtype {
-            LoraDtype::F32 => LoraValues::F32(v),
-            LoraDtype::Bf16 => LoraValues::Bf16(v.into_iter().map(half::bf16::from_f32).collect()),
-        }
-    }
-    pub fn len(&self) -> usize {
-        match self {
-            LoraValues::F32(v) => v.len(),
-            LoraValues::Bf16(v) => v.len(),
-        }
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-    pub fn bytes(&self) -> usize {
-        match self {
-            LoraValues::F32(v) => v.len() * 4,
-            LoraValues::Bf16(v) => v.len() * 2,
-        }
-    }
-    pub fn to_f32(&self) -> Vec<f32> {
-        match self {
-            LoraValues::F32(v) => v.clone(),
-            LoraValues::Bf16(v) => v.iter().map(|x| x.to_f32()).collect(),
-        }
-    }
-    /// Little-endian bytes of the stored values (for hashing), with a dtype tag.
-    fn write_to(&self, h: &mut impl Hasher, buf: &mut Vec<u8>) {
-        match self {
-            LoraValues::F32(v) => {
-                h.write_u8(0);
-                for chunk in v.chunks(1024) {
-                    buf.clear();
-                    buf.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
-                    h.write(buf);
-                }
-            }
-            LoraValues::Bf16(v) => {
-                h.write_u8(1);
-                for chunk in v.chunks(2048) {
-                    buf.clear();
-                    buf.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
-                    h.write(buf);
-                }
-            }
-        }
-    }
-}
-
-/// One adapted projection: `y += (x · Aᵀ) · Bt`, with the PEFT scaling already
-/// folded into `bt`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LoraMatrix {
-    pub rank: usize,
-    pub in_features: usize,
-    pub out_features: usize,
-    /// PEFT `lora_A.weight`, `[rank, in]` row-major.
-    pub a: LoraValues,
-    /// `(scaling · lora_B.weight)ᵀ`, `[rank, out]` row-major, so the expand is
-    /// a sum of scaled rows (contiguous, vectorisable).
-    pub bt: LoraValues,
-}
-
-impl LoraMatrix {
-    pub fn bytes(&self) -> usize {
-        self.a.bytes() + self.bt.bytes()
     }
 }
 
@@ -253,10 +154,32 @@ fn content_version(layers: &LoraLayers<Arc<LoraMatrix>>) -> u64 {
             for v in [l, t, m.rank, m.in_features, m.out_features] {
                 h.write_u64(v as u64);
             }
-            m.a.write_to(&mut h, &mut buf);
-            m.bt.write_to(&mut h, &mut buf);
+            write_values(&m.a, &mut h, &mut buf);
+            write_values(&m.bt, &mut h, &mut buf);
         }
     }
     // 0 means "no adapter" in prefix-cache keys.
     h.finish().max(1)
+}
+
+/// Little-endian bytes of the stored values (for hashing), with a dtype tag.
+fn write_values(v: &LoraValues, h: &mut impl Hasher, buf: &mut Vec<u8>) {
+    match v {
+        LoraValues::F32(v) => {
+            h.write_u8(0);
+            for chunk in v.chunks(1024) {
+                buf.clear();
+                buf.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
+                h.write(buf);
+            }
+        }
+        LoraValues::Bf16(v) => {
+            h.write_u8(1);
+            for chunk in v.chunks(2048) {
+                buf.clear();
+                buf.extend(chunk.iter().flat_map(|x| x.to_le_bytes()));
+                h.write(buf);
+            }
+        }
+    }
 }

@@ -118,7 +118,7 @@ mod tests {
 
     fn adapter(name: &str, seed: f32) -> Arc<LoraAdapter> {
         use crate::lora::LoraValues::F32;
-        let m = crate::lora::LoraMatrix {
+        let m = crate::backend::LoraMatrix {
             rank: 1,
             in_features: 1,
             out_features: 1,

@@ -2,38 +2,21 @@
 //! [`Backend`]: pre-norm decoder layers with GQA attention over the paged KV
 //! cache and a SwiGLU MLP.
 
-use crate::backend::{AttentionMeta, Backend, MatmulJob, RopeTable};
-
-use crate::lora::LoraTarget;
+use crate::backend::{AttentionMeta, Backend, BackendResult, RopeTable};
 
 use super::config::ModelConfig;
-use super::lora::LoraStep;
+use super::layer::{Layer, LayerActivations, LoraHook};
 use super::weights::{TensorName, WeightError, WeightSource};
 use super::StepInput;
 
-struct Layer<B: Backend> {
-    attn_norm: B::Weight,
-    ffn_norm: B::Weight,
-    q: B::Weight,
-    k: B::Weight,
-    v: B::Weight,
-    o: B::Weight,
-    q_bias: Option<B::Weight>,
-    k_bias: Option<B::Weight>,
-    v_bias: Option<B::Weight>,
-    gate: B::Weight,
-    up: B::Weight,
-    down: B::Weight,
-}
-
 pub struct LlamaModel<B: Backend> {
     pub config: ModelConfig,
-    embed: B::Weight,
-    final_norm: B::Weight,
+    pub(super) embed: B::Weight,
+    pub(super) final_norm: B::Weight,
     /// `None` when tied to the embedding.
-    lm_head: Option<B::Weight>,
-    layers: Vec<Layer<B>>,
-    rope: RopeTable,
+    pub(super) lm_head: Option<B::Weight>,
+    pub(super) layers: Vec<Layer<B>>,
+    pub(super) rope: RopeTable,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -104,69 +87,76 @@ impl<B: Backend> LlamaModel<B> {
 
     /// Runs one step: writes the new tokens' K/V into the cache and returns the
     /// logits `[input.logits_rows.len(), vocab]` for the rows that need them.
-    /// Rows in a `lora` segment add their adapter's delta to every projection it targets.
-    pub fn forward(&self, be: &B, kv: &mut B::KvCache, input: &StepInput<'_>, lora: &LoraStep<'_, B>) -> B::Tensor {
+    /// `lora` adds adapter deltas to the projections (rows in a serving step's
+    /// segments, or every row while training).
+    pub fn forward(
+        &self,
+        be: &B,
+        kv: &mut B::KvCache,
+        input: &StepInput<'_>,
+        lora: &mut impl LoraHook<B>,
+    ) -> BackendResult<B::Tensor> {
         let c = &self.config;
         let t = input.token_ids.len();
-        let (h, d) = (c.hidden_size, c.head_dim);
-        let (qd, kvd) = (c.num_heads * d, c.num_kv_heads * d);
-        let meta = AttentionMeta {
+        let meta = self.attention_meta(input);
+        let mut x = be.zeros(t, c.hidden_size)?;
+        self.embed(be, input.token_ids, &mut x)?;
+        let mut acts = LayerActivations::new(be, c, t)?;
+        for i in 0..self.layers.len() {
+            self.forward_layer(be, i, kv, input, &meta, lora, &mut x, &mut acts)?;
+        }
+        let last = be.gather_rows(&x, input.logits_rows)?;
+        self.logits(be, &last)
+    }
+
+    /// The token embeddings of `ids` into `x` (`[ids.len(), hidden]`).
+    pub fn embed(&self, be: &B, ids: &[u32], x: &mut B::Tensor) -> BackendResult<()> {
+        be.embedding(&self.embed, ids, x)
+    }
+
+    /// What attention needs to know about `input` besides the tensors.
+    pub fn attention_meta<'a>(&self, input: &'a StepInput<'a>) -> AttentionMeta<'a> {
+        let c = &self.config;
+        AttentionMeta {
             seqs: &input.seqs,
             num_heads: c.num_heads,
             kv_heads: c.num_kv_heads,
-            head_dim: d,
-            scale: 1.0 / (d as f32).sqrt(),
+            head_dim: c.head_dim,
+            scale: 1.0 / (c.head_dim as f32).sqrt(),
             sliding_window: c.sliding_window,
-        };
-        let mut x = be.zeros(t, h);
-        be.embedding(&self.embed, input.token_ids, &mut x);
-        let mut normed = be.zeros(t, h);
-        let (mut q, mut k, mut v) = (be.zeros(t, qd), be.zeros(t, kvd), be.zeros(t, kvd));
-        let mut attn = be.zeros(t, qd);
-        let mut proj = be.zeros(t, h);
-        let (mut gate, mut up) = (be.zeros(t, c.intermediate_size), be.zeros(t, c.intermediate_size));
-        let mut act = be.zeros(t, c.intermediate_size);
-        for (i, l) in self.layers.iter().enumerate() {
-            be.rms_norm(&x, &l.attn_norm, c.rms_norm_eps, &mut normed);
-            be.matmul_many(
-                &normed,
-                &mut [
-                    MatmulJob { w: &l.q, bias: l.q_bias.as_ref(), out: &mut q },
-                    MatmulJob { w: &l.k, bias: l.k_bias.as_ref(), out: &mut k },
-                    MatmulJob { w: &l.v, bias: l.v_bias.as_ref(), out: &mut v },
-                ],
-            );
-            be.lora_add(&normed, &lora.segments(i, LoraTarget::Q), &mut q);
-            be.lora_add(&normed, &lora.segments(i, LoraTarget::K), &mut k);
-            be.lora_add(&normed, &lora.segments(i, LoraTarget::V), &mut v);
-            be.rope(&mut q, c.num_heads, d, input.positions, &self.rope);
-            be.rope(&mut k, c.num_kv_heads, d, input.positions, &self.rope);
-            be.write_kv(kv, i, &k, &v, input.slot_mapping);
-            be.paged_attention(kv, i, &q, &meta, &mut attn);
-            be.matmul(&attn, &l.o, &mut proj);
-            be.lora_add(&attn, &lora.segments(i, LoraTarget::O), &mut proj);
-            be.add_assign(&mut x, &proj);
-
-            be.rms_norm(&x, &l.ffn_norm, c.rms_norm_eps, &mut normed);
-            be.matmul_many(
-                &normed,
-                &mut [
-                    MatmulJob { w: &l.gate, bias: None, out: &mut gate },
-                    MatmulJob { w: &l.up, bias: None, out: &mut up },
-                ],
-            );
-            be.lora_add(&normed, &lora.segments(i, LoraTarget::Gate), &mut gate);
-            be.lora_add(&normed, &lora.segments(i, LoraTarget::Up), &mut up);
-            be.silu_mul(&gate, &up, &mut act);
-            be.matmul(&act, &l.down, &mut proj);
-            be.lora_add(&act, &lora.segments(i, LoraTarget::Down), &mut proj);
-            be.add_assign(&mut x, &proj);
         }
-        let last = be.gather_rows(&x, input.logits_rows);
-        let mut last_normed = be.zeros(input.logits_rows.len(), h);
-        be.rms_norm(&last, &self.final_norm, c.rms_norm_eps, &mut last_normed);
-        let mut logits = be.zeros(input.logits_rows.len(), c.vocab_size);
-        be.matmul(&last_normed, self.lm_head.as_ref().unwrap_or(&self.embed), &mut logits);
-        logits
+    }
+
+    /// Layer `i` on the residual stream `x`, in place, leaving what it
+    /// computed in `acts` (the one forward inference and training share).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_layer(
+        &self,
+        be: &B,
+        i: usize,
+        kv: &mut B::KvCache,
+        input: &StepInput<'_>,
+        meta: &AttentionMeta<'_>,
+        lora: &mut impl LoraHook<B>,
+        x: &mut B::Tensor,
+        acts: &mut LayerActivations<B>,
+    ) -> BackendResult<()> {
+        self.layers[i].forward(be, &self.config, i, kv, input, meta, &self.rope, lora, x, acts)
+    }
+
+    /// Logits `[rows, vocab]` of final hidden states `[rows, hidden]`.
+    pub fn logits(&self, be: &B, hidden: &B::Tensor) -> BackendResult<B::Tensor> {
+        let c = &self.config;
+        let (rows, _) = be.shape(hidden);
+        let mut normed = be.zeros(rows, c.hidden_size)?;
+        be.rms_norm(hidden, &self.final_norm, c.rms_norm_eps, &mut normed)?;
+        let mut logits = be.zeros(rows, c.vocab_size)?;
+        be.matmul(&normed, self.lm_head(), &mut logits)?;
+        Ok(logits)
+    }
+
+    /// The output projection (the embedding when tied).
+    pub(super) fn lm_head(&self) -> &B::Weight {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
     }
 }

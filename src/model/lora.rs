@@ -3,9 +3,10 @@
 
 use std::ops::Range;
 
-use crate::backend::{Backend, BackendError, LoraSegment};
+use crate::backend::{Backend, BackendError, BackendResult, LoraSegment};
 use crate::lora::{LoraAdapter, LoraLayers, LoraTarget};
 
+use super::layer::LoraHook;
 use super::ModelConfig;
 
 /// An adapter loaded into a device slot.
@@ -60,5 +61,18 @@ impl<B: Backend> LoraStep<'_, B> {
                 Some(LoraSegment { rows: rows.clone(), w })
             })
             .collect()
+    }
+}
+
+impl<B: Backend> LoraHook<B> for LoraStep<'_, B> {
+    fn add(
+        &mut self,
+        be: &B,
+        layer: usize,
+        target: LoraTarget,
+        x: &B::Tensor,
+        out: &mut B::Tensor,
+    ) -> BackendResult<()> {
+        be.lora_add(x, &self.segments(layer, target), out)
     }
 }

@@ -1,7 +1,9 @@
 //! Model architectures, written once against [`crate::backend::Backend`], and
 //! loading a model (weights, config, tokenizer) from a GGUF file or HF directory.
 
+pub mod backward;
 pub mod config;
+pub mod layer;
 pub mod llama;
 pub mod lora;
 pub mod random;
@@ -16,7 +18,9 @@ use crate::loader::hub::{resolve_model, ModelSource};
 use crate::loader::safetensors::SafetensorsModel;
 use crate::tokenizer::{GgufVocab, Tokenizer};
 
+pub use backward::{LayerGrads, LoraGradHook};
 pub use config::{Arch, ModelConfig};
+pub use layer::{LayerActivations, LoraHook, NoLora};
 pub use llama::LlamaModel;
 pub use lora::{DeviceAdapter, LoraStep};
 pub use weights::{TensorName, WeightSource};

@@ -83,8 +83,8 @@ pub fn all_logits_with(
     let slots_dev: Vec<Option<tandem::model::DeviceAdapter<CpuBackend>>> =
         vec![adapter.map(|a| tandem::model::DeviceAdapter::load(be, a, c).unwrap())];
     let segments = if adapter.is_some() { vec![(0..ids.len(), 0usize)] } else { vec![] };
-    let lora = tandem::model::LoraStep { segments: &segments, slots: &slots_dev };
-    let out = be.download(&model.forward(be, &mut kv, &input, &lora));
+    let mut lora = tandem::model::LoraStep { segments: &segments, slots: &slots_dev };
+    let out = be.download(&model.forward(be, &mut kv, &input, &mut lora).unwrap()).unwrap();
     out.chunks(c.vocab_size).map(|r| r.to_vec()).collect()
 }
 

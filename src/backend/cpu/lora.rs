@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use half::bf16;
 
 use super::Isa;
-use crate::lora::{LoraMatrix, LoraValues};
+use crate::backend::{LoraMatrix, LoraValues};
 
 /// `out[r] += (x[r] · Aᵀ) · Bt` for each row `r` with `Some(matrix)` in `row_w`.
 pub fn lora_add(

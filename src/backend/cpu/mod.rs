@@ -4,17 +4,22 @@
 //! matmuls dequantise small tiles on the fly (`matmul.rs`).
 
 mod attention;
+mod attention_grad;
 mod dequant;
+mod gemm;
 mod lora;
+mod math;
 mod matmul;
+mod matmul_grad;
 mod ops;
+mod train_ops;
 
 use std::sync::Arc;
 
 use super::{
-    AttentionMeta, Backend, BackendError, HostWeight, KvCacheSpec, LoraSegment, MatmulJob, RopeTable, WeightBytes,
+    AdamWStep, AttentionMeta, Backend, BackendError, BackendResult, CrossEntropySums, HostWeight, KvCacheSpec,
+    LoraMatrix, LoraSegment, MatmulJob, RopeTable, WeightBytes,
 };
-use crate::lora::LoraMatrix;
 use crate::quant::ggml::GgmlType;
 
 pub use dequant::dequant_row_chunk;
@@ -124,7 +129,7 @@ impl Backend for CpuBackend {
         format!("cpu ({:?}, {} threads)", self.isa, self.threads())
     }
 
-    fn load_weight(&self, w: HostWeight) -> Result<CpuWeight, BackendError> {
+    fn load_weight(&self, w: HostWeight) -> BackendResult<CpuWeight> {
         w.validate()?;
         let row_bytes = w.kind.row_bytes(w.cols).unwrap_or(0);
         let vector = if w.rows == 1 {
@@ -146,41 +151,44 @@ impl Backend for CpuBackend {
     fn weight_shape(&self, w: &CpuWeight) -> (usize, usize) {
         (w.rows, w.cols)
     }
-    fn zeros(&self, rows: usize, cols: usize) -> CpuTensor {
-        CpuTensor { data: vec![0.0; rows * cols], rows, cols }
+    fn zeros(&self, rows: usize, cols: usize) -> BackendResult<CpuTensor> {
+        Ok(CpuTensor { data: alloc_zeroed(rows, cols)?, rows, cols })
     }
-    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> CpuTensor {
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> BackendResult<CpuTensor> {
         assert_eq!(data.len(), rows * cols);
-        CpuTensor { data: data.to_vec(), rows, cols }
+        Ok(CpuTensor { data: data.to_vec(), rows, cols })
     }
-    fn download(&self, t: &CpuTensor) -> Vec<f32> {
-        t.data.clone()
+    fn download(&self, t: &CpuTensor) -> BackendResult<Vec<f32>> {
+        Ok(t.data.clone())
     }
     fn shape(&self, t: &CpuTensor) -> (usize, usize) {
         (t.rows, t.cols)
     }
 
-    fn embedding(&self, table: &CpuWeight, ids: &[u32], out: &mut CpuTensor) {
+    fn embedding(&self, table: &CpuWeight, ids: &[u32], out: &mut CpuTensor) -> BackendResult<()> {
         assert_eq!(out.cols, table.cols);
         assert_eq!(out.rows, ids.len());
         for (i, &id) in ids.iter().enumerate() {
             let row = (id as usize).min(table.rows - 1);
             self.weight_row(table, row, &mut out.data[i * table.cols..(i + 1) * table.cols]);
         }
+        Ok(())
     }
 
-    fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32, out: &mut CpuTensor) {
+    fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32, out: &mut CpuTensor) -> BackendResult<()> {
         ops::rms_norm(&self.pool, x, vector(w), eps, out);
+        Ok(())
     }
 
-    fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) {
+    fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) -> BackendResult<()> {
         assert_eq!(x.data.len(), y.data.len());
         for (a, b) in x.data.iter_mut().zip(&y.data) {
             *a += b;
         }
+        Ok(())
     }
 
-    fn matmul_many(&self, x: &CpuTensor, jobs: &mut [MatmulJob<'_, Self>]) {
+    fn matmul_many(&self, x: &CpuTensor, jobs: &mut [MatmulJob<'_, Self>]) -> BackendResult<()> {
         let mut mjobs: Vec<matmul::Job<'_>> = jobs
             .iter_mut()
             .map(|j| {
@@ -189,31 +197,41 @@ impl Backend for CpuBackend {
             })
             .collect();
         matmul::matmul_many(&self.pool, self.isa, &x.data, x.rows, x.cols, &mut mjobs);
+        Ok(())
     }
 
-    fn rope(&self, x: &mut CpuTensor, heads: usize, head_dim: usize, positions: &[u32], table: &RopeTable) {
+    fn rope(
+        &self,
+        x: &mut CpuTensor,
+        heads: usize,
+        head_dim: usize,
+        positions: &[u32],
+        table: &RopeTable,
+    ) -> BackendResult<()> {
         ops::rope(x, heads, head_dim, positions, table);
+        Ok(())
     }
 
-    fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor, out: &mut CpuTensor) {
+    fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor, out: &mut CpuTensor) -> BackendResult<()> {
         ops::silu_mul(gate, up, out);
+        Ok(())
     }
 
-    fn gather_rows(&self, x: &CpuTensor, rows: &[usize]) -> CpuTensor {
+    fn gather_rows(&self, x: &CpuTensor, rows: &[usize]) -> BackendResult<CpuTensor> {
         let mut data = Vec::with_capacity(rows.len() * x.cols);
         for &r in rows {
             data.extend_from_slice(&x.data[r * x.cols..(r + 1) * x.cols]);
         }
-        CpuTensor { data, rows: rows.len(), cols: x.cols }
+        Ok(CpuTensor { data, rows: rows.len(), cols: x.cols })
     }
 
-    fn load_lora(&self, m: &Arc<LoraMatrix>) -> Result<Arc<LoraMatrix>, BackendError> {
+    fn load_lora(&self, m: &Arc<LoraMatrix>) -> BackendResult<Arc<LoraMatrix>> {
         Ok(Arc::clone(m))
     }
 
-    fn lora_add(&self, x: &CpuTensor, segments: &[LoraSegment<'_, Self>], out: &mut CpuTensor) {
+    fn lora_add(&self, x: &CpuTensor, segments: &[LoraSegment<'_, Self>], out: &mut CpuTensor) -> BackendResult<()> {
         if segments.is_empty() {
-            return;
+            return Ok(());
         }
         assert_eq!(x.rows, out.rows);
         let mut row_w: Vec<Option<&LoraMatrix>> = vec![None; x.rows];
@@ -224,9 +242,10 @@ impl Backend for CpuBackend {
             }
         }
         lora::lora_add(&self.pool, self.isa, &x.data, x.cols, &row_w, &mut out.data, out.cols);
+        Ok(())
     }
 
-    fn alloc_kv(&self, spec: KvCacheSpec) -> Result<CpuKvCache, BackendError> {
+    fn alloc_kv(&self, spec: KvCacheSpec) -> BackendResult<CpuKvCache> {
         let per_layer = spec
             .num_blocks
             .checked_mul(spec.block_size)
@@ -238,7 +257,14 @@ impl Backend for CpuBackend {
         Ok(CpuKvCache { spec, k, v })
     }
 
-    fn write_kv(&self, cache: &mut CpuKvCache, layer: usize, k: &CpuTensor, v: &CpuTensor, slots: &[u32]) {
+    fn write_kv(
+        &self,
+        cache: &mut CpuKvCache,
+        layer: usize,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        slots: &[u32],
+    ) -> BackendResult<()> {
         let w = cache.spec.kv_heads * cache.spec.head_dim;
         assert_eq!(k.cols, w);
         for (t, &s) in slots.iter().enumerate() {
@@ -246,6 +272,7 @@ impl Backend for CpuBackend {
             cache.k[layer][s * w..(s + 1) * w].copy_from_slice(&k.data[t * w..(t + 1) * w]);
             cache.v[layer][s * w..(s + 1) * w].copy_from_slice(&v.data[t * w..(t + 1) * w]);
         }
+        Ok(())
     }
 
     fn paged_attention(
@@ -255,9 +282,159 @@ impl Backend for CpuBackend {
         q: &CpuTensor,
         meta: &AttentionMeta<'_>,
         out: &mut CpuTensor,
-    ) {
+    ) -> BackendResult<()> {
         attention::paged_attention(&self.pool, cache, layer, q, meta, out);
+        Ok(())
     }
+
+    fn matmul_input_grad(
+        &self,
+        jobs: &[(&CpuTensor, &CpuWeight)],
+        dx: &mut CpuTensor,
+        accumulate: bool,
+    ) -> BackendResult<()> {
+        let jobs: Vec<(&[f32], &CpuWeight)> = jobs
+            .iter()
+            .map(|(dy, w)| {
+                assert_eq!((dy.rows, dy.cols), (dx.rows, w.rows), "input grad through '{}'", w.name);
+                (dy.data.as_slice(), *w)
+            })
+            .collect();
+        matmul_grad::matmul_input_grad(&self.pool, self.isa, &jobs, &mut dx.data, dx.rows, dx.cols, accumulate);
+        Ok(())
+    }
+
+    fn gemm(
+        &self,
+        a: &CpuTensor,
+        trans_a: bool,
+        b: &CpuTensor,
+        trans_b: bool,
+        alpha: f32,
+        beta: f32,
+        c: &mut CpuTensor,
+    ) -> BackendResult<()> {
+        let (m, k) = if trans_a { (a.cols, a.rows) } else { (a.rows, a.cols) };
+        let (kb, n) = if trans_b { (b.cols, b.rows) } else { (b.rows, b.cols) };
+        assert_eq!(k, kb, "gemm inner dimensions");
+        assert_eq!((c.rows, c.cols), (m, n), "gemm output shape");
+        let g = gemm::Gemm { m, n, k, trans_a, trans_b, alpha, beta };
+        gemm::gemm(&self.pool, g, &a.data, &b.data, &mut c.data);
+        Ok(())
+    }
+
+    fn rms_norm_backward(
+        &self,
+        x: &CpuTensor,
+        w: &CpuWeight,
+        eps: f32,
+        dy: &CpuTensor,
+        dx: &mut CpuTensor,
+    ) -> BackendResult<()> {
+        train_ops::rms_norm_backward(&self.pool, x, vector(w), eps, dy, dx);
+        Ok(())
+    }
+
+    fn rope_backward(
+        &self,
+        dx: &mut CpuTensor,
+        heads: usize,
+        head_dim: usize,
+        positions: &[u32],
+        table: &RopeTable,
+    ) -> BackendResult<()> {
+        train_ops::rope_backward(dx, heads, head_dim, positions, table);
+        Ok(())
+    }
+
+    fn silu_mul_backward(
+        &self,
+        gate: &CpuTensor,
+        up: &CpuTensor,
+        dout: &CpuTensor,
+        dgate: &mut CpuTensor,
+        dup: &mut CpuTensor,
+    ) -> BackendResult<()> {
+        train_ops::silu_mul_backward(gate, up, dout, dgate, dup);
+        Ok(())
+    }
+
+    fn attention_backward(
+        &self,
+        q: &CpuTensor,
+        k: &CpuTensor,
+        v: &CpuTensor,
+        out: &CpuTensor,
+        dout: &CpuTensor,
+        meta: &AttentionMeta<'_>,
+        dq: &mut CpuTensor,
+        dk: &mut CpuTensor,
+        dv: &mut CpuTensor,
+    ) -> BackendResult<()> {
+        attention_grad::attention_backward(&self.pool, q, k, v, out, dout, meta, dq, dk, dv);
+        Ok(())
+    }
+
+    fn cross_entropy(
+        &self,
+        logits: &mut CpuTensor,
+        labels: &[u32],
+        grad_scale: Option<f32>,
+    ) -> BackendResult<CrossEntropySums> {
+        Ok(train_ops::cross_entropy(&self.pool, logits, labels, grad_scale))
+    }
+
+    fn add_rows(&self, src: &CpuTensor, rows: &[usize], dst: &mut CpuTensor) -> BackendResult<()> {
+        train_ops::add_rows(src, rows, dst);
+        Ok(())
+    }
+
+    fn dropout(&self, x: &CpuTensor, p: f32, seed: u64, out: &mut CpuTensor) -> BackendResult<()> {
+        train_ops::dropout(&self.pool, x, p, seed, out);
+        Ok(())
+    }
+
+    fn copy(&self, x: &CpuTensor) -> BackendResult<CpuTensor> {
+        let mut data = Vec::new();
+        data.try_reserve_exact(x.data.len()).map_err(|e| BackendError::OutOfMemory(e.to_string()))?;
+        data.extend_from_slice(&x.data);
+        Ok(CpuTensor { data, rows: x.rows, cols: x.cols })
+    }
+
+    fn fill(&self, x: &mut CpuTensor, value: f32) -> BackendResult<()> {
+        x.data.fill(value);
+        Ok(())
+    }
+
+    fn scale(&self, x: &mut CpuTensor, s: f32) -> BackendResult<()> {
+        x.data.iter_mut().for_each(|v| *v *= s);
+        Ok(())
+    }
+
+    fn sum_squares(&self, x: &CpuTensor) -> BackendResult<f64> {
+        Ok(train_ops::sum_squares(x))
+    }
+
+    fn adamw(
+        &self,
+        param: &mut CpuTensor,
+        grad: &CpuTensor,
+        m: &mut CpuTensor,
+        v: &mut CpuTensor,
+        hp: &AdamWStep,
+    ) -> BackendResult<()> {
+        train_ops::adamw(param, grad, m, v, hp);
+        Ok(())
+    }
+}
+
+/// A zeroed `rows × cols` buffer, or an out-of-memory error instead of an abort.
+fn alloc_zeroed(rows: usize, cols: usize) -> BackendResult<Vec<f32>> {
+    let n = rows.checked_mul(cols).ok_or_else(|| BackendError::OutOfMemory(format!("[{rows}, {cols}] overflows")))?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|e| BackendError::OutOfMemory(format!("[{rows}, {cols}] f32: {e}")))?;
+    v.resize(n, 0.0);
+    Ok(v)
 }
 
 fn vector(w: &CpuWeight) -> &[f32] {

@@ -24,6 +24,19 @@ pub fn rms_norm(pool: &rayon::ThreadPool, x: &CpuTensor, w: &[f32], eps: f32, ou
 }
 
 pub fn rope(x: &mut CpuTensor, heads: usize, head_dim: usize, positions: &[u32], table: &RopeTable) {
+    rope_rotate(x, heads, head_dim, positions, table, 1.0);
+}
+
+/// Rotates each pair by `direction` (1 or -1) times its angle: -1 is the
+/// inverse rotation, which is also rope's gradient.
+pub fn rope_rotate(
+    x: &mut CpuTensor,
+    heads: usize,
+    head_dim: usize,
+    positions: &[u32],
+    table: &RopeTable,
+    direction: f32,
+) {
     assert_eq!(x.cols, heads * head_dim);
     assert_eq!(x.rows, positions.len());
     let half = head_dim / 2;
@@ -34,7 +47,7 @@ pub fn rope(x: &mut CpuTensor, heads: usize, head_dim: usize, positions: &[u32],
             // The angle is rounded to f32 first, as transformers computes it.
             let angle = pos as f32 * table.inv_freq[i];
             cos[i] = (angle as f64).cos() as f32;
-            sin[i] = (angle as f64).sin() as f32;
+            sin[i] = direction * (angle as f64).sin() as f32;
         }
         let row = &mut x.data[t * x.cols..(t + 1) * x.cols];
         for h in row.chunks_exact_mut(head_dim) {
@@ -60,7 +73,7 @@ pub fn silu_mul(gate: &CpuTensor, up: &CpuTensor, out: &mut CpuTensor) {
 }
 
 /// Σ v² in 16 partial sums (vectorised, fixed order).
-fn sum_squares(x: &[f32]) -> f32 {
+pub fn sum_squares(x: &[f32]) -> f32 {
     let mut p = [0f32; 16];
     let c = x.chunks_exact(16);
     let rest = c.remainder();

@@ -9,25 +9,25 @@
 
 use super::launch::{kind_suffix, KArg};
 use super::{grow, ops, CudaBackend, CudaTensor, CudaWeight};
-use crate::backend::MatmulJob;
+use crate::backend::{BackendResult, MatmulJob};
 use crate::quant::ggml::GgmlType;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 
 /// The most activation rows the GEMV kernels take (kernels/quant.cu).
 pub const GEMV_MAX_ROWS: usize = 8;
 
-pub fn matmul_many(be: &CudaBackend, x: &CudaTensor, jobs: &mut [MatmulJob<'_, CudaBackend>]) {
+pub fn matmul_many(be: &CudaBackend, x: &CudaTensor, jobs: &mut [MatmulJob<'_, CudaBackend>]) -> BackendResult<()> {
     for j in jobs.iter() {
         assert_eq!(j.w.cols, x.cols, "weight '{}' input features", j.w.name);
         assert_eq!((j.out.rows, j.out.cols), (x.rows, j.w.rows), "weight '{}' output shape", j.w.name);
     }
     if x.rows <= GEMV_MAX_ROWS {
         for j in jobs.iter_mut() {
-            gemv(be, x, j.w, j.bias, j.out);
+            gemv(be, x, j.w, j.bias, j.out)?;
         }
-        return;
+        return Ok(());
     }
-    let mut scratch = be.scratch.lock().expect("scratch lock");
+    let mut scratch = be.scratch.lock().map_err(|_| super::poisoned())?;
     let n = x.rows * x.cols;
     let x_f32 = (be.ptr(&x.data), cudaDataType_t::CUDA_R_32F);
     // The 16-bit copy of x is made once and shared by every job that needs it.
@@ -35,44 +35,51 @@ pub fn matmul_many(be: &CudaBackend, x: &CudaTensor, jobs: &mut [MatmulJob<'_, C
     for j in jobs.iter_mut() {
         let w = j.w;
         match w.kind {
-            GgmlType::F32 => gemm(be, (be.ptr(&w.data), cudaDataType_t::CUDA_R_32F), x_f32, w, j.out),
+            GgmlType::F32 => gemm(be, (be.ptr(&w.data), cudaDataType_t::CUDA_R_32F), x_f32, w, j.out)?,
             _ if be.options.f32_gemm => {
                 // The whole weight expanded to f32 by the embedding kernel (row ids 0..rows).
                 if scratch.iota.as_ref().is_none_or(|s| s.len() < w.rows) {
                     let ids: Vec<u32> = (0..w.rows.next_power_of_two() as u32).collect();
-                    scratch.iota = Some(be.upload_vec(&ids));
+                    scratch.iota = Some(be.upload_vec(&ids)?);
                 }
                 let iota = be.ptr(scratch.iota.as_ref().expect("just set"));
-                let wbuf = be.ptr(grow(be, &mut scratch.weight32, w.rows * w.cols));
-                ops::dequant_rows(be, w, iota, w.rows, wbuf);
-                gemm(be, (wbuf, cudaDataType_t::CUDA_R_32F), x_f32, w, j.out);
+                let wbuf = be.ptr(grow(be, &mut scratch.weight32, w.rows * w.cols)?);
+                ops::dequant_rows(be, w, iota, w.rows, wbuf)?;
+                gemm(be, (wbuf, cudaDataType_t::CUDA_R_32F), x_f32, w, j.out)?;
             }
             kind => {
                 let f16 = kind == GgmlType::F16;
                 let half_type = if f16 { cudaDataType_t::CUDA_R_16F } else { cudaDataType_t::CUDA_R_16BF };
-                let act = grow(be, &mut scratch.act16, n);
+                let act = grow(be, &mut scratch.act16, n)?;
                 if x_half != Some(f16) {
-                    ops::to_half(be, x, act, f16);
+                    ops::to_half(be, x, act, f16)?;
                     x_half = Some(f16);
                 }
                 let x16 = (be.ptr(act), half_type);
                 let w16 = if matches!(kind, GgmlType::F16 | GgmlType::BF16) {
                     be.ptr(&w.data)
                 } else {
-                    let wbuf = be.ptr(grow(be, &mut scratch.weight16, w.rows * w.cols));
-                    ops::dequant_bf16(be, w, wbuf);
+                    let wbuf = be.ptr(grow(be, &mut scratch.weight16, w.rows * w.cols)?);
+                    ops::dequant_bf16(be, w, wbuf)?;
                     wbuf
                 };
-                gemm(be, (w16, half_type), x16, w, j.out);
+                gemm(be, (w16, half_type), x16, w, j.out)?;
             }
         }
         if let Some(b) = j.bias {
-            ops::add_bias(be, j.out, b);
+            ops::add_bias(be, j.out, b)?;
         }
     }
+    Ok(())
 }
 
-fn gemv(be: &CudaBackend, x: &CudaTensor, w: &CudaWeight, bias: Option<&CudaWeight>, out: &mut CudaTensor) {
+fn gemv(
+    be: &CudaBackend,
+    x: &CudaTensor,
+    w: &CudaWeight,
+    bias: Option<&CudaWeight>,
+    out: &mut CudaTensor,
+) -> BackendResult<()> {
     let bias_ptr = bias.map_or(0, |b| be.ptr(ops::vector(b)));
     be.kernels.launch(
         &be.stream,
@@ -89,7 +96,8 @@ fn gemv(be: &CudaBackend, x: &CudaTensor, w: &CudaWeight, bias: Option<&CudaWeig
             KArg::I32(w.row_bytes as i32),
             KArg::I32(x.rows as i32),
         ],
-    );
+    )?;
+    Ok(())
 }
 
 /// cuBLAS is column-major: row-major `out[m, n] = x[m, k] · W[n, k]ᵀ` is
@@ -101,7 +109,7 @@ fn gemm(
     (x_ptr, x_type): (u64, cudaDataType_t),
     wt: &CudaWeight,
     out: &mut CudaTensor,
-) {
+) -> BackendResult<()> {
     let (n, k, m) = (wt.rows as i32, wt.cols as i32, out.rows as i32);
     let (alpha, beta) = (1.0f32, 0.0f32);
     let blas = be.blas.lock().expect("cuBLAS lock");
@@ -130,5 +138,6 @@ fn gemm(
             cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
     };
-    super::ck(r, "cublasGemmEx");
+    super::ck(r, "cublasGemmEx")?;
+    Ok(())
 }

@@ -94,12 +94,19 @@ impl Kernels {
         Ok(Self { funcs })
     }
 
-    /// Launches `name` on `stream`. Panics on a launch failure: a device that
-    /// rejects a launch is not one the engine can keep using.
-    pub fn launch(&self, stream: &CudaStream, name: &str, grid: (u32, u32, u32), block: u32, args: &[KArg]) {
-        let f = self.funcs.get(name).unwrap_or_else(|| panic!("CUDA kernel {name} is not loaded"));
+    /// Launches `name` on `stream`; a rejected launch is a device error.
+    pub fn launch(
+        &self,
+        stream: &CudaStream,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: u32,
+        args: &[KArg],
+    ) -> Result<(), BackendError> {
+        let f =
+            self.funcs.get(name).ok_or_else(|| BackendError::Device(format!("CUDA kernel {name} is not loaded")))?;
         if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
-            return;
+            return Ok(());
         }
         let mut b = stream.launch_builder(f);
         for a in args {
@@ -115,8 +122,7 @@ impl Kernels {
         // in ops.rs are written against kernels/*.cu, and the emulator test
         // checks the same lists), and every address is a live allocation of the
         // size the kernel indexes.
-        if let Err(e) = unsafe { b.launch(cfg) } {
-            panic!("CUDA launch of {name} failed: {e:?}");
-        }
+        unsafe { b.launch(cfg) }.map_err(|e| BackendError::Device(format!("launch of {name}: {e:?}")))?;
+        Ok(())
     }
 }

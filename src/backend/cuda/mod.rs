@@ -22,8 +22,11 @@ use std::sync::{Arc, Mutex};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DeviceRepr, ValidAsZeroBits};
 
-use super::{AttentionMeta, Backend, BackendError, HostWeight, KvCacheSpec, LoraSegment, MatmulJob, RopeTable};
-use crate::lora::{LoraMatrix, LoraValues};
+use super::{
+    AdamWStep, AttentionMeta, Backend, BackendError, BackendResult, CrossEntropySums, HostWeight, KvCacheSpec,
+    LoraSegment, MatmulJob, RopeTable,
+};
+use crate::backend::{LoraMatrix, LoraValues};
 use crate::quant::ggml::GgmlType;
 use launch::Kernels;
 
@@ -100,10 +103,14 @@ pub struct CudaBackend {
     rope_freq: Mutex<Option<(Vec<f32>, CudaSlice<f32>)>>,
 }
 
-/// Panics with what failed: a CUDA error inside a step means the device is in
-/// an unknown state, which the engine treats as fatal.
-fn ck<T, E: std::fmt::Debug>(r: Result<T, E>, what: &str) -> T {
-    r.unwrap_or_else(|e| panic!("CUDA {what}: {e:?}"))
+/// A failed CUDA call as a device error naming what failed.
+fn ck<T, E: std::fmt::Debug>(r: Result<T, E>, what: &str) -> Result<T, BackendError> {
+    r.map_err(|e| BackendError::Device(format!("CUDA {what}: {e:?}")))
+}
+
+/// A lock whose holder panicked: the device state it guarded is unknown.
+fn poisoned() -> BackendError {
+    BackendError::Device("a previous device op panicked while holding the backend's scratch".into())
 }
 
 impl CudaBackend {
@@ -182,15 +189,15 @@ impl CudaBackend {
     }
 
     /// Waits until every queued op has finished.
-    pub fn synchronize(&self) {
-        ck(self.stream.synchronize(), "synchronize");
+    pub fn synchronize(&self) -> Result<(), BackendError> {
+        ck(self.stream.synchronize(), "synchronize")
     }
 
     fn ptr<T>(&self, s: &CudaSlice<T>) -> u64 {
         s.device_ptr(&self.stream).0
     }
 
-    fn upload_vec<T: DeviceRepr + ValidAsZeroBits>(&self, v: &[T]) -> CudaSlice<T> {
+    fn upload_vec<T: DeviceRepr + ValidAsZeroBits>(&self, v: &[T]) -> Result<CudaSlice<T>, BackendError> {
         // cuMemAlloc of 0 bytes fails; an empty upload never gets read.
         if v.is_empty() {
             return self.alloc_zeros(1);
@@ -198,13 +205,15 @@ impl CudaBackend {
         ck(self.stream.clone_htod(v), "upload")
     }
 
-    fn alloc_zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> CudaSlice<T> {
-        ck(self.stream.alloc_zeros::<T>(n.max(1)), "alloc")
+    fn alloc_zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>, BackendError> {
+        self.stream
+            .alloc_zeros::<T>(n.max(1))
+            .map_err(|e| BackendError::OutOfMemory(format!("{} bytes of device memory: {e:?}", n * size_of::<T>())))
     }
 
     /// Greedy sampling and log-probability normaliser on the device: per row of
     /// `logits`, (argmax, max, logsumexp). Only 12 bytes per row cross PCIe.
-    pub fn argmax_logsumexp(&self, logits: &CudaTensor) -> Vec<(u32, f32, f32)> {
+    pub fn argmax_logsumexp(&self, logits: &CudaTensor) -> Result<Vec<(u32, f32, f32)>, BackendError> {
         ops::argmax_logsumexp(self, logits)
     }
 }
@@ -214,11 +223,13 @@ fn grow<'a, T: DeviceRepr + ValidAsZeroBits>(
     be: &CudaBackend,
     slot: &'a mut Option<CudaSlice<T>>,
     n: usize,
-) -> &'a mut CudaSlice<T> {
+) -> Result<&'a mut CudaSlice<T>, BackendError> {
     if slot.as_ref().is_none_or(|s| s.len() < n) {
-        *slot = Some(be.alloc_zeros::<T>(n.next_power_of_two()));
+        // Free the old buffer first, so growing needs only the new size.
+        *slot = None;
+        *slot = Some(be.alloc_zeros::<T>(n.next_power_of_two())?);
     }
-    slot.as_mut().expect("just set")
+    Ok(slot.as_mut().expect("just set"))
 }
 
 impl Backend for CudaBackend {
@@ -231,14 +242,14 @@ impl Backend for CudaBackend {
         format!("cuda:{} ({}, {})", self.ordinal, self.device_name, self.arch)
     }
 
-    fn load_weight(&self, w: HostWeight) -> Result<CudaWeight, BackendError> {
+    fn load_weight(&self, w: HostWeight) -> BackendResult<CudaWeight> {
         w.validate()?;
         let row_bytes = w.kind.row_bytes(w.cols).unwrap_or(0);
         let vector = if w.rows == 1 {
             let mut v = vec![0f32; w.cols];
             crate::quant::ggml::dequantize(w.kind, w.bytes.as_slice(), &mut v)
                 .map_err(|e| BackendError::BadWeight { name: w.name.clone(), reason: e.to_string() })?;
-            Some(self.upload_vec(&v))
+            Some(self.upload_vec(&v)?)
         } else {
             None
         };
@@ -252,45 +263,52 @@ impl Backend for CudaBackend {
     fn weight_shape(&self, w: &CudaWeight) -> (usize, usize) {
         (w.rows, w.cols)
     }
-    fn zeros(&self, rows: usize, cols: usize) -> CudaTensor {
-        CudaTensor { data: self.alloc_zeros(rows * cols), rows, cols }
+    fn zeros(&self, rows: usize, cols: usize) -> BackendResult<CudaTensor> {
+        Ok(CudaTensor { data: self.alloc_zeros(rows * cols)?, rows, cols })
     }
-    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> CudaTensor {
+    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> BackendResult<CudaTensor> {
         assert_eq!(data.len(), rows * cols);
-        CudaTensor { data: self.upload_vec(data), rows, cols }
+        Ok(CudaTensor { data: self.upload_vec(data)?, rows, cols })
     }
-    fn download(&self, t: &CudaTensor) -> Vec<f32> {
-        let mut v = ck(self.stream.clone_dtoh(&t.data), "download");
+    fn download(&self, t: &CudaTensor) -> BackendResult<Vec<f32>> {
+        let mut v = ck(self.stream.clone_dtoh(&t.data), "download")?;
         v.truncate(t.rows * t.cols);
-        v
+        Ok(v)
     }
     fn shape(&self, t: &CudaTensor) -> (usize, usize) {
         (t.rows, t.cols)
     }
 
-    fn embedding(&self, table: &CudaWeight, ids: &[u32], out: &mut CudaTensor) {
-        ops::embedding(self, table, ids, out);
+    fn embedding(&self, table: &CudaWeight, ids: &[u32], out: &mut CudaTensor) -> BackendResult<()> {
+        ops::embedding(self, table, ids, out)
     }
-    fn rms_norm(&self, x: &CudaTensor, w: &CudaWeight, eps: f32, out: &mut CudaTensor) {
-        ops::rms_norm(self, x, w, eps, out);
+    fn rms_norm(&self, x: &CudaTensor, w: &CudaWeight, eps: f32, out: &mut CudaTensor) -> BackendResult<()> {
+        ops::rms_norm(self, x, w, eps, out)
     }
-    fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) {
-        ops::add_assign(self, x, y);
+    fn add_assign(&self, x: &mut CudaTensor, y: &CudaTensor) -> BackendResult<()> {
+        ops::add_assign(self, x, y)
     }
-    fn matmul_many(&self, x: &CudaTensor, jobs: &mut [MatmulJob<'_, Self>]) {
-        gemm::matmul_many(self, x, jobs);
+    fn matmul_many(&self, x: &CudaTensor, jobs: &mut [MatmulJob<'_, Self>]) -> BackendResult<()> {
+        gemm::matmul_many(self, x, jobs)
     }
-    fn rope(&self, x: &mut CudaTensor, heads: usize, head_dim: usize, positions: &[u32], table: &RopeTable) {
-        ops::rope(self, x, heads, head_dim, positions, table);
+    fn rope(
+        &self,
+        x: &mut CudaTensor,
+        heads: usize,
+        head_dim: usize,
+        positions: &[u32],
+        table: &RopeTable,
+    ) -> BackendResult<()> {
+        ops::rope(self, x, heads, head_dim, positions, table)
     }
-    fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor, out: &mut CudaTensor) {
-        ops::silu_mul(self, gate, up, out);
+    fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor, out: &mut CudaTensor) -> BackendResult<()> {
+        ops::silu_mul(self, gate, up, out)
     }
-    fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> CudaTensor {
+    fn gather_rows(&self, x: &CudaTensor, rows: &[usize]) -> BackendResult<CudaTensor> {
         ops::gather_rows(self, x, rows)
     }
 
-    fn load_lora(&self, m: &Arc<LoraMatrix>) -> Result<CudaLora, BackendError> {
+    fn load_lora(&self, m: &Arc<LoraMatrix>) -> BackendResult<CudaLora> {
         let bytes = |v: &LoraValues| -> Result<CudaSlice<u8>, BackendError> {
             let host: Vec<u8> = match v {
                 LoraValues::F32(x) => x.iter().flat_map(|f| f.to_le_bytes()).collect(),
@@ -308,11 +326,11 @@ impl Backend for CudaBackend {
         })
     }
 
-    fn lora_add(&self, x: &CudaTensor, segments: &[LoraSegment<'_, Self>], out: &mut CudaTensor) {
-        ops::lora_add(self, x, segments, out);
+    fn lora_add(&self, x: &CudaTensor, segments: &[LoraSegment<'_, Self>], out: &mut CudaTensor) -> BackendResult<()> {
+        ops::lora_add(self, x, segments, out)
     }
 
-    fn alloc_kv(&self, spec: KvCacheSpec) -> Result<CudaKvCache, BackendError> {
+    fn alloc_kv(&self, spec: KvCacheSpec) -> BackendResult<CudaKvCache> {
         let per_layer = spec
             .num_blocks
             .checked_mul(spec.block_size)
@@ -342,8 +360,15 @@ impl Backend for CudaBackend {
         Ok(CudaKvCache { spec, k, v })
     }
 
-    fn write_kv(&self, cache: &mut CudaKvCache, layer: usize, k: &CudaTensor, v: &CudaTensor, slots: &[u32]) {
-        ops::write_kv(self, cache, layer, k, v, slots);
+    fn write_kv(
+        &self,
+        cache: &mut CudaKvCache,
+        layer: usize,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        slots: &[u32],
+    ) -> BackendResult<()> {
+        ops::write_kv(self, cache, layer, k, v, slots)
     }
 
     fn paged_attention(
@@ -353,7 +378,113 @@ impl Backend for CudaBackend {
         q: &CudaTensor,
         meta: &AttentionMeta<'_>,
         out: &mut CudaTensor,
-    ) {
-        ops::paged_attention(self, cache, layer, q, meta, out);
+    ) -> BackendResult<()> {
+        ops::paged_attention(self, cache, layer, q, meta, out)
     }
+
+    fn matmul_input_grad(
+        &self,
+        _jobs: &[(&CudaTensor, &CudaWeight)],
+        _dx: &mut CudaTensor,
+        _accumulate: bool,
+    ) -> BackendResult<()> {
+        Err(not_yet("matmul_input_grad"))
+    }
+    fn gemm(
+        &self,
+        _a: &CudaTensor,
+        _trans_a: bool,
+        _b: &CudaTensor,
+        _trans_b: bool,
+        _alpha: f32,
+        _beta: f32,
+        _c: &mut CudaTensor,
+    ) -> BackendResult<()> {
+        Err(not_yet("gemm"))
+    }
+    fn rms_norm_backward(
+        &self,
+        _x: &CudaTensor,
+        _w: &CudaWeight,
+        _eps: f32,
+        _dy: &CudaTensor,
+        _dx: &mut CudaTensor,
+    ) -> BackendResult<()> {
+        Err(not_yet("rms_norm_backward"))
+    }
+    fn rope_backward(
+        &self,
+        _dx: &mut CudaTensor,
+        _heads: usize,
+        _head_dim: usize,
+        _positions: &[u32],
+        _table: &RopeTable,
+    ) -> BackendResult<()> {
+        Err(not_yet("rope_backward"))
+    }
+    fn silu_mul_backward(
+        &self,
+        _gate: &CudaTensor,
+        _up: &CudaTensor,
+        _dout: &CudaTensor,
+        _dgate: &mut CudaTensor,
+        _dup: &mut CudaTensor,
+    ) -> BackendResult<()> {
+        Err(not_yet("silu_mul_backward"))
+    }
+    fn attention_backward(
+        &self,
+        _q: &CudaTensor,
+        _k: &CudaTensor,
+        _v: &CudaTensor,
+        _out: &CudaTensor,
+        _dout: &CudaTensor,
+        _meta: &AttentionMeta<'_>,
+        _dq: &mut CudaTensor,
+        _dk: &mut CudaTensor,
+        _dv: &mut CudaTensor,
+    ) -> BackendResult<()> {
+        Err(not_yet("attention_backward"))
+    }
+    fn cross_entropy(
+        &self,
+        _logits: &mut CudaTensor,
+        _labels: &[u32],
+        _grad_scale: Option<f32>,
+    ) -> BackendResult<CrossEntropySums> {
+        Err(not_yet("cross_entropy"))
+    }
+    fn add_rows(&self, _src: &CudaTensor, _rows: &[usize], _dst: &mut CudaTensor) -> BackendResult<()> {
+        Err(not_yet("add_rows"))
+    }
+    fn dropout(&self, _x: &CudaTensor, _p: f32, _seed: u64, _out: &mut CudaTensor) -> BackendResult<()> {
+        Err(not_yet("dropout"))
+    }
+    fn copy(&self, _x: &CudaTensor) -> BackendResult<CudaTensor> {
+        Err(not_yet("copy"))
+    }
+    fn fill(&self, _x: &mut CudaTensor, _value: f32) -> BackendResult<()> {
+        Err(not_yet("fill"))
+    }
+    fn scale(&self, _x: &mut CudaTensor, _s: f32) -> BackendResult<()> {
+        Err(not_yet("scale"))
+    }
+    fn sum_squares(&self, _x: &CudaTensor) -> BackendResult<f64> {
+        Err(not_yet("sum_squares"))
+    }
+    fn adamw(
+        &self,
+        _param: &mut CudaTensor,
+        _grad: &CudaTensor,
+        _m: &mut CudaTensor,
+        _v: &mut CudaTensor,
+        _hp: &AdamWStep,
+    ) -> BackendResult<()> {
+        Err(not_yet("adamw"))
+    }
+}
+
+/// Training ops the CUDA backend does not have yet.
+fn not_yet(op: &str) -> BackendError {
+    BackendError::Invalid(format!("training op {op} is not implemented on CUDA yet"))
 }

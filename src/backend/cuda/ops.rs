@@ -5,7 +5,7 @@
 use super::launch::{kind_suffix, KArg};
 use super::plan::{attention_plan, lora_row_segments, ATTENTION_PARTITION};
 use super::{grow, CudaBackend, CudaKvCache, CudaTensor, CudaWeight};
-use crate::backend::{AttentionMeta, LoraSegment, RopeStyle, RopeTable};
+use crate::backend::{AttentionMeta, BackendResult, LoraSegment, RopeStyle, RopeTable};
 
 use KArg::{Ptr, F32, I32, I64};
 
@@ -19,15 +19,16 @@ pub(super) fn vector(w: &CudaWeight) -> &cudarc::driver::CudaSlice<f32> {
     w.vector.as_ref().unwrap_or_else(|| panic!("weight '{}' is a matrix, not a vector", w.name))
 }
 
-pub fn embedding(be: &CudaBackend, table: &CudaWeight, ids: &[u32], out: &mut CudaTensor) {
+pub fn embedding(be: &CudaBackend, table: &CudaWeight, ids: &[u32], out: &mut CudaTensor) -> BackendResult<()> {
     assert_eq!((out.rows, out.cols), (ids.len(), table.cols));
-    let d_ids = be.upload_vec(ids);
-    dequant_rows(be, table, be.ptr(&d_ids), ids.len(), be.ptr(&out.data));
+    let d_ids = be.upload_vec(ids)?;
+    dequant_rows(be, table, be.ptr(&d_ids), ids.len(), be.ptr(&out.data))?;
+    Ok(())
 }
 
 /// Rows `ids[..n]` of `w` (clamped to its last row) expanded to f32 at `out`:
 /// the embedding lookup, and with ids 0..rows the whole weight.
-pub fn dequant_rows(be: &CudaBackend, w: &CudaWeight, ids: u64, n: usize, out: u64) {
+pub fn dequant_rows(be: &CudaBackend, w: &CudaWeight, ids: u64, n: usize, out: u64) -> BackendResult<()> {
     be.kernels.launch(
         &be.stream,
         &format!("dequant_rows_{}", kind_suffix(w.kind)),
@@ -42,21 +43,23 @@ pub fn dequant_rows(be: &CudaBackend, w: &CudaWeight, ids: u64, n: usize, out: u
             I32(w.row_bytes as i32),
             I32(w.rows as i32),
         ],
-    );
+    )?;
+    Ok(())
 }
 
 /// The whole of `w` expanded to bf16 at `out` (`[rows, cols]`, for a tensor-core GEMM).
-pub fn dequant_bf16(be: &CudaBackend, w: &CudaWeight, out: u64) {
+pub fn dequant_bf16(be: &CudaBackend, w: &CudaWeight, out: u64) -> BackendResult<()> {
     be.kernels.launch(
         &be.stream,
         &format!("dequant_bf16_{}", kind_suffix(w.kind)),
         (w.rows as u32, 1, 1),
         256,
         &[Ptr(be.ptr(&w.data)), Ptr(out), I32(w.rows as i32), I32(w.cols as i32), I32(w.row_bytes as i32)],
-    );
+    )?;
+    Ok(())
 }
 
-pub fn rms_norm(be: &CudaBackend, x: &CudaTensor, w: &CudaWeight, eps: f32, out: &mut CudaTensor) {
+pub fn rms_norm(be: &CudaBackend, x: &CudaTensor, w: &CudaWeight, eps: f32, out: &mut CudaTensor) -> BackendResult<()> {
     assert_eq!((x.rows, x.cols), (out.rows, out.cols));
     assert_eq!(w.cols, x.cols);
     be.kernels.launch(
@@ -72,10 +75,11 @@ pub fn rms_norm(be: &CudaBackend, x: &CudaTensor, w: &CudaWeight, eps: f32, out:
             I32(x.cols as i32),
             F32(eps),
         ],
-    );
+    )?;
+    Ok(())
 }
 
-pub fn add_assign(be: &CudaBackend, x: &mut CudaTensor, y: &CudaTensor) {
+pub fn add_assign(be: &CudaBackend, x: &mut CudaTensor, y: &CudaTensor) -> BackendResult<()> {
     let n = x.rows * x.cols;
     assert_eq!(n, y.rows * y.cols);
     be.kernels.launch(
@@ -84,10 +88,11 @@ pub fn add_assign(be: &CudaBackend, x: &mut CudaTensor, y: &CudaTensor) {
         elementwise_grid(n),
         ELEMWISE_BLOCK,
         &[Ptr(be.ptr(&x.data)), Ptr(be.ptr(&y.data)), I64(n as i64)],
-    );
+    )?;
+    Ok(())
 }
 
-pub fn add_bias(be: &CudaBackend, out: &mut CudaTensor, bias: &CudaWeight) {
+pub fn add_bias(be: &CudaBackend, out: &mut CudaTensor, bias: &CudaWeight) -> BackendResult<()> {
     assert_eq!(bias.cols, out.cols);
     be.kernels.launch(
         &be.stream,
@@ -95,18 +100,26 @@ pub fn add_bias(be: &CudaBackend, out: &mut CudaTensor, bias: &CudaWeight) {
         (out.rows as u32, (out.cols as u32).div_ceil(256), 1),
         256,
         &[Ptr(be.ptr(&out.data)), Ptr(be.ptr(vector(bias))), I32(out.rows as i32), I32(out.cols as i32)],
-    );
+    )?;
+    Ok(())
 }
 
-pub fn rope(be: &CudaBackend, x: &mut CudaTensor, heads: usize, head_dim: usize, positions: &[u32], t: &RopeTable) {
+pub fn rope(
+    be: &CudaBackend,
+    x: &mut CudaTensor,
+    heads: usize,
+    head_dim: usize,
+    positions: &[u32],
+    t: &RopeTable,
+) -> BackendResult<()> {
     assert_eq!(x.cols, heads * head_dim);
     assert_eq!(x.rows, positions.len());
-    let mut cached = be.rope_freq.lock().expect("rope cache lock");
+    let mut cached = be.rope_freq.lock().map_err(|_| super::poisoned())?;
     if cached.as_ref().is_none_or(|(host, _)| host != &t.inv_freq) {
-        *cached = Some((t.inv_freq.clone(), be.upload_vec(&t.inv_freq)));
+        *cached = Some((t.inv_freq.clone(), be.upload_vec(&t.inv_freq)?));
     }
     let freq = &cached.as_ref().expect("just set").1;
-    let pos = be.upload_vec(positions);
+    let pos = be.upload_vec(positions)?;
     be.kernels.launch(
         &be.stream,
         "rope",
@@ -121,10 +134,11 @@ pub fn rope(be: &CudaBackend, x: &mut CudaTensor, heads: usize, head_dim: usize,
             I32(head_dim as i32),
             I32((t.style == RopeStyle::Interleaved) as i32),
         ],
-    );
+    )?;
+    Ok(())
 }
 
-pub fn silu_mul(be: &CudaBackend, gate: &CudaTensor, up: &CudaTensor, out: &mut CudaTensor) {
+pub fn silu_mul(be: &CudaBackend, gate: &CudaTensor, up: &CudaTensor, out: &mut CudaTensor) -> BackendResult<()> {
     let n = gate.rows * gate.cols;
     assert_eq!(n, up.rows * up.cols);
     assert_eq!(n, out.rows * out.cols);
@@ -134,13 +148,14 @@ pub fn silu_mul(be: &CudaBackend, gate: &CudaTensor, up: &CudaTensor, out: &mut 
         elementwise_grid(n),
         ELEMWISE_BLOCK,
         &[Ptr(be.ptr(&gate.data)), Ptr(be.ptr(&up.data)), Ptr(be.ptr(&out.data)), I64(n as i64)],
-    );
+    )?;
+    Ok(())
 }
 
-pub fn gather_rows(be: &CudaBackend, x: &CudaTensor, rows: &[usize]) -> CudaTensor {
-    let out = CudaTensor { data: be.alloc_zeros(rows.len() * x.cols), rows: rows.len(), cols: x.cols };
+pub fn gather_rows(be: &CudaBackend, x: &CudaTensor, rows: &[usize]) -> BackendResult<CudaTensor> {
+    let out = CudaTensor { data: be.alloc_zeros(rows.len() * x.cols)?, rows: rows.len(), cols: x.cols };
     let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-    let d_idx = be.upload_vec(&idx);
+    let d_idx = be.upload_vec(&idx)?;
     be.kernels.launch(
         &be.stream,
         "gather_rows",
@@ -153,12 +168,12 @@ pub fn gather_rows(be: &CudaBackend, x: &CudaTensor, rows: &[usize]) -> CudaTens
             I32(rows.len() as i32),
             I32(x.cols as i32),
         ],
-    );
-    out
+    )?;
+    Ok(out)
 }
 
 /// `x` converted to bf16 (or f16) into `dst` (the GEMM input for 16-bit weights).
-pub fn to_half(be: &CudaBackend, x: &CudaTensor, dst: &cudarc::driver::CudaSlice<u16>, f16: bool) {
+pub fn to_half(be: &CudaBackend, x: &CudaTensor, dst: &cudarc::driver::CudaSlice<u16>, f16: bool) -> BackendResult<()> {
     let n = x.rows * x.cols;
     let name = if f16 { "f32_to_f16_kernel" } else { "f32_to_bf16_kernel" };
     be.kernels.launch(
@@ -167,7 +182,8 @@ pub fn to_half(be: &CudaBackend, x: &CudaTensor, dst: &cudarc::driver::CudaSlice
         elementwise_grid(n),
         ELEMWISE_BLOCK,
         &[Ptr(be.ptr(&x.data)), Ptr(be.ptr(dst)), I64(n as i64)],
-    );
+    )?;
+    Ok(())
 }
 
 pub fn write_kv(
@@ -177,11 +193,11 @@ pub fn write_kv(
     k: &CudaTensor,
     v: &CudaTensor,
     slots: &[u32],
-) {
+) -> BackendResult<()> {
     let width = cache.spec.kv_heads * cache.spec.head_dim;
     assert_eq!((k.cols, v.cols), (width, width));
     assert_eq!(k.rows, slots.len());
-    let d_slots = be.upload_vec(slots);
+    let d_slots = be.upload_vec(slots)?;
     be.kernels.launch(
         &be.stream,
         "write_kv",
@@ -196,7 +212,8 @@ pub fn write_kv(
             I32(slots.len() as i32),
             I32(width as i32),
         ],
-    );
+    )?;
+    Ok(())
 }
 
 pub fn paged_attention(
@@ -206,19 +223,19 @@ pub fn paged_attention(
     q: &CudaTensor,
     meta: &AttentionMeta<'_>,
     out: &mut CudaTensor,
-) {
+) -> BackendResult<()> {
     let (nh, d) = (meta.num_heads, meta.head_dim);
     assert_eq!(q.cols, nh * d);
     assert_eq!((out.rows, out.cols), (q.rows, q.cols));
     assert!(d <= 256 && d % 2 == 0, "head_dim {d} is not supported by kernels/attention.cu");
     let plan = attention_plan(meta, q.rows, ATTENTION_PARTITION);
-    let tok_meta = be.upload_vec(&plan.tok_meta);
-    let tables = be.upload_vec(&plan.block_tables);
+    let tok_meta = be.upload_vec(&plan.tok_meta)?;
+    let tables = be.upload_vec(&plan.block_tables)?;
     let parts = plan.max_partitions;
-    let mut scratch = be.scratch.lock().expect("scratch lock");
+    let mut scratch = be.scratch.lock().map_err(|_| super::poisoned())?;
     let cells = q.rows * nh * parts;
-    let acc = be.ptr(grow(be, &mut scratch.attn_acc, cells * d));
-    let ml = be.ptr(grow(be, &mut scratch.attn_ml, cells * 2));
+    let acc = be.ptr(grow(be, &mut scratch.attn_acc, cells * d)?);
+    let ml = be.ptr(grow(be, &mut scratch.attn_ml, cells * 2)?);
     be.kernels.launch(
         &be.stream,
         "attention_partial",
@@ -240,17 +257,23 @@ pub fn paged_attention(
             I32(ATTENTION_PARTITION as i32),
             I32(parts as i32),
         ],
-    );
+    )?;
     be.kernels.launch(
         &be.stream,
         "attention_reduce",
         (q.rows as u32, nh as u32, 1),
         128,
         &[Ptr(acc), Ptr(ml), Ptr(be.ptr(&out.data)), I32(nh as i32), I32(d as i32), I32(parts as i32)],
-    );
+    )?;
+    Ok(())
 }
 
-pub fn lora_add(be: &CudaBackend, x: &CudaTensor, segments: &[LoraSegment<'_, CudaBackend>], out: &mut CudaTensor) {
+pub fn lora_add(
+    be: &CudaBackend,
+    x: &CudaTensor,
+    segments: &[LoraSegment<'_, CudaBackend>],
+    out: &mut CudaTensor,
+) -> BackendResult<()> {
     assert_eq!(x.rows, out.rows);
     // f32 and bf16 adapters run as two passes; in practice one config means one dtype.
     for bf16 in [false, true] {
@@ -262,14 +285,14 @@ pub fn lora_add(be: &CudaBackend, x: &CudaTensor, segments: &[LoraSegment<'_, Cu
             assert_eq!((s.w.in_features, s.w.out_features), (x.cols, out.cols), "LoRA matrix shape");
         }
         let ranges: Vec<_> = segs.iter().map(|s| s.rows.clone()).collect();
-        let row_seg = be.upload_vec(&lora_row_segments(x.rows, &ranges));
+        let row_seg = be.upload_vec(&lora_row_segments(x.rows, &ranges))?;
         let seg_a: Vec<u64> = segs.iter().map(|s| be.ptr(&s.w.a)).collect();
         let seg_bt: Vec<u64> = segs.iter().map(|s| be.ptr(&s.w.bt)).collect();
         let seg_rank: Vec<i32> = segs.iter().map(|s| s.w.rank as i32).collect();
         let max_rank = segs.iter().map(|s| s.w.rank).max().unwrap_or(0);
-        let (d_a, d_bt, d_rank) = (be.upload_vec(&seg_a), be.upload_vec(&seg_bt), be.upload_vec(&seg_rank));
-        let mut scratch = be.scratch.lock().expect("scratch lock");
-        let t = be.ptr(grow(be, &mut scratch.lora_t, x.rows * max_rank));
+        let (d_a, d_bt, d_rank) = (be.upload_vec(&seg_a)?, be.upload_vec(&seg_bt)?, be.upload_vec(&seg_rank)?);
+        let mut scratch = be.scratch.lock().map_err(|_| super::poisoned())?;
+        let t = be.ptr(grow(be, &mut scratch.lora_t, x.rows * max_rank)?);
         let sfx = if bf16 { "bf16" } else { "f32" };
         be.kernels.launch(
             &be.stream,
@@ -286,7 +309,7 @@ pub fn lora_add(be: &CudaBackend, x: &CudaTensor, segments: &[LoraSegment<'_, Cu
                 I32(x.cols as i32),
                 I32(max_rank as i32),
             ],
-        );
+        )?;
         be.kernels.launch(
             &be.stream,
             &format!("lora_expand_{sfx}"),
@@ -302,15 +325,16 @@ pub fn lora_add(be: &CudaBackend, x: &CudaTensor, segments: &[LoraSegment<'_, Cu
                 I32(out.cols as i32),
                 I32(max_rank as i32),
             ],
-        );
+        )?;
     }
+    Ok(())
 }
 
-pub fn argmax_logsumexp(be: &CudaBackend, logits: &CudaTensor) -> Vec<(u32, f32, f32)> {
+pub fn argmax_logsumexp(be: &CudaBackend, logits: &CudaTensor) -> BackendResult<Vec<(u32, f32, f32)>> {
     let rows = logits.rows;
-    let idx = be.alloc_zeros::<u32>(rows);
-    let mx = be.alloc_zeros::<f32>(rows);
-    let lse = be.alloc_zeros::<f32>(rows);
+    let idx = be.alloc_zeros::<u32>(rows)?;
+    let mx = be.alloc_zeros::<f32>(rows)?;
+    let lse = be.alloc_zeros::<f32>(rows)?;
     be.kernels.launch(
         &be.stream,
         "argmax_logsumexp",
@@ -324,9 +348,9 @@ pub fn argmax_logsumexp(be: &CudaBackend, logits: &CudaTensor) -> Vec<(u32, f32,
             Ptr(be.ptr(&mx)),
             Ptr(be.ptr(&lse)),
         ],
-    );
-    let i = super::ck(be.stream.clone_dtoh(&idx), "download");
-    let m = super::ck(be.stream.clone_dtoh(&mx), "download");
-    let l = super::ck(be.stream.clone_dtoh(&lse), "download");
-    (0..rows).map(|r| (i[r], m[r], l[r])).collect()
+    )?;
+    let i = super::ck(be.stream.clone_dtoh(&idx), "download")?;
+    let m = super::ck(be.stream.clone_dtoh(&mx), "download")?;
+    let l = super::ck(be.stream.clone_dtoh(&lse), "download")?;
+    Ok((0..rows).map(|r| (i[r], m[r], l[r])).collect())
 }

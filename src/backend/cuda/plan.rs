@@ -54,8 +54,8 @@ pub fn lora_row_segments(rows: usize, segments: &[std::ops::Range<usize>]) -> Ve
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::BlockId;
     use crate::backend::SeqAttention;
-    use crate::kv::BlockId;
 
     #[test]
     fn attention_plan_positions_windows_and_tables() {
