@@ -18,3 +18,4 @@ pub mod metrics;
 pub mod model;
 pub mod quant;
 pub mod tokenizer;
+pub mod train;

@@ -15,7 +15,7 @@ pub mod slots;
 use std::hash::Hasher;
 use std::sync::Arc;
 
-pub use peft::{load_peft_dir, LoraError, LoraOptions};
+pub use peft::{load_peft_dir, load_peft_dir_raw, LoraError, LoraOptions, PeftAdapter, PeftMatrix};
 pub use registry::{LoraRegistry, RegistryConfig};
 pub use slots::{SlotAssignment, SlotTable};
 

@@ -94,6 +94,21 @@ pub fn load_peft_dir(
     base: &ModelConfig,
     limits: LoraOptions,
 ) -> Result<LoraAdapter, LoraError> {
+    let (config, weights) = read_peft_files(dir)?;
+    let shown = dir.display().to_string();
+    let (layers, base_model) =
+        parse_peft(&config, &weights, base, limits).map_err(|r| LoraError::invalid(&shown, r))?;
+    Ok(LoraAdapter::new(name.to_string(), shown, layers, base_model))
+}
+
+/// Reads the adapter in `dir` as PEFT stores it (unfolded), checked against `base`.
+pub fn load_peft_dir_raw(dir: &Path, base: &ModelConfig, max_rank: usize) -> Result<PeftAdapter, LoraError> {
+    let (config, weights) = read_peft_files(dir)?;
+    parse_peft_raw(&config, &weights, base, max_rank).map_err(|r| LoraError::invalid(&dir.display().to_string(), r))
+}
+
+/// The config bytes and the weights file of a PEFT directory.
+fn read_peft_files(dir: &Path) -> Result<(Vec<u8>, SafetensorsFile), LoraError> {
     let shown = dir.display().to_string();
     if !dir.is_dir() {
         return Err(LoraError::NotFound { path: shown, reason: "not a directory".into() });
@@ -121,9 +136,29 @@ pub fn load_peft_dir(
     // were replaced while in use.
     let weights = SafetensorsFile::from_bytes(read(&weights_path)?)
         .map_err(|e| LoraError::invalid(&shown, format!("{WEIGHTS_FILE}: {e}")))?;
-    let (layers, base_model) =
-        parse_peft(&config, &weights, base, limits).map_err(|r| LoraError::invalid(&shown, r))?;
-    Ok(LoraAdapter::new(name.to_string(), shown, layers, base_model))
+    Ok((config, weights))
+}
+
+/// One adapted projection as PEFT stores it, before serving folds the scaling in.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeftMatrix {
+    pub rank: usize,
+    /// `lora_alpha / r`, or `lora_alpha / √r` with rsLoRA, after the patterns.
+    pub scaling: f32,
+    /// `lora_A.weight`, `[rank, in]`.
+    pub a: Vec<f32>,
+    /// `lora_B.weight`, `[out, rank]`.
+    pub b: Vec<f32>,
+}
+
+/// A PEFT adapter's config as tandem reads it, and its matrices per layer and target.
+#[derive(Debug, Clone)]
+pub struct PeftAdapter {
+    pub layers: LoraLayers<PeftMatrix>,
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub use_rslora: bool,
+    pub base_model: Option<String>,
 }
 
 /// Parses a config and its tensors into folded matrices. Errors are the reason only.
@@ -133,6 +168,43 @@ pub fn parse_peft(
     base: &ModelConfig,
     limits: LoraOptions,
 ) -> Result<(LoraLayers<Arc<LoraMatrix>>, Option<String>), String> {
+    let raw = parse_peft_raw(config, weights, base, limits.max_rank)?;
+    let layers = raw
+        .layers
+        .into_iter()
+        .map(|targets| {
+            targets.map(|m| {
+                m.map(|m| {
+                    let (r, outf) = (m.rank, m.b.len() / m.rank);
+                    // bt[j][o] = scaling * B[o][j]
+                    let mut bt = vec![0.0f32; r * outf];
+                    for o in 0..outf {
+                        for j in 0..r {
+                            bt[j * outf + o] = m.scaling * m.b[o * r + j];
+                        }
+                    }
+                    Arc::new(LoraMatrix {
+                        rank: r,
+                        in_features: m.a.len() / r,
+                        out_features: outf,
+                        a: LoraValues::from_f32(m.a, limits.dtype),
+                        bt: LoraValues::from_f32(bt, limits.dtype),
+                    })
+                })
+            })
+        })
+        .collect();
+    Ok((layers, raw.base_model))
+}
+
+/// Parses a config and its tensors into PEFT's own matrices (A, B and the
+/// scaling, unfolded): what training starts from. Errors are the reason only.
+pub fn parse_peft_raw(
+    config: &[u8],
+    weights: &SafetensorsFile,
+    base: &ModelConfig,
+    max_rank: usize,
+) -> Result<PeftAdapter, String> {
     let cfg: PeftConfig =
         serde_json::from_slice(config).map_err(|e| format!("{CONFIG_FILE} is not a valid PEFT config: {e}"))?;
     check_config(&cfg, base)?;
@@ -146,7 +218,7 @@ pub fn parse_peft(
     if found.is_empty() {
         return Err(format!("{WEIGHTS_FILE} holds no LoRA weights"));
     }
-    let mut layers: LoraLayers<Arc<LoraMatrix>> = (0..base.num_layers).map(|_| Default::default()).collect();
+    let mut layers: LoraLayers<PeftMatrix> = (0..base.num_layers).map(|_| Default::default()).collect();
     for ((layer, target), [a, b]) in found {
         let module = format!("model.layers.{layer}.{}.{}", target.parent(), target.module());
         let (Some(a), Some(b)) = (a, b) else {
@@ -160,33 +232,26 @@ pub fn parse_peft(
         if r == 0 {
             return Err(format!("{module}: rank 0"));
         }
-        if r > limits.max_rank {
-            return Err(format!("{module} has rank {r}, above this server's max_lora_rank {}", limits.max_rank));
+        if r > max_rank {
+            return Err(format!("{module} has rank {r}, above this server's max_lora_rank {max_rank}"));
         }
         let scaling = if cfg.use_rslora { alpha / (r as f64).sqrt() } else { alpha / r as f64 };
-        if !scaling.is_finite() {
+        if !scaling.is_finite() || !(scaling as f32).is_finite() {
             return Err(format!("{module}: scaling {alpha}/{r} is not finite"));
         }
         let scaling = scaling as f32;
-        // bt[j][o] = scaling * B[o][j]
-        let mut bt = vec![0.0f32; r * outf];
-        for o in 0..outf {
-            for j in 0..r {
-                bt[j * outf + o] = scaling * b_vals[o * r + j];
-            }
-        }
-        if a_vals.iter().chain(&bt).any(|x| !x.is_finite()) {
+        if a_vals.iter().chain(&b_vals).any(|x| !x.is_finite()) || b_vals.iter().any(|x| !(scaling * x).is_finite()) {
             return Err(format!("{module} has non-finite weights"));
         }
-        layers[layer][target.index()] = Some(Arc::new(LoraMatrix {
-            rank: r,
-            in_features: inf,
-            out_features: outf,
-            a: LoraValues::from_f32(a_vals, limits.dtype),
-            bt: LoraValues::from_f32(bt, limits.dtype),
-        }));
+        layers[layer][target.index()] = Some(PeftMatrix { rank: r, scaling, a: a_vals, b: b_vals });
     }
-    Ok((layers, cfg.base_model_name_or_path.clone()))
+    Ok(PeftAdapter {
+        layers,
+        r: cfg.r,
+        lora_alpha: cfg.lora_alpha,
+        use_rslora: cfg.use_rslora,
+        base_model: cfg.base_model_name_or_path.clone(),
+    })
 }
 
 fn check_config(cfg: &PeftConfig, base: &ModelConfig) -> Result<(), String> {

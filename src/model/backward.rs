@@ -60,12 +60,12 @@ impl<B: Backend> LayerGrads<B> {
             dv: be.zeros(rows, kvd)?,
         })
     }
+}
 
-    /// Bytes of the scratch for `rows` tokens (f32).
-    pub fn bytes(c: &ModelConfig, rows: usize) -> usize {
-        let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        4 * rows * (3 * c.intermediate_size + 2 * c.hidden_size + 2 * qd + 2 * kvd)
-    }
+/// Bytes of the [`LayerGrads`] scratch for `rows` tokens (f32).
+pub fn layer_grads_bytes(c: &ModelConfig, rows: usize) -> usize {
+    let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    4 * rows * (3 * c.intermediate_size + 2 * c.hidden_size + 2 * qd + 2 * kvd)
 }
 
 impl<B: Backend> LlamaModel<B> {

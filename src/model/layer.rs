@@ -88,12 +88,12 @@ impl<B: Backend> LayerActivations<B> {
             mlp_out: be.zeros(rows, h)?,
         })
     }
+}
 
-    /// Bytes of one set for `rows` tokens (f32).
-    pub fn bytes(c: &ModelConfig, rows: usize) -> usize {
-        let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-        4 * rows * (4 * c.hidden_size + 2 * qd + 2 * kvd + 3 * c.intermediate_size)
-    }
+/// Bytes of one [`LayerActivations`] set for `rows` tokens (f32).
+pub fn layer_activations_bytes(c: &ModelConfig, rows: usize) -> usize {
+    let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+    4 * rows * (4 * c.hidden_size + 2 * qd + 2 * kvd + 3 * c.intermediate_size)
 }
 
 impl<B: Backend> Layer<B> {

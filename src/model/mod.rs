@@ -18,9 +18,9 @@ use crate::loader::hub::{resolve_model, ModelSource};
 use crate::loader::safetensors::SafetensorsModel;
 use crate::tokenizer::{GgufVocab, Tokenizer};
 
-pub use backward::{LayerGrads, LoraGradHook};
+pub use backward::{layer_grads_bytes, LayerGrads, LoraGradHook};
 pub use config::{Arch, ModelConfig};
-pub use layer::{LayerActivations, LoraHook, NoLora};
+pub use layer::{layer_activations_bytes, LayerActivations, LoraHook, NoLora};
 pub use llama::LlamaModel;
 pub use lora::{DeviceAdapter, LoraStep};
 pub use weights::{TensorName, WeightSource};

@@ -1,0 +1,193 @@
+//! One micro-batch through the model: the shared forward with the trained
+//! adapter, the loss on the micro-batch's target tokens, and (when training)
+//! the backward into the adapter's gradients, with activations kept or
+//! recomputed per layer as the [`MemoryPlan`] says.
+
+use std::ops::Range;
+
+use crate::backend::{Backend, BackendResult, BlockId, CrossEntropySums, KvCacheSpec, SeqAttention};
+use crate::model::{LayerActivations, LayerGrads, LlamaModel, StepInput};
+
+use super::lora::{TrainBackward, TrainForward, TrainableLora};
+use super::memory::MemoryPlan;
+
+/// Tokens per KV block of the training cache.
+const BLOCK: usize = 16;
+
+/// Examples flattened into one varlen batch (no padding; each example is its
+/// own sequence, positions from 0, attending only to itself).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MicroBatch {
+    pub tokens: Vec<u32>,
+    pub positions: Vec<u32>,
+    /// Rows of each example.
+    pub seqs: Vec<Range<usize>>,
+    /// Rows whose logits predict a target token, and that token.
+    pub loss_rows: Vec<usize>,
+    pub labels: Vec<u32>,
+}
+
+impl MicroBatch {
+    /// From `(tokens, targets)` per example: `targets[t]` marks token `t` as
+    /// trained, predicted by the logits at `t - 1`.
+    pub fn new<'a>(examples: impl IntoIterator<Item = (&'a [u32], &'a [bool])>) -> Self {
+        let mut mb = MicroBatch::default();
+        for (tokens, targets) in examples {
+            assert_eq!(tokens.len(), targets.len());
+            let r0 = mb.tokens.len();
+            mb.tokens.extend_from_slice(tokens);
+            mb.positions.extend(0..tokens.len() as u32);
+            mb.seqs.push(r0..r0 + tokens.len());
+            for t in 1..tokens.len() {
+                if targets[t] {
+                    mb.loss_rows.push(r0 + t - 1);
+                    mb.labels.push(tokens[t]);
+                }
+            }
+        }
+        mb
+    }
+
+    /// Tokens that carry loss.
+    pub fn num_targets(&self) -> usize {
+        self.labels.len()
+    }
+}
+
+/// The training KV cache: blocks for one micro-batch, grown when a larger one comes.
+pub struct TrainKv<B: Backend> {
+    cache: Option<B::KvCache>,
+    blocks: usize,
+}
+
+impl<B: Backend> Default for TrainKv<B> {
+    fn default() -> Self {
+        Self { cache: None, blocks: 0 }
+    }
+}
+
+impl<B: Backend> TrainKv<B> {
+    /// Block tables and slots for `mb`, and a cache that holds them.
+    fn layout(
+        &mut self,
+        be: &B,
+        model: &LlamaModel<B>,
+        mb: &MicroBatch,
+    ) -> BackendResult<(Vec<Vec<BlockId>>, Vec<u32>)> {
+        let mut tables = Vec::with_capacity(mb.seqs.len());
+        let mut slots = Vec::with_capacity(mb.tokens.len());
+        let mut next = 1u32; // block 0 is the null block
+        for s in &mb.seqs {
+            let n = s.len().div_ceil(BLOCK);
+            let table: Vec<BlockId> = (0..n as u32).map(|i| BlockId(next + i)).collect();
+            next += n as u32;
+            slots.extend((0..s.len()).map(|p| table[p / BLOCK].0 * BLOCK as u32 + (p % BLOCK) as u32));
+            tables.push(table);
+        }
+        let need = next as usize;
+        if need > self.blocks {
+            let c = &model.config;
+            self.cache = None;
+            let spec = KvCacheSpec {
+                num_layers: c.num_layers,
+                num_blocks: need,
+                block_size: BLOCK,
+                kv_heads: c.num_kv_heads,
+                head_dim: c.head_dim,
+            };
+            self.cache = Some(be.alloc_kv(spec)?);
+            self.blocks = need;
+        }
+        Ok((tables, slots))
+    }
+}
+
+/// Bytes of the training KV cache for micro-batches of at most `tokens` tokens in `seqs` sequences.
+pub fn train_kv_bytes(c: &crate::model::ModelConfig, tokens: usize, seqs: usize) -> usize {
+    let blocks = tokens.div_ceil(BLOCK) + seqs + 1;
+    2 * c.num_layers * blocks * BLOCK * c.num_kv_heads * c.head_dim * 4
+}
+
+/// Runs `mb`: the loss sums over its targets, and with `grad_scale = Some(s)`
+/// the gradient of `s · Σ loss` added to the adapter's gradients.
+#[allow(clippy::too_many_arguments)]
+pub fn run_micro_batch<B: Backend>(
+    be: &B,
+    model: &LlamaModel<B>,
+    lora: &mut TrainableLora<B>,
+    mb: &MicroBatch,
+    grad_scale: Option<f32>,
+    plan: &MemoryPlan,
+    kv: &mut TrainKv<B>,
+    dropout_seed: u64,
+) -> BackendResult<CrossEntropySums> {
+    let c = &model.config;
+    let t = mb.tokens.len();
+    let n = c.num_layers;
+    let training = grad_scale.is_some();
+    let (tables, slots) = kv.layout(be, model, mb)?;
+    let cache = kv.cache.as_mut().expect("layout allocated the cache");
+    let seqs: Vec<SeqAttention> = mb
+        .seqs
+        .iter()
+        .zip(&tables)
+        .map(|(r, table)| SeqAttention { rows: r.clone(), context_len: r.len(), block_table: table })
+        .collect();
+    let input =
+        StepInput { token_ids: &mb.tokens, positions: &mb.positions, slot_mapping: &slots, seqs, logits_rows: &[] };
+    let meta = model.attention_meta(&input);
+
+    let mut x = be.zeros(t, c.hidden_size)?;
+    model.embed(be, &mb.tokens, &mut x)?;
+    let mut checkpoints: Vec<B::Tensor> = Vec::with_capacity(if training { n } else { 0 });
+    let mut saved: Vec<Option<LayerActivations<B>>> = (0..n).map(|_| None).collect();
+    let mut scratch: Option<LayerActivations<B>> = None;
+    {
+        // Evaluation runs without dropout; a training step draws its masks from the seed.
+        let mut hook = TrainForward { lora, dropout_seed, dropout: training };
+        for (i, slot) in saved.iter_mut().enumerate() {
+            if training {
+                checkpoints.push(be.copy(&x)?);
+            }
+            let acts = if training && plan.keeps(i, n) {
+                slot.insert(LayerActivations::new(be, c, t)?)
+            } else {
+                if scratch.is_none() {
+                    scratch = Some(LayerActivations::new(be, c, t)?);
+                }
+                scratch.as_mut().expect("just set")
+            };
+            model.forward_layer(be, i, cache, &input, &meta, &mut hook, &mut x, acts)?;
+        }
+    }
+    let Some(scale) = grad_scale else {
+        return model.head_loss(be, &x, &mb.loss_rows, &mb.labels, plan.head_rows, None, None);
+    };
+    let mut dx = be.zeros(t, c.hidden_size)?;
+    let sums = model.head_loss(be, &x, &mb.loss_rows, &mb.labels, plan.head_rows, Some(scale), Some(&mut dx))?;
+    drop(x);
+    let mut grads = LayerGrads::new(be, c, t)?;
+    for i in (0..n).rev() {
+        let x_in = checkpoints.pop().expect("one checkpoint per layer");
+        let acts = match saved[i].take() {
+            Some(a) => a,
+            None => {
+                // Recompute the layer from its checkpoint (same weights, same masks).
+                let mut a = match scratch.take() {
+                    Some(a) => a,
+                    None => LayerActivations::new(be, c, t)?,
+                };
+                let mut x = be.copy(&x_in)?;
+                let mut hook = TrainForward { lora, dropout_seed, dropout: true };
+                model.forward_layer(be, i, cache, &input, &meta, &mut hook, &mut x, &mut a)?;
+                a
+            }
+        };
+        let mut hook = TrainBackward { lora, dropout_seed };
+        model.backward_layer(be, i, &input, &meta, &x_in, &acts, &mut hook, &mut grads, &mut dx)?;
+        if scratch.is_none() {
+            scratch = Some(acts);
+        }
+    }
+    Ok(sums)
+}
