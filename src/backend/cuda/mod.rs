@@ -299,7 +299,7 @@ impl Backend for CudaBackend {
         positions: &[u32],
         table: &RopeTable,
     ) -> BackendResult<()> {
-        ops::rope(self, x, heads, head_dim, positions, table)
+        ops::rope(self, x, heads, head_dim, positions, table, 1.0)
     }
     fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor, out: &mut CudaTensor) -> BackendResult<()> {
         ops::silu_mul(self, gate, up, out)
