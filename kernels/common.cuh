@@ -2,7 +2,7 @@
 // this text to each kernels/<module>.cu and compiles the result with NVRTC,
 // which has no CUDA headers here; the CPU emulator (kernels/emu/) compiles the
 // same text with g++ after its shim. Hence: no #include, and only the device
-// features KERNEL_SPEC.md allows (no intrinsics, no atomics, one shuffle).
+// features docs/architecture.md lists (no intrinsics, no atomics, one shuffle).
 
 typedef unsigned char u8;
 typedef unsigned short u16;

@@ -66,9 +66,10 @@ extern "C" __global__ void add_bias(float* out, const float* bias, int rows, int
 // launch: grid (tokens, heads), block 64: block (t, h) rotates head h of token
 // t; threads loop over the d/2 pairs. Any grid works (strides over both).
 // The angle is rounded to f32 first, as transformers (and the CPU backend) do;
-// cosf/sinf then differ from the CPU's f64 cos/sin by about 1e-7.
+// cosf/sinf then differ from the CPU's f64 cos/sin by about 1e-7. direction
+// is 1 (rope) or -1: the inverse rotation, which is also rope's gradient.
 extern "C" __global__ void rope(float* x, const u32* positions, const float* inv_freq, int tokens, int heads,
-                                int head_dim, int interleaved) {
+                                int head_dim, int interleaved, float direction) {
     const int half = head_dim / 2;
     for (long long t = blockIdx.x; t < tokens; t += gridDim.x) {
         const float pos = (float)positions[t];
@@ -76,7 +77,7 @@ extern "C" __global__ void rope(float* x, const u32* positions, const float* inv
             float* xh = x + (t * heads + h) * head_dim;
             for (int i = threadIdx.x; i < half; i += blockDim.x) {
                 const float angle = pos * inv_freq[i];
-                const float c = cosf(angle), s = sinf(angle);
+                const float c = cosf(angle), s = direction * sinf(angle);
                 const int a = interleaved ? 2 * i : i;
                 const int b = interleaved ? 2 * i + 1 : i + half;
                 const float x1 = xh[a], x2 = xh[b];

@@ -210,6 +210,22 @@ fn grid_for(n: usize) -> [u32; 3] {
 const B256: [u32; 3] = [256, 1, 1];
 const B128: [u32; 3] = [128, 1, 1];
 
+/// Every kernel the backend loads (launch.rs's kernel_names) is in the
+/// emulator's table, so each can be (and below is) run against the CPU.
+#[test]
+fn emulator_knows_every_kernel_the_backend_loads() {
+    let Some(emu) = emulator() else { return };
+    let out = Command::new(emu).arg("--list").output().unwrap();
+    assert!(out.status.success());
+    let listed = String::from_utf8(out.stdout).unwrap();
+    let listed: Vec<&str> = listed.lines().collect();
+    for m in tandem::backend::cuda::nvrtc::KernelModule::ALL {
+        for name in tandem::backend::cuda::launch::kernel_names(m) {
+            assert!(listed.contains(&name.as_str()), "{}: kernel {name} is not in the emulator", m.file_name());
+        }
+    }
+}
+
 // ---- ops.cu ----
 
 #[test]
@@ -260,13 +276,23 @@ fn ops_rope_silu_gather() {
     let positions = [0u32, 17, 4000];
     let inv_freq: Vec<f32> = (0..d / 2).map(|i| 1.0 / 10000f32.powf(2.0 * i as f32 / d as f32)).collect();
     for (style, flag) in [(RopeStyle::Neox, 0), (RopeStyle::Interleaved, 1)] {
-        let x = rand_vec(&mut rng, tokens * heads * d, -1.0, 1.0);
-        let mut want = tensor(&x, tokens, heads * d);
-        be.rope(&mut want, heads, d, &positions, &RopeTable { inv_freq: inv_freq.clone(), style }).unwrap();
-        let mut a = vec![buf!(&x), buf!(&positions), buf!(&inv_freq)];
-        a.extend(ints([tokens, heads, d, flag]));
-        launch(emu, "rope", [tokens as u32, heads as u32, 1], [64, 1, 1], &mut a);
-        check(&format!("rope {style:?}"), &f32s(&a[0]), &want.data, &row_scale(&want.data, d), 2e-6);
+        // Direction 1 is rope, -1 its backward (the inverse rotation).
+        for direction in [1.0f32, -1.0] {
+            let x = rand_vec(&mut rng, tokens * heads * d, -1.0, 1.0);
+            let mut want = tensor(&x, tokens, heads * d);
+            let table = RopeTable { inv_freq: inv_freq.clone(), style };
+            if direction > 0.0 {
+                be.rope(&mut want, heads, d, &positions, &table).unwrap();
+            } else {
+                be.rope_backward(&mut want, heads, d, &positions, &table).unwrap();
+            }
+            let mut a = vec![buf!(&x), buf!(&positions), buf!(&inv_freq)];
+            a.extend(ints([tokens, heads, d, flag]));
+            a.push(Arg::F(direction));
+            launch(emu, "rope", [tokens as u32, heads as u32, 1], [64, 1, 1], &mut a);
+            let what = format!("rope {style:?} direction {direction}");
+            check(&what, &f32s(&a[0]), &want.data, &row_scale(&want.data, d), 2e-6);
+        }
     }
 
     let n = 1007;
@@ -593,3 +619,8 @@ fn quant_dequant_every_kind() {
         exact(&format!("dequant_rows_{name}"), &f32s(&a[2]), &direct);
     }
 }
+
+// ---- train.cu (after the helpers above: macros are in scope only below them) ----
+
+#[path = "cuda_kernels_emu/train.rs"]
+mod train;

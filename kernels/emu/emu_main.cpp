@@ -10,7 +10,7 @@
 // Each kernels/<module>.cu is compiled as NVRTC compiles it: common.cuh followed
 // by the module, here inside a namespace of its own, so helpers and macros of
 // one module cannot collide with another's. The table below spells out every
-// kernel's signature from kernels/KERNEL_SPEC; a kernel whose parameters differ
+// kernel's signature from kernels/*.cu; a kernel whose parameters differ
 // does not compile. Build: g++ -O2 -std=c++20 -pthread emu_main.cpp
 #include "cuda_emu.h"
 
@@ -47,6 +47,10 @@ namespace emu_quant {
 #include "../common.cuh"
 #include "../quant.cu"
 }  // namespace emu_quant
+namespace emu_train {
+#include "../common.cuh"
+#include "../train.cu"
+}  // namespace emu_train
 #endif
 
 namespace {
@@ -219,7 +223,7 @@ std::map<std::string, Runner> kernels() {
     K(emu_ops, add_rms_norm, float*, const float*, const float*, float*, int, int, float),
     K(emu_ops, add_assign, float*, const float*, long long),
     K(emu_ops, add_bias, float*, const float*, int, int),
-    K(emu_ops, rope, float*, const u32*, const float*, int, int, int, int),
+    K(emu_ops, rope, float*, const u32*, const float*, int, int, int, int, float),
     K(emu_ops, silu_mul, const float*, const float*, float*, long long),
     K(emu_ops, gather_rows, const float*, const u32*, float*, int, int),
     K(emu_ops, f32_to_bf16_kernel, const float*, u16*, long long),
@@ -240,6 +244,21 @@ std::map<std::string, Runner> kernels() {
     QUANT(f32), QUANT(f16), QUANT(bf16), QUANT(q4_0), QUANT(q5_0), QUANT(q8_0),
     QUANT(q4_k), QUANT(q5_k), QUANT(q6_k),
 #undef QUANT
+    K(emu_train, rms_norm_backward, const float*, const float*, const float*, float*, int, int, float),
+    K(emu_train, silu_mul_backward, const float*, const float*, const float*, float*, float*, long long),
+    K(emu_train, cross_entropy, float*, const u32*, int, int, int, float, float*, u32*),
+    K(emu_train, attention_backward_dq, const float*, const float*, const float*, const float*, const float*,
+      const int*, float*, float*, int, int, int, int, float),
+    K(emu_train, attention_backward_dkv, const float*, const float*, const float*, const float*, const int*,
+      const float*, float*, float*, int, int, int, int, float),
+    K(emu_train, add_rows, const float*, const u32*, float*, int, int),
+    K(emu_train, dropout, const float*, float*, long long, float, float, long long),
+    K(emu_train, copy_f32, const float*, float*, long long),
+    K(emu_train, fill_f32, float*, long long, float),
+    K(emu_train, scale_f32, float*, long long, float),
+    K(emu_train, sum_squares_partial, const float*, long long, float*),
+    K(emu_train, adamw, float*, const float*, float*, float*, long long, float, float, float, float, float, float,
+      float, float),
   };
 #endif
 }

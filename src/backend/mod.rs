@@ -386,6 +386,37 @@ pub struct AdamWStep {
     pub grad_scale: f32,
 }
 
+/// The per-step scalars of AdamW as every backend's kernel takes them:
+/// computed in f64 and rounded once, as PyTorch passes Python floats to its
+/// f32 kernels.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWScalars {
+    /// `1 − lr · weight_decay` (decoupled weight decay).
+    pub decay: f32,
+    /// `1 − beta1`, the weight of the gradient in the first moment's lerp.
+    pub w1: f32,
+    /// `1 − beta2`.
+    pub w2: f32,
+    /// `sqrt(1 − beta2^step)`.
+    pub bc2_sqrt: f32,
+    /// `lr / (1 − beta1^step)`.
+    pub step_size: f32,
+}
+
+impl AdamWStep {
+    pub fn scalars(&self) -> AdamWScalars {
+        let step = self.step.max(1) as i32;
+        let (b1, b2) = (self.beta1 as f64, self.beta2 as f64);
+        AdamWScalars {
+            decay: (1.0 - self.lr as f64 * self.weight_decay as f64) as f32,
+            w1: (1.0 - b1) as f32,
+            w2: (1.0 - b2) as f32,
+            bc2_sqrt: (1.0 - b2.powi(step)).sqrt() as f32,
+            step_size: (self.lr as f64 / (1.0 - b1.powi(step))) as f32,
+        }
+    }
+}
+
 /// Keep-or-drop of element `index` under dropout probability `p` for `seed`:
 /// SplitMix64 of (seed, index), top 24 bits as a uniform in [0, 1). Every
 /// backend's dropout kernel computes exactly this.

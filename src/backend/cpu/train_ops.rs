@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::math::exp_nonpositive;
 use super::ops::sum16;
 use super::CpuTensor;
-use crate::backend::{dropout_keep, AdamWStep, CrossEntropySums, RopeTable};
+use crate::backend::{dropout_keep, AdamWScalars, AdamWStep, CrossEntropySums, RopeTable};
 
 /// Rows per parallel task for row-wise ops.
 const ROWS_PER_TASK: usize = 8;
@@ -174,18 +174,12 @@ pub fn sum_squares(x: &CpuTensor) -> f64 {
     x.data.chunks(4096).map(|c| dot_fixed(c, c) as f64).sum()
 }
 
-/// torch.optim.AdamW (single-tensor path) in f32: scalars computed in f64 and
-/// rounded once, as PyTorch passes Python floats to its f32 kernels.
+/// torch.optim.AdamW (single-tensor path) in f32, with the step's scalars of
+/// [`AdamWStep::scalars`] (the CUDA kernel takes the same).
 pub fn adamw(param: &mut CpuTensor, grad: &CpuTensor, m: &mut CpuTensor, v: &mut CpuTensor, hp: &AdamWStep) {
     let n = param.data.len();
     assert!(grad.data.len() == n && m.data.len() == n && v.data.len() == n);
-    let step = hp.step.max(1) as i32;
-    let (b1, b2) = (hp.beta1 as f64, hp.beta2 as f64);
-    let decay = (1.0 - hp.lr as f64 * hp.weight_decay as f64) as f32;
-    let bc1 = 1.0 - b1.powi(step);
-    let bc2_sqrt = (1.0 - b2.powi(step)).sqrt() as f32;
-    let step_size = (hp.lr as f64 / bc1) as f32;
-    let (w1, w2) = ((1.0 - b1) as f32, (1.0 - b2) as f32);
+    let AdamWScalars { decay, w1, w2, bc2_sqrt, step_size } = hp.scalars();
     let beta2 = hp.beta2;
     for i in 0..n {
         let g = grad.data[i] * hp.grad_scale;

@@ -1,4 +1,5 @@
-//! `out = x · Wᵀ (+ bias)` for every weight kind.
+//! `out = x · Wᵀ (+ bias)` for every weight kind, its input gradient
+//! `dx (+)= Σ dy · W`, and the f32 `gemm` training uses for LoRA factors.
 //!
 //! Small batches (≤ [`GEMV_MAX_ROWS`] rows, i.e. decode) are memory-bound: a
 //! GEMV kernel per kind reads each weight byte once, dequantising in registers,
@@ -6,12 +7,18 @@
 //! tensor cores: activations are rounded to bf16 (f16 for f16 weights), and a
 //! quantised weight is first expanded to a bf16 scratch matrix, whose cost the
 //! batch amortises. f32 weights use a plain f32 GEMM.
+//!
+//! Every cuBLAS call goes through [`blas`] with the row-major → column-major
+//! mapping of `plan::blas_gemm` (unit-tested there without a GPU).
 
 use super::launch::{kind_suffix, KArg};
-use super::{grow, ops, CudaBackend, CudaTensor, CudaWeight};
-use crate::backend::{BackendResult, MatmulJob};
+use super::plan::{blas_gemm, BlasGemm};
+use super::{grow, ops, train_ops, CudaBackend, CudaTensor, CudaWeight, Scratch};
+use crate::backend::{BackendError, BackendResult, MatmulJob};
 use crate::quant::ggml::GgmlType;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
+
+const F32: cudaDataType_t = cudaDataType_t::CUDA_R_32F;
 
 /// The most activation rows the GEMV kernels take (kernels/quant.cu).
 pub const GEMV_MAX_ROWS: usize = 8;
@@ -29,23 +36,19 @@ pub fn matmul_many(be: &CudaBackend, x: &CudaTensor, jobs: &mut [MatmulJob<'_, C
     }
     let mut scratch = be.scratch.lock().map_err(|_| super::poisoned())?;
     let n = x.rows * x.cols;
-    let x_f32 = (be.ptr(&x.data), cudaDataType_t::CUDA_R_32F);
+    let x_f32 = (be.ptr(&x.data), F32);
     // The 16-bit copy of x is made once and shared by every job that needs it.
     let mut x_half: Option<bool> = None;
     for j in jobs.iter_mut() {
         let w = j.w;
+        // out[m, n] = x[m, k] · W[n, k]ᵀ.
+        let g = blas_gemm((x.rows, x.cols), false, (w.rows, w.cols), true);
+        let out = be.ptr(&j.out.data);
         match w.kind {
-            GgmlType::F32 => gemm(be, (be.ptr(&w.data), cudaDataType_t::CUDA_R_32F), x_f32, w, j.out)?,
+            GgmlType::F32 => blas(be, g, (be.ptr(&w.data), F32), x_f32, 1.0, 0.0, out)?,
             _ if be.options.f32_gemm => {
-                // The whole weight expanded to f32 by the embedding kernel (row ids 0..rows).
-                if scratch.iota.as_ref().is_none_or(|s| s.len() < w.rows) {
-                    let ids: Vec<u32> = (0..w.rows.next_power_of_two() as u32).collect();
-                    scratch.iota = Some(be.upload_vec(&ids)?);
-                }
-                let iota = be.ptr(scratch.iota.as_ref().expect("just set"));
-                let wbuf = be.ptr(grow(be, &mut scratch.weight32, w.rows * w.cols)?);
-                ops::dequant_rows(be, w, iota, w.rows, wbuf)?;
-                gemm(be, (wbuf, cudaDataType_t::CUDA_R_32F), x_f32, w, j.out)?;
+                let wbuf = expand_f32(be, &mut scratch, w)?;
+                blas(be, g, (wbuf, F32), x_f32, 1.0, 0.0, out)?;
             }
             kind => {
                 let f16 = kind == GgmlType::F16;
@@ -59,11 +62,9 @@ pub fn matmul_many(be: &CudaBackend, x: &CudaTensor, jobs: &mut [MatmulJob<'_, C
                 let w16 = if matches!(kind, GgmlType::F16 | GgmlType::BF16) {
                     be.ptr(&w.data)
                 } else {
-                    let wbuf = be.ptr(grow(be, &mut scratch.weight16, w.rows * w.cols)?);
-                    ops::dequant_bf16(be, w, wbuf)?;
-                    wbuf
+                    expand_bf16(be, &mut scratch, w)?
                 };
-                gemm(be, (w16, half_type), x16, w, j.out)?;
+                blas(be, g, (w16, half_type), x16, 1.0, 0.0, out)?;
             }
         }
         if let Some(b) = j.bias {
@@ -100,40 +101,145 @@ fn gemv(
     Ok(())
 }
 
-/// cuBLAS is column-major: row-major `out[m, n] = x[m, k] · W[n, k]ᵀ` is
-/// column-major `outᵀ[n, m] = W'ᵀ · x'` where `W'` = W read as `[k, n]` and
-/// `x'` = x read as `[k, m]`, all with leading dimension k (n for out).
-fn gemm(
+/// The whole of `w` expanded to f32 in the scratch (by the embedding kernel,
+/// with row ids 0..rows); returns its address.
+fn expand_f32(be: &CudaBackend, scratch: &mut Scratch, w: &CudaWeight) -> BackendResult<u64> {
+    if scratch.iota.as_ref().is_none_or(|s| s.len() < w.rows) {
+        let ids: Vec<u32> = (0..w.rows.next_power_of_two() as u32).collect();
+        scratch.iota = Some(be.upload_vec(&ids)?);
+    }
+    let iota = be.ptr(scratch.iota.as_ref().expect("just set"));
+    let wbuf = be.ptr(grow(be, &mut scratch.weight32, w.rows * w.cols)?);
+    ops::dequant_rows(be, w, iota, w.rows, wbuf)?;
+    Ok(wbuf)
+}
+
+/// The whole of `w` expanded to bf16 in the scratch; returns its address.
+fn expand_bf16(be: &CudaBackend, scratch: &mut Scratch, w: &CudaWeight) -> BackendResult<u64> {
+    let wbuf = be.ptr(grow(be, &mut scratch.weight16, w.rows * w.cols)?);
+    ops::dequant_bf16(be, w, wbuf)?;
+    Ok(wbuf)
+}
+
+/// `dx (+)= Σ_j dy_j · W_j`, one cuBLAS GEMM per job (the first overwrites
+/// unless accumulating, the others add). f32 weights run in f32, as do all
+/// weights under `CudaOptions::f32_gemm` (expanded to an f32 scratch). Other
+/// kinds run on tensor cores in bf16: `dy` rounded to bf16 (as the forward
+/// rounds activations) against the weight in bf16 (bf16 as stored, others
+/// expanded to a bf16 scratch). f16 weights are expanded to bf16 too rather
+/// than rounding `dy` to f16 as the forward does with activations: gradients
+/// are small, and f16's range would flush them to zero.
+pub fn matmul_input_grad(
     be: &CudaBackend,
-    (w_ptr, w_type): (u64, cudaDataType_t),
-    (x_ptr, x_type): (u64, cudaDataType_t),
-    wt: &CudaWeight,
-    out: &mut CudaTensor,
+    jobs: &[(&CudaTensor, &CudaWeight)],
+    dx: &mut CudaTensor,
+    accumulate: bool,
 ) -> BackendResult<()> {
-    let (n, k, m) = (wt.rows as i32, wt.cols as i32, out.rows as i32);
-    let (alpha, beta) = (1.0f32, 0.0f32);
-    let blas = be.blas.lock().expect("cuBLAS lock");
+    for (dy, w) in jobs {
+        assert_eq!(w.cols, dx.cols, "input grad: weight '{}' has {} columns, dx has {}", w.name, w.cols, dx.cols);
+        assert_eq!((dy.rows, dy.cols), (dx.rows, w.rows), "input grad through '{}'", w.name);
+    }
+    if dx.rows == 0 || dx.cols == 0 {
+        return Ok(());
+    }
+    let mut scratch = be.scratch.lock().map_err(|_| super::poisoned())?;
+    let out = be.ptr(&dx.data);
+    let mut beta = if accumulate { 1.0 } else { 0.0 };
+    for (dy, w) in jobs {
+        if w.rows == 0 {
+            continue;
+        }
+        let g = blas_gemm((dy.rows, dy.cols), false, (w.rows, w.cols), false);
+        let dy_f32 = (be.ptr(&dy.data), F32);
+        match w.kind {
+            GgmlType::F32 => blas(be, g, (be.ptr(&w.data), F32), dy_f32, 1.0, beta, out)?,
+            _ if be.options.f32_gemm => {
+                let wbuf = expand_f32(be, &mut scratch, w)?;
+                blas(be, g, (wbuf, F32), dy_f32, 1.0, beta, out)?;
+            }
+            kind => {
+                let act = grow(be, &mut scratch.act16, dy.rows * dy.cols)?;
+                ops::to_half(be, dy, act, false)?;
+                let dy16 = (be.ptr(act), cudaDataType_t::CUDA_R_16BF);
+                let w16 = if kind == GgmlType::BF16 { be.ptr(&w.data) } else { expand_bf16(be, &mut scratch, w)? };
+                blas(be, g, (w16, cudaDataType_t::CUDA_R_16BF), dy16, 1.0, beta, out)?;
+            }
+        }
+        beta = 1.0;
+    }
+    drop(scratch);
+    if beta == 0.0 {
+        // No job with rows: the sum is empty.
+        train_ops::fill(be, dx, 0.0)?;
+    }
+    Ok(())
+}
+
+/// `c = alpha · op(a) · op(b) + beta · c` in f32 (every transpose combination).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    be: &CudaBackend,
+    a: &CudaTensor,
+    trans_a: bool,
+    b: &CudaTensor,
+    trans_b: bool,
+    alpha: f32,
+    beta: f32,
+    c: &mut CudaTensor,
+) -> BackendResult<()> {
+    let g = blas_gemm((a.rows, a.cols), trans_a, (b.rows, b.cols), trans_b);
+    assert_eq!((c.rows, c.cols), g.c_shape(), "gemm output shape");
+    if c.rows == 0 || c.cols == 0 {
+        return Ok(());
+    }
+    if g.k == 0 {
+        // An empty product: c = beta · c (never read when beta is 0, as cuBLAS).
+        return if beta == 0.0 { train_ops::fill(be, c, 0.0) } else { train_ops::scale(be, c, beta) };
+    }
+    blas(be, g, (be.ptr(&b.data), F32), (be.ptr(&a.data), F32), alpha, beta, be.ptr(&c.data))
+}
+
+/// One cuBLAS GemmEx with f32 accumulation and an f32 output: `first` is our
+/// `b` operand, `second` our `a` (see [`BlasGemm`]). With beta = 0 cuBLAS does
+/// not read the output.
+fn blas(
+    be: &CudaBackend,
+    g: BlasGemm,
+    (first, first_type): (u64, cudaDataType_t),
+    (second, second_type): (u64, cudaDataType_t),
+    alpha: f32,
+    beta: f32,
+    c: u64,
+) -> BackendResult<()> {
+    let dim = |v: usize| {
+        i32::try_from(v).map_err(|_| BackendError::Invalid(format!("GEMM dimension {v} exceeds cuBLAS's int range")))
+    };
+    let op = |t: bool| if t { cublasOperation_t::CUBLAS_OP_T } else { cublasOperation_t::CUBLAS_OP_N };
+    let (m, n, k) = (dim(g.m)?, dim(g.n)?, dim(g.k)?);
+    let (lda, ldb, ldc) = (dim(g.ld_first)?, dim(g.ld_second)?, dim(g.ldc)?);
+    let blas = be.blas.lock().map_err(|_| super::poisoned())?;
     // SAFETY: every pointer is a live device allocation of at least the size
-    // the dimensions above index; alpha/beta live across the call.
+    // the dimensions index (the callers check shapes); alpha/beta live across
+    // the call.
     let r = unsafe {
         cudarc::cublas::result::gemm_ex(
             *blas.handle(),
-            cublasOperation_t::CUBLAS_OP_T,
-            cublasOperation_t::CUBLAS_OP_N,
-            n,
+            op(g.trans_first),
+            op(g.trans_second),
             m,
+            n,
             k,
             &alpha as *const f32 as *const _,
-            w_ptr as *const _,
-            w_type,
-            k,
-            x_ptr as *const _,
-            x_type,
-            k,
+            first as *const _,
+            first_type,
+            lda,
+            second as *const _,
+            second_type,
+            ldb,
             &beta as *const f32 as *const _,
-            be.ptr(&out.data) as *mut _,
-            cudaDataType_t::CUDA_R_32F,
-            n,
+            c as *mut _,
+            F32,
+            ldc,
             cublasComputeType_t::CUBLAS_COMPUTE_32F,
             cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )

@@ -58,6 +58,20 @@ pub fn kernel_names(m: KernelModule) -> Vec<String> {
         KernelModule::Attention => &["attention_partial", "attention_reduce"],
         KernelModule::Lora => &["lora_shrink_f32", "lora_expand_f32", "lora_shrink_bf16", "lora_expand_bf16"],
         KernelModule::Quant => &[],
+        KernelModule::Train => &[
+            "rms_norm_backward",
+            "silu_mul_backward",
+            "cross_entropy",
+            "attention_backward_dq",
+            "attention_backward_dkv",
+            "add_rows",
+            "dropout",
+            "copy_f32",
+            "fill_f32",
+            "scale_f32",
+            "sum_squares_partial",
+            "adamw",
+        ],
     };
     let mut names: Vec<String> = fixed.iter().map(|s| s.to_string()).collect();
     if m == KernelModule::Quant {

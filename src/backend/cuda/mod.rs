@@ -16,6 +16,7 @@ pub mod libs;
 pub mod nvrtc;
 mod ops;
 pub mod plan;
+mod train_ops;
 
 use std::sync::{Arc, Mutex};
 
@@ -299,7 +300,7 @@ impl Backend for CudaBackend {
         positions: &[u32],
         table: &RopeTable,
     ) -> BackendResult<()> {
-        ops::rope(self, x, heads, head_dim, positions, table)
+        ops::rope(self, x, heads, head_dim, positions, table, 1.0)
     }
     fn silu_mul(&self, gate: &CudaTensor, up: &CudaTensor, out: &mut CudaTensor) -> BackendResult<()> {
         ops::silu_mul(self, gate, up, out)
@@ -384,107 +385,102 @@ impl Backend for CudaBackend {
 
     fn matmul_input_grad(
         &self,
-        _jobs: &[(&CudaTensor, &CudaWeight)],
-        _dx: &mut CudaTensor,
-        _accumulate: bool,
+        jobs: &[(&CudaTensor, &CudaWeight)],
+        dx: &mut CudaTensor,
+        accumulate: bool,
     ) -> BackendResult<()> {
-        Err(not_yet("matmul_input_grad"))
+        gemm::matmul_input_grad(self, jobs, dx, accumulate)
     }
     fn gemm(
         &self,
-        _a: &CudaTensor,
-        _trans_a: bool,
-        _b: &CudaTensor,
-        _trans_b: bool,
-        _alpha: f32,
-        _beta: f32,
-        _c: &mut CudaTensor,
+        a: &CudaTensor,
+        trans_a: bool,
+        b: &CudaTensor,
+        trans_b: bool,
+        alpha: f32,
+        beta: f32,
+        c: &mut CudaTensor,
     ) -> BackendResult<()> {
-        Err(not_yet("gemm"))
+        gemm::gemm(self, a, trans_a, b, trans_b, alpha, beta, c)
     }
     fn rms_norm_backward(
         &self,
-        _x: &CudaTensor,
-        _w: &CudaWeight,
-        _eps: f32,
-        _dy: &CudaTensor,
-        _dx: &mut CudaTensor,
+        x: &CudaTensor,
+        w: &CudaWeight,
+        eps: f32,
+        dy: &CudaTensor,
+        dx: &mut CudaTensor,
     ) -> BackendResult<()> {
-        Err(not_yet("rms_norm_backward"))
+        train_ops::rms_norm_backward(self, x, w, eps, dy, dx)
     }
     fn rope_backward(
         &self,
-        _dx: &mut CudaTensor,
-        _heads: usize,
-        _head_dim: usize,
-        _positions: &[u32],
-        _table: &RopeTable,
+        dx: &mut CudaTensor,
+        heads: usize,
+        head_dim: usize,
+        positions: &[u32],
+        table: &RopeTable,
     ) -> BackendResult<()> {
-        Err(not_yet("rope_backward"))
+        ops::rope(self, dx, heads, head_dim, positions, table, -1.0)
     }
     fn silu_mul_backward(
         &self,
-        _gate: &CudaTensor,
-        _up: &CudaTensor,
-        _dout: &CudaTensor,
-        _dgate: &mut CudaTensor,
-        _dup: &mut CudaTensor,
+        gate: &CudaTensor,
+        up: &CudaTensor,
+        dout: &CudaTensor,
+        dgate: &mut CudaTensor,
+        dup: &mut CudaTensor,
     ) -> BackendResult<()> {
-        Err(not_yet("silu_mul_backward"))
+        train_ops::silu_mul_backward(self, gate, up, dout, dgate, dup)
     }
     fn attention_backward(
         &self,
-        _q: &CudaTensor,
-        _k: &CudaTensor,
-        _v: &CudaTensor,
-        _out: &CudaTensor,
-        _dout: &CudaTensor,
-        _meta: &AttentionMeta<'_>,
-        _dq: &mut CudaTensor,
-        _dk: &mut CudaTensor,
-        _dv: &mut CudaTensor,
+        q: &CudaTensor,
+        k: &CudaTensor,
+        v: &CudaTensor,
+        out: &CudaTensor,
+        dout: &CudaTensor,
+        meta: &AttentionMeta<'_>,
+        dq: &mut CudaTensor,
+        dk: &mut CudaTensor,
+        dv: &mut CudaTensor,
     ) -> BackendResult<()> {
-        Err(not_yet("attention_backward"))
+        train_ops::attention_backward(self, q, k, v, out, dout, meta, dq, dk, dv)
     }
     fn cross_entropy(
         &self,
-        _logits: &mut CudaTensor,
-        _labels: &[u32],
-        _grad_scale: Option<f32>,
+        logits: &mut CudaTensor,
+        labels: &[u32],
+        grad_scale: Option<f32>,
     ) -> BackendResult<CrossEntropySums> {
-        Err(not_yet("cross_entropy"))
+        train_ops::cross_entropy(self, logits, labels, grad_scale)
     }
-    fn add_rows(&self, _src: &CudaTensor, _rows: &[usize], _dst: &mut CudaTensor) -> BackendResult<()> {
-        Err(not_yet("add_rows"))
+    fn add_rows(&self, src: &CudaTensor, rows: &[usize], dst: &mut CudaTensor) -> BackendResult<()> {
+        train_ops::add_rows(self, src, rows, dst)
     }
-    fn dropout(&self, _x: &CudaTensor, _p: f32, _seed: u64, _out: &mut CudaTensor) -> BackendResult<()> {
-        Err(not_yet("dropout"))
+    fn dropout(&self, x: &CudaTensor, p: f32, seed: u64, out: &mut CudaTensor) -> BackendResult<()> {
+        train_ops::dropout(self, x, p, seed, out)
     }
-    fn copy(&self, _x: &CudaTensor) -> BackendResult<CudaTensor> {
-        Err(not_yet("copy"))
+    fn copy(&self, x: &CudaTensor) -> BackendResult<CudaTensor> {
+        train_ops::copy(self, x)
     }
-    fn fill(&self, _x: &mut CudaTensor, _value: f32) -> BackendResult<()> {
-        Err(not_yet("fill"))
+    fn fill(&self, x: &mut CudaTensor, value: f32) -> BackendResult<()> {
+        train_ops::fill(self, x, value)
     }
-    fn scale(&self, _x: &mut CudaTensor, _s: f32) -> BackendResult<()> {
-        Err(not_yet("scale"))
+    fn scale(&self, x: &mut CudaTensor, s: f32) -> BackendResult<()> {
+        train_ops::scale(self, x, s)
     }
-    fn sum_squares(&self, _x: &CudaTensor) -> BackendResult<f64> {
-        Err(not_yet("sum_squares"))
+    fn sum_squares(&self, x: &CudaTensor) -> BackendResult<f64> {
+        train_ops::sum_squares(self, x)
     }
     fn adamw(
         &self,
-        _param: &mut CudaTensor,
-        _grad: &CudaTensor,
-        _m: &mut CudaTensor,
-        _v: &mut CudaTensor,
-        _hp: &AdamWStep,
+        param: &mut CudaTensor,
+        grad: &CudaTensor,
+        m: &mut CudaTensor,
+        v: &mut CudaTensor,
+        hp: &AdamWStep,
     ) -> BackendResult<()> {
-        Err(not_yet("adamw"))
+        train_ops::adamw(self, param, grad, m, v, hp)
     }
-}
-
-/// Training ops the CUDA backend does not have yet.
-fn not_yet(op: &str) -> BackendError {
-    BackendError::Invalid(format!("training op {op} is not implemented on CUDA yet"))
 }

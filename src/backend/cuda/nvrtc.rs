@@ -23,11 +23,18 @@ pub enum KernelModule {
     Attention,
     Lora,
     Quant,
+    Train,
 }
 
 impl KernelModule {
-    pub const ALL: [KernelModule; 5] =
-        [KernelModule::Ops, KernelModule::Kv, KernelModule::Attention, KernelModule::Lora, KernelModule::Quant];
+    pub const ALL: [KernelModule; 6] = [
+        KernelModule::Ops,
+        KernelModule::Kv,
+        KernelModule::Attention,
+        KernelModule::Lora,
+        KernelModule::Quant,
+        KernelModule::Train,
+    ];
 
     pub fn file_name(self) -> &'static str {
         match self {
@@ -36,6 +43,7 @@ impl KernelModule {
             KernelModule::Attention => "attention.cu",
             KernelModule::Lora => "lora.cu",
             KernelModule::Quant => "quant.cu",
+            KernelModule::Train => "train.cu",
         }
     }
 
@@ -46,6 +54,7 @@ impl KernelModule {
             KernelModule::Attention => include_str!("../../../kernels/attention.cu"),
             KernelModule::Lora => include_str!("../../../kernels/lora.cu"),
             KernelModule::Quant => include_str!("../../../kernels/quant.cu"),
+            KernelModule::Train => include_str!("../../../kernels/train.cu"),
         }
     }
 

@@ -104,6 +104,7 @@ pub fn add_bias(be: &CudaBackend, out: &mut CudaTensor, bias: &CudaWeight) -> Ba
     Ok(())
 }
 
+/// Rotary embedding in place; `direction` −1 rotates back (rope's gradient).
 pub fn rope(
     be: &CudaBackend,
     x: &mut CudaTensor,
@@ -111,6 +112,7 @@ pub fn rope(
     head_dim: usize,
     positions: &[u32],
     t: &RopeTable,
+    direction: f32,
 ) -> BackendResult<()> {
     assert_eq!(x.cols, heads * head_dim);
     assert_eq!(x.rows, positions.len());
@@ -133,6 +135,7 @@ pub fn rope(
             I32(heads as i32),
             I32(head_dim as i32),
             I32((t.style == RopeStyle::Interleaved) as i32),
+            F32(direction),
         ],
     )?;
     Ok(())
