@@ -528,7 +528,26 @@ fn template_problems_are_line_errors() {
     let tok = tiny_with("{{ messages | length }}{% for m in messages %}[{{ m.content }}]{% endfor %}");
     let (line_no, message) = issue(&tok, &ok);
     assert_eq!(line_no, 1);
-    assert!(message.contains("does not render this conversation incrementally"), "{message}");
+    assert!(
+        message.contains("does not render this conversation incrementally: its render up to messages[1]"),
+        "{message}"
+    );
+    // A template that rewrites earlier assistant turns once more follow (as
+    // reasoning templates drop old thinking): the later render does not extend
+    // the earlier one.
+    let tok = tiny_with(
+        "{% for m in messages %}<{{ m.role }}>{% if m.role == 'assistant' and not loop.last %}\
+         {{ m.content | replace('!', '') }}{% else %}{{ m.content }}{% endif %}</>{% endfor %}\
+         {% if add_generation_prompt %}<assistant>{% endif %}",
+    );
+    let two_turns = line(json!({"messages": [
+        {"role": "user", "content": "q"}, {"role": "assistant", "content": "a!"},
+        {"role": "user", "content": "r"}, {"role": "assistant", "content": "b", "weight": 0}]}));
+    let (_, message) = issue(&tok, &two_turns);
+    assert!(
+        message.contains("the whole conversation's render does not start with its render up to messages[1]"),
+        "{message}"
+    );
 
     // A template that prints nothing for assistant turns: nothing is trained.
     let tok = tiny_with("{% for m in messages %}{% if m.role != 'assistant' %}{{ m.content }}{% endif %}{% endfor %}");

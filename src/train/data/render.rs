@@ -64,11 +64,23 @@ impl<'a> Renderer<'a> {
             let before = format!("the conversation before messages[{i}] (with the generation prompt)");
             let prefix = self.render(&messages[..i], tools, true, &before)?;
             let upto = self.render(&messages[..=i], tools, false, &format!("the conversation up to messages[{i}]"))?;
-            if !upto.starts_with(&prefix) || !full.starts_with(&upto) {
+            let broken = if !upto.starts_with(&prefix) {
+                Some(format!(
+                    "its render up to messages[{i}] does not start with the render before messages[{i}] plus the \
+                     generation prompt"
+                ))
+            } else if !full.starts_with(&upto) {
+                Some(format!(
+                    "the whole conversation's render does not start with its render up to messages[{i}] (the \
+                     template changes earlier turns when more follow)"
+                ))
+            } else {
+                None
+            };
+            if let Some(why) = broken {
                 return Err(format!(
-                    "the chat template does not render this conversation incrementally (messages[{i}] is not \
-                     the conversation up to it plus a generation prompt and the reply), so its trained tokens \
-                     cannot be found"
+                    "the chat template does not render this conversation incrementally: {why}; the trained tokens \
+                     of messages[{i}] cannot be found"
                 ));
             }
             let turn = &upto[prefix.len()..];
