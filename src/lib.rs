@@ -4,7 +4,8 @@
 //! from disk (GGUF, safetensors, HF cache), `quant` knows the block formats,
 //! `tokenizer` turns text into ids and back, `model` holds architectures written
 //! once against `backend::Backend`, `kv` owns the paged KV block bookkeeping and
-//! `engine` runs batches of sequences through a model.
+//! `engine` runs batches of sequences through a model; `train` prepares training
+//! data (JSONL -> tokens + loss mask, micro-batch plans).
 
 pub mod api;
 pub mod backend;

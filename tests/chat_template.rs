@@ -212,6 +212,7 @@ fn template_source() -> impl Strategy<Value = String> {
         Just("add_generation_prompt".to_owned()),
         Just("{% generation %}".to_owned()),
         Just("{% endgeneration %}".to_owned()),
+        Just("{%}".to_owned()),
         Just("break".to_owned()),
         Just(" ~ ".to_owned()),
         Just(" + ".to_owned()),
@@ -245,5 +246,15 @@ proptest! {
         let g = golden();
         let t = ChatTemplate::new(g["templates"]["qwen2"].as_str().unwrap(), None, None).unwrap();
         let _ = t.render(&Value::Array(messages), tools.as_ref(), true, None);
+    }
+}
+
+#[test]
+fn overlapping_block_delimiters_are_a_syntax_error_not_a_panic() {
+    for source in ["{%}", "a{%}b", "{%}{% generation %}x{% endgeneration %}", "{%-}"] {
+        match ChatTemplate::new(source, None, None) {
+            Err(TokenizerError::TemplateSyntax(_)) => {}
+            other => panic!("{source:?}: expected a syntax error, got {other:?}"),
+        }
     }
 }

@@ -7,7 +7,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::generate::{self, ChoiceEvent};
@@ -17,7 +17,7 @@ use super::responses::{
 };
 use super::sse::{self, ChunkHeader, ChunkRenderer};
 use super::{json, models, params, AppState};
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{messages, Tokenizer};
 
 #[utoipa::path(
     post,
@@ -106,97 +106,11 @@ pub async fn create(State(st): State<AppState>, body: Result<Bytes, BytesRejecti
     Ok(Json(resp).into_response())
 }
 
-/// Checks each message and puts it in the shape chat templates expect: text
-/// parts joined into one string (vLLM's "string" content format, which every
-/// HF template reads), tool-call arguments parsed from JSON strings to objects
-/// (templates serialize them with `tojson`).
-/// The roles OpenAI accepts (`function` is its deprecated form of `tool`).
-const ROLES: [&str; 6] = ["system", "developer", "user", "assistant", "tool", "function"];
-
+/// The request's messages checked and normalised for the chat template
+/// ([`messages::prepare_messages`], shared with training); a bad message is a
+/// 400 naming the offending field.
 pub fn prepare_messages(messages: &[Value]) -> Result<Value, ApiError> {
-    if messages.is_empty() {
-        return Err(ApiError::invalid_param("messages", "messages must contain at least one message"));
-    }
-    let mut out = Vec::with_capacity(messages.len());
-    for (i, m) in messages.iter().enumerate() {
-        let at = format!("messages[{i}]");
-        let Some(obj) = m.as_object() else {
-            return Err(ApiError::invalid_param(at.clone(), format!("{at} must be an object")));
-        };
-        let mut obj: Map<String, Value> = obj.clone();
-        match obj.get("role") {
-            Some(Value::String(r)) if ROLES.contains(&r.as_str()) => {}
-            Some(Value::String(r)) => {
-                return Err(ApiError::invalid_param(
-                    format!("{at}.role"),
-                    format!("{at}.role '{r}' is not one of {}", ROLES.join(", ")),
-                ))
-            }
-            _ => return Err(ApiError::invalid_param(format!("{at}.role"), format!("{at}.role must be a string"))),
-        }
-        if let Some(content) = obj.get("content") {
-            let text = content_text(content, &format!("{at}.content"))?;
-            if let Some(text) = text {
-                obj.insert("content".into(), Value::String(text));
-            }
-        }
-        if let Some(calls) = obj.get_mut("tool_calls") {
-            parse_tool_call_arguments(calls, &format!("{at}.tool_calls"))?;
-        }
-        out.push(Value::Object(obj));
-    }
-    Ok(Value::Array(out))
-}
-
-/// A message's content as one string (`None` for null: an assistant turn with tool calls).
-fn content_text(content: &Value, at: &str) -> Result<Option<String>, ApiError> {
-    match content {
-        Value::Null => Ok(None),
-        Value::String(s) => Ok(Some(s.clone())),
-        Value::Array(parts) => {
-            let mut texts = Vec::with_capacity(parts.len());
-            for (j, part) in parts.iter().enumerate() {
-                let p = format!("{at}[{j}]");
-                match (part.get("type").and_then(Value::as_str), part.get("text")) {
-                    (Some("text"), Some(Value::String(t))) => texts.push(t.as_str()),
-                    (Some("text"), _) => {
-                        return Err(ApiError::invalid_param(format!("{p}.text"), format!("{p}.text must be a string")))
-                    }
-                    (Some(other), _) => {
-                        return Err(ApiError::invalid_param(
-                            format!("{p}.type"),
-                            format!("{p}: content parts of type '{other}' are not supported (text only)"),
-                        ))
-                    }
-                    (None, _) => {
-                        return Err(ApiError::invalid_param(
-                            format!("{p}.type"),
-                            format!("{p} must be an object with a string `type`"),
-                        ))
-                    }
-                }
-            }
-            Ok(Some(texts.join("\n")))
-        }
-        _ => Err(ApiError::invalid_param(at, format!("{at} must be a string or an array of content parts"))),
-    }
-}
-
-fn parse_tool_call_arguments(calls: &mut Value, at: &str) -> Result<(), ApiError> {
-    let Some(list) = calls.as_array_mut() else {
-        return Err(ApiError::invalid_param(at, format!("{at} must be an array")));
-    };
-    for (j, call) in list.iter_mut().enumerate() {
-        let p = format!("{at}[{j}].function.arguments");
-        if let Some(args) = call.get_mut("function").and_then(|f| f.get_mut("arguments")) {
-            if let Value::String(s) = args {
-                let parsed: Value = serde_json::from_str(s)
-                    .map_err(|e| ApiError::invalid_param(p.clone(), format!("{p} is not valid JSON: {e}")))?;
-                *args = parsed;
-            }
-        }
-    }
-    Ok(())
+    messages::prepare_messages(messages).map_err(|e| ApiError::invalid_param(e.param, e.message))
 }
 
 /// Chat chunks: a `role` delta per choice first, then `content` deltas, then an
@@ -256,33 +170,19 @@ mod tests {
     use crate::api::responses::Outcome;
 
     #[test]
-    fn messages_are_checked_and_normalised() {
+    fn message_errors_become_400s_naming_the_field() {
+        let e = prepare_messages(&[json!({"role": "wizard", "content": "x"})]).unwrap_err();
+        assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST);
+        assert_eq!(e.param.as_deref(), Some("messages[0].role"));
+        assert_eq!(
+            e.message,
+            "messages[0].role 'wizard' is not one of system, developer, user, assistant, tool, function"
+        );
         let e = prepare_messages(&[]).unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages"));
-        let e = prepare_messages(&[json!({"content": "x"})]).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("messages[0].role"));
-        let e = prepare_messages(&[json!({"role": "wizard", "content": "x"})]).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("messages[0].role"));
-        assert!(e.message.contains("'wizard' is not one of"), "{}", e.message);
-        let e = prepare_messages(&[json!({"role": "user", "content": 5})]).unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("messages[0].content"));
-        let e = prepare_messages(&[json!({"role": "user", "content": [{"type": "image_url", "image_url": {}}]})])
-            .unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("messages[0].content[0].type"));
-        let e = prepare_messages(&[json!({"role": "assistant", "content": null,
-            "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{bad"}}]})])
-        .unwrap_err();
-        assert_eq!(e.param.as_deref(), Some("messages[0].tool_calls[0].function.arguments"));
-
-        let m = prepare_messages(&[
-            json!({"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}),
-            json!({"role": "assistant", "content": null,
-                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"x\": 1}"}}]}),
-        ])
-        .unwrap();
-        assert_eq!(m[0]["content"], "a\nb");
-        assert_eq!(m[1]["tool_calls"][0]["function"]["arguments"], json!({"x": 1}));
-        assert_eq!(m[1]["content"], Value::Null);
+        assert_eq!(e.message, "messages must contain at least one message");
+        let m = prepare_messages(&[json!({"role": "user", "content": [{"type": "text", "text": "a"}]})]).unwrap();
+        assert_eq!(m[0]["content"], "a");
     }
 
     fn renderer(logprobs: bool, include_usage: bool) -> ChatChunks {

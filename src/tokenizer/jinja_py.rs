@@ -433,7 +433,9 @@ pub(crate) fn rewrite_generation_tags(source: &str) -> String {
     while let Some(start) = rest.find("{%") {
         out.push_str(&rest[..start]);
         let tag = &rest[start..];
-        let Some(end) = tag.find("%}") else {
+        // The closing `%}` comes after the opening `{%`: in `{%}` the `%` is shared,
+        // and that is no tag at all (minijinja reports the syntax error).
+        let Some(end) = tag[2..].find("%}").map(|e| e + 2) else {
             out.push_str(tag);
             return out;
         };
@@ -497,5 +499,17 @@ mod tests {
     fn generation_tags_become_if_blocks() {
         let src = "a{%- generation -%}b{% endgeneration %}c{% if x %}{% endif %}";
         assert_eq!(rewrite_generation_tags(src), "a{%- if true -%}b{% endif %}c{% if x %}{% endif %}");
+    }
+
+    #[test]
+    fn overlapping_tag_delimiters_are_left_alone() {
+        // `{%}` once made the closing `%}` overlap the opening `{%` and sliced
+        // `tag[2..1]`: a panic on a template source anyone can supply.
+        for src in ["{%}", "a{%}b", "{%", "{%%}", "{%-}", "x{%}%}", "{%}}"] {
+            assert_eq!(rewrite_generation_tags(src), src);
+        }
+        // A broken tag runs to the next `%}`; tags after that are still rewritten.
+        assert_eq!(rewrite_generation_tags("{%}{%generation%}"), "{%}{%generation%}");
+        assert_eq!(rewrite_generation_tags("{%} %}{% generation %}"), "{%} %}{% if true %}");
     }
 }

@@ -1,4 +1,5 @@
-//! Text to token ids and back, and chat templates.
+//! Text to token ids and back, chat templates, and the chat messages they render
+//! (checked and normalised once for serving and training: [`messages`]).
 //!
 //! [`Tokenizer`] wraps a `tokenizers::Tokenizer` loaded from an HF tokenizer.json
 //! (with the tokenizer_config.json / generation_config.json beside it) or rebuilt
@@ -10,12 +11,14 @@ mod chat_template;
 mod gguf_vocab;
 mod hf_files;
 mod jinja_py;
+pub mod messages;
 mod stream;
 
 use std::path::{Path, PathBuf};
 
 pub use chat_template::ChatTemplate;
 pub use gguf_vocab::{GgufVocab, TOKEN_TYPE_CONTROL, TOKEN_TYPE_USER_DEFINED};
+pub use messages::{prepare_messages, MessageError};
 pub use stream::DecodeStream;
 
 #[derive(Debug, thiserror::Error)]
