@@ -18,8 +18,8 @@ cargo build --release --locked
 cargo test --release --locked --all-targets
 # The goldens again on the narrower kernel sets (AVX-512 is this machine's
 # default): every ISA path must match transformers, not just the one in use.
-TANDEM_CPU_ISA=avx2 cargo test --release --locked --test default_model --test model_tiny --test lora_tiny
-TANDEM_CPU_ISA=scalar cargo test --release --locked --test model_tiny --test lora_tiny
+TANDEM_CPU_ISA=avx2 cargo test --release --locked --test default_model --test model_tiny --test lora_tiny --test train_grads
+TANDEM_CPU_ISA=scalar cargo test --release --locked --test model_tiny --test lora_tiny --test train_grads
 # The HTTP server as clients see it: the official openai Python client, raw
 # bad-input requests, schemathesis against /openapi.json, graceful shutdown.
 tests/py/run.sh

@@ -17,6 +17,16 @@ pub struct Config {
     pub server: ServerSection,
     pub lora: LoraSection,
     pub device: DeviceSection,
+    pub train: TrainSection,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    /// MiB training may hold besides the model's weights (0: no limit).
+    pub memory_budget_mib: usize,
+    /// MiB of logits computed at once by the loss.
+    pub logits_chunk_mib: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

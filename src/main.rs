@@ -20,6 +20,7 @@ use tandem::lora::{LoraRegistry, RegistryConfig};
 use tandem::model::{load_model, LoadedModel};
 
 mod selftest;
+mod train_cli;
 
 #[derive(Parser)]
 #[command(name = "tandem", version, about = "Serve one base LLM and many LoRA adapters")]
@@ -154,6 +155,31 @@ enum Cmd {
         /// Interleaved (base only, with adapters) pairs per configuration.
         #[arg(long, default_value_t = 3)]
         reps: usize,
+    },
+    /// Train a LoRA adapter on a JSONL file (chat, prompt/completion or Alpaca)
+    /// through the frozen base model, on --device.
+    Train(Box<train_cli::TrainArgs>),
+    /// Training tok/s of a LoRA adapter (all seven projections) on synthetic
+    /// micro-batches, against the forward-only prefill of the same tokens.
+    BenchTrain {
+        #[arg(long)]
+        model: Option<String>,
+        /// Sequences per micro-batch.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq_len: usize,
+        #[arg(long, default_value_t = 8)]
+        rank: usize,
+        /// Measured optimiser steps (after one warm-up step); the median is reported.
+        #[arg(long, default_value_t = 3)]
+        steps: usize,
+        /// Fraction of each sequence (its tail) that carries loss.
+        #[arg(long, default_value_t = 1.0)]
+        loss_fraction: f64,
+        /// Training memory budget in MiB (activations beyond it are recomputed); default: keep all.
+        #[arg(long)]
+        memory_budget_mib: Option<usize>,
     },
     /// Check every op of --device against the CPU backend, then greedy decoding
     /// of a model end to end; exits non-zero on any failure.
@@ -324,6 +350,21 @@ fn run_on<B: OpenBackend>(cmd: Cmd, mut cfg: Config) -> Result<()> {
             let opts = tandem::bench::BenchOptions { prompt_len, decode_steps, batches: batch, reps };
             println!("model: {}\nbackend: {name}", loaded.source);
             let report = tandem::bench::run(&mut runner, &opts)?;
+            print!("{report}");
+        }
+        Cmd::Train(args) => train_cli::run::<B>(*args, cfg)?,
+        Cmd::BenchTrain { model, batch, seq_len, rank, steps, loss_fraction, memory_budget_mib } => {
+            let (be, loaded) = load::<B>(&mut cfg, model)?;
+            println!("model: {}\nbackend: {}", loaded.source, tandem::backend::Backend::name(&be));
+            let opts = tandem::bench::train::TrainBenchOptions {
+                batch,
+                seq_len,
+                rank,
+                steps,
+                loss_fraction,
+                memory_budget: memory_budget_mib.map(|m| m << 20),
+            };
+            let report = tandem::bench::train::run(&be, &loaded.model, &opts)?;
             print!("{report}");
         }
         Cmd::Selftest { .. } => unreachable!("handled before choosing a backend"),

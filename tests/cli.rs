@@ -89,3 +89,71 @@ fn bad_models_and_prompts_are_clear_errors() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn train_writes_an_adapter_that_generate_serves() {
+    let model = fixture("tiny/qwen2/hf-f32");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("train.jsonl");
+    let lines: String = (0..6)
+        .map(|i| {
+            format!(
+                "{{\"messages\": [{{\"role\": \"user\", \"content\": \"say {i}\"}}, \
+                 {{\"role\": \"assistant\", \"content\": \"ok {i} {i}\"}}]}}\n"
+            )
+        })
+        .collect();
+    std::fs::write(&data, lines).unwrap();
+    let out_dir = dir.path().join("adapter");
+    let out = tandem()
+        .args(["train", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()])
+        .args(["--out", out_dir.to_str().unwrap(), "--epochs", "2", "--batch-size", "3", "--rank", "4"])
+        .args(["--lr", "1e-2", "--save-every", "1"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stderr: {stderr}");
+    // Without a terminal every step is a line.
+    assert!(stderr.contains("step 4/4:") && stderr.contains("loss"), "{stderr}");
+    assert!(stderr.contains("checkpoint"), "{stderr}");
+    for f in ["adapter_config.json", "adapter_model.safetensors", "metrics.jsonl", "loss.png", "training_metadata.json"]
+    {
+        assert!(out_dir.join(f).is_file(), "{f} missing");
+    }
+    let gen = tandem()
+        .args(["generate", "--model", model.to_str().unwrap(), "--adapter", out_dir.to_str().unwrap()])
+        .args(["--prompt", "say 1", "--max-tokens", "4"])
+        .output()
+        .unwrap();
+    assert!(gen.status.success(), "stderr: {}", String::from_utf8_lossy(&gen.stderr));
+}
+
+#[test]
+fn train_reports_every_bad_line_and_trains_nothing() {
+    let model = fixture("tiny/qwen2/hf-f32");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &data,
+        "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"yo\"}]}\n\
+         {\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n\
+         not json\n\
+         {\"messages\": [{\"role\": \"wizard\", \"content\": \"hi\"}, {\"role\": \"assistant\", \"content\": \"yo\"}]}\n",
+    )
+    .unwrap();
+    let out_dir = dir.path().join("adapter");
+    let out = tandem()
+        .args(["train", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()])
+        .args(["--out", out_dir.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("3 problems"), "{stderr}");
+    for line in ["line 2:", "line 3:", "line 4:"] {
+        assert!(stderr.contains(line), "{line} not reported: {stderr}");
+    }
+    assert!(!stderr.contains("line 1:"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(!out_dir.exists(), "nothing is written when the data is bad");
+}

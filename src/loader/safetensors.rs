@@ -113,7 +113,19 @@ impl StDtype {
 /// A safetensors file holding `(name, dtype, shape, little-endian data)`
 /// tensors in order (benches and tests write adapters with it).
 pub fn serialize(tensors: &[(&str, StDtype, &[usize], &[u8])]) -> Vec<u8> {
+    serialize_with_metadata(tensors, &[])
+}
+
+/// [`serialize`] with `__metadata__` string pairs (e.g. `format: pt`, which
+/// torch's loaders expect); the header is padded with spaces to a multiple of
+/// 8 bytes, as the reference writer does, so the data is aligned.
+pub fn serialize_with_metadata(tensors: &[(&str, StDtype, &[usize], &[u8])], metadata: &[(&str, &str)]) -> Vec<u8> {
     let mut header = serde_json::Map::new();
+    if !metadata.is_empty() {
+        let m: serde_json::Map<String, serde_json::Value> =
+            metadata.iter().map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string()))).collect();
+        header.insert("__metadata__".into(), serde_json::Value::Object(m));
+    }
     let mut data = Vec::new();
     for (name, dtype, shape, bytes) in tensors {
         let start = data.len();
@@ -123,7 +135,8 @@ pub fn serialize(tensors: &[(&str, StDtype, &[usize], &[u8])]) -> Vec<u8> {
             serde_json::json!({"dtype": dtype.name(), "shape": shape, "data_offsets": [start, data.len()]}),
         );
     }
-    let header = serde_json::to_vec(&serde_json::Value::Object(header)).expect("a JSON map serialises");
+    let mut header = serde_json::to_vec(&serde_json::Value::Object(header)).expect("a JSON map serialises");
+    header.resize(header.len().next_multiple_of(8), b' ');
     let mut out = (header.len() as u64).to_le_bytes().to_vec();
     out.extend_from_slice(&header);
     out.extend_from_slice(&data);
