@@ -69,6 +69,19 @@ pub fn layer_grads_bytes(c: &ModelConfig, rows: usize) -> usize {
 }
 
 impl<B: Backend> LlamaModel<B> {
+    /// Refills the derived activations of layer `i` (see
+    /// [`super::DerivedActivations`]) from its input before its backward.
+    pub fn recompute_derived(
+        &self,
+        be: &B,
+        i: usize,
+        x_in: &B::Tensor,
+        g: &mut LayerGrads<B>,
+        a: &mut LayerActivations<B>,
+    ) -> BackendResult<()> {
+        self.layers[i].recompute_derived(be, &self.config, x_in, &mut g.x_mid, a)
+    }
+
     /// The backward of layer `i`: on entry `dx` is the gradient at the layer's
     /// output, on return at its input `x_in`. `acts` is what the forward of this
     /// layer computed from `x_in` for `input` (whole sequences).

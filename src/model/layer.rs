@@ -90,13 +90,102 @@ impl<B: Backend> LayerActivations<B> {
     }
 }
 
-/// Bytes of one [`LayerActivations`] set for `rows` tokens (f32).
+/// The activations the backward can recompute cheaply from the layer's input
+/// and the others (two RMS norms and an elementwise product) or does not read
+/// (the MLP output): training keeps one set of these for all kept layers.
+pub struct DerivedActivations<B: Backend> {
+    pub attn_in: B::Tensor,
+    pub mlp_in: B::Tensor,
+    pub act: B::Tensor,
+    pub mlp_out: B::Tensor,
+}
+
+impl<B: Backend> LayerActivations<B> {
+    /// A set whose derived tensors are `derived` (or new ones).
+    pub fn with_derived(
+        be: &B,
+        c: &ModelConfig,
+        rows: usize,
+        derived: Option<DerivedActivations<B>>,
+    ) -> BackendResult<Self> {
+        let Some(d) = derived else { return Self::new(be, c, rows) };
+        let (h, ff) = (c.hidden_size, c.intermediate_size);
+        let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
+        Ok(Self {
+            attn_in: d.attn_in,
+            q: be.zeros(rows, qd)?,
+            k: be.zeros(rows, kvd)?,
+            v: be.zeros(rows, kvd)?,
+            attn: be.zeros(rows, qd)?,
+            attn_out: be.zeros(rows, h)?,
+            mlp_in: d.mlp_in,
+            gate: be.zeros(rows, ff)?,
+            up: be.zeros(rows, ff)?,
+            act: d.act,
+            mlp_out: d.mlp_out,
+        })
+    }
+
+    /// Moves the derived tensors out (leaving empty ones), for another layer to use.
+    pub fn take_derived(&mut self, be: &B) -> BackendResult<DerivedActivations<B>> {
+        let empty = |t: &mut B::Tensor| -> BackendResult<B::Tensor> {
+            let cols = be.shape(t).1;
+            Ok(std::mem::replace(t, be.zeros(0, cols)?))
+        };
+        Ok(DerivedActivations {
+            attn_in: empty(&mut self.attn_in)?,
+            mlp_in: empty(&mut self.mlp_in)?,
+            act: empty(&mut self.act)?,
+            mlp_out: empty(&mut self.mlp_out)?,
+        })
+    }
+
+    /// Puts derived tensors back (their contents are recomputed by
+    /// `LlamaModel::recompute_derived` before the backward reads them).
+    pub fn put_derived(&mut self, d: DerivedActivations<B>) {
+        self.attn_in = d.attn_in;
+        self.mlp_in = d.mlp_in;
+        self.act = d.act;
+        self.mlp_out = d.mlp_out;
+    }
+}
+
+/// Bytes of one full [`LayerActivations`] set for `rows` tokens (f32).
 pub fn layer_activations_bytes(c: &ModelConfig, rows: usize) -> usize {
+    layer_saved_bytes(c, rows) + derived_activations_bytes(c, rows)
+}
+
+/// Bytes a kept layer holds: its activations less the derived ones.
+pub fn layer_saved_bytes(c: &ModelConfig, rows: usize) -> usize {
     let (qd, kvd) = (c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim);
-    4 * rows * (4 * c.hidden_size + 2 * qd + 2 * kvd + 3 * c.intermediate_size)
+    4 * rows * (c.hidden_size + 2 * qd + 2 * kvd + 2 * c.intermediate_size)
+}
+
+/// Bytes of one [`DerivedActivations`] set.
+pub fn derived_activations_bytes(c: &ModelConfig, rows: usize) -> usize {
+    4 * rows * (3 * c.hidden_size + c.intermediate_size)
 }
 
 impl<B: Backend> Layer<B> {
+    /// Recomputes the derived activations of a kept layer from its input
+    /// `x_in`: the two normed inputs and silu(gate)·up (`mlp_out` is left as
+    /// it is: the backward does not read it). `x_mid` is scratch `[rows, hidden]`.
+    pub fn recompute_derived(
+        &self,
+        be: &B,
+        c: &ModelConfig,
+        x_in: &B::Tensor,
+        x_mid: &mut B::Tensor,
+        a: &mut LayerActivations<B>,
+    ) -> BackendResult<()> {
+        be.rms_norm(x_in, &self.attn_norm, c.rms_norm_eps, &mut a.attn_in)?;
+        be.fill(x_mid, 0.0)?;
+        be.add_assign(x_mid, x_in)?;
+        be.add_assign(x_mid, &a.attn_out)?;
+        be.rms_norm(x_mid, &self.ffn_norm, c.rms_norm_eps, &mut a.mlp_in)?;
+        be.silu_mul(&a.gate, &a.up, &mut a.act)
+    }
+
     /// `x` (the residual stream, `[rows, hidden]`) goes through the layer in
     /// place; K/V are written to the cache at `input.slot_mapping`.
     #[allow(clippy::too_many_arguments)]

@@ -20,7 +20,10 @@ use crate::tokenizer::{GgufVocab, Tokenizer};
 
 pub use backward::{layer_grads_bytes, LayerGrads, LoraGradHook};
 pub use config::{Arch, ModelConfig};
-pub use layer::{layer_activations_bytes, LayerActivations, LoraHook, NoLora};
+pub use layer::{
+    derived_activations_bytes, layer_activations_bytes, layer_saved_bytes, DerivedActivations, LayerActivations,
+    LoraHook, NoLora,
+};
 pub use llama::LlamaModel;
 pub use lora::{DeviceAdapter, LoraStep};
 pub use weights::{TensorName, WeightSource};

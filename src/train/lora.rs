@@ -235,6 +235,18 @@ fn dropout_seed(base: u64, layer: usize, target: LoraTarget) -> u64 {
     z ^ (z >> 32)
 }
 
+/// The shrink `drop(x)·Aᵀ` (`[tokens, rank]`) of each adapted projection,
+/// kept by the forward for the backward (a few MB: rank columns).
+pub struct ShrinkCache<B: Backend> {
+    slots: Vec<Option<B::Tensor>>,
+}
+
+impl<B: Backend> ShrinkCache<B> {
+    pub fn new(layers: usize) -> Self {
+        Self { slots: (0..layers * 7).map(|_| None).collect() }
+    }
+}
+
 /// The trained adapter as the shared forward sees it.
 pub struct TrainForward<'a, B: Backend> {
     pub lora: &'a TrainableLora<B>,
@@ -242,6 +254,8 @@ pub struct TrainForward<'a, B: Backend> {
     pub dropout_seed: u64,
     /// Whether dropout applies (training) or not (evaluation).
     pub dropout: bool,
+    /// Where to keep each shrink for the backward (training).
+    pub shrinks: Option<&'a mut ShrinkCache<B>>,
 }
 
 /// The trained adapter as the shared backward sees it: gradients accumulate
@@ -249,6 +263,8 @@ pub struct TrainForward<'a, B: Backend> {
 pub struct TrainBackward<'a, B: Backend> {
     pub lora: &'a mut TrainableLora<B>,
     pub dropout_seed: u64,
+    /// The forward's shrinks (recomputed when absent).
+    pub shrinks: Option<&'a mut ShrinkCache<B>>,
 }
 
 /// `x`, or a dropped-out copy of it.
@@ -278,7 +294,11 @@ impl<B: Backend> LoraHook<B> for TrainForward<'_, B> {
         let (rows, _) = be.shape(x);
         let mut s = be.zeros(rows, f.rank)?;
         be.gemm(x, false, &f.a.value, true, 1.0, 0.0, &mut s)?;
-        be.gemm(&s, false, &f.bt.value, false, f.scale, 1.0, out)
+        be.gemm(&s, false, &f.bt.value, false, f.scale, 1.0, out)?;
+        if let Some(cache) = self.shrinks.as_deref_mut() {
+            cache.slots[layer * 7 + target.index()] = Some(s);
+        }
+        Ok(())
     }
 }
 
@@ -298,9 +318,16 @@ impl<B: Backend> LoraGradHook<B> for TrainBackward<'_, B> {
         let xd = dropped(be, x, p, seed)?;
         let x = xd.as_ref().unwrap_or(x);
         let (rows, _) = be.shape(x);
-        // s = drop(x)·Aᵀ, recomputed (rank columns: cheap next to storing it).
-        let mut s = be.zeros(rows, f.rank)?;
-        be.gemm(x, false, &f.a.value, true, 1.0, 0.0, &mut s)?;
+        // s = drop(x)·Aᵀ, as the forward left it (or recomputed).
+        let kept = self.shrinks.as_deref_mut().and_then(|c| c.slots[layer * 7 + target.index()].take());
+        let s = match kept {
+            Some(s) => s,
+            None => {
+                let mut s = be.zeros(rows, f.rank)?;
+                be.gemm(x, false, &f.a.value, true, 1.0, 0.0, &mut s)?;
+                s
+            }
+        };
         // dBᵀ += scale · sᵀ·dy; ds = scale · dy·B.
         be.gemm(&s, true, dy, false, f.scale, 1.0, &mut f.bt.grad)?;
         let mut ds = be.zeros(rows, f.rank)?;

@@ -1,12 +1,14 @@
 //! What a training run will hold in memory, decided before the first step:
 //! the adapter's state, one residual checkpoint per layer, the backward's
-//! scratch, a chunk of logits, the training KV cache, and as many layers' full
+//! scratch, a chunk of logits, the training KV cache, and as many layers' saved
 //! activations as the budget allows; the other layers are recomputed from
 //! their checkpoint during the backward (gradient checkpointing).
 //!
 //! The model's weights are not counted: they are resident for serving anyway.
 
-use crate::model::{layer_activations_bytes, layer_grads_bytes, ModelConfig};
+use crate::model::{
+    derived_activations_bytes, layer_activations_bytes, layer_grads_bytes, layer_saved_bytes, ModelConfig,
+};
 
 use super::step::train_kv_bytes;
 
@@ -60,36 +62,29 @@ impl MemoryPlan {
             + lora_tmp
             + layer_grads_bytes(cfg, tokens)
             + train_kv_bytes(cfg, tokens, seqs);
-        let layer = layer_activations_bytes(cfg, tokens);
-        // Recomputing needs one scratch set; keeping every layer needs none.
+        // A kept layer holds its saved activations; all kept layers share one
+        // derived set, and recomputed layers one full set.
+        let layer = layer_saved_bytes(cfg, tokens);
+        let derived = derived_activations_bytes(cfg, tokens);
+        let full = layer_activations_bytes(cfg, tokens);
+        let need =
+            |kept: usize| fixed + kept * layer + if kept > 0 { derived } else { 0 } + if kept < n { full } else { 0 };
         let saved_layers = match budget {
             None => n,
             Some(b) => {
-                let min = fixed + layer;
-                if b < min {
+                if b < need(0) {
                     return Err(format!(
                         "a micro-batch of {tokens} tokens needs at least {} MiB for training (adapter state, \
                          per-layer checkpoints, backward scratch); the memory budget is {} MiB: lower the \
                          batch size or max_seq_len, or raise the budget",
-                        min.div_ceil(1 << 20),
+                        need(0).div_ceil(1 << 20),
                         b >> 20
                     ));
                 }
-                if fixed + n * layer <= b {
-                    n
-                } else {
-                    ((b - fixed) / layer).saturating_sub(1).min(n)
-                }
+                (0..=n).rev().find(|&k| need(k) <= b).unwrap_or(0)
             }
         };
-        let scratch = if saved_layers == n { 0 } else { layer };
-        Ok(Self {
-            saved_layers,
-            head_rows,
-            peak_bytes: fixed + saved_layers * layer + scratch,
-            fixed_bytes: fixed,
-            layer_bytes: layer,
-        })
+        Ok(Self { saved_layers, head_rows, peak_bytes: need(saved_layers), fixed_bytes: fixed, layer_bytes: layer })
     }
 
     /// Layers recomputed in the backward.

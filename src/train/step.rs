@@ -6,9 +6,9 @@
 use std::ops::Range;
 
 use crate::backend::{Backend, BackendResult, BlockId, CrossEntropySums, KvCacheSpec, SeqAttention};
-use crate::model::{LayerActivations, LayerGrads, LlamaModel, StepInput};
+use crate::model::{DerivedActivations, LayerActivations, LayerGrads, LlamaModel, StepInput};
 
-use super::lora::{TrainBackward, TrainForward, TrainableLora};
+use super::lora::{ShrinkCache, TrainBackward, TrainForward, TrainableLora};
 use super::memory::MemoryPlan;
 
 /// Tokens per KV block of the training cache.
@@ -139,25 +139,34 @@ pub fn run_micro_batch<B: Backend>(
 
     let mut x = be.zeros(t, c.hidden_size)?;
     model.embed(be, &mb.tokens, &mut x)?;
+    // Per layer: its input (a checkpoint), and for kept layers the activations
+    // the backward reads less the derived ones, which all kept layers share
+    // (`spare`) and recompute; recomputed layers share one full set (`scratch`).
     let mut checkpoints: Vec<B::Tensor> = Vec::with_capacity(if training { n } else { 0 });
     let mut saved: Vec<Option<LayerActivations<B>>> = (0..n).map(|_| None).collect();
     let mut scratch: Option<LayerActivations<B>> = None;
+    let mut spare: Option<DerivedActivations<B>> = None;
+    let mut shrinks = ShrinkCache::new(n);
     {
         // Evaluation runs without dropout; a training step draws its masks from the seed.
-        let mut hook = TrainForward { lora, dropout_seed, dropout: training };
+        let kept = if training { Some(&mut shrinks) } else { None };
+        let mut hook = TrainForward { lora, dropout_seed, dropout: training, shrinks: kept };
         for (i, slot) in saved.iter_mut().enumerate() {
             if training {
                 checkpoints.push(be.copy(&x)?);
             }
-            let acts = if training && plan.keeps(i, n) {
-                slot.insert(LayerActivations::new(be, c, t)?)
+            if training && plan.keeps(i, n) {
+                let mut a = LayerActivations::with_derived(be, c, t, spare.take())?;
+                model.forward_layer(be, i, cache, &input, &meta, &mut hook, &mut x, &mut a)?;
+                spare = Some(a.take_derived(be)?);
+                *slot = Some(a);
             } else {
                 if scratch.is_none() {
                     scratch = Some(LayerActivations::new(be, c, t)?);
                 }
-                scratch.as_mut().expect("just set")
-            };
-            model.forward_layer(be, i, cache, &input, &meta, &mut hook, &mut x, acts)?;
+                let a = scratch.as_mut().expect("just set");
+                model.forward_layer(be, i, cache, &input, &meta, &mut hook, &mut x, a)?;
+            }
         }
     }
     let Some(scale) = grad_scale else {
@@ -169,8 +178,12 @@ pub fn run_micro_batch<B: Backend>(
     let mut grads = LayerGrads::new(be, c, t)?;
     for i in (0..n).rev() {
         let x_in = checkpoints.pop().expect("one checkpoint per layer");
-        let acts = match saved[i].take() {
-            Some(a) => a,
+        let (acts, kept) = match saved[i].take() {
+            Some(mut a) => {
+                a.put_derived(spare.take().expect("kept layers leave a derived set"));
+                model.recompute_derived(be, i, &x_in, &mut grads, &mut a)?;
+                (a, true)
+            }
             None => {
                 // Recompute the layer from its checkpoint (same weights, same masks).
                 let mut a = match scratch.take() {
@@ -178,14 +191,18 @@ pub fn run_micro_batch<B: Backend>(
                     None => LayerActivations::new(be, c, t)?,
                 };
                 let mut x = be.copy(&x_in)?;
-                let mut hook = TrainForward { lora, dropout_seed, dropout: true };
+                let mut hook = TrainForward { lora, dropout_seed, dropout: true, shrinks: Some(&mut shrinks) };
                 model.forward_layer(be, i, cache, &input, &meta, &mut hook, &mut x, &mut a)?;
-                a
+                (a, false)
             }
         };
-        let mut hook = TrainBackward { lora, dropout_seed };
+        let mut hook = TrainBackward { lora, dropout_seed, shrinks: Some(&mut shrinks) };
+        let mut acts = acts;
         model.backward_layer(be, i, &input, &meta, &x_in, &acts, &mut hook, &mut grads, &mut dx)?;
-        if scratch.is_none() {
+        if kept {
+            // The layer's own tensors are done with; its derived set serves the next.
+            spare = Some(acts.take_derived(be)?);
+        } else {
             scratch = Some(acts);
         }
     }

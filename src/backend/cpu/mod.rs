@@ -213,7 +213,7 @@ impl Backend for CpuBackend {
     }
 
     fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor, out: &mut CpuTensor) -> BackendResult<()> {
-        ops::silu_mul(gate, up, out);
+        ops::silu_mul(&self.pool, gate, up, out);
         Ok(())
     }
 
@@ -319,7 +319,7 @@ impl Backend for CpuBackend {
         assert_eq!(k, kb, "gemm inner dimensions");
         assert_eq!((c.rows, c.cols), (m, n), "gemm output shape");
         let g = gemm::Gemm { m, n, k, trans_a, trans_b, alpha, beta };
-        gemm::gemm(&self.pool, g, &a.data, &b.data, &mut c.data);
+        gemm::gemm(&self.pool, self.isa, g, &a.data, &b.data, &mut c.data);
         Ok(())
     }
 
@@ -355,7 +355,7 @@ impl Backend for CpuBackend {
         dgate: &mut CpuTensor,
         dup: &mut CpuTensor,
     ) -> BackendResult<()> {
-        train_ops::silu_mul_backward(gate, up, dout, dgate, dup);
+        train_ops::silu_mul_backward(&self.pool, gate, up, dout, dgate, dup);
         Ok(())
     }
 

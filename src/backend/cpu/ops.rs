@@ -64,11 +64,24 @@ pub fn rope_rotate(
     }
 }
 
-pub fn silu_mul(gate: &CpuTensor, up: &CpuTensor, out: &mut CpuTensor) {
+/// Elements per parallel task of elementwise ops (large enough that the
+/// split costs nothing; results do not depend on it).
+pub const ELEMENTWISE_CHUNK: usize = 1 << 14;
+
+pub fn silu_mul(pool: &rayon::ThreadPool, gate: &CpuTensor, up: &CpuTensor, out: &mut CpuTensor) {
     assert_eq!(gate.data.len(), up.data.len());
     assert_eq!(gate.data.len(), out.data.len());
-    for ((o, &g), &u) in out.data.iter_mut().zip(&gate.data).zip(&up.data) {
-        *o = g / (1.0 + (-g).exp()) * u;
+    let run = |(i, o): (usize, &mut [f32])| {
+        let base = i * ELEMENTWISE_CHUNK;
+        for (j, o) in o.iter_mut().enumerate() {
+            let (g, u) = (gate.data[base + j], up.data[base + j]);
+            *o = g / (1.0 + (-g).exp()) * u;
+        }
+    };
+    if out.data.len() > ELEMENTWISE_CHUNK && pool.current_num_threads() > 1 {
+        pool.install(|| out.data.par_chunks_mut(ELEMENTWISE_CHUNK).enumerate().for_each(run));
+    } else {
+        out.data.chunks_mut(ELEMENTWISE_CHUNK).enumerate().for_each(run);
     }
 }
 

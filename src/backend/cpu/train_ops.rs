@@ -72,6 +72,7 @@ pub fn rope_backward(x: &mut CpuTensor, heads: usize, head_dim: usize, positions
 
 /// With `s = sigmoid(g)`: `d up = dout · g·s`, `d gate = dout · up · s·(1 + g·(1 − s))`.
 pub fn silu_mul_backward(
+    pool: &rayon::ThreadPool,
     gate: &CpuTensor,
     up: &CpuTensor,
     dout: &CpuTensor,
@@ -80,11 +81,20 @@ pub fn silu_mul_backward(
 ) {
     let n = gate.data.len();
     assert!(up.data.len() == n && dout.data.len() == n && dgate.data.len() == n && dup.data.len() == n);
-    for i in 0..n {
-        let (g, u, d) = (gate.data[i], up.data[i], dout.data[i]);
-        let s = 1.0 / (1.0 + (-g).exp());
-        dup.data[i] = d * (g * s);
-        dgate.data[i] = d * u * (s * (1.0 + g * (1.0 - s)));
+    const C: usize = super::ops::ELEMENTWISE_CHUNK;
+    let run = |(i, (dg, du)): (usize, (&mut [f32], &mut [f32]))| {
+        let base = i * C;
+        for (j, (dg, du)) in dg.iter_mut().zip(du.iter_mut()).enumerate() {
+            let (g, u, d) = (gate.data[base + j], up.data[base + j], dout.data[base + j]);
+            let s = 1.0 / (1.0 + (-g).exp());
+            *du = d * (g * s);
+            *dg = d * u * (s * (1.0 + g * (1.0 - s)));
+        }
+    };
+    if n > C && pool.current_num_threads() > 1 {
+        pool.install(|| dgate.data.par_chunks_mut(C).zip(dup.data.par_chunks_mut(C)).enumerate().for_each(run));
+    } else {
+        dgate.data.chunks_mut(C).zip(dup.data.chunks_mut(C)).enumerate().for_each(run);
     }
 }
 
@@ -251,10 +261,10 @@ mod tests {
         let n = 40;
         let (g, u, d) = (wave(n, 0.7), wave(n, 0.3), wave(n, 0.9));
         let (mut dg, mut du) = (t(vec![0.0; n], 1, n), t(vec![0.0; n], 1, n));
-        silu_mul_backward(&t(g.clone(), 1, n), &t(u.clone(), 1, n), &t(d.clone(), 1, n), &mut dg, &mut du);
+        silu_mul_backward(&pool(), &t(g.clone(), 1, n), &t(u.clone(), 1, n), &t(d.clone(), 1, n), &mut dg, &mut du);
         let silu_mul = |gs: &[f32], us: &[f32]| {
             let mut o = t(vec![0.0; n], 1, n);
-            super::super::ops::silu_mul(&t(gs.to_vec(), 1, n), &t(us.to_vec(), 1, n), &mut o);
+            super::super::ops::silu_mul(&pool(), &t(gs.to_vec(), 1, n), &t(us.to_vec(), 1, n), &mut o);
             o.data
         };
         fd_check(|gs| silu_mul(gs, &u), &g, &d, &dg.data);
