@@ -204,7 +204,7 @@ pub fn run<B: OpenBackend>(args: TrainArgs, mut cfg: Config) -> Result<()> {
     // Without a terminal (logs, CI) the bar is hidden: print a line per step instead.
     let lines = bar.is_hidden();
     let say = |line: String| if lines { eprintln!("{line}") } else { bar.println(line) };
-    let summary = run::run(&mut trainer, &args.out, &lineage, |ev| match ev {
+    let summary = run::run(&be, model, &mut trainer, &args.out, &lineage, |ev| match ev {
         RunEvent::Eval(e) => {
             let line = format!(
                 "step 0: validation loss {:.4}, token accuracy {:.3}, perplexity {:.2}",
@@ -282,7 +282,7 @@ fn base_files(spec: &str) -> Result<Vec<FileRecord>> {
     Ok(vec![])
 }
 
-fn describe<B: Backend>(t: &Trainer<'_, B>, be: &B) {
+fn describe<B: Backend>(t: &Trainer<B>, be: &B) {
     let d = t.train_data();
     let plan = t.memory_plan();
     let n = t.lora.layers.len();

@@ -46,16 +46,16 @@ fn six_steps_teach_the_default_model_four_invented_facts() {
     };
     let lora = TrainableLora::init(&be, &loaded.model.config, &cfg.lora, cfg.seed).unwrap();
     let mut trainer = Trainer::new(&be, &loaded.model, cfg, train, Some(valid), lora).unwrap();
-    let before = trainer.evaluate().unwrap();
+    let before = trainer.evaluate(&be, &loaded.model).unwrap();
     let mut evals = vec![before.loss];
-    while let Some(r) = trainer.step().unwrap() {
+    while let Some(r) = trainer.step(&be, &loaded.model).unwrap() {
         evals.extend(r.eval.map(|e| e.loss));
     }
     assert_eq!(trainer.state().step, 6);
     let after = *evals.last().unwrap();
     assert!(after < 0.3 * before.loss, "validation loss {} -> {after}: {evals:?}", before.loss);
     let dir = tempfile::tempdir().unwrap();
-    write_adapter(dir.path(), &trainer.lora.spec, "default", &trainer.final_weights().unwrap()).unwrap();
+    write_adapter(dir.path(), &trainer.lora.spec, "default", &trainer.final_weights(&be).unwrap()).unwrap();
     drop(trainer);
 
     // Serve it like any PEFT adapter, greedy.

@@ -103,7 +103,7 @@ fn a_run_writes_a_peft_adapter_metrics_a_plot_and_lineage() {
     // 10 examples in micro-batches of 3 = 4 per epoch, 2 per step: 6 steps.
     assert_eq!(t.total_steps(), 6);
     let out = tempfile::tempdir().unwrap();
-    let summary = run::run(&mut t, out.path(), &lineage(), |_| {}).unwrap();
+    let summary = run::run(&be, &m.model, &mut t, out.path(), &lineage(), |_| {}).unwrap();
     assert_eq!(summary.steps, 6);
     for f in [output::ADAPTER_CONFIG, output::ADAPTER_WEIGHTS, output::METRICS, output::METADATA, output::LOSS_PLOT] {
         assert!(out.path().join(f).is_file(), "{f} is missing");
@@ -182,7 +182,7 @@ fn a_run_writes_a_peft_adapter_metrics_a_plot_and_lineage() {
     // The adapter serves: tandem's PEFT loader reads back exactly the trained weights.
     let limits = LoraOptions { max_rank: 64, dtype: LoraDtype::F32 };
     let served = load_peft_dir("t", out.path(), &m.model.config, limits).unwrap();
-    let trained = t.final_weights().unwrap();
+    let trained = t.final_weights(&be).unwrap();
     for f in &trained {
         let mat = served.layers[f.layer][f.target.index()].as_ref().unwrap();
         assert_eq!(mat.a.to_f32(), f.a);
@@ -205,7 +205,7 @@ fn train_steps(be: &CpuBackend, steps: usize) -> (Vec<f64>, Vec<HostFactor>) {
     let lora = TrainableLora::init(be, &m.model.config, &cfg.lora, cfg.seed).unwrap();
     let mut t = Trainer::new(be, &m.model, cfg, train, Some(valid), lora).unwrap();
     let mut losses = vec![];
-    while let Some(r) = t.step().unwrap() {
+    while let Some(r) = t.step(be, &m.model).unwrap() {
         losses.push(r.loss);
         losses.extend(r.eval.map(|e| e.loss));
     }
@@ -245,8 +245,8 @@ fn a_resumed_run_repeats_the_straight_run_bit_for_bit() {
     let straight = tempfile::tempdir().unwrap();
     let lora = TrainableLora::init(&be, &m.model.config, &cfg.lora, cfg.seed).unwrap();
     let mut a = Trainer::new(&be, &m.model, cfg.clone(), train.clone(), Some(valid.clone()), lora).unwrap();
-    run::run(&mut a, straight.path(), &lineage(), |_| {}).unwrap();
-    let want = a.final_weights().unwrap();
+    run::run(&be, &m.model, &mut a, straight.path(), &lineage(), |_| {}).unwrap();
+    let want = a.final_weights(&be).unwrap();
 
     // The same run, "killed" after its step-3 checkpoint: a copy of the output
     // with metrics of later steps still in it, then resumed.
@@ -255,8 +255,8 @@ fn a_resumed_run_repeats_the_straight_run_bit_for_bit() {
     let mut b = Trainer::resume(&be, &m.model, cfg.clone(), train.clone(), Some(valid.clone()), &ck).unwrap();
     assert_eq!(b.state().step, 3);
     std::fs::copy(straight.path().join(output::METRICS), resumed.path().join(output::METRICS)).unwrap();
-    run::run(&mut b, resumed.path(), &lineage(), |_| {}).unwrap();
-    assert_eq!(b.final_weights().unwrap(), want, "resumed weights differ");
+    run::run(&be, &m.model, &mut b, resumed.path(), &lineage(), |_| {}).unwrap();
+    assert_eq!(b.final_weights(&be).unwrap(), want, "resumed weights differ");
     assert_eq!(metrics(resumed.path()), metrics(straight.path()), "resumed metrics differ");
 
     // Resuming with other settings or other data is refused.
@@ -291,7 +291,7 @@ fn early_stopping_publishes_the_best_evaluation() {
     let lora = TrainableLora::init(&be, &m.model.config, &cfg.lora, cfg.seed).unwrap();
     let mut t = Trainer::new(&be, &m.model, cfg, train, Some(valid.clone()), lora).unwrap();
     let out = tempfile::tempdir().unwrap();
-    let summary = run::run(&mut t, out.path(), &lineage(), |_| {}).unwrap();
+    let summary = run::run(&be, &m.model, &mut t, out.path(), &lineage(), |_| {}).unwrap();
     assert!(summary.stopped_early, "validation kept improving for 40 steps");
     assert!(summary.steps < 40);
     let best = t.state().best_eval_loss.unwrap();
@@ -305,7 +305,7 @@ fn early_stopping_publishes_the_best_evaluation() {
     let cfg2 = TrainConfig { early_stopping_patience: None, epochs: 1, ..t.config().clone() };
     let lora = TrainableLora::from_peft_dir(&be, &m.model.config, out.path(), 0.0).unwrap();
     let mut check = Trainer::new(&be, &m.model, cfg2, valid.clone(), Some(valid), lora).unwrap();
-    let e = check.evaluate().unwrap();
+    let e = check.evaluate(&be, &m.model).unwrap();
     assert!((e.loss - best).abs() < 1e-9, "published adapter's loss {} vs best {best}", e.loss);
 }
 

@@ -13,9 +13,9 @@ fuzz_target!(|data: &[u8]| {
     let split = (n as usize * 4).min(rest.len());
     let (config, weights) = rest.split_at(split);
     let base = ModelConfig::from_hf_json(&serde_json::json!({
-        "architectures": ["Qwen2ForCausalLM"], "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
-        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256,
-        "rms_norm_eps": 1e-6, "rope_theta": 1e6, "tie_word_embeddings": true
+        "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 256, "hidden_size": 64,
+        "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "tie_word_embeddings": true
     }))
     .expect("a valid config");
     if let Ok(f) = SafetensorsFile::from_bytes(weights.to_vec()) {

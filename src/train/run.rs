@@ -17,6 +17,7 @@ use std::time::Instant;
 use serde_json::{json, Value};
 
 use crate::backend::Backend;
+use crate::model::LlamaModel;
 
 use super::output::{self, CurvePoint, OutputError};
 use super::trainer::{EvalReport, StepReport, TrainError, Trainer};
@@ -77,7 +78,9 @@ pub fn checkpoint_dir(out: &Path, step: usize) -> PathBuf {
 /// Runs `trainer` to the end, writing into `out`. A resumed trainer keeps the
 /// metrics of the steps before its checkpoint and drops any logged after it.
 pub fn run<B: Backend>(
-    trainer: &mut Trainer<'_, B>,
+    be: &B,
+    model: &LlamaModel<B>,
+    trainer: &mut Trainer<B>,
     out: &Path,
     lineage: &Lineage,
     mut on_event: impl FnMut(RunEvent<'_>),
@@ -96,7 +99,7 @@ pub fn run<B: Backend>(
     let mut metrics = std::fs::OpenOptions::new().append(true).open(&metrics_path).map_err(io(&metrics_path))?;
     if start_step == 0 && trainer.has_validation() {
         // The base point of the curve: the adapter before any step.
-        let e = trainer.initial_eval()?;
+        let e = trainer.initial_eval(be, model)?;
         let mut line = json!({"type": "eval"});
         merge(&mut line, serde_json::to_value(e).expect("an eval serialises"));
         writeln!(metrics, "{line}").map_err(io(&metrics_path))?;
@@ -104,7 +107,7 @@ pub fn run<B: Backend>(
         on_event(RunEvent::Eval(&e));
     }
     let mut last = None;
-    while let Some(report) = trainer.step()? {
+    while let Some(report) = trainer.step(be, model)? {
         let mut line = json!({"type": "train"});
         merge(&mut line, serde_json::to_value(&report).expect("a report serialises"));
         line.as_object_mut().expect("object").remove("eval");
@@ -121,7 +124,7 @@ pub fn run<B: Backend>(
         let due = trainer.config().save_every.is_some_and(|n| report.step.is_multiple_of(n));
         if due && !trainer.is_done() {
             let dir = checkpoint_dir(out, report.step);
-            trainer.save_checkpoint(&dir, &lineage.base_model)?;
+            trainer.save_checkpoint(be, &dir, &lineage.base_model)?;
             on_event(RunEvent::Checkpoint { step: report.step, path: &dir });
         }
         if report.eval.is_some() {
@@ -130,7 +133,7 @@ pub fn run<B: Backend>(
         last = Some(report);
     }
     metrics.sync_all().map_err(io(&metrics_path))?;
-    let weights = trainer.final_weights()?;
+    let weights = trainer.final_weights(be)?;
     output::write_adapter(out, &trainer.lora.spec, &lineage.base_model, &weights)?;
     output::plot_loss(&out.join(output::LOSS_PLOT), &train_curve, &valid_curve, "LoRA training loss")
         .map_err(|e| OutputError { path: out.join(output::LOSS_PLOT), source: std::io::Error::other(e) })?;
@@ -183,7 +186,7 @@ fn keep_metrics_before(
     Ok(kept)
 }
 
-fn metadata<B: Backend>(t: &Trainer<'_, B>, lineage: &Lineage, last: Option<&StepReport>, seconds: f64) -> Value {
+fn metadata<B: Backend>(t: &Trainer<B>, lineage: &Lineage, last: Option<&StepReport>, seconds: f64) -> Value {
     let s = t.state();
     let data = |d: Option<&super::data::Dataset>, file: &Option<FileRecord>| {
         d.map(|d| {

@@ -110,6 +110,10 @@ pub enum TrainError {
     Output(#[from] OutputError),
     #[error("cannot resume from {path}: {reason}")]
     Resume { path: String, reason: String },
+    /// The optimiser update failed part-way, so the adapter is half updated:
+    /// this run cannot go on; resume it from its last checkpoint.
+    #[error("training stopped: the optimiser update failed part-way ({0}); resume from the last checkpoint")]
+    Broken(String),
 }
 
 /// Where the run is, saved in checkpoints.
@@ -159,9 +163,10 @@ pub struct StepReport {
     pub best: bool,
 }
 
-pub struct Trainer<'m, B: Backend> {
-    be: &'m B,
-    model: &'m LlamaModel<B>,
+/// The run's state. It holds no reference to the backend or the model: each
+/// call takes them, so whoever owns them (the engine thread, when training
+/// beside serving) can lend them for one step at a time.
+pub struct Trainer<B: Backend> {
     cfg: TrainConfig,
     train: Dataset,
     valid: Option<Dataset>,
@@ -176,6 +181,8 @@ pub struct Trainer<'m, B: Backend> {
     best: Option<Vec<HostFactor>>,
     /// A hash of the configuration and the data, checked on resume.
     fingerprint: String,
+    /// Set when an optimiser update failed part-way (see [`TrainError::Broken`]).
+    broken: Option<String>,
 }
 
 /// Optimiser steps of a run over examples of these lengths: per epoch, its
@@ -188,11 +195,11 @@ pub fn total_steps(cfg: &TrainConfig, lengths: &[usize]) -> usize {
     cfg.max_steps.map_or(steps, |m| steps.min(m))
 }
 
-impl<'m, B: Backend> Trainer<'m, B> {
+impl<B: Backend> Trainer<B> {
     /// A run from `lora` (fresh or loaded) over `train`, evaluated on `valid`.
     pub fn new(
-        be: &'m B,
-        model: &'m LlamaModel<B>,
+        be: &B,
+        model: &LlamaModel<B>,
         cfg: TrainConfig,
         train: Dataset,
         valid: Option<Dataset>,
@@ -214,10 +221,9 @@ impl<'m, B: Backend> Trainer<'m, B> {
             cfg.logits_chunk_bytes,
         )
         .map_err(TrainError::Memory)?;
+        let _ = be;
         let fingerprint = fingerprint(&cfg, &train, valid.as_ref());
         Ok(Self {
-            be,
-            model,
             cfg,
             train,
             valid,
@@ -229,6 +235,7 @@ impl<'m, B: Backend> Trainer<'m, B> {
             state: TrainState::default(),
             best: None,
             fingerprint,
+            broken: None,
         })
     }
 
@@ -259,9 +266,13 @@ impl<'m, B: Backend> Trainer<'m, B> {
     }
 
     /// One optimiser step over the next `grad_accum` micro-batches; `None`
-    /// once the run is over. On error the gradients of the failed step are
-    /// dropped and the run can retry the same step.
-    pub fn step(&mut self) -> Result<Option<StepReport>, TrainError> {
+    /// once the run is over. When the forward or backward fails, the step's
+    /// gradients are dropped and the same step can be taken again; when the
+    /// optimiser update fails, the run is [`TrainError::Broken`].
+    pub fn step(&mut self, be: &B, model: &LlamaModel<B>) -> Result<Option<StepReport>, TrainError> {
+        if let Some(why) = &self.broken {
+            return Err(TrainError::Broken(why.clone()));
+        }
         if self.is_done() {
             return Ok(None);
         }
@@ -277,19 +288,19 @@ impl<'m, B: Backend> Trainer<'m, B> {
         let to = (from + self.cfg.grad_accum).min(plan_len);
         let mbs: Vec<MicroBatch> = plan[from..to].iter().map(|b| micro_batch(&self.train, &b.examples)).collect();
         let items: usize = mbs.iter().map(MicroBatch::num_targets).sum();
-        let result = self.accumulate(&mbs, items);
+        let result = self.accumulate(be, model, &mbs, items);
         let sums = match result {
             Ok(s) => s,
             Err(e) => {
-                let _ = self.lora.zero_grads(self.be);
+                let _ = self.lora.zero_grads(be);
                 return Err(e.into());
             }
         };
-        let stats = match optimizer_step(self.be, &mut self.lora, &self.cfg.optim, self.state.step, self.total_steps) {
+        let stats = match optimizer_step(be, &mut self.lora, &self.cfg.optim, self.state.step, self.total_steps) {
             Ok(s) => s,
             Err(e) => {
-                let _ = self.lora.zero_grads(self.be);
-                return Err(e.into());
+                self.broken = Some(e.to_string());
+                return Err(TrainError::Broken(e.to_string()));
             }
         };
         let tokens: usize = mbs.iter().map(|m| m.tokens.len()).sum();
@@ -323,14 +334,20 @@ impl<'m, B: Backend> Trainer<'m, B> {
             None => epoch_done,
         };
         if self.valid.is_some() && (due || self.is_done()) {
-            let eval = self.evaluate()?;
-            report.best = self.note_eval(&eval)?;
+            let eval = self.evaluate(be, model)?;
+            report.best = self.note_eval(be, &eval)?;
             report.eval = Some(eval);
         }
         Ok(Some(report))
     }
 
-    fn accumulate(&mut self, mbs: &[MicroBatch], items: usize) -> Result<CrossEntropySums, BackendError> {
+    fn accumulate(
+        &mut self,
+        be: &B,
+        model: &LlamaModel<B>,
+        mbs: &[MicroBatch],
+        items: usize,
+    ) -> Result<CrossEntropySums, BackendError> {
         let mut sums = CrossEntropySums::default();
         let scale = 1.0 / items.max(1) as f32;
         for (i, mb) in mbs.iter().enumerate() {
@@ -338,8 +355,7 @@ impl<'m, B: Backend> Trainer<'m, B> {
                 continue;
             }
             let seed = mix(self.cfg.seed, self.state.step as u64, i as u64);
-            let s =
-                run_micro_batch(self.be, self.model, &mut self.lora, mb, Some(scale), &self.plan, &mut self.kv, seed)?;
+            let s = run_micro_batch(be, model, &mut self.lora, mb, Some(scale), &self.plan, &mut self.kv, seed)?;
             sums.loss += s.loss;
             sums.correct += s.correct;
         }
@@ -348,7 +364,7 @@ impl<'m, B: Backend> Trainer<'m, B> {
 
     /// Loss, token accuracy and perplexity over the whole validation set
     /// (no dropout, no gradients).
-    pub fn evaluate(&mut self) -> Result<EvalReport, TrainError> {
+    pub fn evaluate(&mut self, be: &B, model: &LlamaModel<B>) -> Result<EvalReport, TrainError> {
         let Some(valid) = &self.valid else {
             return Err(TrainError::Config("there is no validation data".into()));
         };
@@ -361,7 +377,7 @@ impl<'m, B: Backend> Trainer<'m, B> {
                 continue;
             }
             items += mb.num_targets();
-            let s = run_micro_batch(self.be, self.model, &mut self.lora, &mb, None, &self.plan, &mut self.kv, 0)?;
+            let s = run_micro_batch(be, model, &mut self.lora, &mb, None, &self.plan, &mut self.kv, 0)?;
             sums.loss += s.loss;
             sums.correct += s.correct;
         }
@@ -377,23 +393,23 @@ impl<'m, B: Backend> Trainer<'m, B> {
 
     /// The evaluation before the first step: the baseline early stopping and
     /// the best-weights choice compare against.
-    pub fn initial_eval(&mut self) -> Result<EvalReport, TrainError> {
-        let e = self.evaluate()?;
+    pub fn initial_eval(&mut self, be: &B, model: &LlamaModel<B>) -> Result<EvalReport, TrainError> {
+        let e = self.evaluate(be, model)?;
         if self.state.step == 0 {
-            self.note_eval(&e)?;
+            self.note_eval(be, &e)?;
         }
         Ok(e)
     }
 
     /// Records an evaluation for early stopping; true when it is the best yet.
-    fn note_eval(&mut self, e: &EvalReport) -> Result<bool, TrainError> {
+    fn note_eval(&mut self, be: &B, e: &EvalReport) -> Result<bool, TrainError> {
         let better = self.state.best_eval_loss.is_none_or(|b| e.loss < b);
         if better {
             self.state.best_eval_loss = Some(e.loss);
             self.state.best_step = Some(e.step);
             self.state.evals_without_improvement = 0;
             if self.cfg.early_stopping_patience.is_some() {
-                self.best = Some(self.lora.download(self.be)?);
+                self.best = Some(self.lora.download(be)?);
             }
         } else {
             self.state.evals_without_improvement += 1;
@@ -406,23 +422,23 @@ impl<'m, B: Backend> Trainer<'m, B> {
 
     /// The adapter to publish: the best evaluation's weights when early
     /// stopping is on, else the current ones.
-    pub fn final_weights(&self) -> Result<Vec<HostFactor>, TrainError> {
+    pub fn final_weights(&self, be: &B) -> Result<Vec<HostFactor>, TrainError> {
         match &self.best {
             Some(b) if self.cfg.early_stopping_patience.is_some() => Ok(b.clone()),
-            _ => Ok(self.lora.download(self.be)?),
+            _ => Ok(self.lora.download(be)?),
         }
     }
 
     /// Writes a checkpoint that [`Trainer::resume`] continues from.
-    pub fn save_checkpoint(&self, dir: &Path, base_model: &str) -> Result<(), TrainError> {
-        let weights = self.lora.download(self.be)?;
+    pub fn save_checkpoint(&self, be: &B, dir: &Path, base_model: &str) -> Result<(), TrainError> {
+        let weights = self.lora.download(be)?;
         let mut moments = Vec::new();
         for (layer, target, f) in self.lora.factors() {
             for (is_b, p) in [(false, &f.a), (true, &f.bt)] {
                 let key = output::peft_key(layer, target, is_b);
-                let (r, c) = self.be.shape(&p.m);
-                moments.push((format!("{key}.exp_avg"), vec![r, c], self.be.download(&p.m)?));
-                moments.push((format!("{key}.exp_avg_sq"), vec![r, c], self.be.download(&p.v)?));
+                let (r, c) = be.shape(&p.m);
+                moments.push((format!("{key}.exp_avg"), vec![r, c], be.download(&p.m)?));
+                moments.push((format!("{key}.exp_avg_sq"), vec![r, c], be.download(&p.v)?));
             }
         }
         let state = json!({"state": self.state, "fingerprint": self.fingerprint, "config": self.cfg.to_json()});
@@ -442,8 +458,8 @@ impl<'m, B: Backend> Trainer<'m, B> {
     /// Continues the run saved in checkpoint `dir`: the same configuration and
     /// data (checked), the adapter, optimiser moments and position restored.
     pub fn resume(
-        be: &'m B,
-        model: &'m LlamaModel<B>,
+        be: &B,
+        model: &LlamaModel<B>,
         cfg: TrainConfig,
         train: Dataset,
         valid: Option<Dataset>,
