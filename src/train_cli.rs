@@ -20,6 +20,7 @@ use tandem::train::trainer::{total_steps, TrainConfig, Trainer};
 
 #[derive(clap::Args)]
 pub struct TrainArgs {
+    /// The base model: a .gguf file, an HF directory or a hub id (default: the config's model.path).
     #[arg(long)]
     model: Option<String>,
     /// Training data, JSONL: OpenAI chat ({"messages": [...]}), prompt/completion, or Alpaca.
@@ -37,6 +38,7 @@ pub struct TrainArgs {
     /// Start from this PEFT adapter instead of a fresh one (its rank, alpha and targets).
     #[arg(long)]
     init_adapter: Option<PathBuf>,
+    /// LoRA rank.
     #[arg(long, default_value_t = 8)]
     rank: usize,
     /// LoRA alpha (default: 2 × rank).
@@ -51,8 +53,10 @@ pub struct TrainArgs {
     /// Dropout on the input of LoRA A.
     #[arg(long, default_value_t = 0.0)]
     dropout: f32,
+    /// Passes over the training data.
     #[arg(long, default_value_t = 3)]
     epochs: usize,
+    /// Peak learning rate.
     #[arg(long, default_value_t = 2e-4)]
     lr: f64,
     /// linear, cosine or constant (after the warmup).
@@ -61,6 +65,7 @@ pub struct TrainArgs {
     /// Warmup: a number of steps, or a fraction of all steps when below 1.
     #[arg(long, default_value_t = 0.0)]
     warmup: f64,
+    /// AdamW's decoupled weight decay.
     #[arg(long, default_value_t = 0.0)]
     weight_decay: f64,
     /// Clip the global gradient norm to this (0: no clipping).
@@ -84,6 +89,7 @@ pub struct TrainArgs {
     /// Refuse (instead of truncating) examples longer than --max-seq-len.
     #[arg(long)]
     refuse_long: bool,
+    /// Fixes the adapter's initialisation, the example order and dropout.
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Evaluate every this many steps (default: at the end of each epoch).
@@ -184,7 +190,7 @@ pub fn run<B: OpenBackend>(args: TrainArgs, mut cfg: Config) -> Result<()> {
     tc.optim.warmup_steps = warmup_steps(args.warmup, total_steps(&tc, &train.lengths()))?;
     let mut trainer = match &args.resume {
         Some(dir) => Trainer::resume(&be, model, tc, train, valid, dir)?,
-        None => Trainer::new(&be, model, tc, train, valid, lora)?,
+        None => Trainer::new(model, tc, train, valid, lora)?,
     };
     let lineage = Lineage {
         base_model: spec.clone(),

@@ -321,7 +321,7 @@ fn a_failed_training_step_is_an_error_and_the_step_can_be_taken_again() {
     // Fails the forward or backward of the first step (the step is retried).
     let run = |fail: Option<usize>| {
         let lora = TrainableLora::init(&be, &loaded.model.config, &cfg.lora, cfg.seed).unwrap();
-        let mut t = Trainer::new(&be, &loaded.model, cfg.clone(), data.clone(), None, lora).unwrap();
+        let mut t = Trainer::new(&loaded.model, cfg.clone(), data.clone(), None, lora).unwrap();
         let mut failures = 0;
         if let Some(n) = fail {
             be.fail_in(n);
@@ -376,7 +376,7 @@ fn a_failed_optimiser_update_stops_the_run_for_a_resume() {
         logits_chunk_bytes: 1 << 20,
     };
     let lora = TrainableLora::init(&be, &loaded.model.config, &cfg.lora, cfg.seed).unwrap();
-    let mut t = Trainer::new(&be, &loaded.model, cfg, data, None, lora).unwrap();
+    let mut t = Trainer::new(&loaded.model, cfg, data, None, lora).unwrap();
     let before = be.trigger.ops.load(Ordering::SeqCst);
     t.step(&be, &loaded.model).unwrap();
     let per_step = be.trigger.ops.load(Ordering::SeqCst) - before;

@@ -45,7 +45,7 @@ fn six_steps_teach_the_default_model_four_invented_facts() {
         logits_chunk_bytes: 64 << 20,
     };
     let lora = TrainableLora::init(&be, &loaded.model.config, &cfg.lora, cfg.seed).unwrap();
-    let mut trainer = Trainer::new(&be, &loaded.model, cfg, train, Some(valid), lora).unwrap();
+    let mut trainer = Trainer::new(&loaded.model, cfg, train, Some(valid), lora).unwrap();
     let before = trainer.evaluate(&be, &loaded.model).unwrap();
     let mut evals = vec![before.loss];
     while let Some(r) = trainer.step(&be, &loaded.model).unwrap() {

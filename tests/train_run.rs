@@ -99,7 +99,7 @@ fn a_run_writes_a_peft_adapter_metrics_a_plot_and_lineage() {
     let (train, valid) = train_valid(&tok);
     let cfg = config();
     let lora = TrainableLora::init(&be, &m.model.config, &cfg.lora, cfg.seed).unwrap();
-    let mut t = Trainer::new(&be, &m.model, cfg, train, Some(valid), lora).unwrap();
+    let mut t = Trainer::new(&m.model, cfg, train, Some(valid), lora).unwrap();
     // 10 examples in micro-batches of 3 = 4 per epoch, 2 per step: 6 steps.
     assert_eq!(t.total_steps(), 6);
     let out = tempfile::tempdir().unwrap();
@@ -203,7 +203,7 @@ fn train_steps(be: &CpuBackend, steps: usize) -> (Vec<f64>, Vec<HostFactor>) {
     let (train, valid) = train_valid(&tok);
     let cfg = TrainConfig { max_steps: Some(steps), ..config() };
     let lora = TrainableLora::init(be, &m.model.config, &cfg.lora, cfg.seed).unwrap();
-    let mut t = Trainer::new(be, &m.model, cfg, train, Some(valid), lora).unwrap();
+    let mut t = Trainer::new(&m.model, cfg, train, Some(valid), lora).unwrap();
     let mut losses = vec![];
     while let Some(r) = t.step(be, &m.model).unwrap() {
         losses.push(r.loss);
@@ -244,7 +244,7 @@ fn a_resumed_run_repeats_the_straight_run_bit_for_bit() {
     let cfg = config();
     let straight = tempfile::tempdir().unwrap();
     let lora = TrainableLora::init(&be, &m.model.config, &cfg.lora, cfg.seed).unwrap();
-    let mut a = Trainer::new(&be, &m.model, cfg.clone(), train.clone(), Some(valid.clone()), lora).unwrap();
+    let mut a = Trainer::new(&m.model, cfg.clone(), train.clone(), Some(valid.clone()), lora).unwrap();
     run::run(&be, &m.model, &mut a, straight.path(), &lineage(), |_| {}).unwrap();
     let want = a.final_weights(&be).unwrap();
 
@@ -289,7 +289,7 @@ fn early_stopping_publishes_the_best_evaluation() {
         ..config()
     };
     let lora = TrainableLora::init(&be, &m.model.config, &cfg.lora, cfg.seed).unwrap();
-    let mut t = Trainer::new(&be, &m.model, cfg, train, Some(valid.clone()), lora).unwrap();
+    let mut t = Trainer::new(&m.model, cfg, train, Some(valid.clone()), lora).unwrap();
     let out = tempfile::tempdir().unwrap();
     let summary = run::run(&be, &m.model, &mut t, out.path(), &lineage(), |_| {}).unwrap();
     assert!(summary.stopped_early, "validation kept improving for 40 steps");
@@ -304,7 +304,7 @@ fn early_stopping_publishes_the_best_evaluation() {
     // The published adapter is the best evaluation's: evaluating it gives the best loss.
     let cfg2 = TrainConfig { early_stopping_patience: None, epochs: 1, ..t.config().clone() };
     let lora = TrainableLora::from_peft_dir(&be, &m.model.config, out.path(), 0.0).unwrap();
-    let mut check = Trainer::new(&be, &m.model, cfg2, valid.clone(), Some(valid), lora).unwrap();
+    let mut check = Trainer::new(&m.model, cfg2, valid.clone(), Some(valid), lora).unwrap();
     let e = check.evaluate(&be, &m.model).unwrap();
     assert!((e.loss - best).abs() < 1e-9, "published adapter's loss {} vs best {best}", e.loss);
 }
@@ -317,7 +317,7 @@ fn impossible_settings_are_refused_before_training() {
     let (train, valid) = train_valid(&tok);
     let new = |cfg: TrainConfig, valid: Option<Dataset>| {
         let lora = TrainableLora::init(&be, &m.model.config, &cfg.lora, 1).unwrap();
-        Trainer::new(&be, &m.model, cfg, train.clone(), valid, lora).err().map(|e| e.to_string())
+        Trainer::new(&m.model, cfg, train.clone(), valid, lora).err().map(|e| e.to_string())
     };
     let e = new(TrainConfig { memory_budget: Some(1 << 10), ..config() }, None).unwrap();
     assert!(e.contains("needs at least") && e.contains("budget"), "{e}");

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use crate::backend::{Backend, BackendResult};
 use crate::lora::LoraTarget;
-use crate::model::{LlamaModel, NoLora, StepInput};
+use crate::model::{LlamaModel, NoLora};
 use crate::train::lora::{LoraSpec, TrainableLora};
 use crate::train::memory::{MemoryPlan, DEFAULT_LOGITS_CHUNK_BYTES};
 use crate::train::optim::{optimizer_step, OptimConfig};
@@ -125,47 +125,11 @@ pub fn run<B: Backend>(be: &B, model: &LlamaModel<B>, o: &TrainBenchOptions) -> 
 }
 
 /// The serving forward over the same sequences (logits of each last row), median of 3.
-fn prefill_time<B: Backend>(
-    be: &B,
-    model: &LlamaModel<B>,
-    mb: &MicroBatch,
-    _kv: &mut TrainKv<B>,
-) -> BackendResult<f64> {
-    let c = &model.config;
-    let bs = 16;
-    let blocks: usize = mb.seqs.iter().map(|s| s.len().div_ceil(bs)).sum::<usize>() + 1;
-    let spec = crate::backend::KvCacheSpec {
-        num_layers: c.num_layers,
-        num_blocks: blocks,
-        block_size: bs,
-        kv_heads: c.num_kv_heads,
-        head_dim: c.head_dim,
-    };
-    let mut cache = be.alloc_kv(spec)?;
-    let mut tables = Vec::new();
-    let mut next = 1u32;
-    for s in &mb.seqs {
-        let n = s.len().div_ceil(bs) as u32;
-        tables.push((next..next + n).map(crate::backend::BlockId).collect::<Vec<_>>());
-        next += n;
-    }
-    let mut slots = Vec::new();
-    for (s, r) in mb.seqs.iter().enumerate() {
-        slots.extend((0..r.len()).map(|p| tables[s][p / bs].0 * bs as u32 + (p % bs) as u32));
-    }
-    let seqs = mb
-        .seqs
-        .iter()
-        .zip(&tables)
-        .map(|(r, t)| crate::backend::SeqAttention { rows: r.clone(), context_len: r.len(), block_table: t })
-        .collect();
-    let last: Vec<usize> = mb.seqs.iter().map(|r| r.end - 1).collect();
-    let input =
-        StepInput { token_ids: &mb.tokens, positions: &mb.positions, slot_mapping: &slots, seqs, logits_rows: &last };
+fn prefill_time<B: Backend>(be: &B, model: &LlamaModel<B>, mb: &MicroBatch, kv: &mut TrainKv<B>) -> BackendResult<f64> {
     let mut times = Vec::new();
     for _ in 0..3 {
         let t = Instant::now();
-        let logits = model.forward(be, &mut cache, &input, &mut NoLora)?;
+        let logits = kv.prefill(be, model, mb, &mut NoLora)?;
         be.download(&logits)?;
         times.push(t.elapsed().as_secs_f64());
     }

@@ -6,7 +6,7 @@
 use std::ops::Range;
 
 use crate::backend::{Backend, BackendResult, BlockId, CrossEntropySums, KvCacheSpec, SeqAttention};
-use crate::model::{DerivedActivations, LayerActivations, LayerGrads, LlamaModel, StepInput};
+use crate::model::{DerivedActivations, LayerActivations, LayerGrads, LlamaModel, LoraHook, StepInput};
 
 use super::lora::{ShrinkCache, TrainBackward, TrainForward, TrainableLora};
 use super::memory::MemoryPlan;
@@ -99,6 +99,34 @@ impl<B: Backend> TrainKv<B> {
             self.blocks = need;
         }
         Ok((tables, slots))
+    }
+
+    /// The serving forward over `mb` in this cache (every sequence's last
+    /// row's logits): what a prefill of the same tokens costs.
+    pub fn prefill(
+        &mut self,
+        be: &B,
+        model: &LlamaModel<B>,
+        mb: &MicroBatch,
+        lora: &mut impl LoraHook<B>,
+    ) -> BackendResult<B::Tensor> {
+        let (tables, slots) = self.layout(be, model, mb)?;
+        let cache = self.cache.as_mut().expect("layout allocated the cache");
+        let seqs = mb
+            .seqs
+            .iter()
+            .zip(&tables)
+            .map(|(r, table)| SeqAttention { rows: r.clone(), context_len: r.len(), block_table: table })
+            .collect();
+        let last: Vec<usize> = mb.seqs.iter().map(|r| r.end - 1).collect();
+        let input = StepInput {
+            token_ids: &mb.tokens,
+            positions: &mb.positions,
+            slot_mapping: &slots,
+            seqs,
+            logits_rows: &last,
+        };
+        model.forward(be, cache, &input, lora)
     }
 }
 

@@ -198,7 +198,6 @@ pub fn total_steps(cfg: &TrainConfig, lengths: &[usize]) -> usize {
 impl<B: Backend> Trainer<B> {
     /// A run from `lora` (fresh or loaded) over `train`, evaluated on `valid`.
     pub fn new(
-        be: &B,
         model: &LlamaModel<B>,
         cfg: TrainConfig,
         train: Dataset,
@@ -221,7 +220,6 @@ impl<B: Backend> Trainer<B> {
             cfg.logits_chunk_bytes,
         )
         .map_err(TrainError::Memory)?;
-        let _ = be;
         let fingerprint = fingerprint(&cfg, &train, valid.as_ref());
         Ok(Self {
             cfg,
@@ -472,7 +470,7 @@ impl<B: Backend> Trainer<B> {
             serde_json::from_value(saved["state"].clone()).map_err(|e| err(format!("{STATE_FILE}: {e}")))?;
         let lora =
             TrainableLora::from_peft_dir(be, &model.config, dir, cfg.lora.dropout).map_err(|e| err(e.to_string()))?;
-        let mut t = Self::new(be, model, cfg, train, valid, lora)?;
+        let mut t = Self::new(model, cfg, train, valid, lora)?;
         if saved["fingerprint"].as_str() != Some(t.fingerprint.as_str()) {
             return Err(err(
                 "the checkpoint was made with other settings or other data; resume with the same ones".into()
