@@ -18,6 +18,17 @@ pub struct Config {
     pub lora: LoraSection,
     pub device: DeviceSection,
     pub train: TrainSection,
+    pub store: StoreSection,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// Files, jobs, checkpoints and adapters (empty: the files and fine-tuning APIs are off).
+    pub data_dir: String,
+    pub max_upload_mib: usize,
+    /// The `<org>` part of `ft:` model names.
+    pub organization: String,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -27,6 +38,14 @@ pub struct TrainSection {
     pub memory_budget_mib: usize,
     /// MiB of logits computed at once by the loss.
     pub logits_chunk_mib: usize,
+    /// Co-serving: the longest a training turn may hold up serving.
+    pub max_turn_ms: u64,
+    /// Co-serving: training's share of engine time while serving is busy.
+    pub busy_share: f64,
+    /// Co-serving: turn length while serving is idle.
+    pub idle_turn_ms: u64,
+    /// Fine-tuning jobs: micro-batch size in tokens (packed).
+    pub job_micro_batch_tokens: usize,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -130,6 +149,9 @@ impl Config {
         })?;
         if let Ok(d) = std::env::var("TANDEM_DEVICE") {
             cfg.device.name = d;
+        }
+        if let Ok(d) = std::env::var("TANDEM_DATA_DIR") {
+            cfg.store.data_dir = d;
         }
         if let Ok(m) = std::env::var("TANDEM_MODEL") {
             cfg.model.path = m;

@@ -18,5 +18,6 @@ pub mod lora;
 pub mod metrics;
 pub mod model;
 pub mod quant;
+pub mod store;
 pub mod tokenizer;
 pub mod train;

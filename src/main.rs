@@ -129,6 +129,11 @@ enum Cmd {
         /// Port to bind; 0 picks a free one (default: the config's `server.port`).
         #[arg(long)]
         port: Option<u16>,
+        /// Where uploaded files, fine-tuning jobs, checkpoints and trained
+        /// adapters are kept (turns on /v1/files and /v1/fine_tuning/jobs;
+        /// default: the config's `store.data_dir`, or TANDEM_DATA_DIR).
+        #[arg(long)]
+        data_dir: Option<String>,
         #[command(flatten)]
         lora: LoraArgs,
     },
@@ -306,8 +311,11 @@ fn run_on<B: OpenBackend>(cmd: Cmd, mut cfg: Config) -> Result<()> {
             stdout.write_all(stream.flush(&tok)?.as_bytes())?;
             writeln!(stdout)?;
         }
-        Cmd::Serve { model, host, port, lora } => {
+        Cmd::Serve { model, host, port, data_dir, lora } => {
             lora.apply(&mut cfg)?;
+            if let Some(d) = data_dir {
+                cfg.store.data_dir = d;
+            }
             if let Some(h) = host {
                 cfg.server.host = h;
             }
@@ -383,7 +391,19 @@ fn serve<B: OpenBackend>(cfg: Config, spec: String) -> Result<()> {
         eprintln!("tandem: listening on http://{}", listener.local_addr()?);
         let names = ModelNames::from_spec(&spec, &cfg.server.served_model_name);
         let reserved = names.all();
-        let state = AppState::new(names, cfg.server.clone());
+        let mut state = AppState::new(names.clone(), cfg.server.clone());
+        let store = if cfg.store.data_dir.is_empty() {
+            None
+        } else {
+            let dir = PathBuf::from(&cfg.store.data_dir);
+            let store = tandem::store::Store::open(&dir)
+                .with_context(|| format!("opening the data directory {}", dir.display()))?;
+            eprintln!("tandem: data directory {} (files, fine-tuning jobs)", dir.display());
+            Some(Arc::new(store))
+        };
+        if let Some(s) = &store {
+            state = state.with_store(s.clone(), cfg.store.max_upload_mib.saturating_mul(1 << 20));
+        }
         let loader = move || -> std::result::Result<Ready, String> {
             let mut cfg = cfg;
             let (be, loaded) = load::<B>(&mut cfg, Some(spec.clone())).map_err(|e| format!("{e:#}"))?;
@@ -394,8 +414,37 @@ fn serve<B: OpenBackend>(cfg: Config, spec: String) -> Result<()> {
                 let a = loras.load_startup(name, path).map_err(|e| format!("LoRA adapter '{name}': {e}"))?;
                 eprintln!("tandem: LoRA adapter '{name}' loaded (rank {}, {} KiB)", a.max_rank, a.bytes() / 1024);
             }
+            let max_model_len = loaded.model.config.max_position;
             let engine = spawn_engine(be, loaded.model, engine_cfg).map_err(|e| format!("starting the engine: {e}"))?;
-            Ok(Ready { engine, tokenizer: Arc::new(tok), source: loaded.source, loras })
+            let tokenizer = Arc::new(tok);
+            let jobs = match store {
+                None => None,
+                Some(store) => {
+                    let jobs_cfg = tandem::train::jobs::JobsConfig {
+                        base_names: names.all(),
+                        organization: cfg.store.organization.clone(),
+                        max_rank: cfg.lora.max_lora_rank,
+                        max_model_len: max_model_len.min(engine.info().max_model_len.max(2)),
+                        memory_budget: match cfg.train.memory_budget_mib {
+                            0 => None,
+                            m => Some(m << 20),
+                        },
+                        logits_chunk_bytes: cfg.train.logits_chunk_mib.max(1) << 20,
+                        base_spec: spec.clone(),
+                        device: cfg.device.name.clone(),
+                    };
+                    let m = tandem::train::jobs::JobManager::start(
+                        store,
+                        engine.clone(),
+                        loras.clone(),
+                        tokenizer.clone(),
+                        jobs_cfg,
+                    );
+                    m.recover().map_err(|e| format!("recovering fine-tuning jobs: {e}"))?;
+                    Some(m)
+                }
+            };
+            Ok(Ready { engine, tokenizer, source: loaded.source, loras, jobs })
         };
         tandem::api::serve(listener, state, loader).await?;
         eprintln!("tandem: stopped");

@@ -96,6 +96,90 @@ pub struct Metrics {
     pub e2e: Histogram,
     pub queue_time: Histogram,
     pub lora: LoraMetrics,
+    pub train: TrainMetrics,
+}
+
+const SLICE_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Fine-tuning jobs and co-serving, written by the engine thread (steps,
+/// slices) and the job manager (jobs by state).
+pub struct TrainMetrics {
+    /// Jobs per status (validating_files, queued, running, paused, succeeded, failed, cancelled).
+    pub jobs: Mutex<BTreeMap<&'static str, u64>>,
+    pub steps: Value,
+    pub tokens: Value,
+    pub loss: Value,
+    pub tokens_per_second: Value,
+    /// Bytes the running job reserved (adapter, optimiser state, activations).
+    pub memory_bytes: Value,
+    /// One co-serving turn's duration (slices run between two serving steps).
+    pub turn_seconds: Histogram,
+    /// Serving steps that waited for a training turn.
+    pub serving_steps_delayed: Value,
+    pub training_seconds: Value,
+}
+
+impl Default for TrainMetrics {
+    fn default() -> Self {
+        Self {
+            jobs: Mutex::default(),
+            steps: Value::default(),
+            tokens: Value::default(),
+            loss: Value::default(),
+            tokens_per_second: Value::default(),
+            memory_bytes: Value::default(),
+            turn_seconds: Histogram::new(SLICE_BUCKETS),
+            serving_steps_delayed: Value::default(),
+            training_seconds: Value::default(),
+        }
+    }
+}
+
+impl TrainMetrics {
+    fn render(&self, o: &mut String) {
+        let _ = writeln!(o, "# HELP tandem_train_jobs Fine-tuning jobs by status.\n# TYPE tandem_train_jobs gauge");
+        for (state, n) in self.jobs.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            let _ = writeln!(o, "tandem_train_jobs{{status=\"{state}\"}} {n}");
+        }
+        write_metric(o, "tandem_train_steps_total", "counter", "Optimiser steps taken.", self.steps.get());
+        write_metric(
+            o,
+            "tandem_train_tokens_total",
+            "counter",
+            "Tokens trained on (forward and backward).",
+            self.tokens.get(),
+        );
+        write_metric(o, "tandem_train_loss", "gauge", "Training loss of the last step.", self.loss.get());
+        write_metric(
+            o,
+            "tandem_train_tokens_per_second",
+            "gauge",
+            "Training tokens per second of compute in the last step.",
+            self.tokens_per_second.get(),
+        );
+        write_metric(
+            o,
+            "tandem_train_memory_bytes",
+            "gauge",
+            "Memory reserved by the running job.",
+            self.memory_bytes.get(),
+        );
+        write_metric(
+            o,
+            "tandem_train_serving_steps_delayed_total",
+            "counter",
+            "Serving steps that waited for a training turn.",
+            self.serving_steps_delayed.get(),
+        );
+        write_metric(
+            o,
+            "tandem_train_seconds_total",
+            "counter",
+            "Engine time spent training.",
+            self.training_seconds.get(),
+        );
+        self.turn_seconds.render(o, "tandem_train_turn_seconds", "Training work run between two engine iterations.");
+    }
 }
 
 /// LoRA gauges and counters written by the engine thread.
@@ -213,6 +297,7 @@ impl Metrics {
             e2e: Histogram::new(E2E_BUCKETS),
             queue_time: Histogram::new(E2E_BUCKETS),
             lora: LoraMetrics { max_loras, ..Default::default() },
+            train: TrainMetrics::default(),
         }
     }
 
@@ -277,6 +362,7 @@ impl Metrics {
         self.e2e.render(&mut o, "vllm:e2e_request_latency_seconds", "Arrival to finish.");
         self.queue_time.render(&mut o, "vllm:request_queue_time_seconds", "Arrival to first admission.");
         self.lora.render(&mut o);
+        self.train.render(&mut o);
         o
     }
 }

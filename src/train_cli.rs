@@ -1,7 +1,7 @@
 //! `tandem train`: a LoRA adapter trained on the serving backend from a JSONL
 //! file, with a progress bar, into a directory peft loads and tandem serves.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -194,11 +194,12 @@ pub fn run<B: OpenBackend>(args: TrainArgs, mut cfg: Config) -> Result<()> {
     };
     let lineage = Lineage {
         base_model: spec.clone(),
-        base_files: base_files(&spec)?,
+        base_files: tandem::train::run::base_files(&spec)?,
         train_file: Some(FileRecord::of(&args.data)?),
         validation_file: args.validation.as_deref().map(FileRecord::of).transpose()?,
         init_adapter: args.init_adapter.as_ref().map(|p| p.display().to_string()),
         device: be.name(),
+        job: None,
     };
     describe(&trainer, &be);
     let bar = ProgressBar::new(trainer.total_steps() as u64);
@@ -268,26 +269,6 @@ fn warmup_steps(warmup: f64, total: usize) -> Result<usize> {
 }
 
 /// The files a model spec resolved to, hashed (a GGUF file, or an HF directory's config and shards).
-fn base_files(spec: &str) -> Result<Vec<FileRecord>> {
-    let p = Path::new(spec);
-    if p.is_file() {
-        return Ok(vec![FileRecord::of(p)?]);
-    }
-    if p.is_dir() {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(p)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|f| {
-                let n = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                n == "config.json" || n.ends_with(".safetensors")
-            })
-            .collect();
-        files.sort();
-        return files.iter().map(|f| Ok(FileRecord::of(f)?)).collect();
-    }
-    // A hub id: recorded as given.
-    Ok(vec![])
-}
-
 fn describe<B: Backend>(t: &Trainer<B>, be: &B) {
     let d = t.train_data();
     let plan = t.memory_plan();

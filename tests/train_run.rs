@@ -17,7 +17,7 @@ use tandem::train::lora::{HostFactor, LoraSpec, TrainableLora};
 use tandem::train::optim::{OptimConfig, Schedule};
 use tandem::train::output;
 use tandem::train::run::{self, checkpoint_dir, Lineage};
-use tandem::train::trainer::{TrainConfig, TrainError, Trainer};
+use tandem::train::trainer::{Progress, TrainConfig, TrainError, Trainer};
 
 const BASE: &str = "tiny/qwen2/hf-f32";
 
@@ -233,6 +233,51 @@ fn losses_and_weights_are_identical_on_every_isa_and_thread_count() {
             assert_eq!(got.1, reference.1, "{isa:?} x{threads}: weights differ");
         }
     }
+}
+
+/// The engine runs training a slice at a time between serving steps; cut
+/// into one-slice calls (a deadline already past), a run must compute
+/// exactly what uninterrupted steps compute, initial evaluation included.
+#[test]
+fn a_run_cut_into_single_slices_repeats_the_straight_run_bit_for_bit() {
+    let be = CpuBackend::new(2).unwrap();
+    let m = model(&be);
+    let tok = m.tokenizer.clone().unwrap();
+    let (train, valid) = train_valid(&tok);
+    let cfg = TrainConfig { max_steps: Some(4), ..config() };
+    let lora = TrainableLora::init(&be, &m.model.config, &cfg.lora, cfg.seed).unwrap();
+    let mut straight = Trainer::new(&m.model, cfg.clone(), train.clone(), Some(valid.clone()), lora).unwrap();
+    let first = straight.initial_eval(&be, &m.model).unwrap();
+    let mut want = vec![];
+    while let Some(r) = straight.step(&be, &m.model).unwrap() {
+        want.push(r);
+    }
+
+    let lora = TrainableLora::init(&be, &m.model.config, &cfg.lora, cfg.seed).unwrap();
+    let mut sliced = Trainer::new(&m.model, cfg, train, Some(valid), lora).unwrap();
+    sliced.start_initial_eval().unwrap();
+    let (mut got, mut slices, mut got_first) = (vec![], 0, None);
+    loop {
+        slices += 1;
+        match sliced.advance(&be, &m.model, Some(std::time::Instant::now())).unwrap() {
+            Progress::Working => {}
+            Progress::InitialEval(e) => got_first = Some(e),
+            Progress::Step(r) => got.push(r),
+            Progress::Done => break,
+        }
+    }
+    let layers = m.model.config.num_layers;
+    assert!(slices > 4 * 2 * layers, "{slices} calls: the work was not cut per layer");
+    assert_eq!(got_first.unwrap().loss.to_bits(), first.loss.to_bits());
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(
+            (g.step, g.loss.to_bits(), g.grad_norm.to_bits()),
+            (w.step, w.loss.to_bits(), w.grad_norm.to_bits())
+        );
+        assert_eq!(g.eval.map(|e| e.loss.to_bits()), w.eval.map(|e| e.loss.to_bits()));
+    }
+    assert_eq!(sliced.final_weights(&be).unwrap(), straight.final_weights(&be).unwrap());
 }
 
 #[test]

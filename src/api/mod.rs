@@ -15,6 +15,8 @@ pub mod adapters;
 pub mod chat;
 pub mod completions;
 pub mod error;
+pub mod files;
+pub mod fine_tuning;
 pub mod generate;
 pub mod health;
 pub mod json;
@@ -47,6 +49,8 @@ pub struct Ready {
     pub source: String,
     /// The LoRA adapters `model` can name.
     pub loras: Arc<crate::lora::LoraRegistry>,
+    /// Fine-tuning jobs (`None` without a data directory).
+    pub jobs: Option<Arc<crate::train::jobs::JobManager>>,
 }
 
 /// Shared by every handler; cheap to clone.
@@ -58,6 +62,9 @@ pub struct Inner {
     pub server: ServerSection,
     pub created: u64,
     ready: OnceLock<Ready>,
+    /// Uploaded files and job records, and the upload size limit (unset: the
+    /// files and fine-tuning APIs are off).
+    store: OnceLock<(Arc<crate::store::Store>, usize)>,
 }
 
 impl std::ops::Deref for AppState {
@@ -69,7 +76,31 @@ impl std::ops::Deref for AppState {
 
 impl AppState {
     pub fn new(names: ModelNames, server: ServerSection) -> Self {
-        Self(Arc::new(Inner { names, server, created: responses::unix_now(), ready: OnceLock::new() }))
+        Self(Arc::new(Inner {
+            names,
+            server,
+            created: responses::unix_now(),
+            ready: OnceLock::new(),
+            store: OnceLock::new(),
+        }))
+    }
+
+    /// Turns on the files API over `store`, with uploads up to `max_upload_bytes`.
+    pub fn with_store(self, store: Arc<crate::store::Store>, max_upload_bytes: usize) -> Self {
+        let _ = self.store.set((store, max_upload_bytes));
+        self
+    }
+
+    /// The data store, or 404 when the server has none.
+    pub fn store(&self) -> Result<&Arc<crate::store::Store>, ApiError> {
+        self.store
+            .get()
+            .map(|(s, _)| s)
+            .ok_or_else(|| ApiError::not_found("the files API is off on this server: start it with --data-dir"))
+    }
+
+    pub fn max_upload_bytes(&self) -> usize {
+        self.store.get().map_or(0, |(_, n)| *n)
     }
 
     /// Marks the engine up; false if it already was.
@@ -94,7 +125,21 @@ impl AppState {
 
 pub fn router(state: AppState) -> Router {
     let limit = state.server.max_body_bytes;
+    // Uploads have their own limit (they are streamed to disk, not buffered).
+    let uploads = Router::new()
+        .route("/v1/files", post(files::upload).get(files::list))
+        .layer(DefaultBodyLimit::max(state.max_upload_bytes().max(1)))
+        .with_state(state.clone());
     Router::new()
+        .route("/v1/files/{file_id}", get(files::retrieve).delete(files::delete))
+        .route("/v1/files/{file_id}/content", get(files::content))
+        .route("/v1/fine_tuning/jobs", post(fine_tuning::create).get(fine_tuning::list))
+        .route("/v1/fine_tuning/jobs/{fine_tuning_job_id}", get(fine_tuning::retrieve))
+        .route("/v1/fine_tuning/jobs/{fine_tuning_job_id}/cancel", post(fine_tuning::cancel))
+        .route("/v1/fine_tuning/jobs/{fine_tuning_job_id}/pause", post(fine_tuning::pause))
+        .route("/v1/fine_tuning/jobs/{fine_tuning_job_id}/resume", post(fine_tuning::resume))
+        .route("/v1/fine_tuning/jobs/{fine_tuning_job_id}/events", get(fine_tuning::events))
+        .route("/v1/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints", get(fine_tuning::checkpoints))
         .route("/health", get(health::health))
         .route("/version", get(health::version))
         .route("/metrics", get(health::metrics))
@@ -108,6 +153,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(health::not_found)
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
+        .merge(uploads)
 }
 
 #[derive(Debug, thiserror::Error)]

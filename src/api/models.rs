@@ -168,6 +168,12 @@ pub struct ModelCard {
     pub root: String,
     pub parent: Option<String>,
     pub max_model_len: usize,
+    /// For a trained adapter (`GET /v1/models/{id}` only): its
+    /// `training_metadata.json` (base and hashes, data files and hashes,
+    /// hyperparameters, job, final metrics).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub lineage: Option<serde_json::Value>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -185,11 +191,18 @@ fn base_card(st: &AppState, ready: &super::Ready) -> ModelCard {
         root: ready.source.clone(),
         parent: None,
         max_model_len: ready.engine.info().max_model_len,
+        lineage: None,
     }
 }
 
+/// An adapter's card: its parent is the base, or for a training checkpoint
+/// (`ft:...:ckpt-step-N`) the fine-tuned model it is a step of.
 fn adapter_card(st: &AppState, ready: &super::Ready, name: String, root: String) -> ModelCard {
-    ModelCard { id: name, root, parent: Some(st.names.served.clone()), ..base_card(st, ready) }
+    let parent = match name.rsplit_once(":ckpt-step-") {
+        Some((model, _)) if name.starts_with("ft:") => model.to_string(),
+        _ => st.names.served.clone(),
+    };
+    ModelCard { id: name, root, parent: Some(parent), ..base_card(st, ready) }
 }
 
 /// The base model, then every registered adapter (with `parent` = the base).
@@ -216,7 +229,16 @@ pub async fn retrieve(State(st): State<AppState>, Path(model): Path<String>) -> 
         return Ok(Json(ModelCard { id: model, ..base_card(&st, ready) }));
     };
     match ready.loras.list().into_iter().find(|(n, _)| *n == adapter) {
-        Some((_, root)) => Ok(Json(adapter_card(&st, ready, model, root))),
+        Some((_, root)) => {
+            let meta = std::path::Path::new(&root).join(crate::train::output::METADATA);
+            let lineage = tokio::task::spawn_blocking(move || {
+                std::fs::read(meta).ok().and_then(|b| serde_json::from_slice(&b).ok())
+            })
+            .await
+            .ok()
+            .flatten();
+            Ok(Json(ModelCard { lineage, ..adapter_card(&st, ready, model, root) }))
+        }
         None => Err(ApiError::model_not_found(&model)),
     }
 }

@@ -4,7 +4,7 @@
 use axum::Json;
 use utoipa::OpenApi;
 
-use super::{adapters, chat, completions, error, health, models, protocol, responses, sse};
+use super::{adapters, chat, completions, error, files, fine_tuning, health, models, protocol, responses, sse};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -16,6 +16,19 @@ use super::{adapters, chat, completions, error, health, models, protocol, respon
         models::retrieve,
         adapters::load,
         adapters::unload,
+        files::upload,
+        files::list,
+        files::retrieve,
+        files::content,
+        files::delete,
+        fine_tuning::create,
+        fine_tuning::list,
+        fine_tuning::retrieve,
+        fine_tuning::cancel,
+        fine_tuning::pause,
+        fine_tuning::resume,
+        fine_tuning::events,
+        fine_tuning::checkpoints,
         health::health,
         health::version,
         health::metrics
@@ -35,6 +48,23 @@ use super::{adapters, chat, completions, error, health, models, protocol, respon
         adapters::UnloadLoraAdapterRequest,
         error::ErrorResponse,
         sse::SseEvent,
+        files::FileObject,
+        files::FileList,
+        files::FileDeleted,
+        files::FileUpload,
+        fine_tuning::JobList,
+        fine_tuning::JobEvent,
+        fine_tuning::JobEventList,
+        fine_tuning::JobCheckpoint,
+        fine_tuning::JobCheckpointList,
+        crate::train::jobs::Job,
+        crate::train::jobs::JobError,
+        crate::train::jobs::JobProgress,
+        crate::train::jobs::JobRequest,
+        crate::train::jobs::spec::Method,
+        crate::train::jobs::spec::Supervised,
+        crate::train::jobs::spec::Hyperparameters,
+        crate::train::jobs::spec::Extras,
     ))
 )]
 pub struct ApiDoc;

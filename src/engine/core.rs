@@ -85,6 +85,11 @@ impl<B: Backend> EngineCore<B> {
         self.scheduler.has_work()
     }
 
+    /// The backend and model, lent to training between serving steps.
+    pub fn device(&self) -> (&B, &crate::model::LlamaModel<B>) {
+        (&self.runner.backend, &self.runner.model)
+    }
+
     /// Queues a request (already validated by `EngineHandle::submit` or the caller).
     pub fn add_request(&mut self, id: RequestId, req: EngineRequest) {
         self.scheduler.add(Request::new(id, req));

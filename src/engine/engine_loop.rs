@@ -15,6 +15,7 @@ use crate::metrics::Metrics;
 
 use super::core::{EngineCore, StepEvent};
 use super::handle::{Command, EngineEvent, FinishReason, RequestId};
+use super::training::CoServing;
 
 struct Client {
     events: UnboundedSender<EngineEvent>,
@@ -32,6 +33,8 @@ pub(crate) struct EngineLoop<B: Backend> {
     /// Submitted requests not yet admitted (shared with `EngineHandle::submit`).
     pub waiting: Arc<AtomicUsize>,
     pub alive: Arc<AtomicBool>,
+    /// Fine-tuning jobs, run in turns between serving steps.
+    pub training: CoServing<B>,
 }
 
 impl<B: Backend> EngineLoop<B> {
@@ -41,8 +44,11 @@ impl<B: Backend> EngineLoop<B> {
         let mut shutting_down = false;
         loop {
             // Block while idle; otherwise only drain what has arrived.
-            if !self.core.has_work() {
+            if !self.core.has_work() && (shutting_down || !self.training.has_work()) {
                 if shutting_down {
+                    // Jobs resume from their checkpoints at the next start.
+                    let (be, _) = self.core.device();
+                    self.training.checkpoint_all(be);
                     return;
                 }
                 match self.commands.recv_timeout(Duration::from_secs(1)) {
@@ -63,8 +69,13 @@ impl<B: Backend> EngineLoop<B> {
                 }
             }
             if !self.core.has_work() {
+                if !shutting_down && self.training.has_work() {
+                    let (be, model) = self.core.device();
+                    self.training.turn(be, model, false, Duration::ZERO);
+                }
                 continue;
             }
+            let started = Instant::now();
             let (out, events) = self.core.step();
             let now = Instant::now();
             for id in &out.first_admitted {
@@ -130,6 +141,12 @@ impl<B: Backend> EngineLoop<B> {
             }
             self.metrics.generation_tokens.add(generated as f64);
             self.update_gauges();
+            if !shutting_down && self.training.has_work() {
+                let served = started.elapsed();
+                let busy = self.core.has_work();
+                let (be, model) = self.core.device();
+                self.training.turn(be, model, busy, served);
+            }
         }
     }
 
@@ -150,6 +167,10 @@ impl<B: Backend> EngineLoop<B> {
                         self.waiting.fetch_sub(1, Ordering::SeqCst);
                     }
                 }
+            }
+            Command::Train(t) => {
+                let (be, _) = self.core.device();
+                self.training.command(be, t);
             }
             Command::Shutdown => *shutting_down = true,
         }

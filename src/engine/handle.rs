@@ -141,6 +141,8 @@ pub(crate) enum Command {
         events: tokio::sync::mpsc::UnboundedSender<EngineEvent>,
     },
     Abort(RequestId),
+    /// A fine-tuning job command (co-serving).
+    Train(super::training::TrainCommand),
     /// Finish what is running and waiting, then exit.
     Shutdown,
 }
@@ -156,6 +158,8 @@ pub struct EngineHandle {
     pub(crate) waiting: Arc<AtomicUsize>,
     /// False once the engine thread has exited (or panicked).
     pub(crate) alive: Arc<std::sync::atomic::AtomicBool>,
+    /// Training events, taken once by the job manager.
+    pub(crate) train_events: Arc<std::sync::Mutex<Option<std::sync::mpsc::Receiver<super::training::TrainEvent>>>>,
 }
 
 impl EngineHandle {
@@ -213,6 +217,16 @@ impl EngineHandle {
             return Err(SubmitError::EngineStopped);
         }
         Ok(RequestStream { id, events: rx, commands: self.commands.clone(), done: false })
+    }
+
+    /// Sends a fine-tuning command to the engine thread; false when it has stopped.
+    pub fn train(&self, c: super::training::TrainCommand) -> bool {
+        self.commands.send(Command::Train(c)).is_ok()
+    }
+
+    /// The engine's training events (the first caller gets them; later ones `None`).
+    pub fn take_train_events(&self) -> Option<std::sync::mpsc::Receiver<super::training::TrainEvent>> {
+        self.train_events.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
     /// Asks the engine to finish its work and exit; new submissions fail.
@@ -281,6 +295,8 @@ pub struct EngineConfig {
     pub max_model_len: usize,
     /// LoRA adapter slots (0: requests with an adapter are refused).
     pub max_loras: usize,
+    /// When fine-tuning jobs train between serving steps.
+    pub co_serving: super::training::CoServingPolicy,
 }
 
 impl EngineConfig {
@@ -295,6 +311,11 @@ impl EngineConfig {
             eos_token_ids,
             max_model_len: 0,
             max_loras: cfg.lora.max_loras,
+            co_serving: super::training::CoServingPolicy {
+                max_turn: std::time::Duration::from_millis(cfg.train.max_turn_ms),
+                busy_share: cfg.train.busy_share,
+                idle_turn: std::time::Duration::from_millis(cfg.train.idle_turn_ms),
+            },
         }
     }
 }
@@ -314,16 +335,26 @@ where
     let (tx, rx) = std::sync::mpsc::channel();
     let waiting = Arc::new(AtomicUsize::new(0));
     let alive = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (train_tx, train_rx) = std::sync::mpsc::channel();
     let engine_loop = super::engine_loop::EngineLoop {
         core,
         commands: rx,
         metrics: metrics.clone(),
         waiting: waiting.clone(),
         alive: alive.clone(),
+        training: super::training::CoServing::new(cfg.co_serving, train_tx, metrics.clone()),
     };
     std::thread::Builder::new()
         .name("tandem-engine".into())
         .spawn(move || engine_loop.run())
         .map_err(|e| crate::backend::BackendError::OutOfMemory(format!("starting the engine thread: {e}")))?;
-    Ok(EngineHandle { commands: tx, info, metrics, next_id: Arc::new(AtomicUsize::new(0)), waiting, alive })
+    Ok(EngineHandle {
+        commands: tx,
+        info,
+        metrics,
+        next_id: Arc::new(AtomicUsize::new(0)),
+        waiting,
+        alive,
+        train_events: Arc::new(std::sync::Mutex::new(Some(train_rx))),
+    })
 }

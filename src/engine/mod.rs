@@ -13,6 +13,7 @@ pub mod request;
 pub mod runner;
 pub mod sampler;
 pub mod scheduler;
+pub mod training;
 
 pub use core::{EngineCore, StepEvent};
 pub use handle::{

@@ -16,6 +16,7 @@
 
 pub mod batch;
 pub mod data;
+pub mod jobs;
 pub mod lora;
 pub mod memory;
 pub mod optim;

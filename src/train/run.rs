@@ -33,6 +33,8 @@ pub struct Lineage {
     /// Where the adapter started from (a PEFT directory), if not fresh.
     pub init_adapter: Option<String>,
     pub device: String,
+    /// The fine-tuning job that trained it (jobs API).
+    pub job: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -47,6 +49,28 @@ impl FileRecord {
         let bytes = std::fs::metadata(path).map_err(|source| OutputError { path: path.to_owned(), source })?.len();
         Ok(Self { path: path.display().to_string(), sha256: output::sha256_file(path)?, bytes })
     }
+}
+
+/// The files of a base model for lineage: a GGUF file, or an HF directory's
+/// config and weights (a hub id is recorded as given, with no files).
+pub fn base_files(spec: &str) -> Result<Vec<FileRecord>, OutputError> {
+    let p = Path::new(spec);
+    if p.is_file() {
+        return Ok(vec![FileRecord::of(p)?]);
+    }
+    if p.is_dir() {
+        let mut files: Vec<PathBuf> = std::fs::read_dir(p)
+            .map_err(|source| OutputError { path: p.to_owned(), source })?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|f| {
+                let n = f.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                n == "config.json" || n.ends_with(".safetensors")
+            })
+            .collect();
+        files.sort();
+        return files.iter().map(|f| FileRecord::of(f)).collect();
+    }
+    Ok(vec![])
 }
 
 /// What happened, for a progress display.
@@ -149,6 +173,25 @@ pub fn run<B: Backend>(
     })
 }
 
+/// Writes the adapter to publish (with `training_metadata.json`) as a whole
+/// directory at `dir`: it appears complete or not at all.
+pub fn publish<B: Backend>(
+    be: &B,
+    trainer: &Trainer<B>,
+    dir: &Path,
+    lineage: &Lineage,
+    last: Option<&StepReport>,
+    seconds: f64,
+) -> Result<(), TrainError> {
+    let weights = trainer.final_weights(be)?;
+    let meta = metadata(trainer, lineage, last, seconds);
+    output::write_dir_atomic(dir, |tmp| {
+        output::write_adapter(tmp, &trainer.lora.spec, &lineage.base_model, &weights)?;
+        output::write_atomic(&tmp.join(output::METADATA), &serde_json::to_vec_pretty(&meta).expect("JSON"))
+    })?;
+    Ok(())
+}
+
 fn merge(into: &mut Value, from: Value) {
     if let (Some(a), Value::Object(b)) = (into.as_object_mut(), from) {
         a.extend(b);
@@ -207,6 +250,7 @@ fn metadata<B: Backend>(t: &Trainer<B>, lineage: &Lineage, last: Option<&StepRep
         "created_unix": std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
         "base_model": {"spec": lineage.base_model, "files": lineage.base_files},
         "init_adapter": lineage.init_adapter,
+        "job": lineage.job,
         "data": {
             "train": data(Some(t.train_data()), &lineage.train_file),
             "validation": data(t.valid_data(), &lineage.validation_file),

@@ -149,90 +149,201 @@ pub fn run_micro_batch<B: Backend>(
     kv: &mut TrainKv<B>,
     dropout_seed: u64,
 ) -> BackendResult<CrossEntropySums> {
-    let c = &model.config;
-    let t = mb.tokens.len();
-    let n = c.num_layers;
-    let training = grad_scale.is_some();
-    let (tables, slots) = kv.layout(be, model, mb)?;
-    let cache = kv.cache.as_mut().expect("layout allocated the cache");
-    let seqs: Vec<SeqAttention> = mb
-        .seqs
-        .iter()
-        .zip(&tables)
-        .map(|(r, table)| SeqAttention { rows: r.clone(), context_len: r.len(), block_table: table })
-        .collect();
-    let input =
-        StepInput { token_ids: &mb.tokens, positions: &mb.positions, slot_mapping: &slots, seqs, logits_rows: &[] };
-    let meta = model.attention_meta(&input);
+    let mut run = MicroBatchRun::new(mb.clone(), grad_scale, dropout_seed);
+    loop {
+        if let Some(sums) = run.advance(be, model, lora, plan, kv)? {
+            return Ok(sums);
+        }
+    }
+}
 
-    let mut x = be.zeros(t, c.hidden_size)?;
-    model.embed(be, &mb.tokens, &mut x)?;
-    // Per layer: its input (a checkpoint), and for kept layers the activations
-    // the backward reads less the derived ones, which all kept layers share
-    // (`spare`) and recompute; recomputed layers share one full set (`scratch`).
-    let mut checkpoints: Vec<B::Tensor> = Vec::with_capacity(if training { n } else { 0 });
-    let mut saved: Vec<Option<LayerActivations<B>>> = (0..n).map(|_| None).collect();
-    let mut scratch: Option<LayerActivations<B>> = None;
-    let mut spare: Option<DerivedActivations<B>> = None;
-    let mut shrinks = ShrinkCache::new(n);
-    {
-        // Evaluation runs without dropout; a training step draws its masks from the seed.
-        let kept = if training { Some(&mut shrinks) } else { None };
-        let mut hook = TrainForward { lora, dropout_seed, dropout: training, shrinks: kept };
-        for (i, slot) in saved.iter_mut().enumerate() {
-            if training {
-                checkpoints.push(be.copy(&x)?);
-            }
-            if training && plan.keeps(i, n) {
-                let mut a = LayerActivations::with_derived(be, c, t, spare.take())?;
-                model.forward_layer(be, i, cache, &input, &meta, &mut hook, &mut x, &mut a)?;
-                spare = Some(a.take_derived(be)?);
-                *slot = Some(a);
-            } else {
-                if scratch.is_none() {
-                    scratch = Some(LayerActivations::new(be, c, t)?);
+/// Where a [`MicroBatchRun`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Embed,
+    Forward(usize),
+    Head,
+    /// The backward of this layer is next (layers run last to first).
+    Backward(usize),
+    Done,
+}
+
+/// One micro-batch as a sequence of slices (the embedding, each layer's
+/// forward, the head, each layer's backward), so that a caller serving
+/// requests between slices (the engine, when co-serving) delays its next step
+/// by at most one layer's work. Slices run in the same order with the same
+/// arithmetic whether they run back to back or not: the result is the same
+/// bits as an uninterrupted run.
+///
+/// The run holds no borrow of the adapter, the model or the cache between
+/// slices; the caller must not touch the adapter's gradients or `kv` until the
+/// run is done (the trainer owns all three, so it cannot).
+pub struct MicroBatchRun<B: Backend> {
+    mb: MicroBatch,
+    grad_scale: Option<f32>,
+    dropout_seed: u64,
+    phase: Phase,
+    tables: Vec<Vec<BlockId>>,
+    slots: Vec<u32>,
+    /// The residual stream (forward), then its gradient (backward).
+    x: Option<B::Tensor>,
+    dx: Option<B::Tensor>,
+    /// Per layer: its input (a checkpoint), and for kept layers the activations
+    /// the backward reads less the derived ones, which all kept layers share
+    /// (`spare`) and recompute; recomputed layers share one full set (`scratch`).
+    checkpoints: Vec<B::Tensor>,
+    saved: Vec<Option<LayerActivations<B>>>,
+    scratch: Option<LayerActivations<B>>,
+    spare: Option<DerivedActivations<B>>,
+    shrinks: Option<ShrinkCache<B>>,
+    grads: Option<LayerGrads<B>>,
+    sums: CrossEntropySums,
+}
+
+impl<B: Backend> MicroBatchRun<B> {
+    pub fn new(mb: MicroBatch, grad_scale: Option<f32>, dropout_seed: u64) -> Self {
+        Self {
+            mb,
+            grad_scale,
+            dropout_seed,
+            phase: Phase::Embed,
+            tables: Vec::new(),
+            slots: Vec::new(),
+            x: None,
+            dx: None,
+            checkpoints: Vec::new(),
+            saved: Vec::new(),
+            scratch: None,
+            spare: None,
+            shrinks: None,
+            grads: None,
+            sums: CrossEntropySums::default(),
+        }
+    }
+
+    pub fn micro_batch(&self) -> &MicroBatch {
+        &self.mb
+    }
+
+    /// Runs the next slice; the loss sums once the last one has run.
+    pub fn advance(
+        &mut self,
+        be: &B,
+        model: &LlamaModel<B>,
+        lora: &mut TrainableLora<B>,
+        plan: &MemoryPlan,
+        kv: &mut TrainKv<B>,
+    ) -> BackendResult<Option<CrossEntropySums>> {
+        let c = &model.config;
+        let n = c.num_layers;
+        let t = self.mb.tokens.len();
+        let training = self.grad_scale.is_some();
+        if self.phase == Phase::Embed {
+            let (tables, slots) = kv.layout(be, model, &self.mb)?;
+            self.tables = tables;
+            self.slots = slots;
+            let mut x = be.zeros(t, c.hidden_size)?;
+            model.embed(be, &self.mb.tokens, &mut x)?;
+            self.x = Some(x);
+            self.saved = (0..n).map(|_| None).collect();
+            self.shrinks = Some(ShrinkCache::new(n));
+            self.phase = if n == 0 { Phase::Head } else { Phase::Forward(0) };
+            return Ok(None);
+        }
+        let (mb, tables, slots, dropout_seed) = (&self.mb, &self.tables, &self.slots, self.dropout_seed);
+        let seqs: Vec<SeqAttention> = mb
+            .seqs
+            .iter()
+            .zip(tables)
+            .map(|(r, table)| SeqAttention { rows: r.clone(), context_len: r.len(), block_table: table })
+            .collect();
+        let input =
+            StepInput { token_ids: &mb.tokens, positions: &mb.positions, slot_mapping: slots, seqs, logits_rows: &[] };
+        let meta = model.attention_meta(&input);
+        let cache = kv.cache.as_mut().expect("the embed slice allocated the cache");
+        match self.phase {
+            Phase::Embed | Phase::Done => unreachable!("handled above / a finished run is not advanced"),
+            Phase::Forward(i) => {
+                let x = self.x.as_mut().expect("the forward holds x");
+                // Evaluation runs without dropout; a training step draws its masks from the seed.
+                let kept = if training { self.shrinks.as_mut() } else { None };
+                let mut hook = TrainForward { lora, dropout_seed, dropout: training, shrinks: kept };
+                if training {
+                    self.checkpoints.push(be.copy(x)?);
                 }
-                let a = scratch.as_mut().expect("just set");
-                model.forward_layer(be, i, cache, &input, &meta, &mut hook, &mut x, a)?;
+                if training && plan.keeps(i, n) {
+                    let mut a = LayerActivations::with_derived(be, c, t, self.spare.take())?;
+                    model.forward_layer(be, i, cache, &input, &meta, &mut hook, x, &mut a)?;
+                    self.spare = Some(a.take_derived(be)?);
+                    self.saved[i] = Some(a);
+                } else {
+                    if self.scratch.is_none() {
+                        self.scratch = Some(LayerActivations::new(be, c, t)?);
+                    }
+                    let a = self.scratch.as_mut().expect("just set");
+                    model.forward_layer(be, i, cache, &input, &meta, &mut hook, x, a)?;
+                }
+                self.phase = if i + 1 < n { Phase::Forward(i + 1) } else { Phase::Head };
+                Ok(None)
             }
-        }
-    }
-    let Some(scale) = grad_scale else {
-        return model.head_loss(be, &x, &mb.loss_rows, &mb.labels, plan.head_rows, None, None);
-    };
-    let mut dx = be.zeros(t, c.hidden_size)?;
-    let sums = model.head_loss(be, &x, &mb.loss_rows, &mb.labels, plan.head_rows, Some(scale), Some(&mut dx))?;
-    drop(x);
-    let mut grads = LayerGrads::new(be, c, t)?;
-    for i in (0..n).rev() {
-        let x_in = checkpoints.pop().expect("one checkpoint per layer");
-        let (acts, kept) = match saved[i].take() {
-            Some(mut a) => {
-                a.put_derived(spare.take().expect("kept layers leave a derived set"));
-                model.recompute_derived(be, i, &x_in, &mut grads, &mut a)?;
-                (a, true)
-            }
-            None => {
-                // Recompute the layer from its checkpoint (same weights, same masks).
-                let mut a = match scratch.take() {
-                    Some(a) => a,
-                    None => LayerActivations::new(be, c, t)?,
+            Phase::Head => {
+                let x = self.x.take().expect("the forward leaves x");
+                let Some(scale) = self.grad_scale else {
+                    self.phase = Phase::Done;
+                    let sums = model.head_loss(be, &x, &mb.loss_rows, &mb.labels, plan.head_rows, None, None)?;
+                    return Ok(Some(sums));
                 };
-                let mut x = be.copy(&x_in)?;
-                let mut hook = TrainForward { lora, dropout_seed, dropout: true, shrinks: Some(&mut shrinks) };
-                model.forward_layer(be, i, cache, &input, &meta, &mut hook, &mut x, &mut a)?;
-                (a, false)
+                let mut dx = be.zeros(t, c.hidden_size)?;
+                self.sums =
+                    model.head_loss(be, &x, &mb.loss_rows, &mb.labels, plan.head_rows, Some(scale), Some(&mut dx))?;
+                drop(x);
+                self.dx = Some(dx);
+                self.grads = Some(LayerGrads::new(be, c, t)?);
+                if n == 0 {
+                    self.phase = Phase::Done;
+                    return Ok(Some(self.sums));
+                }
+                self.phase = Phase::Backward(n - 1);
+                Ok(None)
             }
-        };
-        let mut hook = TrainBackward { lora, dropout_seed, shrinks: Some(&mut shrinks) };
-        let mut acts = acts;
-        model.backward_layer(be, i, &input, &meta, &x_in, &acts, &mut hook, &mut grads, &mut dx)?;
-        if kept {
-            // The layer's own tensors are done with; its derived set serves the next.
-            spare = Some(acts.take_derived(be)?);
-        } else {
-            scratch = Some(acts);
+            Phase::Backward(i) => {
+                let x_in = self.checkpoints.pop().expect("one checkpoint per layer");
+                let grads = self.grads.as_mut().expect("the head made the gradients");
+                let shrinks = self.shrinks.as_mut();
+                let (mut acts, kept) = match self.saved[i].take() {
+                    Some(mut a) => {
+                        a.put_derived(self.spare.take().expect("kept layers leave a derived set"));
+                        model.recompute_derived(be, i, &x_in, grads, &mut a)?;
+                        (a, true)
+                    }
+                    None => {
+                        // Recompute the layer from its checkpoint (same weights, same masks).
+                        let mut a = match self.scratch.take() {
+                            Some(a) => a,
+                            None => LayerActivations::new(be, c, t)?,
+                        };
+                        let mut x = be.copy(&x_in)?;
+                        let mut hook = TrainForward { lora, dropout_seed, dropout: true, shrinks };
+                        model.forward_layer(be, i, cache, &input, &meta, &mut hook, &mut x, &mut a)?;
+                        (a, false)
+                    }
+                };
+                let mut hook = TrainBackward { lora, dropout_seed, shrinks: self.shrinks.as_mut() };
+                let dx = self.dx.as_mut().expect("the head made dx");
+                model.backward_layer(be, i, &input, &meta, &x_in, &acts, &mut hook, grads, dx)?;
+                if kept {
+                    // The layer's own tensors are done with; its derived set serves the next.
+                    self.spare = Some(acts.take_derived(be)?);
+                } else {
+                    self.scratch = Some(acts);
+                }
+                if i == 0 {
+                    self.phase = Phase::Done;
+                    return Ok(Some(self.sums));
+                }
+                self.phase = Phase::Backward(i - 1);
+                Ok(None)
+            }
         }
     }
-    Ok(sums)
 }

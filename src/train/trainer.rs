@@ -23,7 +23,7 @@ use super::lora::{HostFactor, LoraSpec, TrainableLora};
 use super::memory::MemoryPlan;
 use super::optim::{optimizer_step, OptimConfig};
 use super::output::{self, OutputError};
-use super::step::{run_micro_batch, MicroBatch, TrainKv};
+use super::step::{run_micro_batch, MicroBatch, MicroBatchRun, TrainKv};
 
 /// Everything that decides what a run computes.
 #[derive(Debug, Clone, PartialEq)]
@@ -183,6 +183,53 @@ pub struct Trainer<B: Backend> {
     fingerprint: String,
     /// Set when an optimiser update failed part-way (see [`TrainError::Broken`]).
     broken: Option<String>,
+    /// Work begun by [`Trainer::advance`] and not yet finished.
+    pending: Option<Pending<B>>,
+}
+
+/// What [`Trainer::advance`] finished, if anything.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Progress {
+    /// Slices ran; nothing finished yet.
+    Working,
+    /// An optimiser step (and the evaluation it was due) finished.
+    Step(StepReport),
+    /// The evaluation queued by [`Trainer::start_initial_eval`] finished.
+    InitialEval(EvalReport),
+    /// The run is over.
+    Done,
+}
+
+enum Pending<B: Backend> {
+    Step(PendingStep<B>),
+    Eval(PendingEval<B>),
+}
+
+struct PendingStep<B: Backend> {
+    mbs: Vec<MicroBatch>,
+    /// The next micro-batch to start.
+    next: usize,
+    run: Option<MicroBatchRun<B>>,
+    /// Target tokens of the whole step (the loss is their mean).
+    items: usize,
+    tokens: usize,
+    sums: CrossEntropySums,
+    /// Where the epoch's plan stands after this step, and its length.
+    to: usize,
+    plan_len: usize,
+    /// Compute time so far (not the wall time between slices).
+    seconds: f64,
+}
+
+struct PendingEval<B: Backend> {
+    groups: Vec<Vec<usize>>,
+    next: usize,
+    run: Option<MicroBatchRun<B>>,
+    items: usize,
+    sums: CrossEntropySums,
+    /// The step this evaluation completes (`None`: the initial evaluation).
+    after_step: Option<StepReport>,
+    seconds: f64,
 }
 
 /// Optimiser steps of a run over examples of these lengths: per epoch, its
@@ -234,6 +281,7 @@ impl<B: Backend> Trainer<B> {
             best: None,
             fingerprint,
             broken: None,
+            pending: None,
         })
     }
 
@@ -263,101 +311,226 @@ impl<B: Backend> Trainer<B> {
         self.state.stopped_early || self.state.step >= self.total_steps
     }
 
-    /// One optimiser step over the next `grad_accum` micro-batches; `None`
-    /// once the run is over. When the forward or backward fails, the step's
-    /// gradients are dropped and the same step can be taken again; when the
-    /// optimiser update fails, the run is [`TrainError::Broken`].
+    /// One optimiser step over the next `grad_accum` micro-batches (with the
+    /// evaluation it is due, if any); `None` once the run is over. When the
+    /// forward or backward fails, the step's gradients are dropped and the same
+    /// step can be taken again; when the optimiser update fails, the run is
+    /// [`TrainError::Broken`].
     pub fn step(&mut self, be: &B, model: &LlamaModel<B>) -> Result<Option<StepReport>, TrainError> {
-        if let Some(why) = &self.broken {
-            return Err(TrainError::Broken(why.clone()));
+        loop {
+            match self.advance(be, model, None)? {
+                Progress::Step(r) => return Ok(Some(r)),
+                Progress::Done => return Ok(None),
+                Progress::Working | Progress::InitialEval(_) => {}
+            }
         }
-        if self.is_done() {
-            return Ok(None);
+    }
+
+    /// Runs slices of work (one layer's forward or backward of a micro-batch,
+    /// a loss head, an optimiser update) until something finishes or
+    /// `deadline` has passed; at least one slice runs. A caller that serves
+    /// between calls (the engine) is therefore held up by at most one slice
+    /// past its deadline. The slices and their order are the same however the
+    /// run is cut, so results are bit-identical to [`Trainer::step`]'s.
+    pub fn advance(
+        &mut self,
+        be: &B,
+        model: &LlamaModel<B>,
+        deadline: Option<Instant>,
+    ) -> Result<Progress, TrainError> {
+        loop {
+            if let Some(why) = &self.broken {
+                return Err(TrainError::Broken(why.clone()));
+            }
+            let t0 = Instant::now();
+            match self.pending.take() {
+                None => {
+                    if self.is_done() {
+                        return Ok(Progress::Done);
+                    }
+                    self.pending = Some(Pending::Step(self.begin_step()));
+                    continue;
+                }
+                Some(Pending::Step(mut s)) => {
+                    if let Err(e) = self.step_slice(be, model, &mut s) {
+                        let _ = self.lora.zero_grads(be);
+                        return Err(e.into());
+                    }
+                    s.seconds += t0.elapsed().as_secs_f64();
+                    if s.next < s.mbs.len() || s.run.is_some() {
+                        self.pending = Some(Pending::Step(s));
+                    } else {
+                        let report = self.finish_step(be, s)?;
+                        let eval_due = match self.cfg.eval_every {
+                            Some(n) => report.step.is_multiple_of(n),
+                            None => self.state.next_batch == 0,
+                        };
+                        if self.valid.is_some() && (eval_due || self.is_done()) {
+                            self.pending = Some(Pending::Eval(self.begin_eval(Some(report))));
+                        } else {
+                            return Ok(Progress::Step(report));
+                        }
+                    }
+                }
+                Some(Pending::Eval(mut e)) => {
+                    self.eval_slice(be, model, &mut e)?;
+                    if e.next < e.groups.len() || e.run.is_some() {
+                        self.pending = Some(Pending::Eval(e));
+                    } else {
+                        let loss = e.sums.loss / e.items.max(1) as f64;
+                        let eval = EvalReport {
+                            step: self.state.step,
+                            loss,
+                            token_accuracy: e.sums.correct as f64 / e.items.max(1) as f64,
+                            perplexity: loss.exp(),
+                            tokens: e.items,
+                        };
+                        match e.after_step {
+                            Some(mut report) => {
+                                report.seconds += e.seconds + t0.elapsed().as_secs_f64();
+                                report.best = self.note_eval(be, &eval)?;
+                                report.eval = Some(eval);
+                                return Ok(Progress::Step(report));
+                            }
+                            None => {
+                                if self.state.step == 0 {
+                                    self.note_eval(be, &eval)?;
+                                }
+                                return Ok(Progress::InitialEval(eval));
+                            }
+                        }
+                    }
+                }
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(Progress::Working);
+            }
         }
-        let t0 = Instant::now();
+    }
+
+    /// The micro-batches of the next optimiser step.
+    fn begin_step(&mut self) -> PendingStep<B> {
         let epoch = self.state.epoch;
         if self.epoch_plan.as_ref().is_none_or(|(e, _)| *e != epoch) {
             let plan = plan_epoch(&self.train.lengths(), &self.cfg.batching, self.cfg.seed, epoch);
             self.epoch_plan = Some((epoch, plan));
         }
         let plan = &self.epoch_plan.as_ref().expect("just set").1;
-        let plan_len = plan.len();
         let from = self.state.next_batch;
-        let to = (from + self.cfg.grad_accum).min(plan_len);
+        let to = (from + self.cfg.grad_accum).min(plan.len());
         let mbs: Vec<MicroBatch> = plan[from..to].iter().map(|b| micro_batch(&self.train, &b.examples)).collect();
-        let items: usize = mbs.iter().map(MicroBatch::num_targets).sum();
-        let result = self.accumulate(be, model, &mbs, items);
-        let sums = match result {
-            Ok(s) => s,
-            Err(e) => {
-                let _ = self.lora.zero_grads(be);
-                return Err(e.into());
+        let items = mbs.iter().map(MicroBatch::num_targets).sum();
+        let tokens = mbs.iter().map(|m| m.tokens.len()).sum();
+        PendingStep {
+            tokens,
+            mbs,
+            next: 0,
+            run: None,
+            items,
+            sums: CrossEntropySums::default(),
+            to,
+            plan_len: plan.len(),
+            seconds: 0.0,
+        }
+    }
+
+    fn step_slice(&mut self, be: &B, model: &LlamaModel<B>, s: &mut PendingStep<B>) -> Result<(), BackendError> {
+        if s.run.is_none() {
+            // Micro-batches with nothing to learn from are skipped.
+            while s.next < s.mbs.len() && s.mbs[s.next].num_targets() == 0 {
+                s.next += 1;
             }
-        };
+            if s.next == s.mbs.len() {
+                return Ok(());
+            }
+            let seed = mix(self.cfg.seed, self.state.step as u64, s.next as u64);
+            let scale = 1.0 / s.items.max(1) as f32;
+            s.run = Some(MicroBatchRun::new(std::mem::take(&mut s.mbs[s.next]), Some(scale), seed));
+            s.next += 1;
+        }
+        let run = s.run.as_mut().expect("just set");
+        if let Some(sums) = run.advance(be, model, &mut self.lora, &self.plan, &mut self.kv)? {
+            s.sums.loss += sums.loss;
+            s.sums.correct += sums.correct;
+            s.run = None;
+        }
+        Ok(())
+    }
+
+    /// The optimiser update closing a step, and the step's report.
+    fn finish_step(&mut self, be: &B, s: PendingStep<B>) -> Result<StepReport, TrainError> {
+        let t0 = Instant::now();
         let stats = match optimizer_step(be, &mut self.lora, &self.cfg.optim, self.state.step, self.total_steps) {
-            Ok(s) => s,
+            Ok(st) => st,
             Err(e) => {
                 self.broken = Some(e.to_string());
                 return Err(TrainError::Broken(e.to_string()));
             }
         };
-        let tokens: usize = mbs.iter().map(|m| m.tokens.len()).sum();
         self.state.step += 1;
-        self.state.tokens_seen += tokens as u64;
-        self.state.next_batch = to;
-        let epoch_done = to == plan_len;
-        let epoch_progress = self.state.epoch as f64 + to as f64 / plan_len.max(1) as f64;
+        self.state.tokens_seen += s.tokens as u64;
+        self.state.next_batch = s.to;
+        let epoch_done = s.to == s.plan_len;
+        let epoch_progress = self.state.epoch as f64 + s.to as f64 / s.plan_len.max(1) as f64;
         if epoch_done {
             self.state.epoch += 1;
             self.state.next_batch = 0;
         }
-        let seconds = t0.elapsed().as_secs_f64();
-        let mut report = StepReport {
+        Ok(StepReport {
             step: self.state.step,
             total_steps: self.total_steps,
             epoch: epoch_progress,
-            loss: sums.loss / items.max(1) as f64,
-            token_accuracy: sums.correct as f64 / items.max(1) as f64,
+            loss: s.sums.loss / s.items.max(1) as f64,
+            token_accuracy: s.sums.correct as f64 / s.items.max(1) as f64,
             lr: stats.lr,
             grad_norm: stats.grad_norm,
             clipped: stats.clipped,
-            tokens,
-            trained_tokens: items,
-            seconds,
+            tokens: s.tokens,
+            trained_tokens: s.items,
+            seconds: s.seconds + t0.elapsed().as_secs_f64(),
             eval: None,
             best: false,
-        };
-        let due = match self.cfg.eval_every {
-            Some(n) => self.state.step.is_multiple_of(n),
-            None => epoch_done,
-        };
-        if self.valid.is_some() && (due || self.is_done()) {
-            let eval = self.evaluate(be, model)?;
-            report.best = self.note_eval(be, &eval)?;
-            report.eval = Some(eval);
-        }
-        Ok(Some(report))
+        })
     }
 
-    fn accumulate(
-        &mut self,
-        be: &B,
-        model: &LlamaModel<B>,
-        mbs: &[MicroBatch],
-        items: usize,
-    ) -> Result<CrossEntropySums, BackendError> {
-        let mut sums = CrossEntropySums::default();
-        let scale = 1.0 / items.max(1) as f32;
-        for (i, mb) in mbs.iter().enumerate() {
-            if mb.num_targets() == 0 {
-                continue;
-            }
-            let seed = mix(self.cfg.seed, self.state.step as u64, i as u64);
-            let s = run_micro_batch(be, model, &mut self.lora, mb, Some(scale), &self.plan, &mut self.kv, seed)?;
-            sums.loss += s.loss;
-            sums.correct += s.correct;
+    fn begin_eval(&self, after_step: Option<StepReport>) -> PendingEval<B> {
+        let lengths = self.valid.as_ref().map(|v| v.lengths()).unwrap_or_default();
+        PendingEval {
+            groups: eval_groups(&lengths, &self.cfg.batching),
+            next: 0,
+            run: None,
+            items: 0,
+            sums: CrossEntropySums::default(),
+            after_step,
+            seconds: 0.0,
         }
-        Ok(sums)
+    }
+
+    fn eval_slice(&mut self, be: &B, model: &LlamaModel<B>, e: &mut PendingEval<B>) -> Result<(), TrainError> {
+        let t0 = Instant::now();
+        let Some(valid) = &self.valid else {
+            return Err(TrainError::Config("there is no validation data".into()));
+        };
+        if e.run.is_none() {
+            while e.next < e.groups.len() {
+                let mb = micro_batch(valid, &e.groups[e.next]);
+                e.next += 1;
+                if mb.num_targets() > 0 {
+                    e.items += mb.num_targets();
+                    e.run = Some(MicroBatchRun::new(mb, None, 0));
+                    break;
+                }
+            }
+        }
+        if let Some(run) = e.run.as_mut() {
+            if let Some(sums) = run.advance(be, model, &mut self.lora, &self.plan, &mut self.kv)? {
+                e.sums.loss += sums.loss;
+                e.sums.correct += sums.correct;
+                e.run = None;
+            }
+        }
+        e.seconds += t0.elapsed().as_secs_f64();
+        Ok(())
     }
 
     /// Loss, token accuracy and perplexity over the whole validation set
@@ -389,14 +562,27 @@ impl<B: Backend> Trainer<B> {
         })
     }
 
-    /// The evaluation before the first step: the baseline early stopping and
-    /// the best-weights choice compare against.
-    pub fn initial_eval(&mut self, be: &B, model: &LlamaModel<B>) -> Result<EvalReport, TrainError> {
-        let e = self.evaluate(be, model)?;
-        if self.state.step == 0 {
-            self.note_eval(be, &e)?;
+    /// Queues the evaluation before the first step (the baseline early stopping
+    /// and the best-weights choice compare against): the next
+    /// [`Trainer::advance`] calls run it and end with [`Progress::InitialEval`].
+    pub fn start_initial_eval(&mut self) -> Result<(), TrainError> {
+        if self.valid.is_none() {
+            return Err(TrainError::Config("there is no validation data".into()));
         }
-        Ok(e)
+        if self.pending.is_none() {
+            self.pending = Some(Pending::Eval(self.begin_eval(None)));
+        }
+        Ok(())
+    }
+
+    /// The evaluation before the first step, run to the end.
+    pub fn initial_eval(&mut self, be: &B, model: &LlamaModel<B>) -> Result<EvalReport, TrainError> {
+        self.start_initial_eval()?;
+        loop {
+            if let Progress::InitialEval(e) = self.advance(be, model, None)? {
+                return Ok(e);
+            }
+        }
     }
 
     /// Records an evaluation for early stopping; true when it is the best yet.

@@ -123,6 +123,20 @@ impl Server {
         reqwest::get(self.url("/metrics")).await.unwrap().text().await.unwrap()
     }
 
+    /// kill -9: no shutdown, no flush.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = reqwest::get(self.url(path)).await.unwrap();
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap();
+        let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {text}"));
+        (status, v)
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

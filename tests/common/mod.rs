@@ -115,6 +115,7 @@ pub fn engine_config(block_size: usize, num_blocks: usize, max_num_batched_token
         eos_token_ids: vec![],
         max_model_len: 0,
         max_loras: 4,
+        co_serving: Default::default(),
     }
 }
 

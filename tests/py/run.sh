@@ -62,7 +62,9 @@ fi
 BASE=http://127.0.0.1:$PORT
 LOG=$WORK/server.log
 say "starting $TANDEM_BIN serve --model $MODEL --port $PORT (log: $LOG)"
-"$TANDEM_BIN" serve --model "$MODEL" --port "$PORT" >"$LOG" 2>&1 &
+# A fresh data directory: the files and fine-tuning tests upload and train.
+rm -rf "$WORK/data"
+"$TANDEM_BIN" serve --model "$MODEL" --port "$PORT" --data-dir "$WORK/data" >"$LOG" 2>&1 &
 SERVER_PID=$!
 
 show_log() {
