@@ -5,7 +5,8 @@
 //! `tokenizer` turns text into ids and back, `model` holds architectures written
 //! once against `backend::Backend`, `kv` owns the paged KV block bookkeeping and
 //! `engine` runs batches of sequences through a model; `train` prepares training
-//! data (JSONL -> tokens + loss mask, micro-batch plans).
+//! data (JSONL -> tokens + loss mask, micro-batch plans); `merge` folds a LoRA
+//! adapter into a base model and writes an HF checkpoint.
 
 pub mod api;
 pub mod backend;
@@ -15,6 +16,7 @@ pub mod engine;
 pub mod kv;
 pub mod loader;
 pub mod lora;
+pub mod merge;
 pub mod metrics;
 pub mod model;
 pub mod quant;

@@ -186,6 +186,33 @@ enum Cmd {
         #[arg(long)]
         memory_budget_mib: Option<usize>,
     },
+    /// Fold a PEFT LoRA adapter into the base model and write an HF checkpoint directory.
+    ///
+    /// The output (config.json, model.safetensors under HF names, tokenizer and
+    /// generation files) loads in transformers, vLLM and tandem as a plain
+    /// model. W' = W + (B·A)·scaling, as peft's merge_and_unload. Runs on the CPU.
+    Merge {
+        /// The base model: a .gguf file (quantised weights are dequantised), an HF
+        /// directory or a hub id (default: the config's model).
+        #[arg(long)]
+        model: Option<String>,
+        /// The PEFT LoRA adapter: a directory with adapter_config.json and
+        /// adapter_model.safetensors, or a hub id (org/name).
+        #[arg(long, value_name = "DIR")]
+        lora: String,
+        /// Output directory. It must not exist or be empty; it is filled under a
+        /// temporary name beside it and renamed into place once complete.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Float dtype of the merged weights: f32, bf16 or f16 (default: the
+        /// base's own float dtype; bf16 for quantised or mixed bases).
+        #[arg(long, value_name = "DTYPE")]
+        dtype: Option<tandem::merge::MergeDtype>,
+        /// Quantised output. Only "none" is supported: the output is an unquantised
+        /// HF checkpoint (quantise it with llama.cpp's convert_hf_to_gguf.py).
+        #[arg(long, value_name = "TYPE", default_value = "none")]
+        quantize: String,
+    },
     /// Check every op of --device against the CPU backend, then greedy decoding
     /// of a model end to end; exits non-zero on any failure.
     Selftest {
@@ -236,6 +263,9 @@ fn run() -> Result<()> {
     let device: Device = cfg.device.name.parse().map_err(anyhow::Error::msg)?;
     if let Cmd::Selftest { model, e2e_tokens, seed } = cli.cmd {
         return selftest::run(&cfg, device, model, e2e_tokens, seed);
+    }
+    if let Cmd::Merge { model, lora, out, dtype, quantize } = cli.cmd {
+        return merge(&cfg, model, &lora, &out, dtype, &quantize);
     }
     match device {
         Device::Cpu => run_on::<CpuBackend>(cli.cmd, cfg),
@@ -375,8 +405,59 @@ fn run_on<B: OpenBackend>(cmd: Cmd, mut cfg: Config) -> Result<()> {
             let report = tandem::bench::train::run(&be, &loaded.model, &opts)?;
             print!("{report}");
         }
-        Cmd::Selftest { .. } => unreachable!("handled before choosing a backend"),
+        Cmd::Selftest { .. } | Cmd::Merge { .. } => unreachable!("handled before choosing a backend"),
     }
+    Ok(())
+}
+
+/// `tandem merge`: checks the flags, merges on a pool of `cpu.threads` threads
+/// and prints what it wrote.
+fn merge(
+    cfg: &Config,
+    model: Option<String>,
+    lora: &str,
+    out: &std::path::Path,
+    dtype: Option<tandem::merge::MergeDtype>,
+    quantize: &str,
+) -> Result<()> {
+    if quantize != "none" {
+        bail!(
+            "--quantize {quantize:?} is not supported: tandem merge writes an unquantised HF checkpoint \
+             (supported: none; choose its float dtype with --dtype f32|bf16|f16). For a quantised GGUF, run \
+             llama.cpp's convert_hf_to_gguf.py --outtype q8_0 on the merged directory"
+        );
+    }
+    let spec = model.unwrap_or_else(|| cfg.model.path.clone());
+    // A path that exists, or anything but `org/name`, is a directory; `org/name` is a hub adapter.
+    let local =
+        std::path::Path::new(lora).exists() || lora.starts_with(['/', '.', '~']) || lora.matches('/').count() != 1;
+    let adapter = if local {
+        PathBuf::from(lora)
+    } else {
+        tandem::loader::hub::resolve_adapter(lora)
+            .map_err(|reason| anyhow::anyhow!("adapter '{lora}': no such directory, and as a hub id: {reason}"))?
+    };
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(cfg.cpu.threads).build()?;
+    let opts = tandem::merge::MergeOptions { dtype };
+    eprintln!("tandem: merging {} into {} ...", adapter.display(), spec);
+    let report = pool
+        .install(|| tandem::merge::merge(&spec, &adapter, out, &opts))
+        .with_context(|| format!("merging {} into '{spec}'", adapter.display()))?;
+    for note in &report.notes {
+        eprintln!("tandem: note: {note}");
+    }
+    if let Some(b) = &report.adapter_base {
+        println!("adapter trained on: {b}");
+    }
+    println!(
+        "wrote {}: {} tensors ({} adapted) in {}, {:.1} MB of weights; files: {}",
+        report.out.display(),
+        report.tensors,
+        report.adapted,
+        report.dtype,
+        report.weights_bytes as f64 / 1e6,
+        report.files.join(", ")
+    );
     Ok(())
 }
 
