@@ -417,3 +417,24 @@ fn futures_chunks() -> impl futures::Stream<Item = Result<Vec<u8>, std::io::Erro
         Some((Ok(chats(1, i).into_bytes()), i + 1))
     })
 }
+
+/// Training memory is planned before the first step: a job that cannot fit
+/// the configured budget fails at start with the figure, and serving goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_over_the_memory_budget_fails_at_start_with_the_figure() {
+    let Some(model) = default_model() else { return };
+    let data = tempfile::tempdir().unwrap();
+    let s = Server::start(&model, &config(data.path(), "memory_budget_mib = 16\n")).await;
+    let train = file_id(&s, &std::fs::read_to_string(fixture("train-data/facts.train.jsonl")).unwrap()).await;
+    let (_, models) = s.get("/v1/models").await;
+    let base = models["data"][0]["id"].as_str().unwrap().to_string();
+    let (st, j) = s.post("/v1/fine_tuning/jobs", &json!({"model": base, "training_file": train})).await;
+    assert_eq!(st, 200, "{j}");
+    let j = wait_job(&s, j["id"].as_str().unwrap(), 120, finished).await;
+    assert_eq!(j["status"], "failed", "{j}");
+    let msg = j["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("needs at least") && msg.contains("MiB") && msg.contains("budget is 16 MiB"), "{msg}");
+    assert_eq!(metric(&s.metrics().await, "tandem_train_steps_total"), Some(0.0));
+    let (st, _) = greedy(&s, &base, "hello").await;
+    assert_eq!(st, 200, "serving goes on");
+}

@@ -117,6 +117,8 @@ struct Sink {
     check_jsonl: bool,
     line: Vec<u8>,
     line_no: usize,
+    /// Non-blank lines seen.
+    examples: usize,
     problem: Option<String>,
 }
 
@@ -146,6 +148,7 @@ impl Sink {
         if self.problem.is_some() || line.iter().all(u8::is_ascii_whitespace) {
             return;
         }
+        self.examples += 1;
         match serde_json::from_slice::<serde_json::Value>(&line) {
             Ok(v) if v.is_object() => {}
             Ok(_) => self.problem = Some(format!("line {}: expected a JSON object", self.line_no)),
@@ -158,7 +161,7 @@ impl Sink {
         if self.check_jsonl && !self.line.is_empty() {
             self.end_line();
         }
-        if self.check_jsonl && self.problem.is_none() && self.line_no == 0 {
+        if self.check_jsonl && self.problem.is_none() && self.examples == 0 {
             self.problem = Some("the file is empty; a fine-tune file holds one JSON example per line".into());
         }
         self.file.sync_all()?;
@@ -224,6 +227,7 @@ pub async fn upload(
                     check_jsonl,
                     line: Vec::new(),
                     line_no: 0,
+                    examples: 0,
                     problem: None,
                 };
                 upload = Some((sink, filename));
@@ -408,4 +412,81 @@ pub async fn delete(State(st): State<AppState>, Path(id): Path<String>) -> Resul
         return Err(not_found(&id));
     }
     Ok(Json(FileDeleted { id, object: "file", deleted: true }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sink(dir: &std::path::Path) -> Sink {
+        use sha2::Digest;
+        let path = dir.join("upload");
+        Sink {
+            file: std::fs::File::create(&path).unwrap(),
+            path,
+            bytes: 0,
+            hash: sha2::Sha256::new(),
+            check_jsonl: true,
+            line: Vec::new(),
+            line_no: 0,
+            examples: 0,
+            problem: None,
+        }
+    }
+
+    /// The verdict of reading the whole file at once.
+    fn reference(bytes: &[u8]) -> Option<usize> {
+        let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes);
+        let mut seen = false;
+        for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            seen = true;
+            match serde_json::from_slice::<serde_json::Value>(line) {
+                Ok(v) if v.is_object() => {}
+                _ => return Some(i + 1),
+            }
+        }
+        (!seen).then_some(0)
+    }
+
+    proptest! {
+        /// However an upload is cut into chunks, the streaming JSONL check
+        /// finds the same first bad line as reading it whole, and never panics.
+        #[test]
+        fn chunked_jsonl_check_matches_whole_file(
+            lines in proptest::collection::vec(prop_oneof![
+                Just("{\"messages\": []}".to_string()),
+                Just("".to_string()),
+                Just("  ".to_string()),
+                Just("[1]".to_string()),
+                Just("{\"a\": \"\\u00e9\"}".to_string()),
+                "[ -~]{0,12}",
+            ], 0..8),
+            cuts in proptest::collection::vec(0usize..64, 0..6),
+            bom in any::<bool>(),
+        ) {
+            let mut bytes = if bom { b"\xEF\xBB\xBF".to_vec() } else { vec![] };
+            bytes.extend(lines.join("\n").into_bytes());
+            let dir = tempfile::tempdir().unwrap();
+            let mut s = sink(dir.path());
+            let mut rest: &[u8] = &bytes;
+            for c in cuts {
+                let (a, b) = rest.split_at(c.min(rest.len()));
+                s.write(a).unwrap();
+                rest = b;
+            }
+            s.write(rest).unwrap();
+            let got = s.finish().unwrap();
+            let want = reference(&bytes);
+            match want {
+                None => prop_assert!(got.is_none(), "{got:?}"),
+                Some(0) => prop_assert!(got.as_deref().is_some_and(|m| m.contains("empty")), "{got:?}"),
+                Some(n) => prop_assert!(got.as_deref().is_some_and(|m| m.starts_with(&format!("line {n}:"))), "{got:?} want line {n}"),
+            }
+            prop_assert_eq!(s.bytes as usize, bytes.len());
+        }
+    }
 }

@@ -48,6 +48,7 @@ if [[ ! -x $VENV/bin/python ]]; then
     python3 -m venv "$VENV" || die "python3 -m venv $VENV"
 fi
 PY=$VENV/bin/python
+case $VENV in /*) VENV_ABS=$VENV ;; *) VENV_ABS=$ROOT/$VENV ;; esac
 stamp=$VENV/.tandem-requirements
 if ! cmp -s tests/py/requirements.txt "$stamp"; then
     "$PY" -m pip install --quiet --disable-pip-version-check -r tests/py/requirements.txt \
@@ -126,7 +127,7 @@ if [[ ${SKIP_SCHEMATHESIS:-} != 1 ]]; then
     (
         cd "$WORK" &&
         PYTHONPATH=$ROOT/tests/py SCHEMATHESIS_HOOKS=schemathesis_hooks TANDEM_MODEL_ID=${MODEL_ID:-} \
-            "$ROOT/$VENV/bin/schemathesis" run "$BASE/openapi.json" \
+            "$VENV_ABS/bin/schemathesis" run "$BASE/openapi.json" \
             --origin "$BASE" \
             --checks "$SCHEMATHESIS_CHECKS" \
             --max-examples "$SCHEMATHESIS_MAX_EXAMPLES" \

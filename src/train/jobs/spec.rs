@@ -388,3 +388,62 @@ mod tests {
         c.validate().unwrap();
     }
 }
+
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn value() -> impl Strategy<Value = Value> {
+        prop_oneof![
+            Just(Value::Null),
+            Just(json!("auto")),
+            Just(json!("supervised")),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>().prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            "[a-z_ ]{0,8}".prop_map(Value::from),
+            Just(json!(["q_proj", "nope"])),
+            Just(json!({"n_epochs": 2})),
+        ]
+    }
+
+    proptest! {
+        /// Any mix of fields and values: parsed and checked without a panic,
+        /// and whatever passes the check gives a configuration the trainer accepts.
+        #[test]
+        fn any_request_is_checked_without_panicking(
+            fields in proptest::collection::btree_map(
+                prop_oneof![
+                    Just("model"), Just("training_file"), Just("suffix"), Just("seed"), Just("metadata"),
+                    Just("method"), Just("hyperparameters"), Just("tandem"), Just("validation_file"),
+                ].prop_map(str::to_string),
+                value(),
+                0..6,
+            ),
+            inner in proptest::collection::btree_map(
+                prop_oneof![
+                    Just("rank"), Just("alpha"), Just("dropout"), Just("targets"), Just("max_seq_len"),
+                    Just("learning_rate"), Just("warmup_steps"), Just("schedule"), Just("save_every"), Just("max_steps"),
+                ].prop_map(str::to_string),
+                value(),
+                0..5,
+            ),
+            examples in 1usize..5000,
+        ) {
+            let mut body = json!({"model": "m", "training_file": "f"});
+            for (k, v) in fields {
+                body[k] = v;
+            }
+            if body["tandem"].is_object() || body["tandem"].is_null() {
+                body["tandem"] = Value::Object(inner.into_iter().collect());
+            }
+            if let Ok(r) = serde_json::from_value::<JobRequest>(body) {
+                if let Ok(mut s) = r.check(64, 4096) {
+                    s.resolve(examples);
+                    let c = s.train_config(examples, None, 1 << 20);
+                    prop_assert!(c.validate().is_ok(), "{c:?}");
+                }
+            }
+        }
+    }
+}
