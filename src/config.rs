@@ -44,8 +44,8 @@ pub struct TrainSection {
     pub busy_share: f64,
     /// Co-serving: turn length while serving is idle.
     pub idle_turn_ms: u64,
-    /// Fine-tuning jobs: micro-batch size in tokens (packed).
-    pub job_micro_batch_tokens: usize,
+    /// Co-serving: serving steps between two training turns, at least.
+    pub min_steps_between_turns: u32,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -86,6 +86,8 @@ pub struct ModelSection {
 #[serde(deny_unknown_fields)]
 pub struct CpuSection {
     pub threads: usize,
+    /// Activations of quantised matmuls: f32 (exact) or int8 (integer dot products).
+    pub activations: crate::backend::cpu::Activations,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -155,6 +157,10 @@ impl Config {
         }
         if let Ok(m) = std::env::var("TANDEM_MODEL") {
             cfg.model.path = m;
+        }
+        if let Ok(a) = std::env::var("TANDEM_ACTIVATIONS") {
+            cfg.cpu.activations =
+                a.parse().map_err(|reason| ConfigFileError::Env { name: "TANDEM_ACTIVATIONS".into(), reason })?;
         }
         if let Ok(t) = std::env::var("TANDEM_THREADS") {
             cfg.cpu.threads = t.parse().map_err(|_| ConfigFileError::Env {

@@ -37,7 +37,7 @@ pub trait OpenBackend: Backend + Sized {
 
 impl OpenBackend for CpuBackend {
     fn open(cfg: &Config) -> Result<Self, BackendError> {
-        CpuBackend::new(cfg.cpu.threads)
+        Ok(CpuBackend::new(cfg.cpu.threads)?.with_activations(cfg.cpu.activations))
     }
     /// Host memory is committed only as blocks are written, so the configured
     /// count is an upper bound, not an allocation.

@@ -315,6 +315,7 @@ impl EngineConfig {
                 max_turn: std::time::Duration::from_millis(cfg.train.max_turn_ms),
                 busy_share: cfg.train.busy_share,
                 idle_turn: std::time::Duration::from_millis(cfg.train.idle_turn_ms),
+                min_steps_between_turns: cfg.train.min_steps_between_turns,
             },
         }
     }
