@@ -34,6 +34,9 @@ struct Cli {
     /// Where the model runs: cpu or cuda:N (default: the config's `device.name`).
     #[arg(long, global = true)]
     device: Option<String>,
+    /// CPU: activations of quantised matmuls, f32 or int8 (default: the config's `cpu.activations`).
+    #[arg(long, global = true)]
+    activations: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -259,6 +262,9 @@ fn run() -> Result<()> {
     }
     if let Some(d) = cli.device {
         cfg.device.name = d;
+    }
+    if let Some(a) = cli.activations {
+        cfg.cpu.activations = a.parse().map_err(anyhow::Error::msg)?;
     }
     let device: Device = cfg.device.name.parse().map_err(anyhow::Error::msg)?;
     if let Cmd::Selftest { model, e2e_tokens, seed } = cli.cmd {

@@ -7,6 +7,7 @@ mod attention;
 mod attention_grad;
 mod dequant;
 mod gemm;
+pub mod int8;
 mod lora;
 mod math;
 mod matmul;
@@ -87,6 +88,31 @@ pub struct CpuKvCache {
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
     isa: Isa,
+    activations: Activations,
+}
+
+/// How matmuls against quantised weights treat their activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Activations {
+    /// f32 activations against weights dequantised on the fly: within rounding
+    /// of transformers on the dequantised weights (the goldens' mode).
+    #[default]
+    F32,
+    /// Each activation row quantised to 8 bits once per matmul, integer dot
+    /// products per block (`int8.rs`); F16/BF16/F32 weights keep the f32 path.
+    Int8,
+}
+
+impl std::str::FromStr for Activations {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "f32" => Ok(Self::F32),
+            "int8" => Ok(Self::Int8),
+            o => Err(format!("unknown activations mode {o:?}: expected \"f32\" or \"int8\"")),
+        }
+    }
 }
 
 impl CpuBackend {
@@ -99,7 +125,14 @@ impl CpuBackend {
             .thread_name(|i| format!("tandem-cpu-{i}"))
             .build()
             .map_err(|e| BackendError::Invalid(format!("thread pool: {e}")))?;
-        Ok(Self { pool, isa: Isa::detect() })
+        Ok(Self { pool, isa: Isa::detect(), activations: Activations::F32 })
+    }
+    /// The same backend with `a` activations for quantised matmuls.
+    pub fn with_activations(self, a: Activations) -> Self {
+        Self { activations: a, ..self }
+    }
+    pub fn activations(&self) -> Activations {
+        self.activations
     }
     /// A backend forced to one instruction set (the self-test compares ISAs).
     pub fn with_isa(threads: usize, isa: Isa) -> Result<Self, BackendError> {
@@ -196,7 +229,11 @@ impl Backend for CpuBackend {
                 matmul::Job { w: j.w, bias: j.bias.map(vector), out: &mut j.out.data }
             })
             .collect();
-        matmul::matmul_many(&self.pool, self.isa, &x.data, x.rows, x.cols, &mut mjobs);
+        if self.activations == Activations::Int8 && mjobs.iter().all(|j| int8::supported(j.w.kind)) {
+            int8::matmul_many(&self.pool, self.isa, &x.data, x.rows, x.cols, &mut mjobs);
+        } else {
+            matmul::matmul_many(&self.pool, self.isa, &x.data, x.rows, x.cols, &mut mjobs);
+        }
         Ok(())
     }
 

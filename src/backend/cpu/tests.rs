@@ -121,6 +121,53 @@ fn matmul_rows_are_batch_invariant() {
     }
 }
 
+/// Int8 activations: a row gives the same bits alone or in a batch, on every
+/// ISA and thread count, for every kind with an integer path; and the result
+/// stays within the activation rounding of the f32 product.
+#[test]
+fn int8_matmul_is_batch_isa_and_thread_invariant() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    for kind in [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K] {
+        let (rows, cols, m) = (37, 512, 9);
+        let x: Vec<f32> = (0..m * cols).map(|_| rng.gen_range(-1f32..1.0)).collect();
+        let mut reference: Option<Vec<u32>> = None;
+        for isa in isas() {
+            for threads in [1, 2] {
+                let mut be = CpuBackend::new(threads).unwrap().with_activations(Activations::Int8);
+                be.isa = isa;
+                let w = be.load_weight(host(kind, rows, cols, 3)).unwrap();
+                let mut all = be.zeros(m, rows).unwrap();
+                be.matmul(&be.upload(&x, m, cols).unwrap(), &w, &mut all).unwrap();
+                let bits: Vec<u32> = all.data.iter().map(|f| f.to_bits()).collect();
+                for i in [0, 4, 8] {
+                    let mut one = be.zeros(1, rows).unwrap();
+                    be.matmul(&be.upload(&x[i * cols..(i + 1) * cols], 1, cols).unwrap(), &w, &mut one).unwrap();
+                    let b1: Vec<u32> = one.data.iter().map(|f| f.to_bits()).collect();
+                    assert_eq!(
+                        b1,
+                        bits[i * rows..(i + 1) * rows],
+                        "{kind:?} {isa:?} x{threads}: row {i} alone differs"
+                    );
+                }
+                match &reference {
+                    None => reference = Some(bits),
+                    Some(r) => assert_eq!(&bits, r, "{kind:?} {isa:?} x{threads}: differs from the first ISA"),
+                }
+            }
+        }
+        // Within the activation rounding of the f32 path.
+        let be = CpuBackend::new(2).unwrap();
+        let w = be.load_weight(host(kind, rows, cols, 3)).unwrap();
+        let mut f = be.zeros(m, rows).unwrap();
+        be.matmul(&be.upload(&x, m, cols).unwrap(), &w, &mut f).unwrap();
+        let got: Vec<f32> = reference.unwrap().iter().map(|&b| f32::from_bits(b)).collect();
+        let scale = f.data.iter().fold(0f32, |a, v| a.max(v.abs()));
+        for (a, b) in got.iter().zip(&f.data) {
+            assert!((a - b).abs() <= 0.02 * scale, "{kind:?}: int8 {a} vs f32 {b} (scale {scale})");
+        }
+    }
+}
+
 #[test]
 fn matmul_many_adds_bias_per_job() {
     let be = CpuBackend::new(2).unwrap();
