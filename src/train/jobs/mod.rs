@@ -228,10 +228,23 @@ impl JobManager {
 
     /// Applies `f` to job `id` and saves it (one writer at a time).
     fn update(&self, id: &str, f: impl FnOnce(&mut Job) -> Result<(), JobsError>) -> Result<Job, JobsError> {
+        self.update_then(id, f, || {})
+    }
+
+    /// [`JobManager::update`], then `then` while still holding the lock: engine
+    /// commands sent there reach the engine in the order of the state changes
+    /// (a cancel can never overtake the start it cancels).
+    fn update_then(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Job) -> Result<(), JobsError>,
+        then: impl FnOnce(),
+    ) -> Result<Job, JobsError> {
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut job = self.job(id)?;
         f(&mut job)?;
         self.save(&job)?;
+        then();
         Ok(job)
     }
 
@@ -407,27 +420,33 @@ impl JobManager {
             job: Some(id.to_string()),
         };
         let examples = train.examples.len();
-        let job = self.update(id, |j| {
-            if j.status != "validating_files" && j.status != "queued" {
-                return Err(JobsError::State(format!("job {id} is {}", j.status)));
-            }
-            j.status = "queued".into();
-            j.hyperparameters = settings.hyperparameters_json();
-            j.method = json!({"type": "supervised", "supervised": {"hyperparameters": j.hyperparameters}});
-            j.tandem.settings = serde_json::to_value(&settings).expect("settings serialise");
-            j.tandem.total_steps = Some(steps);
-            j.tandem.examples = Some(examples);
-            Ok(())
-        });
+        let fresh = resume_from.is_none();
+        let setup = JobSetup { job: id.into(), config, train, valid, out_dir, resume_from, lineage };
+        let mut sent = true;
+        let job = self.update_then(
+            id,
+            |j| {
+                if j.status != "validating_files" && j.status != "queued" {
+                    return Err(JobsError::State(format!("job {id} is {}", j.status)));
+                }
+                j.status = "queued".into();
+                j.hyperparameters = settings.hyperparameters_json();
+                j.method = json!({"type": "supervised", "supervised": {"hyperparameters": j.hyperparameters}});
+                j.tandem.settings = serde_json::to_value(&settings).expect("settings serialise");
+                j.tandem.total_steps = Some(steps);
+                j.tandem.examples = Some(examples);
+                Ok(())
+            },
+            || sent = self.engine.train(TrainCommand::Start(Box::new(setup))),
+        );
         if job.is_err() {
             return Ok(()); // cancelled or paused meanwhile
         }
-        if resume_from.is_none() {
-            self.event(id, "info", "message", "Files validated, moving job to queued state", Value::Null);
-        }
-        let setup = JobSetup { job: id.into(), config, train, valid, out_dir, resume_from, lineage };
-        if !self.engine.train(TrainCommand::Start(Box::new(setup))) {
+        if !sent {
             return self.fail(id, "engine_stopped", "the engine stopped".into());
+        }
+        if fresh {
+            self.event(id, "info", "message", "Files validated, moving job to queued state", Value::Null);
         }
         Ok(())
     }
@@ -446,33 +465,43 @@ impl JobManager {
     }
 
     pub fn cancel(&self, id: &str) -> Result<Job, JobsError> {
-        let job = self.update(id, |j| {
-            if j.is_final() {
-                return Err(JobsError::State(format!("job {id} has already {}; it cannot be cancelled", j.status)));
-            }
-            j.status = "cancelled".into();
-            j.finished_at = Some(unix_now());
-            j.estimated_finish = None;
-            Ok(())
-        })?;
-        self.engine.train(TrainCommand::Cancel(id.into()));
+        let job = self.update_then(
+            id,
+            |j| {
+                if j.is_final() {
+                    return Err(JobsError::State(format!("job {id} has already {}; it cannot be cancelled", j.status)));
+                }
+                j.status = "cancelled".into();
+                j.finished_at = Some(unix_now());
+                j.estimated_finish = None;
+                Ok(())
+            },
+            || {
+                self.engine.train(TrainCommand::Cancel(id.into()));
+            },
+        )?;
         self.event(id, "info", "message", "Job cancelled", Value::Null);
         Ok(job)
     }
 
     pub fn pause(&self, id: &str) -> Result<Job, JobsError> {
-        let job = self.update(id, |j| {
-            if !matches!(j.status.as_str(), "queued" | "running") {
-                return Err(JobsError::State(format!(
-                    "job {id} is {}; only a queued or running job can be paused",
-                    j.status
-                )));
-            }
-            j.status = "paused".into();
-            j.estimated_finish = None;
-            Ok(())
-        })?;
-        self.engine.train(TrainCommand::Pause(id.into()));
+        let job = self.update_then(
+            id,
+            |j| {
+                if !matches!(j.status.as_str(), "queued" | "running") {
+                    return Err(JobsError::State(format!(
+                        "job {id} is {}; only a queued or running job can be paused",
+                        j.status
+                    )));
+                }
+                j.status = "paused".into();
+                j.estimated_finish = None;
+                Ok(())
+            },
+            || {
+                self.engine.train(TrainCommand::Pause(id.into()));
+            },
+        )?;
         self.event(id, "info", "message", "Job paused", Value::Null);
         Ok(job)
     }
