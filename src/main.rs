@@ -501,7 +501,6 @@ fn serve<B: OpenBackend>(cfg: Config, spec: String) -> Result<()> {
                 let a = loras.load_startup(name, path).map_err(|e| format!("LoRA adapter '{name}': {e}"))?;
                 eprintln!("tandem: LoRA adapter '{name}' loaded (rank {}, {} KiB)", a.max_rank, a.bytes() / 1024);
             }
-            let max_model_len = loaded.model.config.max_position;
             let engine = spawn_engine(be, loaded.model, engine_cfg).map_err(|e| format!("starting the engine: {e}"))?;
             let tokenizer = Arc::new(tok);
             let jobs = match store {
@@ -511,7 +510,8 @@ fn serve<B: OpenBackend>(cfg: Config, spec: String) -> Result<()> {
                         base_names: names.all(),
                         organization: cfg.store.organization.clone(),
                         max_rank: cfg.lora.max_lora_rank,
-                        max_model_len: max_model_len.min(engine.info().max_model_len.max(2)),
+                        // Already capped by the model's context and the KV cache.
+                        max_model_len: engine.info().max_model_len,
                         memory_budget: match cfg.train.memory_budget_mib {
                             0 => None,
                             m => Some(m << 20),

@@ -190,26 +190,14 @@ impl<B: Backend> CoServing<B> {
             TrainCommand::Pause(id) => {
                 let Some(i) = self.position(&id) else { return };
                 let j = self.jobs.remove(i).expect("found");
-                let checkpoint = match &j.trainer {
-                    Some(t) if t.state().step > 0 => {
-                        let step = t.state().step;
-                        let dir = run::checkpoint_dir(&j.setup.out_dir, step);
-                        // A checkpoint of this step may exist already: it is the same state.
-                        let saved = if dir.exists() {
-                            Ok(())
-                        } else {
-                            t.save_checkpoint(be, &dir, &j.setup.lineage.base_model)
-                        };
-                        match saved {
-                            Ok(()) => Some((step, dir)),
-                            Err(e) => {
-                                self.send(TrainEvent::Failed { job: id, error: format!("pausing: {e}") });
-                                return;
-                            }
-                        }
-                    }
+                let checkpoint = match checkpoint_now(be, &j) {
+                    Ok(Some((step, dir, _))) => Some((step, dir)),
                     // Not started, or no step taken: resuming starts over.
-                    _ => j.setup.resume_from.as_ref().and_then(|p| checkpoint_step(p).map(|s| (s, p.clone()))),
+                    Ok(None) => j.setup.resume_from.as_ref().and_then(|p| checkpoint_step(p).map(|s| (s, p.clone()))),
+                    Err(e) => {
+                        self.send(TrainEvent::Failed { job: id, error: format!("pausing: {e}") });
+                        return;
+                    }
                 };
                 self.send(TrainEvent::Paused { job: id, checkpoint });
             }
@@ -220,13 +208,7 @@ impl<B: Backend> CoServing<B> {
     /// next start resumes from there), reported as `Checkpoint` events.
     pub fn checkpoint_all(&mut self, be: &B) {
         for j in std::mem::take(&mut self.jobs) {
-            let Some(t) = &j.trainer else { continue };
-            let step = t.state().step;
-            let dir = run::checkpoint_dir(&j.setup.out_dir, step);
-            if step == 0 || dir.exists() {
-                continue;
-            }
-            if t.save_checkpoint(be, &dir, &j.setup.lineage.base_model).is_ok() {
+            if let Ok(Some((step, dir, true))) = checkpoint_now(be, &j) {
                 self.send(TrainEvent::Checkpoint { job: j.setup.job, step, dir, report: j.last });
             }
         }
@@ -373,6 +355,23 @@ impl<B: Backend> CoServing<B> {
             Err(e) => self.send(TrainEvent::Failed { job: j.setup.job, error: format!("writing the adapter: {e}") }),
         }
     }
+}
+
+/// A checkpoint of where a started job is: `(step, dir, written now)`; `None`
+/// before its first step. A checkpoint of this step may exist already (a
+/// `save_every` one): it holds the same state and is not written again.
+fn checkpoint_now<B: Backend>(be: &B, j: &ActiveJob<B>) -> Result<Option<(usize, PathBuf, bool)>, TrainError> {
+    let Some(t) = &j.trainer else { return Ok(None) };
+    let step = t.state().step;
+    if step == 0 {
+        return Ok(None);
+    }
+    let dir = run::checkpoint_dir(&j.setup.out_dir, step);
+    if dir.exists() {
+        return Ok(Some((step, dir, false)));
+    }
+    t.save_checkpoint(be, &dir, &j.setup.lineage.base_model)?;
+    Ok(Some((step, dir, true)))
 }
 
 /// The trainer for `s`: fresh, or resumed from its checkpoint (with the

@@ -255,6 +255,14 @@ impl Store {
         page(rows, limit)
     }
 
+    /// How many jobs are in each status.
+    pub fn job_counts(&self) -> StoreResult<Vec<(String, u64)>> {
+        let db = self.db();
+        let mut q = db.prepare("SELECT status, COUNT(*) FROM jobs GROUP BY status")?;
+        let rows = q.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
     /// Every job in one of `statuses`, oldest first.
     pub fn jobs_with_status(&self, statuses: &[&str]) -> StoreResult<Vec<Value>> {
         let db = self.db();

@@ -23,7 +23,7 @@ use super::lora::{HostFactor, LoraSpec, TrainableLora};
 use super::memory::MemoryPlan;
 use super::optim::{optimizer_step, OptimConfig};
 use super::output::{self, OutputError};
-use super::step::{run_micro_batch, MicroBatch, MicroBatchRun, TrainKv};
+use super::step::{MicroBatch, MicroBatchRun, TrainKv};
 
 /// Everything that decides what a run computes.
 #[derive(Debug, Clone, PartialEq)]
@@ -221,6 +221,12 @@ struct PendingStep<B: Backend> {
     seconds: f64,
 }
 
+impl<B: Backend> PendingEval<B> {
+    fn done(&self) -> bool {
+        self.next >= self.groups.len() && self.run.is_none()
+    }
+}
+
 struct PendingEval<B: Backend> {
     groups: Vec<Vec<usize>>,
     next: usize,
@@ -374,17 +380,10 @@ impl<B: Backend> Trainer<B> {
                 }
                 Some(Pending::Eval(mut e)) => {
                     self.eval_slice(be, model, &mut e)?;
-                    if e.next < e.groups.len() || e.run.is_some() {
+                    if !e.done() {
                         self.pending = Some(Pending::Eval(e));
                     } else {
-                        let loss = e.sums.loss / e.items.max(1) as f64;
-                        let eval = EvalReport {
-                            step: self.state.step,
-                            loss,
-                            token_accuracy: e.sums.correct as f64 / e.items.max(1) as f64,
-                            perplexity: loss.exp(),
-                            tokens: e.items,
-                        };
+                        let eval = self.eval_report(&e);
                         match e.after_step {
                             Some(mut report) => {
                                 report.seconds += e.seconds + t0.elapsed().as_secs_f64();
@@ -536,30 +535,26 @@ impl<B: Backend> Trainer<B> {
     /// Loss, token accuracy and perplexity over the whole validation set
     /// (no dropout, no gradients).
     pub fn evaluate(&mut self, be: &B, model: &LlamaModel<B>) -> Result<EvalReport, TrainError> {
-        let Some(valid) = &self.valid else {
+        if self.valid.is_none() {
             return Err(TrainError::Config("there is no validation data".into()));
-        };
-        let groups = eval_groups(&valid.lengths(), &self.cfg.batching);
-        let mut sums = CrossEntropySums::default();
-        let mut items = 0;
-        for g in &groups {
-            let mb = micro_batch(valid, g);
-            if mb.num_targets() == 0 {
-                continue;
-            }
-            items += mb.num_targets();
-            let s = run_micro_batch(be, model, &mut self.lora, &mb, None, &self.plan, &mut self.kv, 0)?;
-            sums.loss += s.loss;
-            sums.correct += s.correct;
         }
-        let loss = sums.loss / items.max(1) as f64;
-        Ok(EvalReport {
+        let mut e = self.begin_eval(None);
+        while !e.done() {
+            self.eval_slice(be, model, &mut e)?;
+        }
+        Ok(self.eval_report(&e))
+    }
+
+    /// The report of a finished evaluation.
+    fn eval_report(&self, e: &PendingEval<B>) -> EvalReport {
+        let loss = e.sums.loss / e.items.max(1) as f64;
+        EvalReport {
             step: self.state.step,
             loss,
-            token_accuracy: sums.correct as f64 / items.max(1) as f64,
+            token_accuracy: e.sums.correct as f64 / e.items.max(1) as f64,
             perplexity: loss.exp(),
-            tokens: items,
-        })
+            tokens: e.items,
+        }
     }
 
     /// Queues the evaluation before the first step (the baseline early stopping

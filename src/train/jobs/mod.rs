@@ -255,11 +255,11 @@ impl JobManager {
     }
 
     fn count_states(&self) {
-        let Ok(page) = self.store.jobs(None, usize::MAX >> 2) else { return };
+        let Ok(stored) = self.store.job_counts() else { return };
         let mut counts: BTreeMap<&'static str, u64> = STATUSES.iter().map(|s| (*s, 0)).collect();
-        for j in page.data {
-            if let Some(c) = STATUSES.iter().find(|s| j["status"] == **s).and_then(|s| counts.get_mut(*s)) {
-                *c += 1;
+        for (status, n) in stored {
+            if let Some(c) = STATUSES.iter().find(|s| **s == status).and_then(|s| counts.get_mut(*s)) {
+                *c = n;
             }
         }
         *self.engine.metrics().train.jobs.lock().unwrap_or_else(|e| e.into_inner()) = counts;
