@@ -88,6 +88,8 @@ pub struct CpuKvCache {
 pub struct CpuBackend {
     pool: rayon::ThreadPool,
     isa: Isa,
+    /// The integer kernels of int8 activations (from `isa` and the CPU's VNNI).
+    int8: int8::Kernel,
     activations: Activations,
 }
 
@@ -125,7 +127,8 @@ impl CpuBackend {
             .thread_name(|i| format!("tandem-cpu-{i}"))
             .build()
             .map_err(|e| BackendError::Invalid(format!("thread pool: {e}")))?;
-        Ok(Self { pool, isa: Isa::detect(), activations: Activations::F32 })
+        let isa = Isa::detect();
+        Ok(Self { pool, isa, int8: int8::Kernel::for_isa(isa), activations: Activations::F32 })
     }
     /// The same backend with `a` activations for quantised matmuls.
     pub fn with_activations(self, a: Activations) -> Self {
@@ -136,7 +139,7 @@ impl CpuBackend {
     }
     /// A backend forced to one instruction set (the self-test compares ISAs).
     pub fn with_isa(threads: usize, isa: Isa) -> Result<Self, BackendError> {
-        Ok(Self { isa, ..Self::new(threads)? })
+        Ok(Self { isa, int8: int8::Kernel::for_isa(isa), ..Self::new(threads)? })
     }
     pub fn isa(&self) -> Isa {
         self.isa
@@ -230,7 +233,7 @@ impl Backend for CpuBackend {
             })
             .collect();
         if self.activations == Activations::Int8 && mjobs.iter().all(|j| int8::supported(j.w.kind)) {
-            int8::matmul_many(&self.pool, self.isa, &x.data, x.rows, x.cols, &mut mjobs);
+            int8::matmul_many(&self.pool, self.int8, &x.data, x.rows, x.cols, &mut mjobs);
         } else {
             matmul::matmul_many(&self.pool, self.isa, &x.data, x.rows, x.cols, &mut mjobs);
         }

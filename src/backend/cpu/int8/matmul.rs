@@ -1,0 +1,128 @@
+//! The int8 matmul driver: quantise the input rows once (into buffers kept
+//! per calling thread, so a decode step allocates nothing), then split the
+//! weight rows of every job into tasks over the pool.
+
+use super::{dot_rows, quantise_256, quantise_32, supported, uses_256, Kernel, Q8Block256, Q8Row32, QuantRow};
+use rayon::prelude::*;
+use std::cell::RefCell;
+
+/// The quantised input rows of the last matmul on this thread.
+#[derive(Default)]
+struct Scratch {
+    q32: Vec<Q8Row32>,
+    q256: Vec<Vec<Q8Block256>>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::default();
+}
+
+/// Weight rows per task: enough to amortise the task, few enough to balance.
+const ROWS: usize = 16;
+/// Activation rows per kernel call: each weight block is decoded once for them.
+const ROWS_PER_CALL: usize = 8;
+
+/// `out[m, n] = Σ_k x[m, k]·w[n, k] + bias[n]` for every job, with `x`
+/// quantised once (per block family the jobs need). Every job's weight kind
+/// must be [`supported`].
+pub fn matmul_many(
+    pool: &rayon::ThreadPool,
+    kernel: Kernel,
+    x: &[f32],
+    m: usize,
+    k: usize,
+    jobs: &mut [crate::backend::cpu::matmul::Job<'_>],
+) {
+    debug_assert_eq!(x.len(), m * k);
+    for job in jobs.iter() {
+        assert_eq!(job.w.cols, k, "matmul: weight '{}' has {} columns, input has {k}", job.w.name, job.w.cols);
+        assert_eq!(job.out.len(), m * job.w.rows, "matmul: output size for '{}'", job.w.name);
+        assert!(supported(job.w.kind), "int8 matmul: {:?} has no integer path", job.w.kind);
+    }
+    SCRATCH.with(|s| {
+        let mut s = s.borrow_mut();
+        let s = &mut *s;
+        if jobs.iter().any(|j| !uses_256(j.w.kind)) {
+            if s.q32.len() < m {
+                s.q32.resize_with(m, Default::default);
+            }
+            quantise_rows(pool, x, k, &mut s.q32[..m], quantise_32);
+        }
+        if jobs.iter().any(|j| uses_256(j.w.kind)) {
+            if s.q256.len() < m {
+                s.q256.resize_with(m, Default::default);
+            }
+            quantise_rows(pool, x, k, &mut s.q256[..m], quantise_256);
+        }
+        run(pool, kernel, &s.q32, &s.q256, m, jobs);
+    });
+}
+
+fn quantise_rows<T: Send>(pool: &rayon::ThreadPool, x: &[f32], k: usize, rows: &mut [T], f: fn(&[f32], &mut T)) {
+    if rows.len() == 1 {
+        f(x, &mut rows[0]);
+    } else {
+        pool.install(|| rows.par_iter_mut().zip(x.par_chunks(k)).for_each(|(r, x)| f(x, r)));
+    }
+}
+
+fn run(
+    pool: &rayon::ThreadPool,
+    kernel: Kernel,
+    q32: &[Q8Row32],
+    q256: &[Vec<Q8Block256>],
+    m: usize,
+    jobs: &mut [crate::backend::cpu::matmul::Job<'_>],
+) {
+    #[derive(Clone, Copy)]
+    struct Out(*mut f32);
+    // SAFETY: each task writes a disjoint set of output columns.
+    unsafe impl Send for Out {}
+    unsafe impl Sync for Out {}
+    let outs: Vec<Out> = jobs.iter_mut().map(|j| Out(j.out.as_mut_ptr())).collect();
+    let jobs: &[crate::backend::cpu::matmul::Job<'_>] = jobs;
+    let tasks_of = |j: &crate::backend::cpu::matmul::Job<'_>| j.w.rows.div_ceil(ROWS);
+    let total: usize = jobs.iter().map(tasks_of).sum();
+    let task = |t: usize| {
+        // Task `t` → (job, first weight row).
+        let (mut j, mut t) = (0, t);
+        while t >= tasks_of(&jobs[j]) {
+            t -= tasks_of(&jobs[j]);
+            j += 1;
+        }
+        let (w, bias) = (jobs[j].w, jobs[j].bias);
+        let data = w.bytes.as_slice();
+        let rows = t * ROWS..((t + 1) * ROWS).min(w.rows);
+        let mut vals = [0f32; ROWS_PER_CALL];
+        // Activation rows outer: a group of them and this task's weight rows
+        // both stay in L1 while every pair is multiplied.
+        for m0 in (0..m).step_by(ROWS_PER_CALL) {
+            let n = ROWS_PER_CALL.min(m - m0);
+            let xq: [QuantRow<'_>; ROWS_PER_CALL] = std::array::from_fn(|i| {
+                let mi = (m0 + i).min(m - 1);
+                if uses_256(w.kind) {
+                    QuantRow::B256(&q256[mi])
+                } else {
+                    QuantRow::B32(&q32[mi])
+                }
+            });
+            for r in rows.clone() {
+                let row = &data[r * w.row_bytes..(r + 1) * w.row_bytes];
+                dot_rows(kernel, w.kind, row, &xq[..n], &mut vals[..n]);
+                for (i, &v) in vals[..n].iter().enumerate() {
+                    let v = match bias {
+                        Some(b) => v + b[r],
+                        None => v,
+                    };
+                    // SAFETY: (m0+i, r) is inside this job's output and only this task owns row r.
+                    unsafe { *outs[j].0.add((m0 + i) * w.rows + r) = v };
+                }
+            }
+        }
+    };
+    if total <= 1 || pool.current_num_threads() == 1 {
+        (0..total).for_each(task);
+    } else {
+        pool.install(|| (0..total).into_par_iter().for_each(task));
+    }
+}

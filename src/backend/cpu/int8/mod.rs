@@ -1,0 +1,511 @@
+//! 8-bit activations: each activation row is quantised once per matmul input
+//! (per 32-element block for Q4_0/Q5_0/Q8_0 weights, per 256-element
+//! super-block with 16-element sums for the K-quants), and every weight block
+//! is multiplied with it in integers (`maddubs` on AVX2, `vpdpbusd` with
+//! AVX-VNNI and AVX512-VNNI), as llama.cpp's `ggml_vec_dot_*_q8_*` functions
+//! do. Written from the formats, not copied.
+//!
+//! The summation contract (batch, thread and ISA invariance): a block's
+//! integer sums are exact, however a kernel computes them, so only the float
+//! steps fix the result, and they are the same in the scalar and SIMD code.
+//! - 32-element blocks: a block's lane `l` (0..8) is the exact integer sum over
+//!   its elements `4l..4l+4`; with `s = f16(d_w)·d_x`, even-numbered blocks go
+//!   into `A[l] = fma(s, lane, A[l])` and odd-numbered ones into `B`, in block
+//!   order; the result is `reduce8(A + B)`, one fixed tree. (Two accumulators
+//!   so that AVX-512 holds a block pair in one register and AVX2 keeps two
+//!   independent FMA chains.)
+//! - 256-element super-blocks: the exact integer sum of the whole super-block
+//!   (scales applied in integers), then `acc = fma(d_w·d_x, sum, acc)` (and the
+//!   minimum's term into its own accumulator) in block order.
+//!
+//! Kernels may compute a lane from unsigned codes (`q` instead of `q - 8`) and
+//! subtract `offset · Σx` afterwards with the lane sums stored beside the
+//! activation codes: the integer is the same.
+//!
+//! A row's quantisation depends only on the row, and each output is one dot
+//! of one weight row with one activation row: batching, threads and the ISA
+//! cannot change a bit (tests here and in backend/cpu/tests.rs).
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod matmul;
+
+pub use matmul::matmul_many;
+
+use super::Isa;
+use crate::quant::ggml::{f16_to_f32, get_scale_min_k4, GgmlType};
+
+/// Which integer kernels run: chosen once per backend from the CPU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kernel {
+    Scalar,
+    /// `maddubs` on 256-bit registers (AVX2-only machines such as Zen 3).
+    Avx2,
+    /// `vpdpbusd` on 256-bit registers (AVX-VNNI without AVX-512).
+    AvxVnni,
+    /// `vpdpbusd` on 512-bit registers, a 32-element block pair per register.
+    Avx512Vnni,
+}
+
+impl Kernel {
+    /// The fastest kernel the CPU allows under `isa` (`TANDEM_CPU_ISA=avx2`
+    /// gives plain AVX2, as on a machine without any VNNI).
+    pub fn for_isa(isa: Isa) -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let plain_avx2 = std::env::var("TANDEM_CPU_ISA").as_deref() == Ok("avx2");
+            match isa {
+                Isa::Scalar => {}
+                Isa::Avx512 if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512dq") => {
+                    return Self::Avx512Vnni
+                }
+                _ if !plain_avx2 && is_x86_feature_detected!("avxvnni") => return Self::AvxVnni,
+                _ => return Self::Avx2,
+            }
+        }
+        let _ = isa;
+        Self::Scalar
+    }
+
+    /// Every kernel this CPU can run (the tests compare them all with the scalar twin).
+    pub fn available() -> Vec<Self> {
+        let mut v = vec![Self::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c") {
+                v.push(Self::Avx2);
+                if is_x86_feature_detected!("avxvnni") {
+                    v.push(Self::AvxVnni);
+                }
+                if Kernel::for_isa(Isa::Avx512) == Kernel::Avx512Vnni && Isa::detect() == Isa::Avx512 {
+                    v.push(Self::Avx512Vnni);
+                }
+            }
+        }
+        v
+    }
+}
+
+/// One activation row for 32-element weight blocks, as arrays laid out for
+/// the kernels: a block pair is one contiguous 64-byte load of codes, and the
+/// per-lane arrays load straight into the registers that use them.
+#[derive(Clone, Debug, Default)]
+pub struct Q8Row32 {
+    /// The codes, one per element.
+    pub q: Vec<i8>,
+    /// Per lane (4 elements): the block's scale `max|x| / 127`, repeated.
+    pub lane_d: Vec<f32>,
+    /// Per lane: minus the sum of its 4 codes (kernels on offset codes add
+    /// `offset · this`).
+    pub lane_neg_sums: Vec<i32>,
+}
+
+impl Q8Row32 {
+    /// The scale of block `i`.
+    pub fn d(&self, i: usize) -> f32 {
+        self.lane_d[8 * i]
+    }
+}
+
+/// An activation super-block for 256-element weight blocks.
+#[derive(Clone, Copy, Debug)]
+#[repr(C)]
+pub struct Q8Block256 {
+    pub d: f32,
+    /// Sums of `q` over each 16 elements.
+    pub bsums: [i16; 16],
+    pub q: [i8; 256],
+}
+
+/// How far ahead of the weights being decoded the kernels prefetch (bytes):
+/// the hardware prefetchers alone left a core at ~60% of its streaming rate,
+/// with the decode's instructions filling the window that would overlap misses.
+const PREFETCH: usize = 1024;
+
+/// The 32-element kinds as constants for the kernels' generic parameter.
+pub(crate) const Q4_0: u8 = 0;
+pub(crate) const Q5_0: u8 = 1;
+pub(crate) const Q8_0: u8 = 2;
+
+/// Whether weights of `kind` have an integer path.
+pub fn supported(kind: GgmlType) -> bool {
+    matches!(kind, GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K)
+}
+
+/// Whether `kind` pairs with 256-element activation blocks.
+pub fn uses_256(kind: GgmlType) -> bool {
+    matches!(kind, GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K)
+}
+
+/// The scale and codes of one block: `d = max|x| / 127`, `q = round(x / d)`.
+fn quantise_into(x: &[f32], q: &mut [i8]) -> f32 {
+    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let d = amax / 127.0;
+    let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+    for (qi, &v) in q.iter_mut().zip(x) {
+        *qi = (v * id).round().clamp(-127.0, 127.0) as i8;
+    }
+    d
+}
+
+/// Row `x` (a multiple of 32 long) as 32-element blocks, reusing `out`'s buffers.
+pub fn quantise_32(x: &[f32], out: &mut Q8Row32) {
+    let n = x.len() / 32;
+    out.q.resize(32 * n, 0);
+    out.lane_d.resize(8 * n, 0.0);
+    out.lane_neg_sums.resize(8 * n, 0);
+    for ((c, q), d) in x.chunks_exact(32).zip(out.q.chunks_exact_mut(32)).zip(out.lane_d.chunks_exact_mut(8)) {
+        d.fill(quantise_into(c, q));
+    }
+    for (s, q) in out.lane_neg_sums.iter_mut().zip(out.q.chunks_exact(4)) {
+        *s = -q.iter().map(|&v| v as i32).sum::<i32>();
+    }
+}
+
+/// Row `x` (a multiple of 256 long) as 256-element super-blocks, reusing `out`.
+pub fn quantise_256(x: &[f32], out: &mut Vec<Q8Block256>) {
+    out.clear();
+    for c in x.chunks_exact(256) {
+        let mut b = Q8Block256 { d: 0.0, bsums: [0; 16], q: [0; 256] };
+        b.d = quantise_into(c, &mut b.q);
+        for (s, g) in b.bsums.iter_mut().zip(b.q.chunks_exact(16)) {
+            *s = g.iter().map(|&v| v as i16).sum();
+        }
+        out.push(b);
+    }
+}
+
+/// The fixed reduction of the eight lanes.
+#[inline]
+pub fn reduce8(a: &[f32; 8]) -> f32 {
+    let t = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
+    let u = [t[0] + t[2], t[1] + t[3]];
+    u[0] + u[1]
+}
+
+/// The end of the 32-element contract: `reduce8(A + B)`.
+#[inline]
+pub fn finish_pair(a: &[f32; 8], b: &[f32; 8]) -> f32 {
+    reduce8(&std::array::from_fn(|l| a[l] + b[l]))
+}
+
+#[inline]
+fn f16_at(b: &[u8], off: usize) -> f32 {
+    f16_to_f32(u16::from_le_bytes([b[off], b[off + 1]]))
+}
+
+/// The signed codes of one 32-element block of `kind` (Q4_0, Q5_0, Q8_0).
+#[inline]
+fn codes_32(kind: GgmlType, b: &[u8], w: &mut [i32; 32]) {
+    match kind {
+        GgmlType::Q4_0 => {
+            for j in 0..16 {
+                w[j] = (b[2 + j] & 0xF) as i32 - 8;
+                w[j + 16] = (b[2 + j] >> 4) as i32 - 8;
+            }
+        }
+        GgmlType::Q5_0 => {
+            let h = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+            for j in 0..16 {
+                w[j] = ((b[6 + j] & 0xF) as u32 | (((h >> j) & 1) << 4)) as i32 - 16;
+                w[j + 16] = ((b[6 + j] >> 4) as u32 | (((h >> (j + 16)) & 1) << 4)) as i32 - 16;
+            }
+        }
+        GgmlType::Q8_0 => {
+            for j in 0..32 {
+                w[j] = b[2 + j] as i8 as i32;
+            }
+        }
+        _ => unreachable!("not a 32-element kind"),
+    }
+}
+
+/// `Σ w·x` of one weight row of a 32-element kind with a quantised row (scalar twin).
+pub fn dot_32_scalar(kind: GgmlType, row: &[u8], x: &Q8Row32) -> f32 {
+    let ts = kind.type_size();
+    let mut acc = [[0f32; 8]; 2];
+    let mut w = [0i32; 32];
+    for (i, b) in row.chunks_exact(ts).enumerate() {
+        codes_32(kind, b, &mut w);
+        let s = f16_at(b, 0) * x.d(i);
+        let xq = &x.q[32 * i..32 * i + 32];
+        for (l, a) in acc[i & 1].iter_mut().enumerate() {
+            let lane: i32 = (4 * l..4 * l + 4).map(|e| w[e] * xq[e] as i32).sum();
+            *a = s.mul_add(lane as f32, *a);
+        }
+    }
+    finish_pair(&acc[0], &acc[1])
+}
+
+/// The codes (0..63 for Q4_K/Q5_K unsigned; Q6_K signed, -32 applied) and the
+/// per-group integer scale of one super-block: `codes[e]`, `scale[e / 16]`,
+/// and for Q4_K/Q5_K the minimum per 32-element sub-block.
+struct Super {
+    codes: [i32; 256],
+    /// Per 16-element group.
+    scales: [i32; 16],
+    /// Q4_K / Q5_K: per 32-element sub-block.
+    mins: [i32; 8],
+    d: f32,
+    dmin: f32,
+}
+
+fn decode_super(kind: GgmlType, b: &[u8]) -> Super {
+    let mut s = Super { codes: [0; 256], scales: [0; 16], mins: [0; 8], d: 0.0, dmin: 0.0 };
+    match kind {
+        GgmlType::Q4K | GgmlType::Q5K => {
+            s.d = f16_at(b, 0);
+            s.dmin = f16_at(b, 2);
+            let scales = &b[4..16];
+            let (qh, qs) = if kind == GgmlType::Q5K { (Some(&b[16..48]), &b[48..176]) } else { (None, &b[16..144]) };
+            for sub in 0..8 {
+                let (sc, m) = get_scale_min_k4(sub, scales);
+                s.scales[2 * sub] = sc as i32;
+                s.scales[2 * sub + 1] = sc as i32;
+                s.mins[sub] = m as i32;
+                let q = &qs[32 * (sub / 2)..32 * (sub / 2) + 32];
+                for l in 0..32 {
+                    let mut v = if sub % 2 == 0 { q[l] & 0xF } else { q[l] >> 4 };
+                    if let Some(qh) = qh {
+                        v |= ((qh[l] >> sub) & 1) << 4;
+                    }
+                    s.codes[32 * sub + l] = v as i32;
+                }
+            }
+        }
+        GgmlType::Q6K => {
+            s.d = f16_at(b, 208);
+            for h in 0..2 {
+                let ql = &b[64 * h..64 * h + 64];
+                let qh = &b[128 + 32 * h..128 + 32 * h + 32];
+                let sc = &b[192 + 8 * h..192 + 8 * h + 8];
+                for l in 0..32 {
+                    let c = &mut s.codes[128 * h..128 * h + 128];
+                    c[l] = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i32 - 32;
+                    c[l + 32] = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+                    c[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+                    c[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+                }
+                for (g, &v) in sc.iter().enumerate() {
+                    s.scales[8 * h + g] = v as i8 as i32;
+                }
+            }
+        }
+        _ => unreachable!("not a K-quant"),
+    }
+    s
+}
+
+/// `Σ w·x` of one weight row of a K-quant with a quantised row (scalar twin).
+pub fn dot_256_scalar(kind: GgmlType, row: &[u8], x: &[Q8Block256]) -> f32 {
+    let ts = kind.type_size();
+    let (mut acc, mut corr) = (0f32, 0f32);
+    for (b, xb) in row.chunks_exact(ts).zip(x) {
+        let s = decode_super(kind, b);
+        let mut sumi = 0i32;
+        for g in 0..16 {
+            let dot: i32 = (16 * g..16 * g + 16).map(|e| s.codes[e] * xb.q[e] as i32).sum();
+            sumi += s.scales[g] * dot;
+        }
+        acc = (s.d * xb.d).mul_add(sumi as f32, acc);
+        if kind != GgmlType::Q6K {
+            let summ: i32 = (0..8).map(|j| s.mins[j] * (xb.bsums[2 * j] as i32 + xb.bsums[2 * j + 1] as i32)).sum();
+            corr = (s.dmin * xb.d).mul_add(summ as f32, corr);
+        }
+    }
+    acc - corr
+}
+
+/// An activation row quantised for whichever block family its weights use.
+#[derive(Clone, Copy)]
+pub enum QuantRow<'a> {
+    B32(&'a Q8Row32),
+    B256(&'a [Q8Block256]),
+}
+
+/// `Σ w·x` of one weight row with one quantised activation row, on `kernel`.
+#[inline]
+pub fn dot(kernel: Kernel, kind: GgmlType, row: &[u8], x: QuantRow<'_>) -> f32 {
+    let mut out = [0f32];
+    dot_rows(kernel, kind, row, &[x], &mut out);
+    out[0]
+}
+
+/// Weight row `row` against up to eight quantised activation rows at once
+/// (`out[i]` for `xs[i]`), each with exactly its single-row arithmetic.
+pub fn dot_rows(kernel: Kernel, kind: GgmlType, row: &[u8], xs: &[QuantRow<'_>], out: &mut [f32]) {
+    debug_assert!(xs.len() <= 8 && out.len() >= xs.len());
+    #[cfg(target_arch = "x86_64")]
+    if kernel != Kernel::Scalar {
+        macro_rules! go {
+            ($variant:ident, $call:expr, $n:literal) => {{
+                let v: [_; $n] = std::array::from_fn(|i| match &xs[i] {
+                    QuantRow::$variant(x) => *x,
+                    _ => unreachable!("one block family per weight"),
+                });
+                // SAFETY: `Kernel::for_isa` / `available` only name kernels whose features were detected.
+                out[..$n].copy_from_slice(&unsafe { $call(kind, row, v) });
+            }};
+        }
+        // One instance per (kernel, kind, rows): the kind's decoding and the
+        // row count are constants inside the loop.
+        macro_rules! by_rows {
+            ($variant:ident, $($f:ident)::+ $(, $k:block)?) => {
+                match xs.len() {
+                    1 => go!($variant, $($f)::+::<$($k,)? 1>, 1),
+                    2 => go!($variant, $($f)::+::<$($k,)? 2>, 2),
+                    3 => go!($variant, $($f)::+::<$($k,)? 3>, 3),
+                    4 => go!($variant, $($f)::+::<$($k,)? 4>, 4),
+                    8 => go!($variant, $($f)::+::<$($k,)? 8>, 8),
+                    n => {
+                        // 5 to 7 rows: four, then the rest.
+                        let (a, b) = xs.split_at(4);
+                        let (oa, ob) = out.split_at_mut(4);
+                        dot_rows(kernel, kind, row, a, oa);
+                        dot_rows(kernel, kind, row, b, &mut ob[..n - 4]);
+                    }
+                }
+            };
+        }
+        macro_rules! by_kind {
+            ($($f:ident)::+) => {
+                match kind {
+                    GgmlType::Q4_0 => by_rows!(B32, $($f)::+, { Q4_0 }),
+                    GgmlType::Q5_0 => by_rows!(B32, $($f)::+, { Q5_0 }),
+                    _ => by_rows!(B32, $($f)::+, { Q8_0 }),
+                }
+            };
+        }
+        match (uses_256(kind), kernel) {
+            (true, _) => match kind {
+                GgmlType::Q4K => by_rows!(B256, avx2::dot_256_rows, { avx2::Q4K }),
+                GgmlType::Q5K => by_rows!(B256, avx2::dot_256_rows, { avx2::Q5K }),
+                _ => by_rows!(B256, avx2::dot_256_rows, { avx2::Q6K }),
+            },
+            (false, Kernel::Avx2) => by_kind!(avx2::maddubs::dot_32_rows),
+            (false, Kernel::AvxVnni) => by_kind!(avx2::vnni::dot_32_rows),
+            (false, _) => by_kind!(avx512::dot_32_rows),
+        }
+        return;
+    }
+    for (o, &x) in out.iter_mut().zip(xs) {
+        *o = match x {
+            QuantRow::B32(x) => dot_32_scalar(kind, row, x),
+            QuantRow::B256(x) => dot_256_scalar(kind, row, x),
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// Random blocks of `kind` with sane scales (finite f16).
+    fn random_row(kind: GgmlType, blocks: usize, rng: &mut rand::rngs::StdRng) -> Vec<u8> {
+        let ts = kind.type_size();
+        let mut row: Vec<u8> = (0..blocks * ts).map(|_| rng.gen()).collect();
+        for b in row.chunks_exact_mut(ts) {
+            let put = |b: &mut [u8], off: usize, v: f32| {
+                b[off..off + 2].copy_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes())
+            };
+            match kind {
+                GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => put(b, 0, rng.gen_range(-0.1..0.1)),
+                GgmlType::Q4K | GgmlType::Q5K => {
+                    put(b, 0, rng.gen_range(0.0..0.01));
+                    put(b, 2, rng.gen_range(0.0..0.01));
+                }
+                GgmlType::Q6K => put(b, 208, rng.gen_range(-0.01..0.01)),
+                _ => unreachable!(),
+            }
+        }
+        row
+    }
+
+    /// The f32 reference: dequantised weights against the dequantised activations.
+    fn reference(kind: GgmlType, row: &[u8], x: &[f32]) -> f64 {
+        let mut w = vec![0f32; x.len()];
+        crate::quant::ggml::dequantize(kind, row, &mut w).unwrap();
+        w.iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum()
+    }
+
+    const KINDS: [GgmlType; 6] =
+        [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K];
+
+    #[test]
+    fn integer_dots_equal_their_scalar_twins_and_the_dequantised_product() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let kernels = Kernel::available();
+        println!("int8 kernels on this CPU: {kernels:?}");
+        for kind in KINDS {
+            // Odd and even block counts (the 32-element pair split), extreme codes included.
+            for k in [1024, 1024 + 256, 256 * 7] {
+                for _ in 0..8 {
+                    let row = random_row(kind, k / kind.block_size(), &mut rng);
+                    let x: Vec<f32> = (0..k).map(|_| rng.gen_range(-2.0..2.0)).collect();
+                    let (mut q32, mut q256) = (Q8Row32::default(), Vec::new());
+                    quantise_32(&x, &mut q32);
+                    quantise_256(&x, &mut q256);
+                    let qr = || if uses_256(kind) { QuantRow::B256(&q256) } else { QuantRow::B32(&q32) };
+                    let want = if uses_256(kind) {
+                        dot_256_scalar(kind, &row, &q256)
+                    } else {
+                        dot_32_scalar(kind, &row, &q32)
+                    };
+                    for &kernel in &kernels {
+                        let got = dot(kernel, kind, &row, qr());
+                        assert_eq!(got.to_bits(), want.to_bits(), "{kind:?} {kernel:?} k={k}: {got} vs scalar {want}");
+                        // Every row count the decode path batches gives each row its solo bits.
+                        for n in 2..=8 {
+                            let xs = vec![qr(); n];
+                            let mut out = [0f32; 8];
+                            dot_rows(kernel, kind, &row, &xs, &mut out[..n]);
+                            assert!(out[..n].iter().all(|v| v.to_bits() == want.to_bits()), "{kind:?} {kernel:?} x{n}");
+                        }
+                    }
+                    // Against f32: the activation's rounding only (≤ 1/254 of each |x| per element).
+                    let deq: Vec<f32> = if uses_256(kind) {
+                        q256.iter().flat_map(|b| b.q.iter().map(move |&q| q as f32 * b.d)).collect()
+                    } else {
+                        q32.q.iter().enumerate().map(|(e, &q)| q as f32 * q32.d(e / 32)).collect()
+                    };
+                    let exact = reference(kind, &row, &deq);
+                    let mut w = vec![0f32; k];
+                    crate::quant::ggml::dequantize(kind, &row, &mut w).unwrap();
+                    let l1: f64 = w.iter().zip(&deq).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
+                    assert!(((want as f64) - exact).abs() <= 1e-5 * l1 + 1e-6, "{kind:?}: {want} vs {exact} (l1 {l1})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn extreme_codes_do_not_saturate() {
+        // Every weight code at its extreme against ±127 activations: the
+        // 16-bit pair sums of `maddubs` are where a kernel could saturate.
+        let kernels = Kernel::available();
+        for kind in [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0] {
+            for fill in [0x00u8, 0xFF, 0x80, 0x7F] {
+                let ts = kind.type_size();
+                let mut row = vec![fill; 4 * ts];
+                for b in row.chunks_exact_mut(ts) {
+                    b[..2].copy_from_slice(&half::f16::from_f32(1.0).to_bits().to_le_bytes());
+                }
+                for sign in [1f32, -1.0] {
+                    let x: Vec<f32> = (0..128).map(|i| if i % 3 == 0 { sign } else { -sign }).collect();
+                    let mut q = Q8Row32::default();
+                    quantise_32(&x, &mut q);
+                    let want = dot_32_scalar(kind, &row, &q);
+                    let exact = reference(kind, &row, &x);
+                    assert!((want as f64 - exact).abs() <= 1e-3 * exact.abs().max(1.0), "{kind:?} {fill:#x}");
+                    for &kernel in &kernels {
+                        let got = dot(kernel, kind, &row, QuantRow::B32(&q));
+                        assert_eq!(got.to_bits(), want.to_bits(), "{kind:?} {kernel:?} fill {fill:#x}");
+                    }
+                }
+            }
+        }
+    }
+}
