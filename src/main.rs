@@ -228,6 +228,22 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         seed: u64,
     },
+    /// Perplexity of the model on a text file, with llama-perplexity's semantics
+    /// (non-overlapping windows of --ctx tokens, the second half of each scored);
+    /// the last line is `perplexity: <value>`.
+    Perplexity {
+        #[arg(long)]
+        model: Option<String>,
+        /// The text (UTF-8), tokenised whole.
+        #[arg(long)]
+        file: PathBuf,
+        /// Tokens per window.
+        #[arg(long, default_value_t = 512)]
+        ctx: usize,
+        /// Score at most this many windows (default: every whole window).
+        #[arg(long)]
+        chunks: Option<usize>,
+    },
     /// Measure prefill and decode throughput.
     Bench {
         #[arg(long)]
@@ -385,6 +401,20 @@ fn run_on<B: OpenBackend>(cmd: Cmd, mut cfg: Config) -> Result<()> {
             let scratch = tempfile_dir()?;
             let report = tandem::bench::lora::run(be, loaded.model, &engine_cfg, &opts, &scratch)?;
             let _ = std::fs::remove_dir_all(&scratch);
+            print!("{report}");
+        }
+        Cmd::Perplexity { model, file, ctx, chunks } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let (be, loaded) = load::<B>(&mut cfg, model)?;
+            let name = tandem::backend::Backend::name(&be);
+            let tokenizer = loaded.tokenizer.context("the model has no tokenizer: perplexity needs one")?;
+            let tokens = tokenizer.encode(&text, true)?;
+            // The BOS a window starts with, when the vocabulary adds one.
+            let bos = tokenizer.encode("", true)?.first().copied();
+            let mut runner = ModelRunner::new(be, loaded.model, runner_config(&cfg))?;
+            println!("model: {}\nbackend: {name}\nfile: {}", loaded.source, file.display());
+            let opts = tandem::bench::perplexity::PerplexityOptions { ctx, chunks, logits_rows: 64 };
+            let report = tandem::bench::perplexity::run(&mut runner, &tokens, bos, &opts)?;
             print!("{report}");
         }
         Cmd::Bench { model, prompt_len, decode_steps, batch, reps } => {

@@ -57,7 +57,7 @@ fn default_model_matches_transformers() {
     assert_eq!(e.scheduler().kv().pool().num_used(), 0);
 }
 
-/// int8 activations (opt-in) against the same transformers golden: the
+/// int8 activations (the server's default) against the same transformers golden: the
 /// activation rounding moves the logits, so this pins a measured tolerance
 /// (printed) and the greedy tokens' agreement, and checks batched == solo.
 #[test]
@@ -85,9 +85,10 @@ fn default_model_int8_activations_stay_close_to_transformers() {
         eprintln!("{}: int8 top-20 logits max abs diff {worst:.3}", p["name"]);
         reqs.push(greedy(&want_ids, 16));
     }
-    // Measured 2026-11-28 (AVX-512 machine, same bits on AVX2): 0.10-0.21 over
-    // the fixture's prompts, whose top logits span ~20; twice the worst is allowed.
-    assert!(worst_all <= 0.43, "int8 logits moved by {worst_all}");
+    // Measured 2026-11-28 with the VNNI/AVX2 kernels (every kernel gives the
+    // same bits): 0.11-0.24 over the fixture's prompts, whose top logits span
+    // ~20; twice the worst is allowed.
+    assert!(worst_all <= 0.48, "int8 logits moved by {worst_all}");
     assert_eq!(top1_same, prompts.len(), "the most likely next token changed");
     // Batched == solo in int8 mode too.
     let solo: Vec<Vec<u32>> = reqs
@@ -110,4 +111,31 @@ fn engine_with(
     let be2 = CpuBackend::new(be.threads()).unwrap().with_activations(be.activations());
     let loaded = load_gguf(&be2, path).unwrap();
     tandem::engine::EngineCore::new(be2, loaded.model, cfg).unwrap()
+}
+
+/// `tandem perplexity` on the repo's text: int8 activations within 0.5% of the
+/// f32 mode (measured 2026-11-28 over 4 windows: 33.185 vs 33.122, +0.19%;
+/// llama-perplexity 33.207 on the same text and windows, docs/benchmarks.md).
+#[test]
+fn default_model_int8_perplexity_stays_within_half_a_percent_of_f32() {
+    use tandem::backend::cpu::Activations;
+    use tandem::bench::perplexity::{run, PerplexityOptions};
+    use tandem::engine::runner::{ModelRunner, RunnerConfig};
+    let Some(path) = default_model() else { return };
+    let text = std::fs::read_to_string(repo().join("tests/fixtures/text/tandem-docs.txt")).unwrap();
+    let opts = PerplexityOptions { ctx: 512, chunks: Some(2), logits_rows: 64 };
+    let ppl = |mode: Activations| {
+        let be = CpuBackend::new(0).unwrap().with_activations(mode);
+        let loaded = load_gguf(&be, &path).unwrap();
+        let tokens = loaded.tokenizer.as_ref().unwrap().encode(&text, true).unwrap();
+        let cfg = RunnerConfig { block_size: 16, num_blocks: 64, max_loras: 0 };
+        let mut runner = ModelRunner::new(be, loaded.model, cfg).unwrap();
+        let report = run(&mut runner, &tokens, None, &opts).unwrap();
+        assert_eq!(report.scored, 2 * 255, "llama-perplexity scores ctx/2 - 1 tokens per window");
+        report.perplexity()
+    };
+    let (f32_ppl, int8_ppl) = (ppl(Activations::F32), ppl(Activations::Int8));
+    eprintln!("perplexity over 2 windows of 512: f32 {f32_ppl:.4}, int8 {int8_ppl:.4}");
+    assert!(f32_ppl > 5.0 && f32_ppl < 100.0, "an implausible perplexity for this text: {f32_ppl}");
+    assert!((int8_ppl / f32_ppl - 1.0).abs() <= 0.005, "int8 {int8_ppl} vs f32 {f32_ppl}");
 }

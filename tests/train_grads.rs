@@ -69,9 +69,12 @@ fn load(be: &CpuBackend, base: &str) -> LlamaModel<CpuBackend> {
     load_model(be, repo().join(base).to_str().unwrap()).unwrap().model
 }
 
+/// Also through a backend serving with int8 activations (the default): a
+/// training step runs its matmuls exactly, so its gradients are the same bits.
 #[test]
 fn lora_gradients_match_peft_on_f32_q8_0_and_q4_k_bases() {
     let be = CpuBackend::new(2).unwrap();
+    let serving = CpuBackend::new(2).unwrap().with_activations(tandem::backend::cpu::Activations::Int8);
     for case in ["grad-qwen2-f32", "grad-llama2-q8_0", "grad-q4k"] {
         let dir = fixture(&format!("tiny/train/{case}"));
         let c = read_json(&dir.join("case.json"));
@@ -92,15 +95,15 @@ fn lora_gradients_match_peft_on_f32_q8_0_and_q4_k_bases() {
         let keep_all = MemoryPlan::new(&model.config, tokens, 3, 0, None, DEFAULT_LOGITS_CHUNK_BYTES).unwrap();
         let recompute = MemoryPlan { saved_layers: 0, head_rows: 2, ..keep_all };
         let mut first: Option<Vec<HostFactor>> = None;
-        for plan in [keep_all, recompute] {
-            let mut lora = TrainableLora::from_peft_dir(&be, &model.config, &dir, 0.0).unwrap();
+        for (plan, be) in [(keep_all, &be), (recompute, &be), (keep_all, &serving)] {
+            let mut lora = TrainableLora::from_peft_dir(be, &model.config, &dir, 0.0).unwrap();
             let mut kv = TrainKv::default();
             let sums =
-                run_micro_batch(&be, &model, &mut lora, &mb, Some(1.0 / n_items as f32), &plan, &mut kv, 1).unwrap();
+                run_micro_batch(be, &model, &mut lora, &mb, Some(1.0 / n_items as f32), &plan, &mut kv, 1).unwrap();
             let loss = sums.loss / n_items as f64;
             let want_loss = c["loss"].as_f64().unwrap();
             assert!((loss - want_loss).abs() < 1e-5 * want_loss, "{case}: loss {loss} vs {want_loss}");
-            let grads = lora.download_grads(&be).unwrap();
+            let grads = lora.download_grads(be).unwrap();
             assert_eq!(grads.len(), 14, "{case}: 7 targets x 2 layers");
             for g in &grads {
                 for (is_b, got) in [(false, &g.a), (true, &g.b)] {
@@ -112,7 +115,7 @@ fn lora_gradients_match_peft_on_f32_q8_0_and_q4_k_bases() {
             }
             match &first {
                 None => first = Some(grads),
-                Some(f) => assert_eq!(f, &grads, "{case}: recomputing layers changed the gradients"),
+                Some(f) => assert_eq!(f, &grads, "{case}: recomputing layers or int8 serving changed the gradients"),
             }
         }
     }

@@ -192,6 +192,16 @@ pub trait Backend: Send + Sync + 'static {
     type LoraWeight: Send + Sync;
 
     fn name(&self) -> String;
+    /// Runs `f` with this thread's matmuls in the backend's exact mode (the
+    /// CPU's f32 activations) whatever mode serving uses: training's forward
+    /// and gradients are the ones checked against peft. A backend with one
+    /// mode just runs `f`.
+    fn exact_matmuls<R>(&self, f: impl FnOnce() -> R) -> R
+    where
+        Self: Sized,
+    {
+        f()
+    }
     fn load_weight(&self, w: HostWeight) -> BackendResult<Self::Weight>;
     /// (rows, cols) of a weight.
     fn weight_shape(&self, w: &Self::Weight) -> (usize, usize);

@@ -2,6 +2,7 @@
 //! numbers of concurrent sequences, each the median of a few repetitions.
 
 pub mod lora;
+pub mod perplexity;
 pub mod train;
 
 use std::fmt;

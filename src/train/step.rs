@@ -225,8 +225,21 @@ impl<B: Backend> MicroBatchRun<B> {
         &self.mb
     }
 
-    /// Runs the next slice; the loss sums once the last one has run.
+    /// Runs the next slice; the loss sums once the last one has run. Its
+    /// matmuls run in the backend's exact mode even when serving uses int8
+    /// activations (the gradients are the ones checked against peft).
     pub fn advance(
+        &mut self,
+        be: &B,
+        model: &LlamaModel<B>,
+        lora: &mut TrainableLora<B>,
+        plan: &MemoryPlan,
+        kv: &mut TrainKv<B>,
+    ) -> BackendResult<Option<CrossEntropySums>> {
+        be.exact_matmuls(|| self.advance_slice(be, model, lora, plan, kv))
+    }
+
+    fn advance_slice(
         &mut self,
         be: &B,
         model: &LlamaModel<B>,

@@ -4,6 +4,7 @@
 //! in a fixed order, so results do not depend on what else is in the batch.
 
 use rayon::prelude::*;
+use std::cell::RefCell;
 
 use super::math::{exp_nonpositive, sum_fixed};
 use super::{CpuKvCache, CpuTensor};
@@ -34,53 +35,71 @@ pub fn paged_attention(
             };
             let table = meta.seqs[seq].block_table;
             let n = ctx - first;
-            // Cache slot of every visible key, in order.
-            let mut slots = Vec::with_capacity(n);
-            for (bi, block) in table.iter().enumerate().take(ctx.div_ceil(bs)).skip(first / bs) {
-                let (from, to) = ((bi * bs).max(first), ((bi + 1) * bs).min(ctx));
-                let base = block.index() * bs;
-                slots.extend((from..to).map(|p| base + p % bs));
-            }
-            // The query heads sharing one KV head are done together, so each
-            // key and value row is read once per group, not once per head.
-            let mut scores = vec![0f32; group * n];
-            let mut acc = vec![0f32; group * d];
-            for g in 0..kvh {
-                let kvoff = g * d;
-                let qg = &q.data[r * nh * d + g * group * d..][..group * d];
-                for (j, &slot) in slots.iter().enumerate() {
-                    let kj = &kc[slot * kw + kvoff..][..d];
-                    for (hh, qh) in qg.chunks_exact(d).enumerate() {
-                        scores[hh * n + j] = dot(qh, kj) * meta.scale;
-                    }
+            SCRATCH.with_borrow_mut(|s| {
+                let RowScratch { slots, scores, acc } = s;
+                // Cache slot of every visible key, in order.
+                slots.clear();
+                for (bi, block) in table.iter().enumerate().take(ctx.div_ceil(bs)).skip(first / bs) {
+                    let (from, to) = ((bi * bs).max(first), ((bi + 1) * bs).min(ctx));
+                    let base = block.index() * bs;
+                    slots.extend((from..to).map(|p| base + p % bs));
                 }
-                let mut inv = [0f32; MAX_GROUP];
-                for (hh, sc) in scores.chunks_exact_mut(n).enumerate() {
-                    let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-                    for x in sc.iter_mut() {
-                        *x = exp_nonpositive(*x - max);
+                // The query heads sharing one KV head are done together, so each
+                // key and value row is read once per group, not once per head.
+                scores.clear();
+                scores.resize(group * n, 0.0);
+                acc.clear();
+                acc.resize(group * d, 0.0);
+                for g in 0..kvh {
+                    let kvoff = g * d;
+                    let qg = &q.data[r * nh * d + g * group * d..][..group * d];
+                    for (j, &slot) in slots.iter().enumerate() {
+                        let kj = &kc[slot * kw + kvoff..][..d];
+                        for (hh, qh) in qg.chunks_exact(d).enumerate() {
+                            scores[hh * n + j] = dot(qh, kj) * meta.scale;
+                        }
                     }
-                    inv[hh] = 1.0 / sum_fixed(sc);
-                }
-                acc.fill(0.0);
-                for (j, &slot) in slots.iter().enumerate() {
-                    let vj = &vc[slot * kw + kvoff..][..d];
-                    for (hh, a) in acc.chunks_exact_mut(d).enumerate() {
-                        let p = scores[hh * n + j];
-                        for (a, &v) in a.iter_mut().zip(vj) {
-                            *a = p.mul_add(v, *a);
+                    let mut inv = [0f32; MAX_GROUP];
+                    for (hh, sc) in scores.chunks_exact_mut(n).enumerate() {
+                        let max = sc.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                        for x in sc.iter_mut() {
+                            *x = exp_nonpositive(*x - max);
+                        }
+                        inv[hh] = 1.0 / sum_fixed(sc);
+                    }
+                    acc.fill(0.0);
+                    for (j, &slot) in slots.iter().enumerate() {
+                        let vj = &vc[slot * kw + kvoff..][..d];
+                        for (hh, a) in acc.chunks_exact_mut(d).enumerate() {
+                            let p = scores[hh * n + j];
+                            for (a, &v) in a.iter_mut().zip(vj) {
+                                *a = p.mul_add(v, *a);
+                            }
+                        }
+                    }
+                    let og = &mut orow[g * group * d..(g + 1) * group * d];
+                    for (hh, (o, a)) in og.chunks_exact_mut(d).zip(acc.chunks_exact(d)).enumerate() {
+                        for (o, a) in o.iter_mut().zip(a) {
+                            *o = a * inv[hh];
                         }
                     }
                 }
-                let og = &mut orow[g * group * d..(g + 1) * group * d];
-                for (hh, (o, a)) in og.chunks_exact_mut(d).zip(acc.chunks_exact(d)).enumerate() {
-                    for (o, a) in o.iter_mut().zip(a) {
-                        *o = a * inv[hh];
-                    }
-                }
-            }
+            });
         });
     });
+}
+
+/// A worker thread's buffers for one query row, kept between rows and steps
+/// (allocating them per row was measurable at batch 1).
+#[derive(Default)]
+struct RowScratch {
+    slots: Vec<usize>,
+    scores: Vec<f32>,
+    acc: Vec<f32>,
+}
+
+thread_local! {
+    static SCRATCH: RefCell<RowScratch> = RefCell::default();
 }
 
 /// Query heads per KV head we support (GQA groups are 1..=16 in practice).

@@ -93,16 +93,24 @@ pub struct CpuBackend {
     activations: Activations,
 }
 
+thread_local! {
+    /// Set by `exact_matmuls` on the calling thread: f32 activations for its
+    /// matmuls whatever `CpuBackend::activations` says.
+    static EXACT_MATMULS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
 /// How matmuls against quantised weights treat their activations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Activations {
     /// f32 activations against weights dequantised on the fly: within rounding
-    /// of transformers on the dequantised weights (the goldens' mode).
-    #[default]
+    /// of transformers on the dequantised weights (the goldens' mode, and what
+    /// a bare `CpuBackend::new` uses).
     F32,
     /// Each activation row quantised to 8 bits once per matmul, integer dot
-    /// products per block (`int8.rs`); F16/BF16/F32 weights keep the f32 path.
+    /// products per block (`int8/`); F16/BF16/F32 weights keep the f32 path.
+    /// The server's default.
+    #[default]
     Int8,
 }
 
@@ -162,7 +170,22 @@ impl Backend for CpuBackend {
     type LoraWeight = Arc<LoraMatrix>;
 
     fn name(&self) -> String {
-        format!("cpu ({:?}, {} threads)", self.isa, self.threads())
+        let activations = match self.activations {
+            Activations::F32 => "f32 activations".to_string(),
+            Activations::Int8 => format!("int8 activations, {:?} kernels", self.int8),
+        };
+        format!("cpu ({:?}, {activations}, {} threads)", self.isa, self.threads())
+    }
+
+    fn exact_matmuls<R>(&self, f: impl FnOnce() -> R) -> R {
+        struct Restore(bool);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                EXACT_MATMULS.set(self.0);
+            }
+        }
+        let _restore = Restore(EXACT_MATMULS.replace(true));
+        f()
     }
 
     fn load_weight(&self, w: HostWeight) -> BackendResult<CpuWeight> {
@@ -232,7 +255,8 @@ impl Backend for CpuBackend {
                 matmul::Job { w: j.w, bias: j.bias.map(vector), out: &mut j.out.data }
             })
             .collect();
-        if self.activations == Activations::Int8 && mjobs.iter().all(|j| int8::supported(j.w.kind)) {
+        let int8 = self.activations == Activations::Int8 && !EXACT_MATMULS.get();
+        if int8 && mjobs.iter().all(|j| int8::supported(j.w.kind)) {
             int8::matmul_many(&self.pool, self.int8, &x.data, x.rows, x.cols, &mut mjobs);
         } else {
             matmul::matmul_many(&self.pool, self.isa, &x.data, x.rows, x.cols, &mut mjobs);
