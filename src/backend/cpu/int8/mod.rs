@@ -30,6 +30,8 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "x86_64")]
+mod kquant;
 mod matmul;
 
 pub use matmul::matmul_many;
@@ -379,10 +381,15 @@ pub fn dot_rows(kernel: Kernel, kind: GgmlType, row: &[u8], xs: &[QuantRow<'_>],
             };
         }
         match (uses_256(kind), kernel) {
+            (true, Kernel::Avx512Vnni) => match kind {
+                GgmlType::Q4K => by_rows!(B256, kquant::avx512::dot_256_rows, { kquant::Q4K }),
+                GgmlType::Q5K => by_rows!(B256, kquant::avx512::dot_256_rows, { kquant::Q5K }),
+                _ => by_rows!(B256, kquant::avx512::dot_256_rows, { kquant::Q6K }),
+            },
             (true, _) => match kind {
-                GgmlType::Q4K => by_rows!(B256, avx2::dot_256_rows, { avx2::Q4K }),
-                GgmlType::Q5K => by_rows!(B256, avx2::dot_256_rows, { avx2::Q5K }),
-                _ => by_rows!(B256, avx2::dot_256_rows, { avx2::Q6K }),
+                GgmlType::Q4K => by_rows!(B256, kquant::avx2::dot_256_rows, { kquant::Q4K }),
+                GgmlType::Q5K => by_rows!(B256, kquant::avx2::dot_256_rows, { kquant::Q5K }),
+                _ => by_rows!(B256, kquant::avx2::dot_256_rows, { kquant::Q6K }),
             },
             (false, Kernel::Avx2) => by_kind!(avx2::maddubs::dot_32_rows),
             (false, Kernel::AvxVnni) => by_kind!(avx2::vnni::dot_32_rows),
