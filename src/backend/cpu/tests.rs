@@ -128,7 +128,7 @@ fn matmul_rows_are_batch_invariant() {
 fn int8_matmul_is_batch_isa_and_thread_invariant() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
     for kind in [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K] {
-        let (rows, cols, m) = (37, 512, 9);
+        let (rows, cols, m) = (37, 512, 19);
         let x: Vec<f32> = (0..m * cols).map(|_| rng.gen_range(-1f32..1.0)).collect();
         let mut reference: Option<Vec<u32>> = None;
         for kernel in super::int8::Kernel::available() {
@@ -139,7 +139,7 @@ fn int8_matmul_is_batch_isa_and_thread_invariant() {
                 let mut all = be.zeros(m, rows).unwrap();
                 be.matmul(&be.upload(&x, m, cols).unwrap(), &w, &mut all).unwrap();
                 let bits: Vec<u32> = all.data.iter().map(|f| f.to_bits()).collect();
-                for i in [0, 4, 8] {
+                for i in [0, 4, 8, 17] {
                     let mut one = be.zeros(1, rows).unwrap();
                     be.matmul(&be.upload(&x[i * cols..(i + 1) * cols], 1, cols).unwrap(), &w, &mut one).unwrap();
                     let b1: Vec<u32> = one.data.iter().map(|f| f.to_bits()).collect();

@@ -1,21 +1,22 @@
 //! The AVX512-VNNI kernel for 32-element blocks: one 512-bit register holds
 //! a pair of blocks (even block in the low half, odd in the high half), which
 //! is exactly the contract's `A`/`B` accumulator split, so it is bit-equal to
-//! the scalar twin in `mod.rs`.
+//! the scalar twin in `mod.rs`. `vpdpbusd` multiplies unsigned by signed
+//! bytes: the activations come offset by 128 (`Q8Row32::qu`) and the signed
+//! weight codes' `128 · Σw` per lane is subtracted once per block pair, so a
+//! row costs four instructions per pair (dot, scale, convert, accumulate).
 
-use super::{finish_pair, GgmlType, Q8Row32, PREFETCH, Q4_0, Q5_0, Q8_0};
+use super::{finish_pair, GgmlType, Q8Row32, PREFETCH, Q4_0, Q8_0};
 use std::arch::x86_64::*;
 
-/// The codes of blocks `b0` (low half) and `b1` (high half) of kind `K` as
-/// unsigned bytes (Q4_0: q, Q5_0: q, Q8_0: q + 128).
+/// The signed codes of blocks `b0` (low half) and `b1` (high half) of kind `K`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn pair_codes<const K: u8>(b0: *const u8, b1: *const u8) -> __m512i {
     if K == Q8_0 {
         let lo = _mm256_loadu_si256(b0.add(2) as *const __m256i);
         let hi = _mm256_loadu_si256(b1.add(2) as *const __m256i);
-        let z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
-        return _mm512_xor_si512(z, _mm512_set1_epi8(-128));
+        return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
     }
     // Nibbles: each block's 16 packed bytes twice, the second copy shifted down by 4.
     let off = if K == Q4_0 { 2 } else { 6 };
@@ -23,29 +24,26 @@ unsafe fn pair_codes<const K: u8>(b0: *const u8, b1: *const u8) -> __m512i {
     let hi = _mm256_broadcastsi128_si256(_mm_loadu_si128(b1.add(off) as *const __m128i));
     let z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
     let four = 0x0004_0004_0004_0004i64;
-    let z = _mm512_and_si512(
-        _mm512_srlv_epi16(z, _mm512_set_epi64(four, four, 0, 0, four, four, 0, 0)),
-        _mm512_set1_epi8(0xF),
-    );
+    let shifts = _mm512_set_epi64(four, four, 0, 0, four, four, 0, 0);
+    let z = _mm512_and_si512(_mm512_srlv_epi16(z, shifts), _mm512_set1_epi8(0xF));
     if K == Q4_0 {
-        return z;
+        return _mm512_sub_epi8(z, _mm512_set1_epi8(8));
     }
-    // Q5_0: the fifth bits, one per byte, straight into a mask register.
+    // Q5_0: q − 16 is the nibble where the fifth bit is set and the nibble − 16
+    // where it is not; the bits go straight into a mask register.
     let h0 = (b0.add(2) as *const u32).read_unaligned() as u64;
     let h1 = (b1.add(2) as *const u32).read_unaligned() as u64;
-    let k = _cvtu64_mask64(u64::from_le(h0 | (h1 << 32)));
-    _mm512_mask_add_epi8(z, k, z, _mm512_set1_epi8(16))
+    let unset = _cvtu64_mask64(!u64::from_le(h0 | (h1 << 32)));
+    _mm512_mask_sub_epi8(z, unset, z, _mm512_set1_epi8(16))
 }
 
-/// `offset · (−Σx)` per lane for kind `K`'s unsigned codes.
+/// `−128 · Σw` per lane of signed codes `w`: what offsetting the activations
+/// by 128 added to each lane.
 #[inline]
-#[target_feature(enable = "avx512f")]
-unsafe fn offset_correction<const K: u8>(neg_sums: __m512i) -> __m512i {
-    match K {
-        Q4_0 => _mm512_slli_epi32::<3>(neg_sums),
-        Q5_0 => _mm512_slli_epi32::<4>(neg_sums),
-        _ => _mm512_slli_epi32::<7>(neg_sums),
-    }
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn offset_correction(w: __m512i) -> __m512i {
+    let z = _mm512_setzero_si512();
+    _mm512_sub_epi32(z, _mm512_dpbusd_epi32(z, _mm512_set1_epi8(-128), w))
 }
 
 /// The scales of blocks `b0`, `b1` as `[d0 ×8, d1 ×8]`, from broadcast loads
@@ -70,14 +68,13 @@ pub unsafe fn dot_32_rows<const K: u8, const R: usize>(kind: GgmlType, row: &[u8
     while i + 1 < n {
         let (b0, b1) = (p.add(i * ts), p.add((i + 1) * ts));
         _mm_prefetch::<_MM_HINT_T0>(b0.add(PREFETCH) as *const i8);
-        let u = pair_codes::<K>(b0, b1);
+        let w = pair_codes::<K>(b0, b1);
+        let corr = offset_correction(w);
         let wd = pair_scales(b0, b1);
         for r in 0..R {
             let x = xs[r];
-            let xv = _mm512_loadu_si512(x.q.as_ptr().add(32 * i) as *const __m512i);
-            let corr =
-                offset_correction::<K>(_mm512_loadu_si512(x.lane_neg_sums.as_ptr().add(8 * i) as *const __m512i));
-            let lanes = _mm512_dpbusd_epi32(corr, u, xv);
+            let xv = _mm512_loadu_si512(x.qu.as_ptr().add(32 * i) as *const __m512i);
+            let lanes = _mm512_dpbusd_epi32(corr, xv, w);
             let s = _mm512_mul_ps(wd, _mm512_loadu_ps(x.lane_d.as_ptr().add(8 * i)));
             acc[r] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(lanes), acc[r]);
         }
@@ -90,14 +87,12 @@ pub unsafe fn dot_32_rows<const K: u8, const R: usize>(kind: GgmlType, row: &[u8
             // The last block of an odd count: the low half's (even) accumulator, on 256 bits.
             let b = p.add(i * ts);
             let x = xs[r];
-            let u = _mm512_castsi512_si256(pair_codes::<K>(b, b));
-            let xv = _mm256_loadu_si256(x.q.as_ptr().add(32 * i) as *const __m256i);
-            let sums =
-                _mm512_castsi256_si512(_mm256_loadu_si256(x.lane_neg_sums.as_ptr().add(8 * i) as *const __m256i));
-            let corr = _mm512_castsi512_si256(offset_correction::<K>(sums));
-            let lanes = _mm256_dpbusd_epi32(corr, u, xv);
-            let s =
-                _mm256_mul_ps(_mm512_castps512_ps256(pair_scales(b, b)), _mm256_loadu_ps(x.lane_d.as_ptr().add(8 * i)));
+            let w = pair_codes::<K>(b, b);
+            let corr = _mm512_castsi512_si256(offset_correction(w));
+            let xv = _mm256_loadu_si256(x.qu.as_ptr().add(32 * i) as *const __m256i);
+            let lanes = _mm256_dpbusd_epi32(corr, xv, _mm512_castsi512_si256(w));
+            let wd = _mm512_castps512_ps256(pair_scales(b, b));
+            let s = _mm256_mul_ps(wd, _mm256_loadu_ps(x.lane_d.as_ptr().add(8 * i)));
             a = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(lanes), a);
         }
         let (mut lo, mut hi) = ([0f32; 8], [0f32; 8]);

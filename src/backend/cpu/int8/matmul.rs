@@ -2,7 +2,10 @@
 //! per calling thread, so a decode step allocates nothing), then split the
 //! weight rows of every job into tasks over the pool.
 
-use super::{dot_rows, quantise_256, quantise_32, supported, uses_256, Kernel, Q8Block256, Q8Row32, QuantRow};
+use super::{
+    dot_rows, quantise_256, quantise_32, rows_per_call, supported, uses_256, Kernel, Q8Block256, Q8Row32, QuantRow,
+    MAX_ROWS,
+};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -19,8 +22,6 @@ thread_local! {
 
 /// Weight rows per task: enough to amortise the task, few enough to balance.
 const ROWS: usize = 16;
-/// Activation rows per kernel call: each weight block is decoded once for them.
-const ROWS_PER_CALL: usize = 8;
 
 /// `out[m, n] = Σ_k x[m, k]·w[n, k] + bias[n]` for every job, with `x`
 /// quantised once (per block family the jobs need). Every job's weight kind
@@ -93,12 +94,13 @@ fn run(
         let (w, bias) = (jobs[j].w, jobs[j].bias);
         let data = w.bytes.as_slice();
         let rows = t * ROWS..((t + 1) * ROWS).min(w.rows);
-        let mut vals = [0f32; ROWS_PER_CALL];
+        let per_call = rows_per_call(kernel);
+        let mut vals = [0f32; MAX_ROWS];
         // Activation rows outer: a group of them and this task's weight rows
         // both stay in L1 while every pair is multiplied.
-        for m0 in (0..m).step_by(ROWS_PER_CALL) {
-            let n = ROWS_PER_CALL.min(m - m0);
-            let xq: [QuantRow<'_>; ROWS_PER_CALL] = std::array::from_fn(|i| {
+        for m0 in (0..m).step_by(per_call) {
+            let n = per_call.min(m - m0);
+            let xq: [QuantRow<'_>; MAX_ROWS] = std::array::from_fn(|i| {
                 let mi = (m0 + i).min(m - 1);
                 if uses_256(w.kind) {
                     QuantRow::B256(&q256[mi])

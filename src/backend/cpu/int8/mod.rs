@@ -20,7 +20,8 @@
 //!
 //! Kernels may compute a lane from unsigned codes (`q` instead of `q - 8`) and
 //! subtract `offset · Σx` afterwards with the lane sums stored beside the
-//! activation codes: the integer is the same.
+//! activation codes, or from activation codes offset by 128 and subtract
+//! `128 · Σw`: the integer is the same.
 //!
 //! A row's quantisation depends only on the row, and each output is one dot
 //! of one weight row with one activation row: batching, threads and the ISA
@@ -97,6 +98,9 @@ impl Kernel {
 pub struct Q8Row32 {
     /// The codes, one per element.
     pub q: Vec<i8>,
+    /// The codes plus 128, as unsigned bytes (the AVX512-VNNI kernel's
+    /// operand: its offset is then corrected once per weight block, not per row).
+    pub qu: Vec<u8>,
     /// Per lane (4 elements): the block's scale `max|x| / 127`, repeated.
     pub lane_d: Vec<f32>,
     /// Per lane: minus the sum of its 4 codes (kernels on offset codes add
@@ -156,6 +160,7 @@ fn quantise_into(x: &[f32], q: &mut [i8]) -> f32 {
 pub fn quantise_32(x: &[f32], out: &mut Q8Row32) {
     let n = x.len() / 32;
     out.q.resize(32 * n, 0);
+    out.qu.resize(32 * n, 0);
     out.lane_d.resize(8 * n, 0.0);
     out.lane_neg_sums.resize(8 * n, 0);
     for ((c, q), d) in x.chunks_exact(32).zip(out.q.chunks_exact_mut(32)).zip(out.lane_d.chunks_exact_mut(8)) {
@@ -163,6 +168,9 @@ pub fn quantise_32(x: &[f32], out: &mut Q8Row32) {
     }
     for (s, q) in out.lane_neg_sums.iter_mut().zip(out.q.chunks_exact(4)) {
         *s = -q.iter().map(|&v| v as i32).sum::<i32>();
+    }
+    for (u, &q) in out.qu.iter_mut().zip(&out.q) {
+        *u = (q as u8) ^ 0x80;
     }
 }
 
@@ -335,10 +343,23 @@ pub fn dot(kernel: Kernel, kind: GgmlType, row: &[u8], x: QuantRow<'_>) -> f32 {
     out[0]
 }
 
-/// Weight row `row` against up to eight quantised activation rows at once
+/// The most activation rows one [`dot_rows`] call takes.
+pub const MAX_ROWS: usize = 16;
+
+/// Activation rows per [`dot_rows`] call that suit `kernel` (each weight block
+/// is decoded once per call): 16 with AVX-512's 32 registers, else 8.
+pub fn rows_per_call(kernel: Kernel) -> usize {
+    if kernel == Kernel::Avx512Vnni {
+        16
+    } else {
+        8
+    }
+}
+
+/// Weight row `row` against up to [`MAX_ROWS`] quantised activation rows at once
 /// (`out[i]` for `xs[i]`), each with exactly its single-row arithmetic.
 pub fn dot_rows(kernel: Kernel, kind: GgmlType, row: &[u8], xs: &[QuantRow<'_>], out: &mut [f32]) {
-    debug_assert!(xs.len() <= 8 && out.len() >= xs.len());
+    debug_assert!(xs.len() <= MAX_ROWS && out.len() >= xs.len());
     #[cfg(target_arch = "x86_64")]
     if kernel != Kernel::Scalar {
         macro_rules! go {
@@ -361,6 +382,13 @@ pub fn dot_rows(kernel: Kernel, kind: GgmlType, row: &[u8], xs: &[QuantRow<'_>],
                     3 => go!($variant, $($f)::+::<$($k,)? 3>, 3),
                     4 => go!($variant, $($f)::+::<$($k,)? 4>, 4),
                     8 => go!($variant, $($f)::+::<$($k,)? 8>, 8),
+                    16 if kernel == Kernel::Avx512Vnni => go!($variant, $($f)::+::<$($k,)? 16>, 16),
+                    n if n > 8 => {
+                        let (a, b) = xs.split_at(8);
+                        let (oa, ob) = out.split_at_mut(8);
+                        dot_rows(kernel, kind, row, a, oa);
+                        dot_rows(kernel, kind, row, b, &mut ob[..n - 8]);
+                    }
                     n => {
                         // 5 to 7 rows: four, then the rest.
                         let (a, b) = xs.split_at(4);
@@ -465,9 +493,9 @@ mod tests {
                         let got = dot(kernel, kind, &row, qr());
                         assert_eq!(got.to_bits(), want.to_bits(), "{kind:?} {kernel:?} k={k}: {got} vs scalar {want}");
                         // Every row count the decode path batches gives each row its solo bits.
-                        for n in 2..=8 {
+                        for n in 2..=MAX_ROWS {
                             let xs = vec![qr(); n];
-                            let mut out = [0f32; 8];
+                            let mut out = [0f32; MAX_ROWS];
                             dot_rows(kernel, kind, &row, &xs, &mut out[..n]);
                             assert!(out[..n].iter().all(|v| v.to_bits() == want.to_bits()), "{kind:?} {kernel:?} x{n}");
                         }
