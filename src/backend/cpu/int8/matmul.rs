@@ -94,7 +94,7 @@ fn run(
         let (w, bias) = (jobs[j].w, jobs[j].bias);
         let data = w.bytes.as_slice();
         let rows = t * ROWS..((t + 1) * ROWS).min(w.rows);
-        let per_call = rows_per_call(kernel);
+        let per_call = rows_per_call(kernel, w.kind);
         let mut vals = [0f32; MAX_ROWS];
         // Activation rows outer: a group of them and this task's weight rows
         // both stay in L1 while every pair is multiplied.

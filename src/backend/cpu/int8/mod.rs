@@ -346,10 +346,12 @@ pub fn dot(kernel: Kernel, kind: GgmlType, row: &[u8], x: QuantRow<'_>) -> f32 {
 /// The most activation rows one [`dot_rows`] call takes.
 pub const MAX_ROWS: usize = 16;
 
-/// Activation rows per [`dot_rows`] call that suit `kernel` (each weight block
-/// is decoded once per call): 16 with AVX-512's 32 registers, else 8.
-pub fn rows_per_call(kernel: Kernel) -> usize {
-    if kernel == Kernel::Avx512Vnni {
+/// Activation rows per [`dot_rows`] call that suit `kernel` and `kind` (each
+/// weight block is decoded once per call): 16 for 32-element blocks with
+/// AVX-512's 32 registers, else 8 (16 rows of K-quant sums spill, and their
+/// long rows leave L1).
+pub fn rows_per_call(kernel: Kernel, kind: GgmlType) -> usize {
+    if kernel == Kernel::Avx512Vnni && !uses_256(kind) {
         16
     } else {
         8
@@ -382,7 +384,7 @@ pub fn dot_rows(kernel: Kernel, kind: GgmlType, row: &[u8], xs: &[QuantRow<'_>],
                     3 => go!($variant, $($f)::+::<$($k,)? 3>, 3),
                     4 => go!($variant, $($f)::+::<$($k,)? 4>, 4),
                     8 => go!($variant, $($f)::+::<$($k,)? 8>, 8),
-                    16 if kernel == Kernel::Avx512Vnni => go!($variant, $($f)::+::<$($k,)? 16>, 16),
+                    16 if rows_per_call(kernel, kind) == 16 => go!($variant, $($f)::+::<$($k,)? 16>, 16),
                     n if n > 8 => {
                         let (a, b) = xs.split_at(8);
                         let (oa, ob) = out.split_at_mut(8);
