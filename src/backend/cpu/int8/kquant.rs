@@ -1,8 +1,7 @@
 //! The K-quant kernels (Q4_K, Q5_K, Q6_K against 256-element activation
 //! super-blocks): `maddubs` with the 16-bit group scales applied by `madd`,
-//! bit-equal to [`super::dot_256_scalar`]. Compiled twice: for AVX2, and with
-//! AVX-512's 32 vector registers, where eight activation rows' sums fit
-//! without spilling.
+//! bit-equal to [`super::dot_256_scalar`]: on 256-bit registers for AVX2, and
+//! on 512-bit ones (64 codes per instruction) with AVX-512.
 
 use super::avx2::f16_load;
 use super::{GgmlType, Q8Block256, PREFETCH};
@@ -170,4 +169,130 @@ macro_rules! dot_256_kernel {
 }
 
 dot_256_kernel!(avx2, "avx2,fma,f16c");
-dot_256_kernel!(avx512, "avx2,fma,f16c,avx512f,avx512vl,avx512bw");
+
+/// The K-quant kernel on 512-bit registers (AVX-512 BW): 64 codes per
+/// instruction, so a row costs half the `maddubs`/`madd`/add of the AVX2
+/// kernel per super-block. Same integers, same float steps: bit-equal to
+/// [`super::dot_256_scalar`].
+pub mod avx512 {
+    use super::*;
+
+    /// Words `[v[k] ×16, v[k + 1] ×16]` of the 16-bit values in `v`'s low lanes.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn two_scales(v: __m512i, k: i16) -> __m512i {
+        _mm512_permutexvar_epi16(_mm512_inserti64x4(_mm512_set1_epi16(k), _mm256_set1_epi16(k + 1), 1), v)
+    }
+
+    /// Words `[v[k] ×8, v[k+1] ×8, v[k+2] ×8, v[k+3] ×8]`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn four_scales(v: __m512i, k: i16) -> __m512i {
+        let lo = _mm256_set_m128i(_mm_set1_epi16(k + 1), _mm_set1_epi16(k));
+        let hi = _mm256_set_m128i(_mm_set1_epi16(k + 3), _mm_set1_epi16(k + 2));
+        _mm512_permutexvar_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), v)
+    }
+
+    /// `[v, v]`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn twice(v: __m256i) -> __m512i {
+        _mm512_inserti64x4(_mm512_castsi256_si512(v), v, 1)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
+    pub unsafe fn dot_256_rows<const K: u8, const R: usize>(
+        kind: GgmlType,
+        row: &[u8],
+        xs: [&[Q8Block256]; R],
+    ) -> [f32; R] {
+        let ts = kind.type_size();
+        let (mut acc, mut corr) = ([0f32; R], [0f32; R]);
+        let m4 = _mm512_set1_epi8(0xF);
+        let words = |lo: i64, hi: i64| _mm512_set_epi64(hi, hi, hi, hi, lo, lo, lo, lo);
+        for i in 0..row.len() / ts {
+            let b = std::slice::from_raw_parts(row.as_ptr().add(i * ts), ts);
+            for line in (0..ts).step_by(64) {
+                _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(line + PREFETCH) as *const i8);
+            }
+            let mut sums = [_mm512_setzero_si512(); R];
+            let mut mins16 = _mm256_setzero_si256();
+            let mut q6_scales = _mm256_setzero_si256();
+            if K == Q6K {
+                let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.as_ptr().add(192) as *const __m128i));
+                let scw = _mm512_castsi256_si512(sc16);
+                for h in 0..2 {
+                    let ql = _mm512_loadu_si512(b.as_ptr().add(64 * h) as *const __m512i);
+                    let qh = twice(_mm256_loadu_si256(b.as_ptr().add(128 + 32 * h) as *const __m256i));
+                    // Elements 128h.. +64: low nibbles with qh bits 0-1 (first 32) and 2-3.
+                    let ha =
+                        _mm512_and_si512(_mm512_srlv_epi16(qh, words(0, 0x0002_0002_0002_0002)), _mm512_set1_epi8(3));
+                    let a = _mm512_or_si512(_mm512_and_si512(ql, m4), _mm512_slli_epi16::<4>(ha));
+                    // Elements 128h+64.. +64: high nibbles with qh bits 4-5 and 6-7.
+                    let shifts = words(0x0004_0004_0004_0004, 0x0006_0006_0006_0006);
+                    let hb = _mm512_and_si512(_mm512_srlv_epi16(qh, shifts), _mm512_set1_epi8(3));
+                    let bb =
+                        _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16::<4>(ql), m4), _mm512_slli_epi16::<4>(hb));
+                    let (sa, sb) = (four_scales(scw, 8 * h as i16), four_scales(scw, 8 * h as i16 + 4));
+                    for r in 0..R {
+                        let xq = xs[r].get_unchecked(i).q.as_ptr().add(128 * h);
+                        let xa = _mm512_loadu_si512(xq as *const __m512i);
+                        let xb = _mm512_loadu_si512(xq.add(64) as *const __m512i);
+                        let pa = _mm512_madd_epi16(_mm512_maddubs_epi16(a, xa), sa);
+                        let pb = _mm512_madd_epi16(_mm512_maddubs_epi16(bb, xb), sb);
+                        sums[r] = _mm512_add_epi32(sums[r], _mm512_add_epi32(pa, pb));
+                    }
+                }
+                q6_scales = sc16;
+            } else {
+                let sm = k4_scales_mins(&b[4..16]);
+                let m8 = _mm_loadl_epi64(sm.as_ptr().add(8) as *const __m128i);
+                mins16 = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8));
+                let scw = _mm512_castsi128_si512(_mm_cvtepu8_epi16(_mm_loadl_epi64(sm.as_ptr() as *const __m128i)));
+                let qs = if K == Q5K { b.as_ptr().add(48) } else { b.as_ptr().add(16) };
+                // Q5_K: bit 2c of qh[l] for sub-block 2c, bit 2c+1 for 2c+1; shifted down 2 per chunk.
+                let mut hcur = if K == Q5K {
+                    let qh = _mm256_loadu_si256(b.as_ptr().add(16) as *const __m256i);
+                    _mm512_inserti64x4(_mm512_castsi256_si512(qh), _mm256_srli_epi16::<1>(qh), 1)
+                } else {
+                    _mm512_setzero_si512()
+                };
+                for c in 0..4 {
+                    let q = twice(_mm256_loadu_si256(qs.add(32 * c) as *const __m256i));
+                    let mut codes = _mm512_and_si512(_mm512_srlv_epi16(q, words(0, 0x0004_0004_0004_0004)), m4);
+                    if K == Q5K {
+                        let bit = _mm512_and_si512(hcur, _mm512_set1_epi8(1));
+                        codes = _mm512_or_si512(codes, _mm512_slli_epi16::<4>(bit));
+                        hcur = _mm512_srli_epi16::<2>(hcur);
+                    }
+                    let scale = two_scales(scw, 2 * c as i16);
+                    for r in 0..R {
+                        let x = _mm512_loadu_si512(xs[r].get_unchecked(i).q.as_ptr().add(64 * c) as *const __m512i);
+                        sums[r] = _mm512_add_epi32(sums[r], _mm512_madd_epi16(_mm512_maddubs_epi16(codes, x), scale));
+                    }
+                }
+            }
+            let p = b.as_ptr();
+            let (d, dmin) = if K == Q6K { (f16_load(p.add(208)), 0.0) } else { (f16_load(p), f16_load(p.add(2))) };
+            for r in 0..R {
+                let xb = xs[r].get_unchecked(i);
+                let bs = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
+                let mut s = _mm256_add_epi32(_mm512_castsi512_si256(sums[r]), _mm512_extracti64x4_epi64(sums[r], 1));
+                if K == Q6K {
+                    // The codes' −32: Σ_g scale_g · 32 · Σ_{e∈g} x_e.
+                    s = _mm256_sub_epi32(s, _mm256_slli_epi32::<5>(_mm256_madd_epi16(q6_scales, bs)));
+                }
+                let (sumi, summ) = hsum2_i32(s, _mm256_madd_epi16(bs, mins16));
+                acc[r] = (d * xb.d).mul_add(sumi as f32, acc[r]);
+                if K != Q6K {
+                    corr[r] = (dmin * xb.d).mul_add(summ as f32, corr[r]);
+                }
+            }
+        }
+        let mut out = [0f32; R];
+        for r in 0..R {
+            out[r] = acc[r] - corr[r];
+        }
+        out
+    }
+}

@@ -411,6 +411,7 @@ pub fn dot_rows(kernel: Kernel, kind: GgmlType, row: &[u8], xs: &[QuantRow<'_>],
             };
         }
         match (uses_256(kind), kernel) {
+            // AVX-512 BW is all the 512-bit K-quant kernel needs; every machine with VNNI on zmm has it.
             (true, Kernel::Avx512Vnni) => match kind {
                 GgmlType::Q4K => by_rows!(B256, kquant::avx512::dot_256_rows, { kquant::Q4K }),
                 GgmlType::Q5K => by_rows!(B256, kquant::avx512::dot_256_rows, { kquant::Q5K }),
