@@ -19,6 +19,37 @@ unsafe fn hsum2_i32(a: __m256i, b: __m256i) -> (i32, i32) {
     (_mm_cvtsi128_si32(s), _mm_extract_epi32(s, 2))
 }
 
+/// The end of one super-block for one activation row: its exact integer sums
+/// `s` (for Q6_K before the codes' −32, applied here) into the row's result
+/// and minimum accumulators, as the scalar twin does.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn finish_super<const K: u8>(
+    s: __m256i,
+    xb: &Q8Block256,
+    mins16: __m256i,
+    q6_scales: __m256i,
+    d: f32,
+    dmin: f32,
+    acc: &mut f32,
+    corr: &mut f32,
+) {
+    let bs = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
+    let s = if K == Q6K {
+        // Σ_g scale_g · 32 · Σ_{e∈g} x_e.
+        _mm256_sub_epi32(s, _mm256_slli_epi32::<5>(_mm256_madd_epi16(q6_scales, bs)))
+    } else {
+        s
+    };
+    // Σ_j min_j · (bsum_2j + bsum_2j+1), exact as the scalar twin's.
+    let (sumi, summ) = hsum2_i32(s, _mm256_madd_epi16(bs, mins16));
+    *acc = (d * xb.d).mul_add(sumi as f32, *acc);
+    if K != Q6K {
+        *corr = (dmin * xb.d).mul_add(summ as f32, *corr);
+    }
+}
+
 /// The eight 6-bit scales (bytes 0..8) and minimums (bytes 8..16) of a
 /// Q4_K/Q5_K super-block from its 12 packed bytes: sub-blocks 0..4 keep the
 /// low 6 bits of bytes 0..4 (scales) and 4..8 (mins); sub-blocks 4..8 take
@@ -69,6 +100,7 @@ macro_rules! dot_256_kernel {
                     let mut sums = [_mm256_setzero_si256(); R];
                     // Q4_K/Q5_K: each sub-block's minimum twice, against the 16-element sums.
                     let mut mins16 = _mm256_setzero_si256();
+                    let mut q6_scales = _mm256_setzero_si256();
                     if K == Q6K {
                         for h in 0..2 {
                             let ql = b.as_ptr().add(64 * h);
@@ -104,12 +136,7 @@ macro_rules! dot_256_kernel {
                                 }
                             }
                         }
-                        // The codes' −32: Σ_g scale_g · 32 · Σ_{e∈g} x_e.
-                        let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.as_ptr().add(192) as *const __m128i));
-                        for r in 0..R {
-                            let bs = _mm256_loadu_si256(xs[r].get_unchecked(i).bsums.as_ptr() as *const __m256i);
-                            sums[r] = _mm256_sub_epi32(sums[r], _mm256_slli_epi32::<5>(_mm256_madd_epi16(sc16, bs)));
-                        }
+                        q6_scales = _mm256_cvtepi8_epi16(_mm_loadu_si128(b.as_ptr().add(192) as *const __m128i));
                     } else {
                         let sm = k4_scales_mins(&b[4..16]);
                         let m8 = _mm_loadl_epi64(sm.as_ptr().add(8) as *const __m128i);
@@ -149,13 +176,7 @@ macro_rules! dot_256_kernel {
                         if K == Q6K { (f16_load(p.add(208)), 0.0) } else { (f16_load(p), f16_load(p.add(2))) };
                     for r in 0..R {
                         let xb = xs[r].get_unchecked(i);
-                        // Σ_j min_j · (bsum_2j + bsum_2j+1), exact as the scalar twin's.
-                        let bs = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
-                        let (sumi, summ) = hsum2_i32(sums[r], _mm256_madd_epi16(bs, mins16));
-                        acc[r] = (d * xb.d).mul_add(sumi as f32, acc[r]);
-                        if K != Q6K {
-                            corr[r] = (dmin * xb.d).mul_add(summ as f32, corr[r]);
-                        }
+                        finish_super::<K>(sums[r], xb, mins16, q6_scales, d, dmin, &mut acc[r], &mut corr[r]);
                     }
                 }
                 let mut out = [0f32; R];
@@ -276,17 +297,8 @@ pub mod avx512 {
             let (d, dmin) = if K == Q6K { (f16_load(p.add(208)), 0.0) } else { (f16_load(p), f16_load(p.add(2))) };
             for r in 0..R {
                 let xb = xs[r].get_unchecked(i);
-                let bs = _mm256_loadu_si256(xb.bsums.as_ptr() as *const __m256i);
-                let mut s = _mm256_add_epi32(_mm512_castsi512_si256(sums[r]), _mm512_extracti64x4_epi64(sums[r], 1));
-                if K == Q6K {
-                    // The codes' −32: Σ_g scale_g · 32 · Σ_{e∈g} x_e.
-                    s = _mm256_sub_epi32(s, _mm256_slli_epi32::<5>(_mm256_madd_epi16(q6_scales, bs)));
-                }
-                let (sumi, summ) = hsum2_i32(s, _mm256_madd_epi16(bs, mins16));
-                acc[r] = (d * xb.d).mul_add(sumi as f32, acc[r]);
-                if K != Q6K {
-                    corr[r] = (dmin * xb.d).mul_add(summ as f32, corr[r]);
-                }
+                let s = _mm256_add_epi32(_mm512_castsi512_si256(sums[r]), _mm512_extracti64x4_epi64(sums[r], 1));
+                finish_super::<K>(s, xb, mins16, q6_scales, d, dmin, &mut acc[r], &mut corr[r]);
             }
         }
         let mut out = [0f32; R];
