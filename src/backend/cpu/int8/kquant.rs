@@ -19,6 +19,30 @@ unsafe fn hsum2_i32(a: __m256i, b: __m256i) -> (i32, i32) {
     (_mm_cvtsi128_si32(s), _mm_extract_epi32(s, 2))
 }
 
+/// Super-block `i` of `row` (blocks of `ts` bytes), prefetching the weights
+/// [`PREFETCH`] bytes ahead of it.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn super_block(row: &[u8], i: usize, ts: usize) -> &[u8] {
+    let b = &row[i * ts..(i + 1) * ts];
+    for line in (0..ts).step_by(64) {
+        _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(line + PREFETCH) as *const i8);
+    }
+    b
+}
+
+/// The super-block's scale and (Q4_K/Q5_K) minimum scale.
+#[inline]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn super_scales<const K: u8>(b: &[u8]) -> (f32, f32) {
+    let p = b.as_ptr();
+    if K == Q6K {
+        (f16_load(p.add(208)), 0.0)
+    } else {
+        (f16_load(p), f16_load(p.add(2)))
+    }
+}
+
 /// The end of one super-block for one activation row: its exact integer sums
 /// `s` (for Q6_K before the codes' −32, applied here) into the row's result
 /// and minimum accumulators, as the scalar twin does.
@@ -93,10 +117,7 @@ macro_rules! dot_256_kernel {
                 let (mut acc, mut corr) = ([0f32; R], [0f32; R]);
                 let m4 = _mm256_set1_epi8(0xF);
                 for i in 0..row.len() / ts {
-                    let b = std::slice::from_raw_parts(row.as_ptr().add(i * ts), ts);
-                    for line in (0..ts).step_by(64) {
-                        _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(line + PREFETCH) as *const i8);
-                    }
+                    let b = super_block(row, i, ts);
                     let mut sums = [_mm256_setzero_si256(); R];
                     // Q4_K/Q5_K: each sub-block's minimum twice, against the 16-element sums.
                     let mut mins16 = _mm256_setzero_si256();
@@ -171,9 +192,7 @@ macro_rules! dot_256_kernel {
                             }
                         }
                     }
-                    let p = b.as_ptr();
-                    let (d, dmin) =
-                        if K == Q6K { (f16_load(p.add(208)), 0.0) } else { (f16_load(p), f16_load(p.add(2))) };
+                    let (d, dmin) = super_scales::<K>(b);
                     for r in 0..R {
                         let xb = xs[r].get_unchecked(i);
                         finish_super::<K>(sums[r], xb, mins16, q6_scales, d, dmin, &mut acc[r], &mut corr[r]);
@@ -232,10 +251,7 @@ pub mod avx512 {
         let m4 = _mm512_set1_epi8(0xF);
         let words = |lo: i64, hi: i64| _mm512_set_epi64(hi, hi, hi, hi, lo, lo, lo, lo);
         for i in 0..row.len() / ts {
-            let b = std::slice::from_raw_parts(row.as_ptr().add(i * ts), ts);
-            for line in (0..ts).step_by(64) {
-                _mm_prefetch::<_MM_HINT_T0>(b.as_ptr().wrapping_add(line + PREFETCH) as *const i8);
-            }
+            let b = super_block(row, i, ts);
             let mut sums = [_mm512_setzero_si512(); R];
             let mut mins16 = _mm256_setzero_si256();
             let mut q6_scales = _mm256_setzero_si256();
@@ -293,8 +309,7 @@ pub mod avx512 {
                     }
                 }
             }
-            let p = b.as_ptr();
-            let (d, dmin) = if K == Q6K { (f16_load(p.add(208)), 0.0) } else { (f16_load(p), f16_load(p.add(2))) };
+            let (d, dmin) = super_scales::<K>(b);
             for r in 0..R {
                 let xb = xs[r].get_unchecked(i);
                 let s = _mm256_add_epi32(_mm512_castsi512_si256(sums[r]), _mm512_extracti64x4_epi64(sums[r], 1));
