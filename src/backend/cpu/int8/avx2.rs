@@ -1,7 +1,10 @@
-//! 256-bit integer kernels: plain AVX2 (`maddubs`) and AVX-VNNI (`vpdpbusd`),
-//! both bit-equal to the scalar twins in `mod.rs` (see the contract there).
+//! 256-bit kernels for 32-element blocks, eight weight rows per register
+//! (one per 32-bit lane; see `tile.rs`): the packing, and the multiplication
+//! on plain AVX2 (`maddubs`) and AVX-VNNI (`vpdpbusd`), both bit-equal to
+//! [`super::dot_32_scalar`]. Also the f16 helpers the K-quant kernels share.
 
-use super::{finish_pair, GgmlType, Q8Row32, PREFETCH, Q4_0, Q5_0, Q8_0};
+use super::tile::{offset_shift, Tile};
+use super::{Q8Row32, PREFETCH, Q4_0, Q8_0};
 use std::arch::x86_64::*;
 
 /// The f16 at `p` as f32 in every lane. From a broadcast load: converting a
@@ -44,13 +47,13 @@ unsafe fn nibbles(p: *const u8) -> __m256i {
     _mm256_set_m128i(hi, lo)
 }
 
-/// The codes of one 32-element block of kind `K` as unsigned bytes (Q4_0: q,
-/// Q5_0: q; Q8_0: the signed codes as they are).
+/// The codes of one 32-element block of kind `K` as unsigned bytes: the
+/// stored codes of Q4_0 and Q5_0, and Q8_0's signed codes plus 128.
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn block_codes<const K: u8>(b: *const u8) -> __m256i {
     match K {
-        Q8_0 => _mm256_loadu_si256(b.add(2) as *const __m256i),
+        Q8_0 => _mm256_xor_si256(_mm256_loadu_si256(b.add(2) as *const __m256i), _mm256_set1_epi8(-128)),
         Q4_0 => nibbles(b.add(2)),
         _ => {
             let h = (b.add(2) as *const u32).read_unaligned();
@@ -59,111 +62,163 @@ unsafe fn block_codes<const K: u8>(b: *const u8) -> __m256i {
     }
 }
 
-/// `offset · (−Σx)` per lane for kind `K`'s unsigned codes (Q8_0 offset by 128).
+/// Weight rows `rows` (eight of kind `K`, blocks of `ts` bytes) into `tile`:
+/// per block, each row's unsigned codes in a register, then an 8x8 transpose
+/// of 32-bit groups, so that register `t` of a block holds the elements
+/// `4t..4t+4` of all eight rows, lane `j` for row `j`.
+#[target_feature(enable = "avx2,f16c")]
+pub unsafe fn pack<const K: u8>(rows: &[&[u8]], ts: usize, tile: &mut Tile) {
+    debug_assert_eq!(rows.len(), 8);
+    let nb = rows[0].len() / ts;
+    tile.reserve(nb, 8);
+    let p: [*const u8; 8] = std::array::from_fn(|j| rows[j].as_ptr());
+    let codes = tile.codes.as_mut_ptr() as *mut __m256i;
+    let mut d16 = [0u16; 8];
+    for b in 0..nb {
+        let off = b * ts;
+        if b % 2 == 0 {
+            for row in p {
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(off + PREFETCH) as *const i8);
+            }
+        }
+        let z: [__m256i; 8] = std::array::from_fn(|j| block_codes::<K>(p[j].add(off)));
+        for (h, row) in d16.iter_mut().zip(p) {
+            *h = (row.add(off) as *const u16).read_unaligned();
+        }
+        // Within each 128-bit half: pairs of rows interleaved, then quads.
+        let t: [__m256i; 8] = std::array::from_fn(|i| {
+            let (x, y) = (z[i & !1], z[i | 1]);
+            if i % 2 == 0 {
+                _mm256_unpacklo_epi32(x, y)
+            } else {
+                _mm256_unpackhi_epi32(x, y)
+            }
+        });
+        // q[i]: rows 0-3 (i < 4) or 4-7, elements 4t..4t+4 in the low half and t+4 in the high, t = i % 4.
+        let q: [__m256i; 8] = std::array::from_fn(|i| {
+            let (x, y) = (t[4 * (i / 4) + (i % 4) / 2], t[4 * (i / 4) + (i % 4) / 2 + 2]);
+            if i % 2 == 0 {
+                _mm256_unpacklo_epi64(x, y)
+            } else {
+                _mm256_unpackhi_epi64(x, y)
+            }
+        });
+        for i in 0..4 {
+            let (rows03, rows47) = (q[i], q[i + 4]);
+            _mm256_store_si256(codes.add(8 * b + i), _mm256_permute2x128_si256::<0x20>(rows03, rows47));
+            _mm256_store_si256(codes.add(8 * b + i + 4), _mm256_permute2x128_si256::<0x31>(rows03, rows47));
+        }
+        let d = _mm256_cvtph_ps(_mm_loadu_si128(d16.as_ptr() as *const __m128i));
+        _mm256_storeu_ps(tile.d.as_mut_ptr().add(8 * b), d);
+    }
+}
+
+/// Element group `t` (4 codes) of block `b` of `x`, in every lane.
 #[inline]
 #[target_feature(enable = "avx2")]
-unsafe fn offset_correction<const K: u8>(neg_sums: *const i32) -> __m256i {
-    let v = _mm256_loadu_si256(neg_sums as *const __m256i);
-    match K {
-        Q4_0 => _mm256_slli_epi32::<3>(v),
-        Q5_0 => _mm256_slli_epi32::<4>(v),
-        _ => _mm256_slli_epi32::<7>(v),
+unsafe fn x_group(x: &Q8Row32, b: usize, t: usize) -> __m256i {
+    _mm256_set1_epi32((x.q.as_ptr().add(32 * b + 4 * t) as *const i32).read_unaligned())
+}
+
+/// `offset · (−Σx)` of block `b` of `x` for kind `K`'s unsigned codes, in every lane.
+#[inline]
+#[target_feature(enable = "avx2")]
+unsafe fn x_offset<const K: u8>(x: &Q8Row32, b: usize) -> __m256i {
+    _mm256_sllv_epi32(_mm256_set1_epi32(*x.neg_sums.get_unchecked(b)), _mm256_set1_epi32(offset_shift(K) as i32))
+}
+
+/// The end of block `b` for every row: `acc = fma(d_w·d_x, dot, acc)`.
+#[inline]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn finish_block<const R: usize>(
+    tile: &Tile,
+    b: usize,
+    xs: &[&Q8Row32; R],
+    dots: [__m256i; R],
+    acc: &mut [__m256; R],
+) {
+    let d = _mm256_loadu_ps(tile.d.as_ptr().add(8 * b));
+    for r in 0..R {
+        let s = _mm256_mul_ps(d, _mm256_set1_ps(*xs[r].d.get_unchecked(b)));
+        acc[r] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(dots[r]), acc[r]);
     }
 }
 
-/// The 32-element kernel for `R` activation rows at once, once per lane
-/// instruction: each weight block is decoded once, and every row's arithmetic
-/// is exactly its single-row arithmetic ([`super::dot_32_scalar`]).
-macro_rules! dot_32_kernel {
-    ($(#[$doc:meta])* $module:ident, $features:literal, |$u:ident, $xv:ident, $sums:ident| $lanes:expr) => {
-        $(#[$doc])*
-        pub mod $module {
-            use super::*;
+/// Plain AVX2: `maddubs` of the unsigned weight codes with the signed
+/// activations. Q4_0/Q5_0 codes are small enough (≤ 31) that four `maddubs`
+/// sum in 16 bits without saturating; Q8_0 takes the sign trick instead,
+/// since its codes offset by 128 would overflow the 16-bit pair sums.
+pub mod maddubs {
+    use super::*;
 
-            /// One block's exact lanes.
-            #[inline]
-            #[target_feature(enable = $features)]
-            unsafe fn lanes<const K: u8>($u: __m256i, $xv: __m256i, $sums: *const i32) -> __m256i {
-                $lanes
-            }
-
-            /// Block `i` of `row` into `acc` (the even or the odd accumulators).
-            #[inline]
-            #[target_feature(enable = $features)]
-            unsafe fn block<const K: u8, const R: usize>(
-                row: *const u8,
-                ts: usize,
-                i: usize,
-                xs: &[&Q8Row32; R],
-                acc: &mut [__m256; R],
-            ) {
-                let b = row.add(i * ts);
-                let u = block_codes::<K>(b);
-                let dw = f16_splat(b);
-                for r in 0..R {
-                    let x = xs[r];
-                    let xv = _mm256_loadu_si256(x.q.as_ptr().add(32 * i) as *const __m256i);
-                    let lanes = lanes::<K>(u, xv, x.lane_neg_sums.as_ptr().add(8 * i));
-                    let s = _mm256_mul_ps(dw, _mm256_loadu_ps(x.lane_d.as_ptr().add(8 * i)));
-                    acc[r] = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(lanes), acc[r]);
-                }
-            }
-
-            #[target_feature(enable = $features)]
-            pub unsafe fn dot_32_rows<const K: u8, const R: usize>(
-                kind: GgmlType,
-                row: &[u8],
-                xs: [&Q8Row32; R],
-            ) -> [f32; R] {
-                let ts = kind.type_size();
-                let n = row.len() / ts;
-                let (mut even, mut odd) = ([_mm256_setzero_ps(); R], [_mm256_setzero_ps(); R]);
-                let p = row.as_ptr();
-                let mut i = 0;
-                while i + 1 < n {
-                    _mm_prefetch::<_MM_HINT_T0>(p.add(i * ts + PREFETCH) as *const i8);
-                    block::<K, R>(p, ts, i, &xs, &mut even);
-                    block::<K, R>(p, ts, i + 1, &xs, &mut odd);
-                    i += 2;
-                }
-                if i < n {
-                    block::<K, R>(p, ts, i, &xs, &mut even);
-                }
-                let mut out = [0f32; R];
-                for r in 0..R {
-                    let (mut a, mut b) = ([0f32; 8], [0f32; 8]);
-                    _mm256_storeu_ps(a.as_mut_ptr(), even[r]);
-                    _mm256_storeu_ps(b.as_mut_ptr(), odd[r]);
-                    out[r] = finish_pair(&a, &b);
-                }
-                out
-            }
-        }
-    };
-}
-
-dot_32_kernel!(
-    /// Plain AVX2: `maddubs` on unsigned codes; Q8_0 by the sign trick, since
-    /// its codes offset by 128 would overflow `maddubs`' 16-bit pair sums.
-    maddubs,
-    "avx2,fma,f16c",
-    |u, xv, sums| {
+    /// `R` activation rows against the packed tile: `out[r][j]` for row `j`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn multiply<const K: u8, const R: usize>(tile: &Tile, nb: usize, xs: &[Q8Row32], out: &mut [[f32; 16]]) {
+        let xs: [&Q8Row32; R] = std::array::from_fn(|r| &xs[r]);
+        let w = tile.codes.as_ptr() as *const __m256i;
         let ones = _mm256_set1_epi16(1);
-        if K == Q8_0 {
-            _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(u, u), _mm256_sign_epi8(xv, u)), ones)
-        } else {
-            _mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(u, xv), ones), offset_correction::<K>(sums))
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let mut dots: [__m256i; R] =
+                std::array::from_fn(|r| if K == Q8_0 { _mm256_setzero_si256() } else { x_offset::<K>(xs[r], b) });
+            if K == Q8_0 {
+                for t in 0..8 {
+                    let ws = _mm256_xor_si256(_mm256_load_si256(w.add(8 * b + t)), _mm256_set1_epi8(-128));
+                    let aw = _mm256_abs_epi8(ws);
+                    for r in 0..R {
+                        let p = _mm256_maddubs_epi16(aw, _mm256_sign_epi8(x_group(xs[r], b, t), ws));
+                        dots[r] = _mm256_add_epi32(dots[r], _mm256_madd_epi16(p, ones));
+                    }
+                }
+            } else {
+                for half in 0..2 {
+                    let mut h = [_mm256_setzero_si256(); R];
+                    for t in 4 * half..4 * half + 4 {
+                        let wt = _mm256_load_si256(w.add(8 * b + t));
+                        for r in 0..R {
+                            h[r] = _mm256_add_epi16(h[r], _mm256_maddubs_epi16(wt, x_group(xs[r], b, t)));
+                        }
+                    }
+                    for r in 0..R {
+                        dots[r] = _mm256_add_epi32(dots[r], _mm256_madd_epi16(h[r], ones));
+                    }
+                }
+            }
+            finish_block(tile, b, &xs, dots, &mut acc);
+        }
+        for r in 0..R {
+            _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]);
         }
     }
-);
+}
 
-dot_32_kernel!(
-    /// AVX-VNNI: `vpdpbusd` on unsigned codes (Q8_0 offset by 128), starting
-    /// from the offset correction.
-    vnni,
-    "avx2,fma,f16c,avxvnni",
-    |u, xv, sums| {
-        let u = if K == Q8_0 { _mm256_xor_si256(u, _mm256_set1_epi8(-128)) } else { u };
-        _mm256_dpbusd_avx_epi32(offset_correction::<K>(sums), u, xv)
+/// AVX-VNNI: `vpdpbusd` of the unsigned weight codes with the signed
+/// activations, starting from the offset correction (Q4_0's codes are
+/// offset by 8, Q5_0's by 16, Q8_0's by 128).
+pub mod vnni {
+    use super::*;
+
+    /// `R` activation rows against the packed tile: `out[r][j]` for row `j`.
+    #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+    pub unsafe fn multiply<const K: u8, const R: usize>(tile: &Tile, nb: usize, xs: &[Q8Row32], out: &mut [[f32; 16]]) {
+        let xs: [&Q8Row32; R] = std::array::from_fn(|r| &xs[r]);
+        let w = tile.codes.as_ptr() as *const __m256i;
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            // Two chains per row: eight dependent `vpdpbusd` would wait on each other.
+            let mut even: [__m256i; R] = std::array::from_fn(|r| x_offset::<K>(xs[r], b));
+            let mut odd = [_mm256_setzero_si256(); R];
+            for t in (0..8).step_by(2) {
+                let (w0, w1) = (_mm256_load_si256(w.add(8 * b + t)), _mm256_load_si256(w.add(8 * b + t + 1)));
+                for r in 0..R {
+                    even[r] = _mm256_dpbusd_avx_epi32(even[r], w0, x_group(xs[r], b, t));
+                    odd[r] = _mm256_dpbusd_avx_epi32(odd[r], w1, x_group(xs[r], b, t + 1));
+                }
+            }
+            finish_block(tile, b, &xs, std::array::from_fn(|r| _mm256_add_epi32(even[r], odd[r])), &mut acc);
+        }
+        for r in 0..R {
+            _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+        }
     }
-);
+}

@@ -1,22 +1,23 @@
-//! The AVX512-VNNI kernel for 32-element blocks: one 512-bit register holds
-//! a pair of blocks (even block in the low half, odd in the high half), which
-//! is exactly the contract's `A`/`B` accumulator split, so it is bit-equal to
-//! the scalar twin in `mod.rs`. `vpdpbusd` multiplies unsigned by signed
-//! bytes: the activations come offset by 128 (`Q8Row32::qu`) and the signed
-//! weight codes' `128 · Σw` per lane is subtracted once per block pair, so a
-//! row costs four instructions per pair (dot, scale, convert, accumulate).
+//! 512-bit kernels for 32-element blocks with AVX512-VNNI: sixteen weight
+//! rows per register, one per 32-bit lane (see `tile.rs`). Packing decodes a
+//! row's block pair per register and transposes 32-bit groups across the
+//! rows; the multiplication is eight `vpdpbusd` per block and activation row
+//! (unsigned weight codes against the row's signed codes broadcast from
+//! memory), bit-equal to [`super::dot_32_scalar`].
 
-use super::{finish_pair, GgmlType, Q8Row32, PREFETCH, Q4_0, Q8_0};
+use super::tile::{offset_shift, Tile};
+use super::{Q8Row32, PREFETCH, Q4_0, Q8_0};
 use std::arch::x86_64::*;
 
-/// The signed codes of blocks `b0` (low half) and `b1` (high half) of kind `K`.
+/// The unsigned codes of blocks `b0` (low half) and `b1` (high half) of kind
+/// `K`: the stored codes of Q4_0 and Q5_0, Q8_0's signed codes plus 128.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn pair_codes<const K: u8>(b0: *const u8, b1: *const u8) -> __m512i {
     if K == Q8_0 {
         let lo = _mm256_loadu_si256(b0.add(2) as *const __m256i);
         let hi = _mm256_loadu_si256(b1.add(2) as *const __m256i);
-        return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+        return _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), _mm512_set1_epi8(-128));
     }
     // Nibbles: each block's 16 packed bytes twice, the second copy shifted down by 4.
     let off = if K == Q4_0 { 2 } else { 6 };
@@ -27,78 +28,100 @@ unsafe fn pair_codes<const K: u8>(b0: *const u8, b1: *const u8) -> __m512i {
     let shifts = _mm512_set_epi64(four, four, 0, 0, four, four, 0, 0);
     let z = _mm512_and_si512(_mm512_srlv_epi16(z, shifts), _mm512_set1_epi8(0xF));
     if K == Q4_0 {
-        return _mm512_sub_epi8(z, _mm512_set1_epi8(8));
+        return z;
     }
-    // Q5_0: q − 16 is the nibble where the fifth bit is set and the nibble − 16
-    // where it is not; the bits go straight into a mask register.
+    // Q5_0: the fifth bits go straight into a mask register.
     let h0 = (b0.add(2) as *const u32).read_unaligned() as u64;
     let h1 = (b1.add(2) as *const u32).read_unaligned() as u64;
-    let unset = _cvtu64_mask64(!u64::from_le(h0 | (h1 << 32)));
-    _mm512_mask_sub_epi8(z, unset, z, _mm512_set1_epi8(16))
+    let set = _cvtu64_mask64(u64::from_le(h0 | (h1 << 32)));
+    _mm512_mask_add_epi8(z, set, z, _mm512_set1_epi8(16))
 }
 
-/// `−128 · Σw` per lane of signed codes `w`: what offsetting the activations
-/// by 128 added to each lane.
-#[inline]
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn offset_correction(w: __m512i) -> __m512i {
-    let z = _mm512_setzero_si512();
-    _mm512_sub_epi32(z, _mm512_dpbusd_epi32(z, _mm512_set1_epi8(-128), w))
+/// Weight rows `rows` (sixteen of kind `K`, blocks of `ts` bytes) into
+/// `tile`: per block, rows `j` and `j + 8` decoded into one register, then a
+/// 16x8 transpose of 32-bit groups, so that register `t` of a block holds the
+/// elements `4t..4t+4` of all sixteen rows, lane `j` for row `j`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
+pub unsafe fn pack<const K: u8>(rows: &[&[u8]], ts: usize, tile: &mut Tile) {
+    debug_assert_eq!(rows.len(), 16);
+    let nb = rows[0].len() / ts;
+    tile.reserve(nb, 16);
+    let p: [*const u8; 16] = std::array::from_fn(|j| rows[j].as_ptr());
+    let codes = tile.codes.as_mut_ptr() as *mut __m512i;
+    // Which 128-bit lanes of the two operands make the output (in qwords).
+    let first = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0);
+    let second = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
+    let mut d16 = [0u16; 16];
+    for b in 0..nb {
+        let off = b * ts;
+        if b % 2 == 0 {
+            for row in p {
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(off + PREFETCH) as *const i8);
+            }
+        }
+        // z[j]: row j in the low half, row j + 8 in the high half.
+        let z: [__m512i; 8] = std::array::from_fn(|j| pair_codes::<K>(p[j].add(off), p[j + 8].add(off)));
+        for (h, row) in d16.iter_mut().zip(p) {
+            *h = (row.add(off) as *const u16).read_unaligned();
+        }
+        // Within each 128-bit lane: pairs of rows interleaved, then quads.
+        let t: [__m512i; 8] = std::array::from_fn(|i| {
+            let (x, y) = (z[i & !1], z[i | 1]);
+            if i % 2 == 0 {
+                _mm512_unpacklo_epi32(x, y)
+            } else {
+                _mm512_unpackhi_epi32(x, y)
+            }
+        });
+        // q[i]: rows {0-3, 8-11} (i < 4) or {4-7, 12-15}; lanes 0 and 2 hold
+        // elements 4t..4t+4, lanes 1 and 3 elements 4(t+4).., t = i % 4.
+        let q: [__m512i; 8] = std::array::from_fn(|i| {
+            let (x, y) = (t[4 * (i / 4) + (i % 4) / 2], t[4 * (i / 4) + (i % 4) / 2 + 2]);
+            if i % 2 == 0 {
+                _mm512_unpacklo_epi64(x, y)
+            } else {
+                _mm512_unpackhi_epi64(x, y)
+            }
+        });
+        for i in 0..4 {
+            let (a, c) = (q[i], q[i + 4]);
+            _mm512_store_si512(codes.add(8 * b + i), _mm512_permutex2var_epi64(a, first, c));
+            _mm512_store_si512(codes.add(8 * b + i + 4), _mm512_permutex2var_epi64(a, second, c));
+        }
+        let d = _mm512_cvtph_ps(_mm256_loadu_si256(d16.as_ptr() as *const __m256i));
+        _mm512_storeu_ps(tile.d.as_mut_ptr().add(16 * b), d);
+    }
 }
 
-/// The scales of blocks `b0`, `b1` as `[d0 ×8, d1 ×8]`, from broadcast loads
-/// (see `avx2::f16_splat` for why not from a scalar).
-#[inline]
-#[target_feature(enable = "avx512f,avx512vl,avx2,f16c")]
-unsafe fn pair_scales(b0: *const u8, b1: *const u8) -> __m512 {
-    let h0 = _mm_set1_epi16((b0 as *const i16).read_unaligned());
-    let h1 = _mm_set1_epi16((b1 as *const i16).read_unaligned());
-    _mm512_cvtph_ps(_mm256_set_m128i(h1, h0))
-}
-
-/// [`super::dot_32_scalar`] for `R` activation rows at once: each block pair
-/// is decoded once; every row's arithmetic is exactly its single-row arithmetic.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
-pub unsafe fn dot_32_rows<const K: u8, const R: usize>(kind: GgmlType, row: &[u8], xs: [&Q8Row32; R]) -> [f32; R] {
-    let ts = kind.type_size();
-    let n = row.len() / ts;
+/// `R` activation rows against the packed tile: `out[r][j]` for weight row `j`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma")]
+pub unsafe fn multiply<const K: u8, const R: usize>(tile: &Tile, nb: usize, xs: &[Q8Row32], out: &mut [[f32; 16]]) {
+    let xs: [&Q8Row32; R] = std::array::from_fn(|r| &xs[r]);
+    let w = tile.codes.as_ptr() as *const __m512i;
+    let shift = _mm512_set1_epi32(offset_shift(K) as i32);
+    let group = |x: &Q8Row32, b: usize, t: usize| {
+        _mm512_set1_epi32((x.q.as_ptr().add(32 * b + 4 * t) as *const i32).read_unaligned())
+    };
     let mut acc = [_mm512_setzero_ps(); R];
-    let p = row.as_ptr();
-    let mut i = 0;
-    while i + 1 < n {
-        let (b0, b1) = (p.add(i * ts), p.add((i + 1) * ts));
-        _mm_prefetch::<_MM_HINT_T0>(b0.add(PREFETCH) as *const i8);
-        let w = pair_codes::<K>(b0, b1);
-        let corr = offset_correction(w);
-        let wd = pair_scales(b0, b1);
+    for b in 0..nb {
+        // Two chains per row: eight dependent `vpdpbusd` would wait on each other.
+        let mut even: [__m512i; R] =
+            std::array::from_fn(|r| _mm512_sllv_epi32(_mm512_set1_epi32(*xs[r].neg_sums.get_unchecked(b)), shift));
+        let mut odd = [_mm512_setzero_si512(); R];
+        for t in (0..8).step_by(2) {
+            let (w0, w1) = (_mm512_load_si512(w.add(8 * b + t)), _mm512_load_si512(w.add(8 * b + t + 1)));
+            for r in 0..R {
+                even[r] = _mm512_dpbusd_epi32(even[r], w0, group(xs[r], b, t));
+                odd[r] = _mm512_dpbusd_epi32(odd[r], w1, group(xs[r], b, t + 1));
+            }
+        }
+        let d = _mm512_loadu_ps(tile.d.as_ptr().add(16 * b));
         for r in 0..R {
-            let x = xs[r];
-            let xv = _mm512_loadu_si512(x.qu.as_ptr().add(32 * i) as *const __m512i);
-            let lanes = _mm512_dpbusd_epi32(corr, xv, w);
-            let s = _mm512_mul_ps(wd, _mm512_loadu_ps(x.lane_d.as_ptr().add(8 * i)));
-            acc[r] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(lanes), acc[r]);
+            let s = _mm512_mul_ps(d, _mm512_set1_ps(*xs[r].d.get_unchecked(b)));
+            acc[r] = _mm512_fmadd_ps(s, _mm512_cvtepi32_ps(_mm512_add_epi32(even[r], odd[r])), acc[r]);
         }
-        i += 2;
     }
-    let mut out = [0f32; R];
     for r in 0..R {
-        let mut a = _mm512_castps512_ps256(acc[r]);
-        if i < n {
-            // The last block of an odd count: the low half's (even) accumulator, on 256 bits.
-            let b = p.add(i * ts);
-            let x = xs[r];
-            let w = pair_codes::<K>(b, b);
-            let corr = _mm512_castsi512_si256(offset_correction(w));
-            let xv = _mm256_loadu_si256(x.qu.as_ptr().add(32 * i) as *const __m256i);
-            let lanes = _mm256_dpbusd_epi32(corr, xv, _mm512_castsi512_si256(w));
-            let wd = _mm512_castps512_ps256(pair_scales(b, b));
-            let s = _mm256_mul_ps(wd, _mm256_loadu_ps(x.lane_d.as_ptr().add(8 * i)));
-            a = _mm256_fmadd_ps(s, _mm256_cvtepi32_ps(lanes), a);
-        }
-        let (mut lo, mut hi) = ([0f32; 8], [0f32; 8]);
-        _mm256_storeu_ps(lo.as_mut_ptr(), a);
-        _mm256_storeu_ps(hi.as_mut_ptr(), _mm512_extractf32x8_ps(acc[r], 1));
-        out[r] = finish_pair(&lo, &hi);
+        _mm512_storeu_ps(out[r].as_mut_ptr(), acc[r]);
     }
-    out
 }

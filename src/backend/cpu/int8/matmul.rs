@@ -3,8 +3,8 @@
 //! weight rows of every job into tasks over the pool.
 
 use super::{
-    dot_rows, quantise_256, quantise_32, rows_per_call, supported, uses_256, Kernel, Q8Block256, Q8Row32, QuantRow,
-    MAX_ROWS,
+    dot_256_rows, dot_32_tile, quantise_256, quantise_32, supported, uses_256, Kernel, Q8Block256, Q8Row32, ROWS_256,
+    TILE_ROWS,
 };
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -20,8 +20,9 @@ thread_local! {
     static SCRATCH: RefCell<Scratch> = RefCell::default();
 }
 
-/// Weight rows per task: enough to amortise the task, few enough to balance.
-const ROWS: usize = 16;
+/// Weight rows per task: enough to amortise the task, few enough to balance;
+/// one packed tile for the 32-element kinds.
+const ROWS: usize = TILE_ROWS;
 
 /// `out[m, n] = Σ_k x[m, k]·w[n, k] + bias[n]` for every job, with `x`
 /// quantised once (per block family the jobs need). Every job's weight kind
@@ -94,32 +95,36 @@ fn run(
         let (w, bias) = (jobs[j].w, jobs[j].bias);
         let data = w.bytes.as_slice();
         let rows = t * ROWS..((t + 1) * ROWS).min(w.rows);
-        let per_call = rows_per_call(kernel, w.kind);
-        let mut vals = [0f32; MAX_ROWS];
-        // Activation rows outer: a group of them and this task's weight rows
-        // both stay in L1 while every pair is multiplied.
-        for m0 in (0..m).step_by(per_call) {
-            let n = per_call.min(m - m0);
-            let xq: [QuantRow<'_>; MAX_ROWS] = std::array::from_fn(|i| {
-                let mi = (m0 + i).min(m - 1);
-                if uses_256(w.kind) {
-                    QuantRow::B256(&q256[mi])
-                } else {
-                    QuantRow::B32(&q32[mi])
-                }
-            });
-            for r in rows.clone() {
-                let row = &data[r * w.row_bytes..(r + 1) * w.row_bytes];
-                dot_rows(kernel, w.kind, row, &xq[..n], &mut vals[..n]);
-                for (i, &v) in vals[..n].iter().enumerate() {
-                    let v = match bias {
-                        Some(b) => v + b[r],
-                        None => v,
-                    };
-                    // SAFETY: (m0+i, r) is inside this job's output and only this task owns row r.
-                    unsafe { *outs[j].0.add((m0 + i) * w.rows + r) = v };
+        let row = |r: usize| &data[r * w.row_bytes..(r + 1) * w.row_bytes];
+        let write = |i: usize, r: usize, v: f32| {
+            let v = match bias {
+                Some(b) => v + b[r],
+                None => v,
+            };
+            // SAFETY: (i, r) is inside this job's output and only this task owns row r.
+            unsafe { *outs[j].0.add(i * w.rows + r) = v };
+        };
+        if uses_256(w.kind) {
+            let mut vals = [0f32; ROWS_256];
+            // Activation rows outer: a group of them and this task's weight
+            // rows both stay in L1 while every pair is multiplied.
+            for m0 in (0..m).step_by(ROWS_256) {
+                let n = ROWS_256.min(m - m0);
+                let xq: [&[Q8Block256]; ROWS_256] = std::array::from_fn(|i| &q256[(m0 + i).min(m - 1)][..]);
+                for r in rows.clone() {
+                    dot_256_rows(kernel, w.kind, row(r), &xq[..n], &mut vals[..n]);
+                    for (i, &v) in vals[..n].iter().enumerate() {
+                        write(m0 + i, r, v);
+                    }
                 }
             }
+        } else {
+            let tile: [&[u8]; TILE_ROWS] = std::array::from_fn(|i| row((rows.start + i).min(rows.end - 1)));
+            dot_32_tile(kernel, w.kind, &tile[..rows.len()], &q32[..m], |i, j0, v| {
+                for (jj, &v) in v.iter().enumerate() {
+                    write(i, rows.start + j0 + jj, v);
+                }
+            });
         }
     };
     if total <= 1 || pool.current_num_threads() == 1 {

@@ -8,20 +8,17 @@
 //! The summation contract (batch, thread and ISA invariance): a block's
 //! integer sums are exact, however a kernel computes them, so only the float
 //! steps fix the result, and they are the same in the scalar and SIMD code.
-//! - 32-element blocks: a block's lane `l` (0..8) is the exact integer sum over
-//!   its elements `4l..4l+4`; with `s = f16(d_w)·d_x`, even-numbered blocks go
-//!   into `A[l] = fma(s, lane, A[l])` and odd-numbered ones into `B`, in block
-//!   order; the result is `reduce8(A + B)`, one fixed tree. (Two accumulators
-//!   so that AVX-512 holds a block pair in one register and AVX2 keeps two
-//!   independent FMA chains.)
+//! - 32-element blocks: the exact integer dot of the whole block, then
+//!   `acc = fma(f16(d_w)·d_x, dot, acc)` in block order. Whole-block sums let
+//!   the kernels put one weight row per lane (a tile of 8 or 16 rows, packed
+//!   once per matmul and reused by every activation row: see `tile.rs`).
 //! - 256-element super-blocks: the exact integer sum of the whole super-block
 //!   (scales applied in integers), then `acc = fma(d_w·d_x, sum, acc)` (and the
 //!   minimum's term into its own accumulator) in block order.
 //!
-//! Kernels may compute a lane from unsigned codes (`q` instead of `q - 8`) and
-//! subtract `offset · Σx` afterwards with the lane sums stored beside the
-//! activation codes, or from activation codes offset by 128 and subtract
-//! `128 · Σw`: the integer is the same.
+//! Kernels may compute a dot from unsigned weight codes (`q + 8` for Q4_0,
+//! `q + 16` for Q5_0, `q + 128` for Q8_0) and add `offset · (−Σx)` from the
+//! block sums stored beside the activation codes: the integer is the same.
 //!
 //! A row's quantisation depends only on the row, and each output is one dot
 //! of one weight row with one activation row: batching, threads and the ISA
@@ -34,6 +31,8 @@ mod avx512;
 #[cfg(target_arch = "x86_64")]
 mod kquant;
 mod matmul;
+#[cfg(target_arch = "x86_64")]
+mod tile;
 
 pub use matmul::matmul_many;
 
@@ -48,7 +47,7 @@ pub enum Kernel {
     Avx2,
     /// `vpdpbusd` on 256-bit registers (AVX-VNNI without AVX-512).
     AvxVnni,
-    /// `vpdpbusd` on 512-bit registers, a 32-element block pair per register.
+    /// `vpdpbusd` on 512-bit registers (16 weight rows per register for 32-element blocks).
     Avx512Vnni,
 }
 
@@ -91,28 +90,16 @@ impl Kernel {
     }
 }
 
-/// One activation row for 32-element weight blocks, as arrays laid out for
-/// the kernels: a block pair is one contiguous 64-byte load of codes, and the
-/// per-lane arrays load straight into the registers that use them.
+/// One activation row for 32-element weight blocks.
 #[derive(Clone, Debug, Default)]
 pub struct Q8Row32 {
     /// The codes, one per element.
     pub q: Vec<i8>,
-    /// The codes plus 128, as unsigned bytes (the AVX512-VNNI kernel's
-    /// operand: its offset is then corrected once per weight block, not per row).
-    pub qu: Vec<u8>,
-    /// Per lane (4 elements): the block's scale `max|x| / 127`, repeated.
-    pub lane_d: Vec<f32>,
-    /// Per lane: minus the sum of its 4 codes (kernels on offset codes add
-    /// `offset · this`).
-    pub lane_neg_sums: Vec<i32>,
-}
-
-impl Q8Row32 {
-    /// The scale of block `i`.
-    pub fn d(&self, i: usize) -> f32 {
-        self.lane_d[8 * i]
-    }
+    /// Per block: its scale `max|x| / 127`.
+    pub d: Vec<f32>,
+    /// Per block: minus the sum of its codes (kernels on unsigned weight
+    /// codes add `offset · this`).
+    pub neg_sums: Vec<i32>,
 }
 
 /// An activation super-block for 256-element weight blocks.
@@ -160,17 +147,11 @@ fn quantise_into(x: &[f32], q: &mut [i8]) -> f32 {
 pub fn quantise_32(x: &[f32], out: &mut Q8Row32) {
     let n = x.len() / 32;
     out.q.resize(32 * n, 0);
-    out.qu.resize(32 * n, 0);
-    out.lane_d.resize(8 * n, 0.0);
-    out.lane_neg_sums.resize(8 * n, 0);
-    for ((c, q), d) in x.chunks_exact(32).zip(out.q.chunks_exact_mut(32)).zip(out.lane_d.chunks_exact_mut(8)) {
-        d.fill(quantise_into(c, q));
-    }
-    for (s, q) in out.lane_neg_sums.iter_mut().zip(out.q.chunks_exact(4)) {
-        *s = -q.iter().map(|&v| v as i32).sum::<i32>();
-    }
-    for (u, &q) in out.qu.iter_mut().zip(&out.q) {
-        *u = (q as u8) ^ 0x80;
+    out.d.resize(n, 0.0);
+    out.neg_sums.resize(n, 0);
+    for (i, (c, q)) in x.chunks_exact(32).zip(out.q.chunks_exact_mut(32)).enumerate() {
+        out.d[i] = quantise_into(c, q);
+        out.neg_sums[i] = -q.iter().map(|&v| v as i32).sum::<i32>();
     }
 }
 
@@ -185,20 +166,6 @@ pub fn quantise_256(x: &[f32], out: &mut Vec<Q8Block256>) {
         }
         out.push(b);
     }
-}
-
-/// The fixed reduction of the eight lanes.
-#[inline]
-pub fn reduce8(a: &[f32; 8]) -> f32 {
-    let t = [a[0] + a[4], a[1] + a[5], a[2] + a[6], a[3] + a[7]];
-    let u = [t[0] + t[2], t[1] + t[3]];
-    u[0] + u[1]
-}
-
-/// The end of the 32-element contract: `reduce8(A + B)`.
-#[inline]
-pub fn finish_pair(a: &[f32; 8], b: &[f32; 8]) -> f32 {
-    reduce8(&std::array::from_fn(|l| a[l] + b[l]))
 }
 
 #[inline]
@@ -235,18 +202,15 @@ fn codes_32(kind: GgmlType, b: &[u8], w: &mut [i32; 32]) {
 /// `Σ w·x` of one weight row of a 32-element kind with a quantised row (scalar twin).
 pub fn dot_32_scalar(kind: GgmlType, row: &[u8], x: &Q8Row32) -> f32 {
     let ts = kind.type_size();
-    let mut acc = [[0f32; 8]; 2];
+    let mut acc = 0f32;
     let mut w = [0i32; 32];
     for (i, b) in row.chunks_exact(ts).enumerate() {
         codes_32(kind, b, &mut w);
-        let s = f16_at(b, 0) * x.d(i);
         let xq = &x.q[32 * i..32 * i + 32];
-        for (l, a) in acc[i & 1].iter_mut().enumerate() {
-            let lane: i32 = (4 * l..4 * l + 4).map(|e| w[e] * xq[e] as i32).sum();
-            *a = s.mul_add(lane as f32, *a);
-        }
+        let dot: i32 = w.iter().zip(xq).map(|(&w, &x)| w * x as i32).sum();
+        acc = (f16_at(b, 0) * x.d[i]).mul_add(dot as f32, acc);
     }
-    finish_pair(&acc[0], &acc[1])
+    acc
 }
 
 /// The codes (0..63 for Q4_K/Q5_K unsigned; Q6_K signed, -32 applied) and the
@@ -336,40 +300,62 @@ pub enum QuantRow<'a> {
 }
 
 /// `Σ w·x` of one weight row with one quantised activation row, on `kernel`.
-#[inline]
 pub fn dot(kernel: Kernel, kind: GgmlType, row: &[u8], x: QuantRow<'_>) -> f32 {
     let mut out = [0f32];
-    dot_rows(kernel, kind, row, &[x], &mut out);
+    match x {
+        QuantRow::B32(x) => dot_32_tile(kernel, kind, &[row], std::slice::from_ref(x), |_, _, v| out[0] = v[0]),
+        QuantRow::B256(x) => dot_256_rows(kernel, kind, row, &[x], &mut out),
+    }
     out[0]
 }
 
-/// The most activation rows one [`dot_rows`] call takes.
+/// The most activation rows one [`dot_256_rows`] call takes.
 pub const MAX_ROWS: usize = 16;
 
-/// Activation rows per [`dot_rows`] call that suit `kernel` and `kind` (each
-/// weight block is decoded once per call): 16 for 32-element blocks with
-/// AVX-512's 32 registers, else 8 (16 rows of K-quant sums spill, and their
-/// long rows leave L1).
-pub fn rows_per_call(kernel: Kernel, kind: GgmlType) -> usize {
-    if kernel == Kernel::Avx512Vnni && !uses_256(kind) {
-        16
-    } else {
-        8
+/// Activation rows per [`dot_256_rows`] call (each super-block is decoded
+/// once per call; 16 rows of K-quant sums spill, and their long rows leave L1).
+pub const ROWS_256: usize = 8;
+
+/// Weight rows `rows` (1 to [`TILE_ROWS`], each a whole row of a 32-element
+/// kind) against activation rows `xs`: `sink(i, j, v)` receives row `xs[i]`'s
+/// results for weight rows `j..j + v.len()`, each with exactly its
+/// single-pair arithmetic. The rows are packed once (a weight row per lane),
+/// then every activation row reuses them.
+pub fn dot_32_tile(
+    kernel: Kernel,
+    kind: GgmlType,
+    rows: &[&[u8]],
+    xs: &[Q8Row32],
+    mut sink: impl FnMut(usize, usize, &[f32]),
+) {
+    debug_assert!(!rows.is_empty() && rows.len() <= TILE_ROWS);
+    #[cfg(target_arch = "x86_64")]
+    if kernel != Kernel::Scalar {
+        // SAFETY: `Kernel::for_isa` / `available` only name kernels whose features were detected.
+        unsafe { tile::dot_32_tile(kernel, kind, rows, xs, &mut sink) };
+        return;
+    }
+    let mut vals = [0f32; TILE_ROWS];
+    for (i, x) in xs.iter().enumerate() {
+        for (v, row) in vals.iter_mut().zip(rows) {
+            *v = dot_32_scalar(kind, row, x);
+        }
+        sink(i, 0, &vals[..rows.len()]);
     }
 }
 
-/// Weight row `row` against up to [`MAX_ROWS`] quantised activation rows at once
-/// (`out[i]` for `xs[i]`), each with exactly its single-row arithmetic.
-pub fn dot_rows(kernel: Kernel, kind: GgmlType, row: &[u8], xs: &[QuantRow<'_>], out: &mut [f32]) {
+/// Weight rows per [`dot_32_tile`] call.
+pub const TILE_ROWS: usize = 16;
+
+/// K-quant weight row `row` against up to [`MAX_ROWS`] quantised activation
+/// rows at once (`out[i]` for `xs[i]`), each with exactly its single-row arithmetic.
+pub fn dot_256_rows(kernel: Kernel, kind: GgmlType, row: &[u8], xs: &[&[Q8Block256]], out: &mut [f32]) {
     debug_assert!(xs.len() <= MAX_ROWS && out.len() >= xs.len());
     #[cfg(target_arch = "x86_64")]
     if kernel != Kernel::Scalar {
         macro_rules! go {
-            ($variant:ident, $call:expr, $n:literal) => {{
-                let v: [_; $n] = std::array::from_fn(|i| match &xs[i] {
-                    QuantRow::$variant(x) => *x,
-                    _ => unreachable!("one block family per weight"),
-                });
+            ($call:expr, $n:literal) => {{
+                let v: [&[Q8Block256]; $n] = std::array::from_fn(|i| xs[i]);
                 // SAFETY: `Kernel::for_isa` / `available` only name kernels whose features were detected.
                 out[..$n].copy_from_slice(&unsafe { $call(kind, row, v) });
             }};
@@ -377,26 +363,25 @@ pub fn dot_rows(kernel: Kernel, kind: GgmlType, row: &[u8], xs: &[QuantRow<'_>],
         // One instance per (kernel, kind, rows): the kind's decoding and the
         // row count are constants inside the loop.
         macro_rules! by_rows {
-            ($variant:ident, $($f:ident)::+ $(, $k:block)?) => {
+            ($($f:ident)::+, $k:block) => {
                 match xs.len() {
-                    1 => go!($variant, $($f)::+::<$($k,)? 1>, 1),
-                    2 => go!($variant, $($f)::+::<$($k,)? 2>, 2),
-                    3 => go!($variant, $($f)::+::<$($k,)? 3>, 3),
-                    4 => go!($variant, $($f)::+::<$($k,)? 4>, 4),
-                    8 => go!($variant, $($f)::+::<$($k,)? 8>, 8),
-                    16 if rows_per_call(kernel, kind) == 16 => go!($variant, $($f)::+::<$($k,)? 16>, 16),
+                    1 => go!($($f)::+::<$k, 1>, 1),
+                    2 => go!($($f)::+::<$k, 2>, 2),
+                    3 => go!($($f)::+::<$k, 3>, 3),
+                    4 => go!($($f)::+::<$k, 4>, 4),
+                    8 => go!($($f)::+::<$k, 8>, 8),
                     n if n > 8 => {
                         let (a, b) = xs.split_at(8);
                         let (oa, ob) = out.split_at_mut(8);
-                        dot_rows(kernel, kind, row, a, oa);
-                        dot_rows(kernel, kind, row, b, &mut ob[..n - 8]);
+                        dot_256_rows(kernel, kind, row, a, oa);
+                        dot_256_rows(kernel, kind, row, b, &mut ob[..n - 8]);
                     }
                     n => {
                         // 5 to 7 rows: four, then the rest.
                         let (a, b) = xs.split_at(4);
                         let (oa, ob) = out.split_at_mut(4);
-                        dot_rows(kernel, kind, row, a, oa);
-                        dot_rows(kernel, kind, row, b, &mut ob[..n - 4]);
+                        dot_256_rows(kernel, kind, row, a, oa);
+                        dot_256_rows(kernel, kind, row, b, &mut ob[..n - 4]);
                     }
                 }
             };
@@ -404,35 +389,22 @@ pub fn dot_rows(kernel: Kernel, kind: GgmlType, row: &[u8], xs: &[QuantRow<'_>],
         macro_rules! by_kind {
             ($($f:ident)::+) => {
                 match kind {
-                    GgmlType::Q4_0 => by_rows!(B32, $($f)::+, { Q4_0 }),
-                    GgmlType::Q5_0 => by_rows!(B32, $($f)::+, { Q5_0 }),
-                    _ => by_rows!(B32, $($f)::+, { Q8_0 }),
+                    GgmlType::Q4K => by_rows!($($f)::+, { kquant::Q4K }),
+                    GgmlType::Q5K => by_rows!($($f)::+, { kquant::Q5K }),
+                    _ => by_rows!($($f)::+, { kquant::Q6K }),
                 }
             };
         }
-        match (uses_256(kind), kernel) {
-            // AVX-512 BW is all the 512-bit K-quant kernel needs; every machine with VNNI on zmm has it.
-            (true, Kernel::Avx512Vnni) => match kind {
-                GgmlType::Q4K => by_rows!(B256, kquant::avx512::dot_256_rows, { kquant::Q4K }),
-                GgmlType::Q5K => by_rows!(B256, kquant::avx512::dot_256_rows, { kquant::Q5K }),
-                _ => by_rows!(B256, kquant::avx512::dot_256_rows, { kquant::Q6K }),
-            },
-            (true, _) => match kind {
-                GgmlType::Q4K => by_rows!(B256, kquant::avx2::dot_256_rows, { kquant::Q4K }),
-                GgmlType::Q5K => by_rows!(B256, kquant::avx2::dot_256_rows, { kquant::Q5K }),
-                _ => by_rows!(B256, kquant::avx2::dot_256_rows, { kquant::Q6K }),
-            },
-            (false, Kernel::Avx2) => by_kind!(avx2::maddubs::dot_32_rows),
-            (false, Kernel::AvxVnni) => by_kind!(avx2::vnni::dot_32_rows),
-            (false, _) => by_kind!(avx512::dot_32_rows),
+        // AVX-512 BW is all the 512-bit K-quant kernel needs; every machine with VNNI on zmm has it.
+        if kernel == Kernel::Avx512Vnni {
+            by_kind!(kquant::avx512::dot_256_rows)
+        } else {
+            by_kind!(kquant::avx2::dot_256_rows)
         }
         return;
     }
-    for (o, &x) in out.iter_mut().zip(xs) {
-        *o = match x {
-            QuantRow::B32(x) => dot_32_scalar(kind, row, x),
-            QuantRow::B256(x) => dot_256_scalar(kind, row, x),
-        };
+    for (o, x) in out.iter_mut().zip(xs) {
+        *o = dot_256_scalar(kind, row, x);
     }
 }
 
@@ -495,25 +467,75 @@ mod tests {
                     for &kernel in &kernels {
                         let got = dot(kernel, kind, &row, qr());
                         assert_eq!(got.to_bits(), want.to_bits(), "{kind:?} {kernel:?} k={k}: {got} vs scalar {want}");
-                        // Every row count the decode path batches gives each row its solo bits.
-                        for n in 2..=MAX_ROWS {
-                            let xs = vec![qr(); n];
-                            let mut out = [0f32; MAX_ROWS];
-                            dot_rows(kernel, kind, &row, &xs, &mut out[..n]);
-                            assert!(out[..n].iter().all(|v| v.to_bits() == want.to_bits()), "{kind:?} {kernel:?} x{n}");
+                        // Every activation row count the K-quant kernels batch gives each row its solo bits.
+                        if uses_256(kind) {
+                            for n in 2..=MAX_ROWS {
+                                let xs = vec![&q256[..]; n];
+                                let mut out = [0f32; MAX_ROWS];
+                                dot_256_rows(kernel, kind, &row, &xs, &mut out[..n]);
+                                assert!(
+                                    out[..n].iter().all(|v| v.to_bits() == want.to_bits()),
+                                    "{kind:?} {kernel:?} x{n}"
+                                );
+                            }
                         }
                     }
                     // Against f32: the activation's rounding only (≤ 1/254 of each |x| per element).
                     let deq: Vec<f32> = if uses_256(kind) {
                         q256.iter().flat_map(|b| b.q.iter().map(move |&q| q as f32 * b.d)).collect()
                     } else {
-                        q32.q.iter().enumerate().map(|(e, &q)| q as f32 * q32.d(e / 32)).collect()
+                        q32.q.iter().enumerate().map(|(e, &q)| q as f32 * q32.d[e / 32]).collect()
                     };
                     let exact = reference(kind, &row, &deq);
                     let mut w = vec![0f32; k];
                     crate::quant::ggml::dequantize(kind, &row, &mut w).unwrap();
                     let l1: f64 = w.iter().zip(&deq).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
                     assert!(((want as f64) - exact).abs() <= 1e-5 * l1 + 1e-6, "{kind:?}: {want} vs {exact} (l1 {l1})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tiles_of_every_width_give_each_pair_its_scalar_bits() {
+        // 1..=16 distinct weight rows (a short tile repeats its last row in
+        // the spare lanes) against 1..=9 activation rows (whole groups of four
+        // and remainders), odd and even block counts.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let kernels = Kernel::available();
+        for kind in [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0] {
+            for blocks in [1, 2, 7, 28] {
+                let k = 32 * blocks;
+                let wrows: Vec<Vec<u8>> = (0..TILE_ROWS).map(|_| random_row(kind, blocks, &mut rng)).collect();
+                let xs: Vec<Q8Row32> = (0..9)
+                    .map(|_| {
+                        let x: Vec<f32> = (0..k).map(|_| rng.gen_range(-3.0..3.0)).collect();
+                        let mut q = Q8Row32::default();
+                        quantise_32(&x, &mut q);
+                        q
+                    })
+                    .collect();
+                for &kernel in &kernels {
+                    for n in 1..=TILE_ROWS {
+                        for m in [1, 2, 3, 4, 5, 9] {
+                            let rows: Vec<&[u8]> = wrows[..n].iter().map(|r| &r[..]).collect();
+                            let mut got = vec![f32::NAN; m * n];
+                            dot_32_tile(kernel, kind, &rows, &xs[..m], |i, j, v| {
+                                got[i * n + j..i * n + j + v.len()].copy_from_slice(v)
+                            });
+                            for i in 0..m {
+                                for j in 0..n {
+                                    let want = dot_32_scalar(kind, rows[j], &xs[i]);
+                                    let g = got[i * n + j];
+                                    assert_eq!(
+                                        g.to_bits(),
+                                        want.to_bits(),
+                                        "{kind:?} {kernel:?} {blocks} blocks, {n}x{m} [{i},{j}]"
+                                    );
+                                }
+                            }
+                        }
+                    }
                 }
             }
         }

@@ -1,0 +1,125 @@
+//! The 32-element kinds' tile: a few weight rows packed so that each 32-bit
+//! lane of a register belongs to one row. For every block, register `t`
+//! holds elements `4t..4t+4` of every row; an activation row's four codes
+//! for that group are broadcast to all lanes, and one `vpdpbusd` (or
+//! `maddubs`) advances every row's dot product at once. A block's dot is
+//! then whole in its lane, scaled and accumulated with one FMA: eight
+//! integer instructions and three float ones per block for 16 weight rows,
+//! where a row-major kernel spends a horizontal reduction or a float step
+//! per four elements. The packing (decode, transpose) is paid once per
+//! matmul call and shared by all its activation rows; a decode step with one
+//! row pays it as it paid the decoding before.
+
+use super::{avx2, avx512, GgmlType, Kernel, Q8Row32, Q4_0, Q5_0, Q8_0};
+use std::cell::RefCell;
+
+/// One 64-byte aligned register's worth of bytes.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+pub struct Line(pub [u8; 64]);
+
+/// Packed weight rows (8 or 16 lanes), kept per thread so that a matmul
+/// allocates nothing once warm.
+#[derive(Default)]
+pub struct Tile {
+    /// Per block, 8 registers of `4 · lanes` bytes: the unsigned codes
+    /// (Q4_0 `q`, Q5_0 `q`, Q8_0 `q + 128`) of group `t` of every row.
+    pub codes: Vec<Line>,
+    /// Per block and lane: the row's block scale.
+    pub d: Vec<f32>,
+}
+
+impl Tile {
+    /// Room for `blocks` blocks of `lanes` rows.
+    pub fn reserve(&mut self, blocks: usize, lanes: usize) {
+        self.codes.resize(blocks * lanes / 2, Line([0; 64]));
+        self.d.resize(blocks * lanes, 0.0);
+    }
+}
+
+/// `log2` of kind `K`'s code offset (8, 16, 128): kernels on unsigned codes
+/// add `offset · (−Σx)` per block.
+pub const fn offset_shift(kind: u8) -> u32 {
+    match kind {
+        Q4_0 => 3,
+        Q5_0 => 4,
+        _ => 7,
+    }
+}
+
+thread_local! {
+    static TILE: RefCell<Tile> = RefCell::default();
+}
+
+/// Activation rows per multiplication call (their accumulators and the
+/// block's weight registers fit in 16 ymm or 32 zmm registers).
+const GROUP: usize = 4;
+
+/// [`super::dot_32_tile`] on a SIMD kernel.
+///
+/// # Safety
+/// `kernel` must be one the CPU runs (as `Kernel::for_isa` / `available` give).
+pub unsafe fn dot_32_tile(
+    kernel: Kernel,
+    kind: GgmlType,
+    rows: &[&[u8]],
+    xs: &[Q8Row32],
+    sink: &mut impl FnMut(usize, usize, &[f32]),
+) {
+    let lanes = if kernel == Kernel::Avx512Vnni { 16 } else { 8 };
+    let ts = kind.type_size();
+    let nb = rows[0].len() / ts;
+    TILE.with(|tile| {
+        let tile = &mut *tile.borrow_mut();
+        for (c, chunk) in rows.chunks(lanes).enumerate() {
+            // A short chunk repeats its last row in the spare lanes.
+            let padded: [&[u8]; 16] = std::array::from_fn(|j| chunk[j.min(chunk.len() - 1)]);
+            let padded = &padded[..lanes];
+            macro_rules! pack {
+                ($($f:ident)::+) => {
+                    match kind {
+                        GgmlType::Q4_0 => $($f)::+::<Q4_0>(padded, ts, tile),
+                        GgmlType::Q5_0 => $($f)::+::<Q5_0>(padded, ts, tile),
+                        _ => $($f)::+::<Q8_0>(padded, ts, tile),
+                    }
+                };
+            }
+            if kernel == Kernel::Avx512Vnni {
+                pack!(avx512::pack)
+            } else {
+                pack!(avx2::pack)
+            }
+            let mut vals = [[0f32; 16]; GROUP];
+            for g in (0..xs.len()).step_by(GROUP) {
+                let x = &xs[g..xs.len().min(g + GROUP)];
+                macro_rules! by_rows {
+                    ($($f:ident)::+, $k:block) => {
+                        match x.len() {
+                            1 => $($f)::+::<$k, 1>(tile, nb, x, &mut vals),
+                            2 => $($f)::+::<$k, 2>(tile, nb, x, &mut vals),
+                            3 => $($f)::+::<$k, 3>(tile, nb, x, &mut vals),
+                            _ => $($f)::+::<$k, 4>(tile, nb, x, &mut vals),
+                        }
+                    };
+                }
+                macro_rules! by_kind {
+                    ($($f:ident)::+) => {
+                        match kind {
+                            GgmlType::Q4_0 => by_rows!($($f)::+, { Q4_0 }),
+                            GgmlType::Q5_0 => by_rows!($($f)::+, { Q5_0 }),
+                            _ => by_rows!($($f)::+, { Q8_0 }),
+                        }
+                    };
+                }
+                match kernel {
+                    Kernel::Avx512Vnni => by_kind!(avx512::multiply),
+                    Kernel::AvxVnni => by_kind!(avx2::vnni::multiply),
+                    _ => by_kind!(avx2::maddubs::multiply),
+                }
+                for (i, v) in vals[..x.len()].iter().enumerate() {
+                    sink(g + i, c * lanes, &v[..chunk.len()]);
+                }
+            }
+        }
+    });
+}
