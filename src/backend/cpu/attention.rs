@@ -53,10 +53,19 @@ pub fn paged_attention(
                 for g in 0..kvh {
                     let kvoff = g * d;
                     let qg = &q.data[r * nh * d + g * group * d..][..group * d];
-                    for (j, &slot) in slots.iter().enumerate() {
-                        let kj = &kc[slot * kw + kvoff..][..d];
+                    let key = |j: usize| &kc[slots[j] * kw + kvoff..][..d];
+                    let quads = n / 4 * 4;
+                    for j in (0..quads).step_by(4) {
+                        let ks = [key(j), key(j + 1), key(j + 2), key(j + 3)];
                         for (hh, qh) in qg.chunks_exact(d).enumerate() {
-                            scores[hh * n + j] = dot(qh, kj) * meta.scale;
+                            for (s, v) in scores[hh * n + j..][..4].iter_mut().zip(dot4(qh, ks)) {
+                                *s = v * meta.scale;
+                            }
+                        }
+                    }
+                    for j in quads..n {
+                        for (hh, qh) in qg.chunks_exact(d).enumerate() {
+                            scores[hh * n + j] = dot(qh, key(j)) * meta.scale;
                         }
                     }
                     let mut inv = [0f32; MAX_GROUP];
@@ -141,6 +150,57 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// [`dot`] of `a` with four rows at once, bit for bit: each row's 16
+/// partial sums as `dot` keeps them, then `sum16`'s tree done for the four
+/// rows in shared registers (the horizontal sums were most of a key's cost).
+#[inline]
+fn dot4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+    {
+        assert!(b.iter().all(|b| b.len() == a.len()));
+        let whole = a.len() / 16 * 16;
+        let mut s = [0f32; 8];
+        // SAFETY: the build enables AVX2 and FMA; every load reads 8 floats at
+        // an offset i + 8 + 8 <= whole <= len of every slice.
+        unsafe {
+            use std::arch::x86_64::*;
+            let pa = a.as_ptr();
+            let pb = b.map(|b| b.as_ptr());
+            let (mut lo, mut hi) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+            for i in (0..whole).step_by(16) {
+                let (xa, xb) = (_mm256_loadu_ps(pa.add(i)), _mm256_loadu_ps(pa.add(i + 8)));
+                for r in 0..4 {
+                    lo[r] = _mm256_fmadd_ps(xa, _mm256_loadu_ps(pb[r].add(i)), lo[r]);
+                    hi[r] = _mm256_fmadd_ps(xb, _mm256_loadu_ps(pb[r].add(i + 8)), hi[r]);
+                }
+            }
+            // sum16: t = p[l] + p[l + 8]; u = t[l] + t[l + 4]; (u0 + u2) + (u1 + u3).
+            let t: [__m256; 4] = std::array::from_fn(|r| _mm256_add_ps(lo[r], hi[r]));
+            let u = |x: __m256, y: __m256| {
+                _mm256_add_ps(_mm256_permute2f128_ps::<0x20>(x, y), _mm256_permute2f128_ps::<0x31>(x, y))
+            };
+            // [u of row 0 | u of row 1], [u of row 2 | u of row 3]
+            let (u01, u23) = (u(t[0], t[1]), u(t[2], t[3]));
+            // Per half: [u0+u2, u1+u3] of rows 0 and 2 (low), 1 and 3 (high).
+            let v = _mm256_add_ps(
+                _mm256_shuffle_ps::<0b01_00_01_00>(u01, u23),
+                _mm256_shuffle_ps::<0b11_10_11_10>(u01, u23),
+            );
+            let w = _mm256_add_ps(_mm256_shuffle_ps::<0b10_00_10_00>(v, v), _mm256_shuffle_ps::<0b11_01_11_01>(v, v));
+            _mm256_storeu_ps(s.as_mut_ptr(), w);
+        }
+        let mut out = [s[0], s[4], s[1], s[5]];
+        for (o, b) in out.iter_mut().zip(b) {
+            for (x, y) in a[whole..].iter().zip(&b[whole..]) {
+                *o += x * y;
+            }
+        }
+        out
+    }
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+    b.map(|b| dot(a, b))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,5 +218,19 @@ mod tests {
             want += a[i] * b[i];
         }
         assert_eq!(dot(&a, &b).to_bits(), want.to_bits());
+    }
+
+    #[test]
+    fn dot4_is_four_dots() {
+        for len in [16, 37, 64, 128] {
+            let a: Vec<f32> = (0..len).map(|i| (i as f32 * 0.37).sin()).collect();
+            let rows: Vec<Vec<f32>> = (0..4)
+                .map(|r| (0..len).map(|i| (i as f32 * 0.11 + r as f32).cos() * 1e3f32.powi(r)).collect())
+                .collect();
+            let got = dot4(&a, [&rows[0], &rows[1], &rows[2], &rows[3]]);
+            for (g, r) in got.iter().zip(&rows) {
+                assert_eq!(g.to_bits(), dot(&a, r).to_bits(), "len {len}");
+            }
+        }
     }
 }

@@ -4,7 +4,7 @@
 //! [`super::dot_32_scalar`]. Also the f16 helpers the K-quant kernels share.
 
 use super::tile::{offset_shift, Tile};
-use super::{Q8Row32, PREFETCH, Q4_0, Q8_0};
+use super::{Q8Row32, Q4_0, Q8_0};
 use std::arch::x86_64::*;
 
 /// The f16 at `p` as f32 in every lane. From a broadcast load: converting a
@@ -62,12 +62,12 @@ unsafe fn block_codes<const K: u8>(b: *const u8) -> __m256i {
     }
 }
 
-/// Weight rows `rows` (eight of kind `K`, blocks of `ts` bytes) into `tile`:
-/// per block, each row's unsigned codes in a register, then an 8x8 transpose
-/// of 32-bit groups, so that register `t` of a block holds the elements
-/// `4t..4t+4` of all eight rows, lane `j` for row `j`.
+/// Weight rows `rows` (eight of kind `K`, blocks of `ts` bytes; prefetching
+/// `ahead` bytes on) into `tile`: per block, each row's unsigned codes in a
+/// register, then an 8x8 transpose of 32-bit groups, so that register `t` of
+/// a block holds the elements `4t..4t+4` of all eight rows, lane `j` for row `j`.
 #[target_feature(enable = "avx2,f16c")]
-pub unsafe fn pack<const K: u8>(rows: &[&[u8]], ts: usize, tile: &mut Tile) {
+pub unsafe fn pack<const K: u8>(rows: &[&[u8]], ts: usize, ahead: usize, tile: &mut Tile) {
     debug_assert_eq!(rows.len(), 8);
     let nb = rows[0].len() / ts;
     tile.reserve(nb, 8);
@@ -78,7 +78,7 @@ pub unsafe fn pack<const K: u8>(rows: &[&[u8]], ts: usize, tile: &mut Tile) {
         let off = b * ts;
         if b % 2 == 0 {
             for row in p {
-                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(off + PREFETCH) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(off + ahead) as *const i8);
             }
         }
         let z: [__m256i; 8] = std::array::from_fn(|j| block_codes::<K>(p[j].add(off)));

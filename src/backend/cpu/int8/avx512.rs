@@ -6,7 +6,7 @@
 //! memory), bit-equal to [`super::dot_32_scalar`].
 
 use super::tile::{offset_shift, Tile};
-use super::{Q8Row32, PREFETCH, Q4_0, Q8_0};
+use super::{Q8Row32, Q4_0, Q8_0};
 use std::arch::x86_64::*;
 
 /// The unsigned codes of blocks `b0` (low half) and `b1` (high half) of kind
@@ -37,12 +37,13 @@ unsafe fn pair_codes<const K: u8>(b0: *const u8, b1: *const u8) -> __m512i {
     _mm512_mask_add_epi8(z, set, z, _mm512_set1_epi8(16))
 }
 
-/// Weight rows `rows` (sixteen of kind `K`, blocks of `ts` bytes) into
-/// `tile`: per block, rows `j` and `j + 8` decoded into one register, then a
-/// 16x8 transpose of 32-bit groups, so that register `t` of a block holds the
-/// elements `4t..4t+4` of all sixteen rows, lane `j` for row `j`.
+/// Weight rows `rows` (sixteen of kind `K`, blocks of `ts` bytes; prefetching
+/// `ahead` bytes on) into `tile`: per block, rows `j` and `j + 8` decoded into
+/// one register, then a 16x8 transpose of 32-bit groups, so that register `t`
+/// of a block holds the elements `4t..4t+4` of all sixteen rows, lane `j` for
+/// row `j`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
-pub unsafe fn pack<const K: u8>(rows: &[&[u8]], ts: usize, tile: &mut Tile) {
+pub unsafe fn pack<const K: u8>(rows: &[&[u8]], ts: usize, ahead: usize, tile: &mut Tile) {
     debug_assert_eq!(rows.len(), 16);
     let nb = rows[0].len() / ts;
     tile.reserve(nb, 16);
@@ -56,7 +57,7 @@ pub unsafe fn pack<const K: u8>(rows: &[&[u8]], ts: usize, tile: &mut Tile) {
         let off = b * ts;
         if b % 2 == 0 {
             for row in p {
-                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(off + PREFETCH) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(off + ahead) as *const i8);
             }
         }
         // z[j]: row j in the low half, row j + 8 in the high half.

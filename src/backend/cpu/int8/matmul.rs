@@ -121,8 +121,12 @@ fn run(
         } else {
             let tile: [&[u8]; TILE_ROWS] = std::array::from_fn(|i| row((rows.start + i).min(rows.end - 1)));
             dot_32_tile(kernel, w.kind, &tile[..rows.len()], &q32[..m], |i, j0, v| {
-                for (jj, &v) in v.iter().enumerate() {
-                    write(i, rows.start + j0 + jj, v);
+                let r0 = rows.start + j0;
+                // SAFETY: row i's columns r0..r0+len are inside this job's output, and only this task owns them.
+                let dst = unsafe { std::slice::from_raw_parts_mut(outs[j].0.add(i * w.rows + r0), v.len()) };
+                match bias {
+                    Some(b) => dst.iter_mut().zip(v).zip(&b[r0..]).for_each(|((d, v), b)| *d = v + b),
+                    None => dst.copy_from_slice(v),
                 }
             });
         }

@@ -132,13 +132,26 @@ pub fn uses_256(kind: GgmlType) -> bool {
     matches!(kind, GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K)
 }
 
-/// The scale and codes of one block: `d = max|x| / 127`, `q = round(x / d)`.
+/// The scale and codes of one block (a multiple of 8 long): `d = max|x| / 127`,
+/// `q = round(x / d)`, rounding half away from zero. Written so that LLVM
+/// vectorises it (eight running maxima; `round` as truncation plus a
+/// correction, exactly `f32::round`), since at prefill sizes quantising took
+/// 8% of a step.
 fn quantise_into(x: &[f32], q: &mut [i8]) -> f32 {
-    let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let mut m = [0f32; 8];
+    for c in x.chunks_exact(8) {
+        for (m, v) in m.iter_mut().zip(c) {
+            *m = m.max(v.abs());
+        }
+    }
+    let amax = m.iter().fold(0f32, |a, &b| a.max(b));
     let d = amax / 127.0;
     let id = if d > 0.0 { 1.0 / d } else { 0.0 };
     for (qi, &v) in q.iter_mut().zip(x) {
-        *qi = (v * id).round().clamp(-127.0, 127.0) as i8;
+        let y = v * id;
+        let t = y.trunc();
+        let r = if (y - t).abs() >= 0.5 { t + 1f32.copysign(y) } else { t };
+        *qi = r.clamp(-127.0, 127.0) as i8;
     }
     d
 }
@@ -538,6 +551,35 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    #[test]
+    fn quantising_rounds_half_away_from_zero_like_f32_round() {
+        // Exact halves, values just below them, and random rows.
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let mut rows: Vec<Vec<f32>> = vec![(0..32).map(|i| (i as f32 - 16.0) * 127.0 / 16.0 + 0.5).collect()];
+        rows.push((0..32).map(|i| if i == 0 { 127.0 } else { i as f32 - 15.5 }).collect());
+        rows.push((0..32).map(|i| if i == 0 { 127.0 } else { (i as f32 - 15.5).next_down_toward_zero() }).collect());
+        rows.extend((0..64).map(|_| (0..32).map(|_| rng.gen_range(-5.0f32..5.0)).collect()));
+        for x in rows {
+            let mut q = [0i8; 32];
+            let d = quantise_into(&x, &mut q);
+            let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
+            assert_eq!(d.to_bits(), (amax / 127.0).to_bits());
+            let id = if d > 0.0 { 1.0 / d } else { 0.0 };
+            for (&qi, &v) in q.iter().zip(&x) {
+                assert_eq!(qi, (v * id).round().clamp(-127.0, 127.0) as i8, "{v}");
+            }
+        }
+    }
+
+    trait NextDown {
+        fn next_down_toward_zero(self) -> f32;
+    }
+    impl NextDown for f32 {
+        fn next_down_toward_zero(self) -> f32 {
+            f32::from_bits(self.to_bits() - 1)
         }
     }
 

@@ -10,7 +10,7 @@
 //! matmul call and shared by all its activation rows; a decode step with one
 //! row pays it as it paid the decoding before.
 
-use super::{avx2, avx512, GgmlType, Kernel, Q8Row32, Q4_0, Q5_0, Q8_0};
+use super::{avx2, avx512, GgmlType, Kernel, Q8Row32, Q4_0, Q5_0, Q8_0, TILE_ROWS};
 use std::cell::RefCell;
 
 /// One 64-byte aligned register's worth of bytes.
@@ -69,6 +69,11 @@ pub unsafe fn dot_32_tile(
     let lanes = if kernel == Kernel::Avx512Vnni { 16 } else { 8 };
     let ts = kind.type_size();
     let nb = rows[0].len() / ts;
+    // Packing prefetches the same place in the next task's rows (which this
+    // thread most likely packs next): prefetching 1 KiB ahead within the row,
+    // as the row-major kernels do, left decode ~10% slower, since a tile
+    // reads its 16 rows side by side and a row is often shorter than that.
+    let ahead = TILE_ROWS * rows[0].len();
     TILE.with(|tile| {
         let tile = &mut *tile.borrow_mut();
         for (c, chunk) in rows.chunks(lanes).enumerate() {
@@ -78,9 +83,9 @@ pub unsafe fn dot_32_tile(
             macro_rules! pack {
                 ($($f:ident)::+) => {
                     match kind {
-                        GgmlType::Q4_0 => $($f)::+::<Q4_0>(padded, ts, tile),
-                        GgmlType::Q5_0 => $($f)::+::<Q5_0>(padded, ts, tile),
-                        _ => $($f)::+::<Q8_0>(padded, ts, tile),
+                        GgmlType::Q4_0 => $($f)::+::<Q4_0>(padded, ts, ahead, tile),
+                        GgmlType::Q5_0 => $($f)::+::<Q5_0>(padded, ts, ahead, tile),
+                        _ => $($f)::+::<Q8_0>(padded, ts, ahead, tile),
                     }
                 };
             }
