@@ -82,7 +82,7 @@ fn train_cross_entropy_loss_hits_and_gradient() {
             .map(|r| {
                 let mut t = tensor(&x[r * vocab..(r + 1) * vocab], 1, vocab);
                 let s = be.cross_entropy(&mut t, &labels[r..r + 1], Some(0.25)).unwrap();
-                (s.loss, s.correct, t.data)
+                (s.loss, s.correct, std::mem::take(&mut t.data))
             })
             .collect();
         for grad in [true, false] {

@@ -5,6 +5,7 @@
 
 mod attention;
 mod attention_grad;
+mod buffers;
 mod dequant;
 mod gemm;
 pub mod int8;
@@ -70,12 +71,19 @@ pub struct CpuWeight {
     pub vector: Option<Vec<f32>>,
 }
 
-/// f32 activations, row-major.
+/// f32 activations, row-major. Its buffer goes back to the thread's free
+/// list when it is dropped (`buffers.rs`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CpuTensor {
     pub data: Vec<f32>,
     pub rows: usize,
     pub cols: usize,
+}
+
+impl Drop for CpuTensor {
+    fn drop(&mut self) {
+        buffers::give(std::mem::take(&mut self.data));
+    }
 }
 
 /// Per layer, keys and values for every slot: `[slots, kv_heads * head_dim]`.
@@ -215,7 +223,9 @@ impl Backend for CpuBackend {
     }
     fn upload(&self, data: &[f32], rows: usize, cols: usize) -> BackendResult<CpuTensor> {
         assert_eq!(data.len(), rows * cols);
-        Ok(CpuTensor { data: data.to_vec(), rows, cols })
+        let mut v = buffers::take(data.len()).unwrap_or_default();
+        v.extend_from_slice(data);
+        Ok(CpuTensor { data: v, rows, cols })
     }
     fn download(&self, t: &CpuTensor) -> BackendResult<Vec<f32>> {
         Ok(t.data.clone())
@@ -282,7 +292,8 @@ impl Backend for CpuBackend {
     }
 
     fn gather_rows(&self, x: &CpuTensor, rows: &[usize]) -> BackendResult<CpuTensor> {
-        let mut data = Vec::with_capacity(rows.len() * x.cols);
+        let n = rows.len() * x.cols;
+        let mut data = buffers::take(n).unwrap_or_else(|| Vec::with_capacity(n));
         for &r in rows {
             data.extend_from_slice(&x.data[r * x.cols..(r + 1) * x.cols]);
         }
@@ -495,6 +506,10 @@ impl Backend for CpuBackend {
 /// A zeroed `rows × cols` buffer, or an out-of-memory error instead of an abort.
 fn alloc_zeroed(rows: usize, cols: usize) -> BackendResult<Vec<f32>> {
     let n = rows.checked_mul(cols).ok_or_else(|| BackendError::OutOfMemory(format!("[{rows}, {cols}] overflows")))?;
+    if let Some(mut v) = buffers::take(n) {
+        v.resize(n, 0.0);
+        return Ok(v);
+    }
     let mut v = Vec::new();
     v.try_reserve_exact(n).map_err(|e| BackendError::OutOfMemory(format!("[{rows}, {cols}] f32: {e}")))?;
     v.resize(n, 0.0);

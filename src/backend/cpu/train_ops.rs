@@ -248,7 +248,7 @@ mod tests {
         let f = |xs: &[f32]| {
             let mut out = t(vec![0.0; rows * cols], rows, cols);
             super::super::ops::rms_norm(&pool(), &t(xs.to_vec(), rows, cols), &w, 1e-6, &mut out);
-            out.data
+            std::mem::take(&mut out.data)
         };
         let mut dx = t(vec![0.5; rows * cols], rows, cols);
         rms_norm_backward(&pool(), &t(x.clone(), rows, cols), &w, 1e-6, &t(dy.clone(), rows, cols), &mut dx);
@@ -265,7 +265,7 @@ mod tests {
         let silu_mul = |gs: &[f32], us: &[f32]| {
             let mut o = t(vec![0.0; n], 1, n);
             super::super::ops::silu_mul(&pool(), &t(gs.to_vec(), 1, n), &t(us.to_vec(), 1, n), &mut o);
-            o.data
+            std::mem::take(&mut o.data)
         };
         fd_check(|gs| silu_mul(gs, &u), &g, &d, &dg.data);
         fd_check(|us| silu_mul(&g, us), &u, &d, &du.data);
