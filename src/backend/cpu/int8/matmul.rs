@@ -96,13 +96,14 @@ fn run(
         let data = w.bytes.as_slice();
         let rows = t * ROWS..((t + 1) * ROWS).min(w.rows);
         let row = |r: usize| &data[r * w.row_bytes..(r + 1) * w.row_bytes];
-        let write = |i: usize, r: usize, v: f32| {
-            let v = match bias {
-                Some(b) => v + b[r],
-                None => v,
-            };
-            // SAFETY: (i, r) is inside this job's output and only this task owns row r.
-            unsafe { *outs[j].0.add(i * w.rows + r) = v };
+        // Results `v` of activation row `i` for weight rows `r0..`, plus the bias.
+        let write = |i: usize, r0: usize, v: &[f32]| {
+            // SAFETY: row i's columns r0..r0+len are inside this job's output, and only this task owns them.
+            let dst = unsafe { std::slice::from_raw_parts_mut(outs[j].0.add(i * w.rows + r0), v.len()) };
+            match bias {
+                Some(b) => dst.iter_mut().zip(v).zip(&b[r0..]).for_each(|((d, v), b)| *d = v + b),
+                None => dst.copy_from_slice(v),
+            }
         };
         if uses_256(w.kind) {
             let mut vals = [0f32; ROWS_256];
@@ -113,22 +114,14 @@ fn run(
                 let xq: [&[Q8Block256]; ROWS_256] = std::array::from_fn(|i| &q256[(m0 + i).min(m - 1)][..]);
                 for r in rows.clone() {
                     dot_256_rows(kernel, w.kind, row(r), &xq[..n], &mut vals[..n]);
-                    for (i, &v) in vals[..n].iter().enumerate() {
-                        write(m0 + i, r, v);
+                    for (i, v) in vals[..n].iter().enumerate() {
+                        write(m0 + i, r, std::slice::from_ref(v));
                     }
                 }
             }
         } else {
             let tile: [&[u8]; TILE_ROWS] = std::array::from_fn(|i| row((rows.start + i).min(rows.end - 1)));
-            dot_32_tile(kernel, w.kind, &tile[..rows.len()], &q32[..m], |i, j0, v| {
-                let r0 = rows.start + j0;
-                // SAFETY: row i's columns r0..r0+len are inside this job's output, and only this task owns them.
-                let dst = unsafe { std::slice::from_raw_parts_mut(outs[j].0.add(i * w.rows + r0), v.len()) };
-                match bias {
-                    Some(b) => dst.iter_mut().zip(v).zip(&b[r0..]).for_each(|((d, v), b)| *d = v + b),
-                    None => dst.copy_from_slice(v),
-                }
-            });
+            dot_32_tile(kernel, w.kind, &tile[..rows.len()], &q32[..m], |i, j0, v| write(i, rows.start + j0, v));
         }
     };
     if total <= 1 || pool.current_num_threads() == 1 {

@@ -305,23 +305,6 @@ pub fn dot_256_scalar(kind: GgmlType, row: &[u8], x: &[Q8Block256]) -> f32 {
     acc - corr
 }
 
-/// An activation row quantised for whichever block family its weights use.
-#[derive(Clone, Copy)]
-pub enum QuantRow<'a> {
-    B32(&'a Q8Row32),
-    B256(&'a [Q8Block256]),
-}
-
-/// `Σ w·x` of one weight row with one quantised activation row, on `kernel`.
-pub fn dot(kernel: Kernel, kind: GgmlType, row: &[u8], x: QuantRow<'_>) -> f32 {
-    let mut out = [0f32];
-    match x {
-        QuantRow::B32(x) => dot_32_tile(kernel, kind, &[row], std::slice::from_ref(x), |_, _, v| out[0] = v[0]),
-        QuantRow::B256(x) => dot_256_rows(kernel, kind, row, &[x], &mut out),
-    }
-    out[0]
-}
-
 /// The most activation rows one [`dot_256_rows`] call takes.
 pub const MAX_ROWS: usize = 16;
 
@@ -425,6 +408,23 @@ pub fn dot_256_rows(kernel: Kernel, kind: GgmlType, row: &[u8], xs: &[&[Q8Block2
 mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
+
+    /// An activation row quantised for whichever block family its weights use.
+    #[derive(Clone, Copy)]
+    enum QuantRow<'a> {
+        B32(&'a Q8Row32),
+        B256(&'a [Q8Block256]),
+    }
+
+    /// `Σ w·x` of one weight row with one quantised activation row, on `kernel`.
+    fn dot(kernel: Kernel, kind: GgmlType, row: &[u8], x: QuantRow<'_>) -> f32 {
+        let mut out = [0f32];
+        match x {
+            QuantRow::B32(x) => dot_32_tile(kernel, kind, &[row], std::slice::from_ref(x), |_, _, v| out[0] = v[0]),
+            QuantRow::B256(x) => dot_256_rows(kernel, kind, row, &[x], &mut out),
+        }
+        out[0]
+    }
 
     /// Random blocks of `kind` with sane scales (finite f16).
     fn random_row(kind: GgmlType, blocks: usize, rng: &mut rand::rngs::StdRng) -> Vec<u8> {
