@@ -176,6 +176,30 @@ struct KQ6K {
     }
 };
 
+// bitsandbytes 4-bit (tandem layout, quant/bnb.rs): 36 bytes = f32 absmax, then
+// 32 bytes; byte j holds value 2j in its high nibble and 2j+1 in its low one.
+// Value = code[nibble] * absmax. Slice li (0..7): bytes 4li..4li+3 -> values 8li..8li+7.
+__constant__ float BNB_NF4[16] = {-0x1.0000000000000p+0f, -0x1.6473620000000p-1f, -0x1.0cd6600000000p-1f, -0x1.9465400000000p-2f, -0x1.23449a0000000p-2f, -0x1.7a6a7e0000000p-3f, -0x1.74f0e20000000p-4f, 0.0f, 0x1.45f5fe0000000p-4f, 0x1.4995c60000000p-3f, 0x1.f809ba0000000p-3f, 0x1.5a06740000000p-2f, 0x1.c349700000000p-2f, 0x1.200f560000000p-1f, 0x1.7227660000000p-1f, 0x1.0000000000000p+0f};
+__constant__ float BNB_FP4[16] = {0.0f, 0x1.5555560000000p-8f, 0x1.5555560000000p-1f, 0x1.0000000000000p+0f, 0x1.5555560000000p-2f, 0x1.0000000000000p-1f, 0x1.5555560000000p-3f, 0x1.0000000000000p-2f, 0.0f, -0x1.5555560000000p-8f, -0x1.5555560000000p-1f, -0x1.0000000000000p+0f, -0x1.5555560000000p-2f, -0x1.0000000000000p-1f, -0x1.5555560000000p-3f, -0x1.0000000000000p-2f};
+template <bool FP4>
+struct KBnb4 {
+    static constexpr bool PLAIN = false, HAS_MIN = false;
+    static constexpr int QK = 64, BYTES = 36, LPB = 8, RUN = 8, NRUN = 1, RSTRIDE = 0;
+    __device__ static __forceinline__ int base(int li) { return 8 * li; }
+    __device__ static __forceinline__ float code(u32 i) { return FP4 ? BNB_FP4[i] : BNB_NF4[i]; }
+    __device__ static __forceinline__ void decode(const u8* b, int li, float (&q)[8], float (&dl)[NRUN], float (&)[NRUN]) {
+        const u32 qs = q_ld32(b + 4 + 4 * li);
+        Q_UNROLL
+        for (int k = 0; k < 4; ++k) {
+            q[2 * k] = code((qs >> (8 * k + 4)) & 0xF);
+            q[2 * k + 1] = code((qs >> (8 * k)) & 0xF);
+        }
+        dl[0] = __uint_as_float(q_ld32(b));
+    }
+};
+using KNF4 = KBnb4<false>;
+using KFP4 = KBnb4<true>;
+
 // ---- plain kinds: element k of a row ----
 
 struct KF32 {
@@ -351,6 +375,8 @@ extern "C" __global__ void gemv_q8_0(GEMV_ARGS) { gemv<KQ8_0>(w, x, bias, out, r
 extern "C" __global__ void gemv_q4_k(GEMV_ARGS) { gemv<KQ4K>(w, x, bias, out, rows, cols, row_bytes, batch); }
 extern "C" __global__ void gemv_q5_k(GEMV_ARGS) { gemv<KQ5K>(w, x, bias, out, rows, cols, row_bytes, batch); }
 extern "C" __global__ void gemv_q6_k(GEMV_ARGS) { gemv<KQ6K>(w, x, bias, out, rows, cols, row_bytes, batch); }
+extern "C" __global__ void gemv_nf4(GEMV_ARGS) { gemv<KNF4>(w, x, bias, out, rows, cols, row_bytes, batch); }
+extern "C" __global__ void gemv_fp4(GEMV_ARGS) { gemv<KFP4>(w, x, bias, out, rows, cols, row_bytes, batch); }
 
 extern "C" __global__ void dequant_bf16_f32(BF16_ARGS) { dequant_bf16<KF32>(w, out, rows, cols, row_bytes); }
 extern "C" __global__ void dequant_bf16_f16(BF16_ARGS) { dequant_bf16<KF16>(w, out, rows, cols, row_bytes); }
@@ -361,6 +387,8 @@ extern "C" __global__ void dequant_bf16_q8_0(BF16_ARGS) { dequant_bf16<KQ8_0>(w,
 extern "C" __global__ void dequant_bf16_q4_k(BF16_ARGS) { dequant_bf16<KQ4K>(w, out, rows, cols, row_bytes); }
 extern "C" __global__ void dequant_bf16_q5_k(BF16_ARGS) { dequant_bf16<KQ5K>(w, out, rows, cols, row_bytes); }
 extern "C" __global__ void dequant_bf16_q6_k(BF16_ARGS) { dequant_bf16<KQ6K>(w, out, rows, cols, row_bytes); }
+extern "C" __global__ void dequant_bf16_nf4(BF16_ARGS) { dequant_bf16<KNF4>(w, out, rows, cols, row_bytes); }
+extern "C" __global__ void dequant_bf16_fp4(BF16_ARGS) { dequant_bf16<KFP4>(w, out, rows, cols, row_bytes); }
 
 extern "C" __global__ void dequant_rows_f32(ROWS_ARGS) { dequant_rows<KF32>(w, ids, out, n, cols, row_bytes, table_rows); }
 extern "C" __global__ void dequant_rows_f16(ROWS_ARGS) { dequant_rows<KF16>(w, ids, out, n, cols, row_bytes, table_rows); }
@@ -371,3 +399,5 @@ extern "C" __global__ void dequant_rows_q8_0(ROWS_ARGS) { dequant_rows<KQ8_0>(w,
 extern "C" __global__ void dequant_rows_q4_k(ROWS_ARGS) { dequant_rows<KQ4K>(w, ids, out, n, cols, row_bytes, table_rows); }
 extern "C" __global__ void dequant_rows_q5_k(ROWS_ARGS) { dequant_rows<KQ5K>(w, ids, out, n, cols, row_bytes, table_rows); }
 extern "C" __global__ void dequant_rows_q6_k(ROWS_ARGS) { dequant_rows<KQ6K>(w, ids, out, n, cols, row_bytes, table_rows); }
+extern "C" __global__ void dequant_rows_nf4(ROWS_ARGS) { dequant_rows<KNF4>(w, ids, out, n, cols, row_bytes, table_rows); }
+extern "C" __global__ void dequant_rows_fp4(ROWS_ARGS) { dequant_rows<KFP4>(w, ids, out, n, cols, row_bytes, table_rows); }

@@ -21,7 +21,7 @@ use tandem::backend::{
 };
 use tandem::kv::BlockId;
 use tandem::lora::{LoraMatrix, LoraValues};
-use tandem::quant::ggml::{dequantize, GgmlType};
+use tandem::quant::ggml::{dequantize, WeightKind};
 use tandem::quant::random::random_weight_bytes;
 
 // ---- the emulator ----
@@ -190,13 +190,13 @@ fn rand_vec(rng: &mut StdRng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
     (0..n).map(|_| rng.gen_range(lo..hi)).collect()
 }
 
-fn weight(be: &CpuBackend, kind: GgmlType, rows: usize, cols: usize, b: Vec<u8>) -> CpuWeight {
-    let h = HostWeight { name: format!("{kind:?}"), kind, rows, cols, bytes: WeightBytes::from_vec(b) };
+fn weight(be: &CpuBackend, kind: WeightKind, rows: usize, cols: usize, b: Vec<u8>) -> CpuWeight {
+    let h = HostWeight::new(format!("{kind:?}"), kind, rows, cols, WeightBytes::from_vec(b));
     be.load_weight(h).unwrap()
 }
 
 fn f32_weight(be: &CpuBackend, v: &[f32], rows: usize, cols: usize) -> CpuWeight {
-    weight(be, GgmlType::F32, rows, cols, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+    weight(be, WeightKind::F32, rows, cols, v.iter().flat_map(|x| x.to_le_bytes()).collect())
 }
 
 fn tensor(v: &[f32], rows: usize, cols: usize) -> CpuTensor {
@@ -527,21 +527,23 @@ fn lora_bgmv_two_segments() {
 
 // ---- quant.cu ----
 
-const KINDS: [(GgmlType, &str, usize); 9] = [
-    (GgmlType::F32, "f32", 80),
-    (GgmlType::F16, "f16", 80),
-    (GgmlType::BF16, "bf16", 80),
-    (GgmlType::Q4_0, "q4_0", 160),
-    (GgmlType::Q5_0, "q5_0", 160),
-    (GgmlType::Q8_0, "q8_0", 160),
-    (GgmlType::Q4K, "q4_k", 768),
-    (GgmlType::Q5K, "q5_k", 768),
-    (GgmlType::Q6K, "q6_k", 768),
+const KINDS: [(WeightKind, &str, usize); 11] = [
+    (WeightKind::F32, "f32", 80),
+    (WeightKind::F16, "f16", 80),
+    (WeightKind::BF16, "bf16", 80),
+    (WeightKind::Q4_0, "q4_0", 160),
+    (WeightKind::Q5_0, "q5_0", 160),
+    (WeightKind::Q8_0, "q8_0", 160),
+    (WeightKind::Q4K, "q4_k", 768),
+    (WeightKind::Q5K, "q5_k", 768),
+    (WeightKind::Q6K, "q6_k", 768),
+    (WeightKind::Nf4, "nf4", 320),
+    (WeightKind::Fp4, "fp4", 320),
 ];
 const QROWS: usize = 9;
 
 /// Random blocks of `kind`: random quants, finite f16 scales of either sign.
-fn random_weight(rng: &mut StdRng, kind: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
+fn random_weight(rng: &mut StdRng, kind: WeightKind, rows: usize, cols: usize) -> Vec<u8> {
     random_weight_bytes(kind, rows, cols, 1.0, &mut tandem::quant::random::Rng::new(rng.gen()))
 }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use proptest::prelude::*;
 use serde_json::{json, Value};
 use tandem::loader::gguf::{GgufError, GgufFile, GgufValue};
-use tandem::quant::ggml::{dequantize, GgmlType};
+use tandem::quant::ggml::{dequantize, WeightKind};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -66,7 +66,7 @@ fn check_against_expected(f: &GgufFile) {
         assert_eq!(t.name, w["name"].as_str().unwrap());
         let dims: Vec<u64> = w["ne"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).collect();
         assert_eq!(t.dims, dims, "{}", t.name);
-        assert_eq!(u64::from(t.ty.id()), w["type_id"].as_u64().unwrap(), "{}", t.name);
+        assert_eq!(u64::from(t.ty.gguf_id().unwrap()), w["type_id"].as_u64().unwrap(), "{}", t.name);
         assert_eq!(t.offset % f.alignment, 0);
         let data = f.tensor_data(t);
         assert_eq!(hex(data), w["hex"].as_str().unwrap(), "bytes of {}", t.name);
@@ -105,7 +105,7 @@ fn accessors() {
     assert!(f.get("missing").is_none());
     assert!(f.tensor("missing").is_none());
     let t = f.tensor("blk.0.q4_k").unwrap();
-    assert_eq!((t.ty, t.n_elements(), t.n_bytes()), (GgmlType::Q4K, 512, 288));
+    assert_eq!((t.ty, t.n_elements(), t.n_bytes()), (WeightKind::Q4K, 512, 288));
     let t = f.tensor("blk.0.cube").unwrap();
     assert_eq!((t.n_elements(), t.n_bytes()), (24, 96));
     // A tensor's bytes dequantise the same as the quant fixture they were cut from.
@@ -412,7 +412,7 @@ fn default_model_header() {
             .unwrap();
     for r in rows.as_array().unwrap() {
         let t = f.tensor(r["name"].as_str().unwrap()).unwrap();
-        assert_eq!(u64::from(t.ty.id()), r["type_id"].as_u64().unwrap());
+        assert_eq!(u64::from(t.ty.gguf_id().unwrap()), r["type_id"].as_u64().unwrap());
         let ne0 = t.dims[0] as usize;
         let row_bytes = t.ty.row_bytes(ne0).unwrap();
         let mut out = vec![0f32; ne0];

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use tandem::quant::ggml::{dequantize, f16_to_f32, get_scale_min_k4, DequantError, GgmlType};
+use tandem::quant::ggml::{dequantize, f16_to_f32, get_scale_min_k4, DequantError, WeightKind};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/quants")
@@ -19,7 +19,7 @@ fn check_type(name: &str) {
         .find(|e| e["name"] == name)
         .unwrap_or_else(|| panic!("no fixture for {name}"));
     let id = entry["type_id"].as_u64().unwrap() as u32;
-    let ty = GgmlType::from_id(id).unwrap();
+    let ty = WeightKind::from_gguf_id(id).unwrap();
     let n = entry["n_elements"].as_u64().unwrap() as usize;
     let blocks = std::fs::read(fixtures().join(entry["blocks"].as_str().unwrap())).unwrap();
     let expected = std::fs::read(fixtures().join(entry["expected"].as_str().unwrap())).unwrap();
@@ -85,12 +85,12 @@ fn q6_k_bit_exact() {
 #[test]
 fn size_mismatches_are_errors() {
     let mut out = vec![0f32; 32];
-    assert!(matches!(dequantize(GgmlType::Q4_0, &[0u8; 17], &mut out), Err(DequantError::SizeMismatch { .. })));
-    assert!(matches!(dequantize(GgmlType::Q4_0, &[0u8; 36], &mut out), Err(DequantError::SizeMismatch { .. })));
+    assert!(matches!(dequantize(WeightKind::Q4_0, &[0u8; 17], &mut out), Err(DequantError::SizeMismatch { .. })));
+    assert!(matches!(dequantize(WeightKind::Q4_0, &[0u8; 36], &mut out), Err(DequantError::SizeMismatch { .. })));
     let mut odd = vec![0f32; 33];
-    assert!(matches!(dequantize(GgmlType::Q4_0, &[0u8; 36], &mut odd), Err(DequantError::PartialBlock { .. })));
+    assert!(matches!(dequantize(WeightKind::Q4_0, &[0u8; 36], &mut odd), Err(DequantError::PartialBlock { .. })));
     let mut none: Vec<f32> = Vec::new();
-    dequantize(GgmlType::Q6K, &[], &mut none).unwrap();
+    dequantize(WeightKind::Q6K, &[], &mut none).unwrap();
 }
 
 #[test]

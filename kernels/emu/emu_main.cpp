@@ -242,7 +242,7 @@ std::map<std::string, Runner> kernels() {
     K(emu_quant, dequant_bf16_##kind, const u8*, u16*, int, int, int), \
     K(emu_quant, dequant_rows_##kind, const u8*, const u32*, float*, int, int, int, int)
     QUANT(f32), QUANT(f16), QUANT(bf16), QUANT(q4_0), QUANT(q5_0), QUANT(q8_0),
-    QUANT(q4_k), QUANT(q5_k), QUANT(q6_k),
+    QUANT(q4_k), QUANT(q5_k), QUANT(q6_k), QUANT(nf4), QUANT(fp4),
 #undef QUANT
     K(emu_train, rms_norm_backward, const float*, const float*, const float*, float*, int, int, float),
     K(emu_train, silu_mul_backward, const float*, const float*, const float*, float*, float*, long long),

@@ -14,7 +14,7 @@ pub mod selftest;
 use std::ops::Range;
 use std::sync::Arc;
 
-use crate::quant::ggml::GgmlType;
+use crate::quant::ggml::WeightKind;
 
 pub use lora_matrix::{LoraDtype, LoraMatrix, LoraValues};
 
@@ -62,13 +62,22 @@ impl WeightBytes {
 #[derive(Clone)]
 pub struct HostWeight {
     pub name: String,
-    pub kind: GgmlType,
+    pub kind: WeightKind,
     pub rows: usize,
     pub cols: usize,
     pub bytes: WeightBytes,
+    /// The order of the inputs the rows were stored in, when it is not the
+    /// natural one (GPTQ act-order, `quant::gptq`): element `j` of a row
+    /// multiplies input `input_perm[j]`.
+    pub input_perm: Option<Arc<[u32]>>,
 }
 
 impl HostWeight {
+    /// A weight in natural input order.
+    pub fn new(name: String, kind: WeightKind, rows: usize, cols: usize, bytes: WeightBytes) -> Self {
+        Self { name, kind, rows, cols, bytes, input_perm: None }
+    }
+
     /// Checks that the byte length matches kind and shape.
     pub fn validate(&self) -> Result<(), BackendError> {
         let bad = |reason: String| BackendError::BadWeight { name: self.name.clone(), reason };
@@ -77,6 +86,14 @@ impl HostWeight {
             .row_bytes(self.cols)
             .ok_or_else(|| bad(format!("{} columns is not a whole number of {:?} blocks", self.cols, self.kind)))?;
         let want = row_bytes.checked_mul(self.rows).ok_or_else(|| bad("size overflows".into()))?;
+        if let Some(p) = &self.input_perm {
+            let mut seen = vec![false; self.cols];
+            if p.len() != self.cols
+                || !p.iter().all(|&k| (k as usize) < self.cols && !std::mem::replace(&mut seen[k as usize], true))
+            {
+                return Err(bad(format!("input permutation is not a permutation of {} inputs", self.cols)));
+            }
+        }
         if self.bytes.as_slice().len() != want {
             return Err(bad(format!(
                 "expected {want} bytes for [{}, {}] {:?}, found {}",

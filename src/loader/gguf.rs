@@ -10,7 +10,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::quant::ggml::GgmlType;
+use crate::quant::ggml::WeightKind;
 
 const MAGIC: &[u8; 4] = b"GGUF";
 const DEFAULT_ALIGNMENT: u64 = 32;
@@ -174,7 +174,7 @@ pub struct GgufTensorInfo {
     pub name: String,
     /// ggml `ne` order: `dims[0]` is the contiguous dimension (PyTorch shape reversed).
     pub dims: Vec<u64>,
-    pub ty: GgmlType,
+    pub ty: WeightKind,
     /// Relative to `GgufFile::data_offset`.
     pub offset: u64,
 }
@@ -192,7 +192,7 @@ impl GgufTensorInfo {
 }
 
 /// Bytes of a tensor; `Err` says why the shape is invalid for the type.
-fn tensor_bytes(ty: GgmlType, dims: &[u64]) -> Result<u64, &'static str> {
+fn tensor_bytes(ty: WeightKind, dims: &[u64]) -> Result<u64, &'static str> {
     let block = ty.block_size() as u64;
     let ne0 = dims.first().copied().unwrap_or(1);
     if !ne0.is_multiple_of(block) {
@@ -291,7 +291,8 @@ impl GgufFile {
                 dims.push(r.u64("tensor dimension")?);
             }
             let id = r.u32("tensor type")?;
-            let ty = GgmlType::from_id(id).ok_or_else(|| GgufError::UnsupportedType { name: name.clone(), id })?;
+            let ty =
+                WeightKind::from_gguf_id(id).ok_or_else(|| GgufError::UnsupportedType { name: name.clone(), id })?;
             let offset = r.u64("tensor offset")?;
             if by_name.insert(name.clone(), tensors.len()).is_some() {
                 return Err(GgufError::DuplicateTensor(name));

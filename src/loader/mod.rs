@@ -2,6 +2,7 @@
 
 pub mod gguf;
 pub mod hub;
+pub mod quantized;
 pub mod safetensors;
 
 use std::path::Path;

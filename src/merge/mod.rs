@@ -27,7 +27,7 @@ use crate::loader::safetensors::SafetensorsModel;
 use crate::lora::{load_peft_dir_raw, LoraError, LoraTarget, PeftAdapter, PeftMatrix};
 use crate::model::config::RopeScaling;
 use crate::model::{Arch, ModelConfig, ModelError, TensorName, WeightSource};
-use crate::quant::ggml::GgmlType;
+use crate::quant::ggml::WeightKind;
 
 /// The float dtype of the merged weights.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -368,8 +368,8 @@ fn default_dtype(plan: &[Planned], c: &ModelConfig, src: &WeightSource) -> Merge
         return MergeDtype::Bf16;
     }
     match first {
-        Some(GgmlType::F32) => MergeDtype::F32,
-        Some(GgmlType::F16) => MergeDtype::F16,
+        Some(WeightKind::F32) => MergeDtype::F32,
+        Some(WeightKind::F16) => MergeDtype::F16,
         _ => MergeDtype::Bf16,
     }
 }

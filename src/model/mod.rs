@@ -102,8 +102,34 @@ pub fn load_hf_dir<B: Backend>(be: &B, dir: &Path) -> Result<LoadedModel<B>, Mod
     let json: serde_json::Value = serde_json::from_str(&text)
         .map_err(|e| ModelError::File { path: cfg_path.display().to_string(), reason: e.to_string() })?;
     let config = ModelConfig::from_hf_json(&json)?;
+    let quant = hf_quantization(dir, &json)?;
     let tokenizer = if dir.join("tokenizer.json").exists() { Some(Tokenizer::from_hf_dir(dir)?) } else { None };
-    let src = WeightSource::Safetensors(Arc::new(SafetensorsModel::open_dir(dir)?));
+    let st = Arc::new(SafetensorsModel::open_dir(dir)?);
+    let src = match quant {
+        Some(q) => WeightSource::QuantizedSafetensors(st, q),
+        None => WeightSource::Safetensors(st),
+    };
     let model = LlamaModel::load(be, &src, config)?;
     Ok(LoadedModel { model, tokenizer, source: dir.display().to_string() })
+}
+
+/// The checkpoint's quantisation: `quantization_config` in config.json, else
+/// AutoGPTQ's `quantize_config.json` or AutoAWQ's `quant_config.json`.
+pub fn hf_quantization(
+    dir: &Path,
+    config_json: &serde_json::Value,
+) -> Result<Option<crate::quant::hf_config::HfQuant>, ModelError> {
+    let bad = |path: &Path, reason: String| ModelError::File { path: path.display().to_string(), reason };
+    if let Some(q) = config_json.get("quantization_config").filter(|v| !v.is_null()) {
+        let path = dir.join("config.json");
+        return crate::quant::hf_config::parse(q).map(Some).map_err(|e| bad(&path, e.to_string()));
+    }
+    for file in ["quantize_config.json", "quant_config.json"] {
+        let path = dir.join(file);
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(&path, e.to_string()))?;
+            return crate::quant::hf_config::parse(&v).map(Some).map_err(|e| bad(&path, e.to_string()));
+        }
+    }
+    Ok(None)
 }

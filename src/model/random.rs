@@ -6,13 +6,13 @@
 use super::config::{Arch, ModelConfig, RopeScaling};
 use super::weights::TensorName;
 use crate::backend::{HostWeight, WeightBytes};
-use crate::quant::ggml::GgmlType;
+use crate::quant::ggml::WeightKind;
 use crate::quant::random::{random_weight_bytes, Rng};
 
 /// A spec's shape and weight kind.
 pub struct RandomModel {
     pub config: ModelConfig,
-    pub kind: GgmlType,
+    pub kind: WeightKind,
 }
 
 /// Parses `random:<shape>:<kind>`; `None` when `spec` is not a random spec,
@@ -21,15 +21,15 @@ pub fn parse(spec: &str) -> Option<Result<RandomModel, String>> {
     let rest = spec.strip_prefix("random:")?;
     let (shape, kind) = rest.split_once(':').unwrap_or((rest, "bf16"));
     let kind = match kind {
-        "f32" => GgmlType::F32,
-        "f16" => GgmlType::F16,
-        "bf16" => GgmlType::BF16,
-        "q4_0" => GgmlType::Q4_0,
-        "q5_0" => GgmlType::Q5_0,
-        "q8_0" => GgmlType::Q8_0,
-        "q4_k" => GgmlType::Q4K,
-        "q5_k" => GgmlType::Q5K,
-        "q6_k" => GgmlType::Q6K,
+        "f32" => WeightKind::F32,
+        "f16" => WeightKind::F16,
+        "bf16" => WeightKind::BF16,
+        "q4_0" => WeightKind::Q4_0,
+        "q5_0" => WeightKind::Q5_0,
+        "q8_0" => WeightKind::Q8_0,
+        "q4_k" => WeightKind::Q4K,
+        "q5_k" => WeightKind::Q5K,
+        "q6_k" => WeightKind::Q6K,
         k => {
             return Some(Err(format!("unknown weight kind {k:?} (f32, f16, bf16, q4_0, q5_0, q8_0, q4_k, q5_k, q6_k)")))
         }
@@ -92,8 +92,8 @@ impl RandomModel {
             // Each tensor has its own seed, so any one is reproducible alone.
             random_weight_bytes(self.kind, rows, cols, 0.05, &mut Rng::new(idx as u64 + 1))
         };
-        let kind = if rows == 1 { GgmlType::F32 } else { self.kind };
-        Some(HostWeight { name: format!("{name:?}"), kind, rows, cols, bytes: WeightBytes::from_vec(bytes) })
+        let kind = if rows == 1 { WeightKind::F32 } else { self.kind };
+        Some(HostWeight::new(format!("{name:?}"), kind, rows, cols, WeightBytes::from_vec(bytes)))
     }
 }
 

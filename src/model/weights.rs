@@ -8,7 +8,8 @@ use std::sync::Arc;
 use crate::backend::{HostWeight, WeightBytes};
 use crate::loader::gguf::GgufFile;
 use crate::loader::safetensors::{SafetensorsModel, StDtype};
-use crate::quant::ggml::GgmlType;
+use crate::quant::ggml::WeightKind;
+use crate::quant::hf_config::HfQuant;
 
 use super::config::{Arch, ModelConfig};
 
@@ -89,6 +90,9 @@ impl TensorName {
 pub enum WeightSource {
     Gguf(Arc<GgufFile>),
     Safetensors(Arc<SafetensorsModel>),
+    /// A GPTQ / AWQ / bitsandbytes checkpoint: its linear layers are rewritten
+    /// at load (`loader::quantized`); everything else reads as above.
+    QuantizedSafetensors(Arc<SafetensorsModel>, HfQuant),
     /// Generated on demand (benchmarks of shapes without a file).
     Random(Box<super::random::RandomModel>),
 }
@@ -99,6 +103,25 @@ impl WeightSource {
         match self {
             WeightSource::Gguf(f) => gguf_weight(f, name, cfg),
             WeightSource::Safetensors(m) => st_weight(m, name),
+            WeightSource::QuantizedSafetensors(m, q) => {
+                let hname = name.hf();
+                let linear = !matches!(
+                    name,
+                    TensorName::Embed
+                        | TensorName::FinalNorm
+                        | TensorName::AttnNorm(_)
+                        | TensorName::FfnNorm(_)
+                        | TensorName::QBias(_)
+                        | TensorName::KBias(_)
+                        | TensorName::VBias(_)
+                );
+                let prefix = hname.strip_suffix(".weight").unwrap_or(&hname);
+                match linear.then(|| crate::loader::quantized::linear(m, q, prefix)).transpose() {
+                    Ok(Some(Some(w))) => Ok(Some(w)),
+                    Ok(_) => st_weight(m, name),
+                    Err(reason) => Err(WeightError::Bad { name: hname.clone(), reason }),
+                }
+            }
             WeightSource::Random(r) => Ok(r.weight(name)),
         }
     }
@@ -108,7 +131,7 @@ impl WeightSource {
     fn display_name(&self, name: TensorName) -> String {
         match self {
             WeightSource::Gguf(_) => name.gguf(),
-            WeightSource::Safetensors(_) => name.hf(),
+            WeightSource::Safetensors(_) | WeightSource::QuantizedSafetensors(..) => name.hf(),
             WeightSource::Random(_) => format!("{name:?}"),
         }
     }
@@ -126,7 +149,7 @@ fn gguf_weight(f: &GgufFile, name: TensorName, cfg: &ModelConfig) -> Result<Opti
     let start = (f.data_offset + info.offset) as usize;
     let range = start..start + info.n_bytes() as usize;
     let bytes = WeightBytes::new(f.mapped(), range).ok_or_else(|| bad("data lies outside the file".into()))?;
-    let mut w = HostWeight { name: gname.clone(), kind: info.ty, rows, cols, bytes };
+    let mut w = HostWeight::new(gname.clone(), info.ty, rows, cols, bytes);
     // convert_hf_to_gguf permutes llama Q/K rows for llama.cpp's interleaved rope.
     if cfg.arch == Arch::Llama || cfg.arch == Arch::Mistral {
         let heads = match name {
@@ -145,7 +168,7 @@ fn gguf_weight(f: &GgufFile, name: TensorName, cfg: &ModelConfig) -> Result<Opti
 fn unpermute_rows(w: HostWeight, heads: usize, head_dim: usize) -> Result<HostWeight, String> {
     // A bias is a single row of `heads*head_dim` elements: permute elements instead.
     let (unit_bytes, units) = if w.rows == 1 {
-        if w.kind != GgmlType::F32 {
+        if w.kind != WeightKind::F32 {
             return Err("a permuted bias must be F32".into());
         }
         (4, w.cols)
@@ -176,9 +199,9 @@ fn st_weight(m: &SafetensorsModel, name: TensorName) -> Result<Option<HostWeight
     let Some(view) = m.tensor(&hname) else { return Ok(None) };
     let bad = |reason: String| WeightError::Bad { name: hname.clone(), reason };
     let kind = match view.dtype {
-        StDtype::F32 => GgmlType::F32,
-        StDtype::F16 => GgmlType::F16,
-        StDtype::BF16 => GgmlType::BF16,
+        StDtype::F32 => WeightKind::F32,
+        StDtype::F16 => WeightKind::F16,
+        StDtype::BF16 => WeightKind::BF16,
         other => return Err(bad(format!("dtype {other:?} is not a float weight"))),
     };
     let (rows, cols) = match view.shape {
@@ -189,5 +212,5 @@ fn st_weight(m: &SafetensorsModel, name: TensorName) -> Result<Option<HostWeight
     let file = m.file_of(&hname).ok_or_else(|| bad("no file holds it".into()))?;
     let range = file.tensor_range(&hname).ok_or_else(|| bad("no byte range".into()))?;
     let bytes = WeightBytes::new(file.mapped(), range).ok_or_else(|| bad("data lies outside the file".into()))?;
-    Ok(Some(HostWeight { name: hname, kind, rows, cols, bytes }))
+    Ok(Some(HostWeight::new(hname, kind, rows, cols, bytes)))
 }

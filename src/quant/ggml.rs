@@ -1,9 +1,12 @@
-//! GGML tensor types (GGUF on-disk blocks): sizes and reference dequantisation.
-//! Layouts: ../shared/FORMATS.md §4 (ggml-common.h).
+//! Weight storage kinds: the GGUF block types (`ggml_type`) plus the
+//! bitsandbytes 4-bit codes; sizes and reference dequantisation.
+//! Layouts: ../shared/FORMATS.md §3 (bitsandbytes), §4 (ggml-common.h).
+//! GPTQ and AWQ checkpoints have no kind of their own: they are rewritten at load
+//! into Q4_0 / Q5_0 / Q8_0 blocks that dequantise to the same values (`quant::gptq`).
 
-/// A ggml tensor type as stored in GGUF (`ggml_type` id).
+/// How a weight row is stored: whole blocks of one kind.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum GgmlType {
+pub enum WeightKind {
     F32,
     F16,
     BF16,
@@ -13,14 +16,30 @@ pub enum GgmlType {
     Q4K,
     Q5K,
     Q6K,
+    /// bitsandbytes NF4 in 64-element blocks: f32 absmax, then 32 bytes of
+    /// codes (element 2j in the high nibble, 2j+1 in the low), as in the file.
+    Nf4,
+    /// bitsandbytes FP4, laid out as [`WeightKind::Nf4`].
+    Fp4,
 }
 
-impl GgmlType {
+impl WeightKind {
     /// Every kind tandem supports.
-    pub const ALL: [GgmlType; 9] =
-        [Self::F32, Self::F16, Self::BF16, Self::Q4_0, Self::Q5_0, Self::Q8_0, Self::Q4K, Self::Q5K, Self::Q6K];
-    /// Parse a `ggml_type` id; `None` for types tandem does not support.
-    pub fn from_id(id: u32) -> Option<Self> {
+    pub const ALL: [WeightKind; 11] = [
+        Self::F32,
+        Self::F16,
+        Self::BF16,
+        Self::Q4_0,
+        Self::Q5_0,
+        Self::Q8_0,
+        Self::Q4K,
+        Self::Q5K,
+        Self::Q6K,
+        Self::Nf4,
+        Self::Fp4,
+    ];
+    /// Parse a GGUF `ggml_type` id; `None` for types tandem does not support.
+    pub fn from_gguf_id(id: u32) -> Option<Self> {
         Some(match id {
             0 => Self::F32,
             1 => Self::F16,
@@ -34,9 +53,9 @@ impl GgmlType {
             _ => return None,
         })
     }
-    /// The `ggml_type` id written in GGUF files.
-    pub fn id(self) -> u32 {
-        match self {
+    /// The `ggml_type` id written in GGUF files; `None` for kinds GGUF lacks.
+    pub fn gguf_id(self) -> Option<u32> {
+        Some(match self {
             Self::F32 => 0,
             Self::F16 => 1,
             Self::BF16 => 30,
@@ -46,13 +65,15 @@ impl GgmlType {
             Self::Q4K => 12,
             Self::Q5K => 13,
             Self::Q6K => 14,
-        }
+            Self::Nf4 | Self::Fp4 => return None,
+        })
     }
     /// Elements per block.
     pub fn block_size(self) -> usize {
         match self {
             Self::F32 | Self::F16 | Self::BF16 => 1,
             Self::Q4_0 | Self::Q5_0 | Self::Q8_0 => 32,
+            Self::Nf4 | Self::Fp4 => 64,
             Self::Q4K | Self::Q5K | Self::Q6K => 256,
         }
     }
@@ -67,6 +88,7 @@ impl GgmlType {
             Self::Q4K => 144,
             Self::Q5K => 176,
             Self::Q6K => 210,
+            Self::Nf4 | Self::Fp4 => 36,
         }
     }
     /// Bytes of one row of `n` elements; `None` if `n` is not a whole number of blocks.
@@ -82,9 +104,9 @@ impl GgmlType {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DequantError {
     #[error("{ty:?}: {n} elements is not a whole number of {block}-element blocks")]
-    PartialBlock { ty: GgmlType, n: usize, block: usize },
+    PartialBlock { ty: WeightKind, n: usize, block: usize },
     #[error("{ty:?}: {n} elements need {expected} bytes of blocks, got {got}")]
-    SizeMismatch { ty: GgmlType, n: usize, expected: usize, got: usize },
+    SizeMismatch { ty: WeightKind, n: usize, expected: usize, got: usize },
 }
 
 /// IEEE half to single; exact for every input (NaN payloads included).
@@ -117,7 +139,7 @@ fn f16_at(b: &[u8], off: usize) -> f32 {
 /// Scalar reference: every product is rounded to f32 in the same order as
 /// gguf-py's numpy code (`(d*sc)*q - dmin*m`, never fused), so the results are
 /// bit-identical to `gguf.quants.dequantize`.
-pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), DequantError> {
+pub fn dequantize(ty: WeightKind, data: &[u8], out: &mut [f32]) -> Result<(), DequantError> {
     let n = out.len();
     let block = ty.block_size();
     if !n.is_multiple_of(block) {
@@ -130,17 +152,19 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) -> Result<(), Dequ
     let blocks = data.chunks_exact(ty.type_size());
     let outs = out.chunks_exact_mut(block);
     match ty {
-        GgmlType::F32 => blocks.zip(outs).for_each(|(b, y)| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-        GgmlType::F16 => blocks.zip(outs).for_each(|(b, y)| y[0] = f16_at(b, 0)),
-        GgmlType::BF16 => {
+        WeightKind::F32 => blocks.zip(outs).for_each(|(b, y)| y[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        WeightKind::F16 => blocks.zip(outs).for_each(|(b, y)| y[0] = f16_at(b, 0)),
+        WeightKind::BF16 => {
             blocks.zip(outs).for_each(|(b, y)| y[0] = f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16))
         }
-        GgmlType::Q4_0 => blocks.zip(outs).for_each(|(b, y)| block_q4_0(b, y)),
-        GgmlType::Q5_0 => blocks.zip(outs).for_each(|(b, y)| block_q5_0(b, y)),
-        GgmlType::Q8_0 => blocks.zip(outs).for_each(|(b, y)| block_q8_0(b, y)),
-        GgmlType::Q4K => blocks.zip(outs).for_each(|(b, y)| block_q4k(b, y)),
-        GgmlType::Q5K => blocks.zip(outs).for_each(|(b, y)| block_q5k(b, y)),
-        GgmlType::Q6K => blocks.zip(outs).for_each(|(b, y)| block_q6k(b, y)),
+        WeightKind::Q4_0 => blocks.zip(outs).for_each(|(b, y)| block_q4_0(b, y)),
+        WeightKind::Q5_0 => blocks.zip(outs).for_each(|(b, y)| block_q5_0(b, y)),
+        WeightKind::Q8_0 => blocks.zip(outs).for_each(|(b, y)| block_q8_0(b, y)),
+        WeightKind::Q4K => blocks.zip(outs).for_each(|(b, y)| block_q4k(b, y)),
+        WeightKind::Q5K => blocks.zip(outs).for_each(|(b, y)| block_q5k(b, y)),
+        WeightKind::Q6K => blocks.zip(outs).for_each(|(b, y)| block_q6k(b, y)),
+        WeightKind::Nf4 => blocks.zip(outs).for_each(|(b, y)| super::bnb::dequant_block(&super::bnb::NF4_CODE, b, y)),
+        WeightKind::Fp4 => blocks.zip(outs).for_each(|(b, y)| super::bnb::dequant_block(&super::bnb::FP4_CODE, b, y)),
     }
     Ok(())
 }

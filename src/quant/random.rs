@@ -5,7 +5,7 @@
 //! set to small finite values so dequantised weights look like a trained
 //! model's (|w| around 0.01..0.1) and never hold inf or NaN.
 
-use super::ggml::GgmlType;
+use super::ggml::WeightKind;
 
 /// A small, fast generator (xorshift64*): reproducible from a seed, with no
 /// dependency on `rand`'s algorithm choices.
@@ -41,21 +41,21 @@ fn put_f16(b: &mut [u8], off: usize, v: f32) {
 
 /// `rows × cols` weights of `kind` (cols a whole number of blocks), values of
 /// magnitude about `scale`.
-pub fn random_weight_bytes(kind: GgmlType, rows: usize, cols: usize, scale: f32, rng: &mut Rng) -> Vec<u8> {
+pub fn random_weight_bytes(kind: WeightKind, rows: usize, cols: usize, scale: f32, rng: &mut Rng) -> Vec<u8> {
     let row_bytes = kind.row_bytes(cols).expect("cols must be whole blocks");
     let mut b = vec![0u8; rows * row_bytes];
     match kind {
-        GgmlType::F32 => {
+        WeightKind::F32 => {
             for c in b.chunks_exact_mut(4) {
                 c.copy_from_slice(&(rng.uniform() * scale).to_le_bytes());
             }
         }
-        GgmlType::F16 => {
+        WeightKind::F16 => {
             for c in b.chunks_exact_mut(2) {
                 put_f16(c, 0, rng.uniform() * scale);
             }
         }
-        GgmlType::BF16 => {
+        WeightKind::BF16 => {
             for c in b.chunks_exact_mut(2) {
                 c.copy_from_slice(&half::bf16::from_f32(rng.uniform() * scale).to_bits().to_le_bytes());
             }
@@ -72,15 +72,17 @@ pub fn random_weight_bytes(kind: GgmlType, rows: usize, cols: usize, scale: f32,
                 };
                 match kind {
                     // 4/5-bit codes span ±16: d of scale/8 keeps |w| ≲ 2·scale.
-                    GgmlType::Q4_0 | GgmlType::Q5_0 => put_f16(blk, 0, d() / 8.0),
-                    GgmlType::Q8_0 => put_f16(blk, 0, d() / 127.0),
+                    WeightKind::Q4_0 | WeightKind::Q5_0 => put_f16(blk, 0, d() / 8.0),
+                    WeightKind::Q8_0 => put_f16(blk, 0, d() / 127.0),
                     // d·sc·q with 6-bit sc and 4/5-bit q; dmin·m likewise.
-                    GgmlType::Q4K | GgmlType::Q5K => {
+                    WeightKind::Q4K | WeightKind::Q5K => {
                         put_f16(blk, 0, d() / (63.0 * 16.0));
                         put_f16(blk, 2, d() / (63.0 * 16.0));
                     }
-                    GgmlType::Q6K => put_f16(blk, 208, d() / (127.0 * 32.0)),
-                    GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => unreachable!(),
+                    WeightKind::Q6K => put_f16(blk, 208, d() / (127.0 * 32.0)),
+                    // code · absmax with codes in [-1, 1]; absmax is positive.
+                    WeightKind::Nf4 | WeightKind::Fp4 => blk[..4].copy_from_slice(&(d().abs() * 2.0).to_le_bytes()),
+                    WeightKind::F32 | WeightKind::F16 | WeightKind::BF16 => unreachable!(),
                 }
             }
         }
@@ -95,7 +97,7 @@ mod tests {
     #[test]
     fn random_weights_dequantise_to_small_finite_values() {
         let mut rng = Rng::new(7);
-        for kind in GgmlType::ALL {
+        for kind in WeightKind::ALL {
             let b = random_weight_bytes(kind, 3, 512, 0.05, &mut rng);
             let mut out = vec![0f32; 3 * 512];
             crate::quant::ggml::dequantize(kind, &b, &mut out).unwrap();

@@ -9,27 +9,27 @@
 //! share one decoder written against a 16-lane vector type (`simd::Lanes`);
 //! other machines use the reference itself.
 
-use crate::quant::ggml::{self, GgmlType};
+use crate::quant::ggml::{self, WeightKind};
 
 use super::Isa;
 
 /// Expands elements `[k0, k0 + len)` of one weight row (`row` = the row's bytes)
 /// into `out[..len]`. `k0` and `len` are multiples of the kind's block size,
 /// except that `len` may end at the row's end.
-pub fn dequant_row_chunk(isa: Isa, kind: GgmlType, row: &[u8], k0: usize, out: &mut [f32]) {
+pub fn dequant_row_chunk(isa: Isa, kind: WeightKind, row: &[u8], k0: usize, out: &mut [f32]) {
     let bs = kind.block_size();
     let ts = kind.type_size();
     debug_assert_eq!(k0 % bs, 0);
     let nblocks = out.len().div_ceil(bs);
     let bytes = &row[(k0 / bs) * ts..(k0 / bs + nblocks) * ts];
     match kind {
-        GgmlType::F32 => {
+        WeightKind::F32 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(4)) {
                 *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
             }
             return;
         }
-        GgmlType::BF16 => {
+        WeightKind::BF16 => {
             for (o, c) in out.iter_mut().zip(bytes.chunks_exact(2)) {
                 *o = f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16);
             }
@@ -58,7 +58,7 @@ pub fn dequant_row_chunk(isa: Isa, kind: GgmlType, row: &[u8], k0: usize, out: &
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod simd {
-    use super::GgmlType;
+    use super::WeightKind;
     use crate::quant::ggml::get_scale_min_k4;
     use std::arch::x86_64::*;
 
@@ -202,8 +202,8 @@ pub(super) mod simd {
     }
 
     /// Does `kind` have a fast decoder here?
-    pub fn supported(kind: GgmlType) -> bool {
-        !matches!(kind, GgmlType::F32 | GgmlType::BF16)
+    pub fn supported(kind: WeightKind) -> bool {
+        !matches!(kind, WeightKind::F32 | WeightKind::BF16)
     }
 
     /// Decodes `nblocks` whole blocks starting at `bytes`, calling
@@ -214,10 +214,15 @@ pub(super) mod simd {
     /// caller accumulate straight from registers with the same summation order
     /// as a stored tile.
     #[inline(always)]
-    pub unsafe fn decode<V: Lanes, F: FnMut(usize, V)>(kind: GgmlType, bytes: *const u8, nblocks: usize, mut emit: F) {
+    pub unsafe fn decode<V: Lanes, F: FnMut(usize, V)>(
+        kind: WeightKind,
+        bytes: *const u8,
+        nblocks: usize,
+        mut emit: F,
+    ) {
         let m4 = _mm_set1_epi8(0x0F);
         match kind {
-            GgmlType::Q8_0 => {
+            WeightKind::Q8_0 => {
                 for b in 0..nblocks {
                     let blk = bytes.add(34 * b);
                     let d = V::splat(f16(blk));
@@ -227,8 +232,8 @@ pub(super) mod simd {
                     }
                 }
             }
-            GgmlType::Q4_0 | GgmlType::Q5_0 => {
-                let q5 = kind == GgmlType::Q5_0;
+            WeightKind::Q4_0 | WeightKind::Q5_0 => {
+                let q5 = kind == WeightKind::Q5_0;
                 let (ts, qs_at, bias) = if q5 { (22, 6, 16) } else { (18, 2, 8) };
                 for b in 0..nblocks {
                     let blk = bytes.add(ts * b);
@@ -245,8 +250,8 @@ pub(super) mod simd {
                     emit(2 * b + 1, V::from_u8(hi, bias).mul(d));
                 }
             }
-            GgmlType::Q4K | GgmlType::Q5K => {
-                let q5 = kind == GgmlType::Q5K;
+            WeightKind::Q4K | WeightKind::Q5K => {
+                let q5 = kind == WeightKind::Q5K;
                 let (ts, qs_at) = if q5 { (176, 48) } else { (144, 16) };
                 let zero = _mm_setzero_si128();
                 let sixteen = _mm_set1_epi8(16);
@@ -276,7 +281,7 @@ pub(super) mod simd {
                     }
                 }
             }
-            GgmlType::Q6K => {
+            WeightKind::Q6K => {
                 let m2 = _mm_set1_epi8(3);
                 for b in 0..nblocks {
                     let blk = bytes.add(210 * b);
@@ -305,22 +310,39 @@ pub(super) mod simd {
                     }
                 }
             }
-            GgmlType::F16 => {
+            WeightKind::F16 => {
                 for g in 0..nblocks / 16 {
                     emit(g, V::from_f16(bytes.add(32 * g)));
                 }
             }
-            GgmlType::F32 | GgmlType::BF16 => {}
+            WeightKind::Nf4 | WeightKind::Fp4 => {
+                let code = crate::quant::bnb::code(kind).unwrap_or(&[0.0; 16]);
+                let mut vals = [0f32; 16];
+                for b in 0..nblocks {
+                    let blk = bytes.add(36 * b);
+                    let absmax = V::splat((blk as *const f32).read_unaligned());
+                    // Four groups of 16 values; byte j holds values 2j (high) and 2j+1 (low).
+                    for g in 0..4 {
+                        let qs = std::slice::from_raw_parts(blk.add(4 + 8 * g), 8);
+                        for (j, &q) in qs.iter().enumerate() {
+                            vals[2 * j] = code[(q >> 4) as usize];
+                            vals[2 * j + 1] = code[(q & 0xF) as usize];
+                        }
+                        emit(4 * b + g, V::load(vals.as_ptr()).mul(absmax));
+                    }
+                }
+            }
+            WeightKind::F32 | WeightKind::BF16 => {}
         }
     }
 
     #[inline(always)]
-    unsafe fn dequant_with<V: Lanes>(kind: GgmlType, bytes: &[u8], out: &mut [f32]) -> bool {
+    unsafe fn dequant_with<V: Lanes>(kind: WeightKind, bytes: &[u8], out: &mut [f32]) -> bool {
         let n = out.len();
-        if !supported(kind) || (kind == GgmlType::F16 && !n.is_multiple_of(16)) {
+        if !supported(kind) || (kind == WeightKind::F16 && !n.is_multiple_of(16)) {
             return false;
         }
-        let nblocks = if kind == GgmlType::F16 { n } else { n / kind.block_size() };
+        let nblocks = if kind == WeightKind::F16 { n } else { n / kind.block_size() };
         let o = out.as_mut_ptr();
         decode::<V, _>(kind, bytes.as_ptr(), nblocks, |g, v| v.store(o.add(16 * g)));
         true
@@ -328,13 +350,13 @@ pub(super) mod simd {
 
     /// Dequantises whole blocks into `out`; false for kinds without a decoder.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    pub unsafe fn dequant_avx512(kind: GgmlType, bytes: &[u8], out: &mut [f32]) -> bool {
+    pub unsafe fn dequant_avx512(kind: WeightKind, bytes: &[u8], out: &mut [f32]) -> bool {
         dequant_with::<Avx512>(kind, bytes, out)
     }
 
     /// Dequantises whole blocks into `out`; false for kinds without a decoder.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dequant_avx2(kind: GgmlType, bytes: &[u8], out: &mut [f32]) -> bool {
+    pub unsafe fn dequant_avx2(kind: WeightKind, bytes: &[u8], out: &mut [f32]) -> bool {
         dequant_with::<Avx2>(kind, bytes, out)
     }
 }

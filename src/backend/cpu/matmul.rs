@@ -224,7 +224,7 @@ fn micro_all(isa: Isa, c: &Chunk<'_>, acc: &mut [f32]) {
 mod simd {
     use super::{Chunk, ACC, CHAINS, KC, LANES, NR};
     use crate::backend::cpu::dequant::simd::{decode, Avx2, Avx512, Lanes};
-    use crate::quant::ggml::GgmlType;
+    use crate::quant::ggml::WeightKind;
     use std::arch::x86_64::*;
 
     /// [`super::reduce_scalar`] in vector registers, with the same additions in
@@ -249,18 +249,18 @@ mod simd {
     /// Writes the row's accumulators for each activation row `mi` at
     /// `acc[mi * NR * ACC..]`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,f16c")]
-    pub unsafe fn fused_rows_avx512(kind: GgmlType, row: &[u8], x: &[f32], k: usize, mrows: usize, acc: &mut [f32]) {
+    pub unsafe fn fused_rows_avx512(kind: WeightKind, row: &[u8], x: &[f32], k: usize, mrows: usize, acc: &mut [f32]) {
         fused_rows::<Avx512>(kind, row, x, k, mrows, acc)
     }
 
     /// [`fused_rows_avx512`] on AVX2: each 16-lane group is two ymm registers.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn fused_rows_avx2(kind: GgmlType, row: &[u8], x: &[f32], k: usize, mrows: usize, acc: &mut [f32]) {
+    pub unsafe fn fused_rows_avx2(kind: WeightKind, row: &[u8], x: &[f32], k: usize, mrows: usize, acc: &mut [f32]) {
         fused_rows::<Avx2>(kind, row, x, k, mrows, acc)
     }
 
     #[inline(always)]
-    unsafe fn fused_rows<V: Lanes>(kind: GgmlType, row: &[u8], x: &[f32], k: usize, mrows: usize, acc: &mut [f32]) {
+    unsafe fn fused_rows<V: Lanes>(kind: WeightKind, row: &[u8], x: &[f32], k: usize, mrows: usize, acc: &mut [f32]) {
         match mrows {
             1 => fused::<V, 1>(kind, row, x, k, acc),
             2 => fused::<V, 2>(kind, row, x, k, acc),
@@ -270,12 +270,12 @@ mod simd {
     }
 
     #[inline(always)]
-    unsafe fn fused<V: Lanes, const M: usize>(kind: GgmlType, row: &[u8], x: &[f32], k: usize, acc: &mut [f32]) {
+    unsafe fn fused<V: Lanes, const M: usize>(kind: WeightKind, row: &[u8], x: &[f32], k: usize, acc: &mut [f32]) {
         // Group g always goes into slot 0, then the slots rotate: slot 0 holds
         // chain g % CHAINS when group g arrives. Constant indices keep the
         // accumulators in registers (a computed index would spill them).
         let mut a = [[V::zero(); CHAINS]; M];
-        let nblocks = if kind == GgmlType::F16 { k } else { k / kind.block_size() };
+        let nblocks = if kind == WeightKind::F16 { k } else { k / kind.block_size() };
         let xp = x.as_ptr();
         decode::<V, _>(kind, row.as_ptr(), nblocks, |g, v| {
             for (m, am) in a.iter_mut().enumerate() {

@@ -22,7 +22,7 @@ use super::{
     AdamWStep, AttentionMeta, Backend, BackendError, BackendResult, CrossEntropySums, HostWeight, KvCacheSpec,
     LoraMatrix, LoraSegment, MatmulJob, RopeTable, WeightBytes,
 };
-use crate::quant::ggml::GgmlType;
+use crate::quant::ggml::WeightKind;
 
 pub use dequant::dequant_row_chunk;
 
@@ -59,16 +59,27 @@ impl Isa {
     }
 }
 
+/// `x` with its columns reordered: column j of the result is column `perm[j]`.
+fn gather_columns(x: &CpuTensor, perm: &[u32]) -> CpuTensor {
+    let mut data = buffers::take(x.data.len()).unwrap_or_default();
+    for row in x.data.chunks_exact(x.cols) {
+        data.extend(perm.iter().map(|&k| row[k as usize]));
+    }
+    CpuTensor { data, rows: x.rows, cols: x.cols }
+}
+
 /// A weight as the CPU keeps it: the loaded bytes, untouched; vectors (norms,
 /// biases) are expanded to f32 once since they are tiny and read every step.
 pub struct CpuWeight {
     pub name: String,
-    pub kind: GgmlType,
+    pub kind: WeightKind,
     pub rows: usize,
     pub cols: usize,
     pub row_bytes: usize,
     pub bytes: WeightBytes,
     pub vector: Option<Vec<f32>>,
+    /// Element j of a row multiplies input `input_perm[j]` (GPTQ act-order).
+    pub input_perm: Option<std::sync::Arc<[u32]>>,
 }
 
 /// f32 activations, row-major. Its buffer goes back to the thread's free
@@ -164,6 +175,23 @@ impl CpuBackend {
         self.pool.current_num_threads()
     }
     /// Dequantises a whole weight row (tests, embedding lookups).
+    /// The grouped product with each weight's elements in the order stored.
+    fn matmul_in_stored_order(&self, x: &CpuTensor, jobs: &mut [MatmulJob<'_, Self>]) {
+        let mut mjobs: Vec<matmul::Job<'_>> = jobs
+            .iter_mut()
+            .map(|j| {
+                assert_eq!((j.out.rows, j.out.cols), (x.rows, j.w.rows));
+                matmul::Job { w: j.w, bias: j.bias.map(vector), out: &mut j.out.data }
+            })
+            .collect();
+        let int8 = self.activations == Activations::Int8 && !EXACT_MATMULS.get();
+        if int8 && mjobs.iter().all(|j| int8::supported(j.w.kind)) {
+            int8::matmul_many(&self.pool, self.int8, &x.data, x.rows, x.cols, &mut mjobs);
+        } else {
+            matmul::matmul_many(&self.pool, self.isa, &x.data, x.rows, x.cols, &mut mjobs);
+        }
+    }
+
     pub fn weight_row(&self, w: &CpuWeight, row: usize, out: &mut [f32]) {
         let bytes = &w.bytes.as_slice()[row * w.row_bytes..(row + 1) * w.row_bytes];
         dequant_row_chunk(self.isa, w.kind, bytes, 0, out);
@@ -212,7 +240,16 @@ impl Backend for CpuBackend {
             }
             None
         };
-        Ok(CpuWeight { name: w.name, kind: w.kind, rows: w.rows, cols: w.cols, row_bytes, bytes: w.bytes, vector })
+        Ok(CpuWeight {
+            name: w.name,
+            kind: w.kind,
+            rows: w.rows,
+            cols: w.cols,
+            row_bytes,
+            bytes: w.bytes,
+            vector,
+            input_perm: w.input_perm,
+        })
     }
 
     fn weight_shape(&self, w: &CpuWeight) -> (usize, usize) {
@@ -258,19 +295,21 @@ impl Backend for CpuBackend {
     }
 
     fn matmul_many(&self, x: &CpuTensor, jobs: &mut [MatmulJob<'_, Self>]) -> BackendResult<()> {
-        let mut mjobs: Vec<matmul::Job<'_>> = jobs
-            .iter_mut()
-            .map(|j| {
-                assert_eq!((j.out.rows, j.out.cols), (x.rows, j.w.rows));
-                matmul::Job { w: j.w, bias: j.bias.map(vector), out: &mut j.out.data }
-            })
-            .collect();
-        let int8 = self.activations == Activations::Int8 && !EXACT_MATMULS.get();
-        if int8 && mjobs.iter().all(|j| int8::supported(j.w.kind)) {
-            int8::matmul_many(&self.pool, self.int8, &x.data, x.rows, x.cols, &mut mjobs);
-        } else {
-            matmul::matmul_many(&self.pool, self.isa, &x.data, x.rows, x.cols, &mut mjobs);
+        if jobs.iter().any(|j| j.w.input_perm.is_some()) {
+            // Weights stored in another input order each get their own gathered
+            // copy of the input; the rest still share one grouped call.
+            let (permuted, natural): (Vec<_>, Vec<_>) = jobs.iter_mut().partition(|j| j.w.input_perm.is_some());
+            for j in permuted {
+                let perm = j.w.input_perm.as_deref().unwrap_or(&[]);
+                let xp = gather_columns(x, perm);
+                self.matmul_in_stored_order(&xp, &mut [MatmulJob { w: j.w, bias: j.bias, out: &mut *j.out }]);
+            }
+            let mut rest: Vec<MatmulJob<'_, Self>> =
+                natural.into_iter().map(|j| MatmulJob { w: j.w, bias: j.bias, out: &mut *j.out }).collect();
+            self.matmul_in_stored_order(x, &mut rest);
+            return Ok(());
         }
+        self.matmul_in_stored_order(x, jobs);
         Ok(())
     }
 
@@ -368,6 +407,28 @@ impl Backend for CpuBackend {
         dx: &mut CpuTensor,
         accumulate: bool,
     ) -> BackendResult<()> {
+        if jobs.iter().any(|(_, w)| w.input_perm.is_some()) {
+            // Each job's gradient comes out in its weight's input order and is
+            // scattered back to the natural one.
+            if !accumulate {
+                dx.data.fill(0.0);
+            }
+            for &(dy, w) in jobs {
+                let mut part = self.zeros(dx.rows, dx.cols)?;
+                self.matmul_input_grad(&[(dy, w)], &mut part, false)?;
+                match w.input_perm.as_deref() {
+                    Some(perm) => {
+                        for (drow, prow) in dx.data.chunks_exact_mut(dx.cols).zip(part.data.chunks_exact(dx.cols)) {
+                            for (j, &k) in perm.iter().enumerate() {
+                                drow[k as usize] += prow[j];
+                            }
+                        }
+                    }
+                    None => dx.data.iter_mut().zip(&part.data).for_each(|(a, b)| *a += b),
+                }
+            }
+            return Ok(());
+        }
         let jobs: Vec<(&[f32], &CpuWeight)> = jobs
             .iter()
             .map(|(dy, w)| {

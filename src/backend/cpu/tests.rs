@@ -1,23 +1,17 @@
 use super::*;
 use crate::backend::{Backend, HostWeight, WeightBytes};
-use crate::quant::ggml::{dequantize, GgmlType};
+use crate::quant::ggml::{dequantize, WeightKind};
 use rand::{Rng, SeedableRng};
 
-const KINDS: [GgmlType; 9] = GgmlType::ALL;
+const KINDS: [WeightKind; 11] = WeightKind::ALL;
 
 /// Random but well-formed weight bytes: quants random, scales finite, of either sign.
-fn random_weight(kind: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+fn random_weight(kind: WeightKind, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
     crate::quant::random::random_weight_bytes(kind, rows, cols, 1.0, &mut crate::quant::random::Rng::new(seed))
 }
 
-fn host(kind: GgmlType, rows: usize, cols: usize, seed: u64) -> HostWeight {
-    HostWeight {
-        name: format!("{kind:?}"),
-        kind,
-        rows,
-        cols,
-        bytes: WeightBytes::from_vec(random_weight(kind, rows, cols, seed)),
-    }
+fn host(kind: WeightKind, rows: usize, cols: usize, seed: u64) -> HostWeight {
+    HostWeight::new(format!("{kind:?}"), kind, rows, cols, WeightBytes::from_vec(random_weight(kind, rows, cols, seed)))
 }
 
 fn reference_matmul(w: &HostWeight, x: &[f32], m: usize) -> Vec<f32> {
@@ -101,7 +95,7 @@ fn matmul_matches_f64_reference_for_every_kind_and_isa() {
 #[test]
 fn matmul_rows_are_batch_invariant() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(2);
-    for kind in [GgmlType::Q4K, GgmlType::Q5_0, GgmlType::F32] {
+    for kind in [WeightKind::Q4K, WeightKind::Q5_0, WeightKind::F32] {
         let (rows, cols) = (37, 512);
         for isa in isas() {
             let mut be = CpuBackend::new(2).unwrap();
@@ -127,7 +121,9 @@ fn matmul_rows_are_batch_invariant() {
 #[test]
 fn int8_matmul_is_batch_isa_and_thread_invariant() {
     let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-    for kind in [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K] {
+    for kind in
+        [WeightKind::Q4_0, WeightKind::Q5_0, WeightKind::Q8_0, WeightKind::Q4K, WeightKind::Q5K, WeightKind::Q6K]
+    {
         let (rows, cols, m) = (37, 512, 19);
         let x: Vec<f32> = (0..m * cols).map(|_| rng.gen_range(-1f32..1.0)).collect();
         let mut reference: Option<Vec<u32>> = None;
@@ -171,16 +167,16 @@ fn int8_matmul_is_batch_isa_and_thread_invariant() {
 #[test]
 fn matmul_many_adds_bias_per_job() {
     let be = CpuBackend::new(2).unwrap();
-    let w1 = be.load_weight(host(GgmlType::F32, 5, 32, 4)).unwrap();
-    let w2 = be.load_weight(host(GgmlType::Q8_0, 7, 32, 5)).unwrap();
+    let w1 = be.load_weight(host(WeightKind::F32, 5, 32, 4)).unwrap();
+    let w2 = be.load_weight(host(WeightKind::Q8_0, 7, 32, 5)).unwrap();
     let bias = be
-        .load_weight(HostWeight {
-            name: "b".into(),
-            kind: GgmlType::F32,
-            rows: 1,
-            cols: 7,
-            bytes: WeightBytes::from_vec((0..7).flat_map(|i| (i as f32).to_le_bytes()).collect()),
-        })
+        .load_weight(HostWeight::new(
+            "b".into(),
+            WeightKind::F32,
+            1,
+            7,
+            WeightBytes::from_vec((0..7).flat_map(|i| (i as f32).to_le_bytes()).collect()),
+        ))
         .unwrap();
     let x = be.upload(&[0.5; 64], 2, 32).unwrap();
     let (mut o1, mut o2, mut o2b) = (be.zeros(2, 5).unwrap(), be.zeros(2, 7).unwrap(), be.zeros(2, 7).unwrap());
@@ -218,7 +214,11 @@ fn input_grad_matches_reference_and_is_identical_on_every_isa() {
     for kind in KINDS {
         // Two jobs sharing dx, with a K that is not a multiple of the 256-wide chunk
         // where the kind allows it, and an N with a partial 64-row panel.
-        let k = if kind.block_size() == 256 { 768 } else { 352 };
+        let k = match kind.block_size() {
+            256 => 768,
+            64 => 320,
+            _ => 352,
+        };
         let (n1, n2, m) = (70, 37, 13);
         let (h1, h2) = (host(kind, n1, k, 21), host(kind, n2, k, 22));
         let dy1: Vec<f32> = (0..m * n1).map(|_| rng.gen_range(-1f32..1.0)).collect();

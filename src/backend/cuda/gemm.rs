@@ -15,7 +15,7 @@ use super::launch::{kind_suffix, KArg};
 use super::plan::{blas_gemm, BlasGemm};
 use super::{grow, ops, train_ops, CudaBackend, CudaTensor, CudaWeight, Scratch};
 use crate::backend::{BackendError, BackendResult, MatmulJob};
-use crate::quant::ggml::GgmlType;
+use crate::quant::ggml::WeightKind;
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType_t};
 
 const F32: cudaDataType_t = cudaDataType_t::CUDA_R_32F;
@@ -45,13 +45,13 @@ pub fn matmul_many(be: &CudaBackend, x: &CudaTensor, jobs: &mut [MatmulJob<'_, C
         let g = blas_gemm((x.rows, x.cols), false, (w.rows, w.cols), true);
         let out = be.ptr(&j.out.data);
         match w.kind {
-            GgmlType::F32 => blas(be, g, (be.ptr(&w.data), F32), x_f32, 1.0, 0.0, out)?,
+            WeightKind::F32 => blas(be, g, (be.ptr(&w.data), F32), x_f32, 1.0, 0.0, out)?,
             _ if be.options.f32_gemm => {
                 let wbuf = expand_f32(be, &mut scratch, w)?;
                 blas(be, g, (wbuf, F32), x_f32, 1.0, 0.0, out)?;
             }
             kind => {
-                let f16 = kind == GgmlType::F16;
+                let f16 = kind == WeightKind::F16;
                 let half_type = if f16 { cudaDataType_t::CUDA_R_16F } else { cudaDataType_t::CUDA_R_16BF };
                 let act = grow(be, &mut scratch.act16, n)?;
                 if x_half != Some(f16) {
@@ -59,7 +59,7 @@ pub fn matmul_many(be: &CudaBackend, x: &CudaTensor, jobs: &mut [MatmulJob<'_, C
                     x_half = Some(f16);
                 }
                 let x16 = (be.ptr(act), half_type);
-                let w16 = if matches!(kind, GgmlType::F16 | GgmlType::BF16) {
+                let w16 = if matches!(kind, WeightKind::F16 | WeightKind::BF16) {
                     be.ptr(&w.data)
                 } else {
                     expand_bf16(be, &mut scratch, w)?
@@ -152,7 +152,7 @@ pub fn matmul_input_grad(
         let g = blas_gemm((dy.rows, dy.cols), false, (w.rows, w.cols), false);
         let dy_f32 = (be.ptr(&dy.data), F32);
         match w.kind {
-            GgmlType::F32 => blas(be, g, (be.ptr(&w.data), F32), dy_f32, 1.0, beta, out)?,
+            WeightKind::F32 => blas(be, g, (be.ptr(&w.data), F32), dy_f32, 1.0, beta, out)?,
             _ if be.options.f32_gemm => {
                 let wbuf = expand_f32(be, &mut scratch, w)?;
                 blas(be, g, (wbuf, F32), dy_f32, 1.0, beta, out)?;
@@ -161,7 +161,7 @@ pub fn matmul_input_grad(
                 let act = grow(be, &mut scratch.act16, dy.rows * dy.cols)?;
                 ops::to_half(be, dy, act, false)?;
                 let dy16 = (be.ptr(act), cudaDataType_t::CUDA_R_16BF);
-                let w16 = if kind == GgmlType::BF16 { be.ptr(&w.data) } else { expand_bf16(be, &mut scratch, w)? };
+                let w16 = if kind == WeightKind::BF16 { be.ptr(&w.data) } else { expand_bf16(be, &mut scratch, w)? };
                 blas(be, g, (w16, cudaDataType_t::CUDA_R_16BF), dy16, 1.0, beta, out)?;
             }
         }

@@ -13,7 +13,7 @@ use cudarc::nvrtc::Ptx;
 
 use super::nvrtc::{self, KernelModule};
 use crate::backend::BackendError;
-use crate::quant::ggml::GgmlType;
+use crate::quant::ggml::WeightKind;
 
 /// One kernel argument: a device address or a scalar.
 #[derive(Debug, Clone, Copy)]
@@ -25,17 +25,19 @@ pub enum KArg {
 }
 
 /// The suffix of the quantised-weight kernels for a kind (`gemv_q4_k`, ...).
-pub fn kind_suffix(kind: GgmlType) -> &'static str {
+pub fn kind_suffix(kind: WeightKind) -> &'static str {
     match kind {
-        GgmlType::F32 => "f32",
-        GgmlType::F16 => "f16",
-        GgmlType::BF16 => "bf16",
-        GgmlType::Q4_0 => "q4_0",
-        GgmlType::Q5_0 => "q5_0",
-        GgmlType::Q8_0 => "q8_0",
-        GgmlType::Q4K => "q4_k",
-        GgmlType::Q5K => "q5_k",
-        GgmlType::Q6K => "q6_k",
+        WeightKind::F32 => "f32",
+        WeightKind::F16 => "f16",
+        WeightKind::BF16 => "bf16",
+        WeightKind::Q4_0 => "q4_0",
+        WeightKind::Q5_0 => "q5_0",
+        WeightKind::Q8_0 => "q8_0",
+        WeightKind::Q4K => "q4_k",
+        WeightKind::Q5K => "q5_k",
+        WeightKind::Q6K => "q6_k",
+        WeightKind::Nf4 => "nf4",
+        WeightKind::Fp4 => "fp4",
     }
 }
 
@@ -75,7 +77,7 @@ pub fn kernel_names(m: KernelModule) -> Vec<String> {
     };
     let mut names: Vec<String> = fixed.iter().map(|s| s.to_string()).collect();
     if m == KernelModule::Quant {
-        for k in GgmlType::ALL {
+        for k in WeightKind::ALL {
             for f in ["gemv", "dequant_bf16", "dequant_rows"] {
                 names.push(format!("{f}_{}", kind_suffix(k)));
             }

@@ -28,14 +28,14 @@ use super::{
     LoraSegment, MatmulJob, RopeTable,
 };
 use crate::backend::{LoraMatrix, LoraValues};
-use crate::quant::ggml::GgmlType;
+use crate::quant::ggml::WeightKind;
 use launch::Kernels;
 
 /// A weight in device memory: its bytes as loaded (quantised kinds stay
 /// quantised); vectors (norms, biases) are expanded to f32 at load.
 pub struct CudaWeight {
     pub name: String,
-    pub kind: GgmlType,
+    pub kind: WeightKind,
     pub rows: usize,
     pub cols: usize,
     pub row_bytes: usize,
@@ -245,6 +245,14 @@ impl Backend for CudaBackend {
 
     fn load_weight(&self, w: HostWeight) -> BackendResult<CudaWeight> {
         w.validate()?;
+        if w.input_perm.is_some() {
+            return Err(BackendError::BadWeight {
+                name: w.name,
+                reason: "GPTQ act-order (desc_act) weights are not supported by the CUDA backend yet; \
+                         use the CPU backend or a checkpoint quantised without desc_act"
+                    .into(),
+            });
+        }
         let row_bytes = w.kind.row_bytes(w.cols).unwrap_or(0);
         let vector = if w.rows == 1 {
             let mut v = vec![0f32; w.cols];

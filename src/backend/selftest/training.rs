@@ -8,22 +8,26 @@ use std::any::TypeId;
 use super::{host_weight, poisoned, randn, Report, TOL_BF16, TOL_F32, TOL_F32_REDUCE};
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{AdamWStep, AttentionMeta, Backend, BackendResult, RopeStyle, RopeTable, SeqAttention};
-use crate::quant::ggml::GgmlType;
+use crate::quant::ggml::WeightKind;
 use crate::quant::random::{random_weight_bytes, Rng};
 
 /// `dx (+)= Σ dy · W` for every weight kind (two weights sharing dx), mixed
 /// kinds in one call, and no jobs at all.
 pub(super) fn input_grads<B: Backend>(dev: &B, cpu: &CpuBackend, rng: &mut Rng, r: &mut Report) -> BackendResult<()> {
     let m = 40;
-    let weights = |rng: &mut Rng, kind: GgmlType, rows: usize, cols: usize| -> BackendResult<(B::Weight, _)> {
+    let weights = |rng: &mut Rng, kind: WeightKind, rows: usize, cols: usize| -> BackendResult<(B::Weight, _)> {
         let bytes = random_weight_bytes(kind, rows, cols, 0.05, rng);
         Ok((
             dev.load_weight(host_weight(kind, rows, cols, bytes.clone()))?,
             cpu.load_weight(host_weight(kind, rows, cols, bytes))?,
         ))
     };
-    for kind in GgmlType::ALL {
-        let cols = if kind.block_size() == 256 { 512 } else { 96 };
+    for kind in WeightKind::ALL {
+        let cols = match kind.block_size() {
+            256 => 512,
+            64 => 192,
+            _ => 96,
+        };
         let (n1, n2) = (37, 20);
         let (dw1, cw1) = weights(rng, kind, n1, cols)?;
         let (dw2, cw2) = weights(rng, kind, n2, cols)?;
@@ -31,7 +35,7 @@ pub(super) fn input_grads<B: Backend>(dev: &B, cpu: &CpuBackend, rng: &mut Rng, 
         let (dy1, cy1) = (dev.upload(&y1, m, n1)?, cpu.upload(&y1, m, n1)?);
         let (dy2, cy2) = (dev.upload(&y2, m, n2)?, cpu.upload(&y2, m, n2)?);
         // Quantised and 16-bit weights may run on tensor cores with dy in bf16.
-        let tol = if kind == GgmlType::F32 { TOL_F32_REDUCE } else { TOL_BF16 };
+        let tol = if kind == WeightKind::F32 { TOL_F32_REDUCE } else { TOL_BF16 };
         for accumulate in [false, true] {
             let start = if accumulate { randn(rng, m * cols, 1.0) } else { vec![f32::NAN; m * cols] };
             let (mut ddx, mut cdx) = (dev.upload(&start, m, cols)?, cpu.upload(&start, m, cols)?);
@@ -48,8 +52,8 @@ pub(super) fn input_grads<B: Backend>(dev: &B, cpu: &CpuBackend, rng: &mut Rng, 
     }
     // A quantised and an f32 weight into one dx: the f32 GEMM adds to the bf16 one.
     let cols = 512;
-    let (dq, cq) = weights(rng, GgmlType::Q4K, 24, cols)?;
-    let (df, cf) = weights(rng, GgmlType::F32, 33, cols)?;
+    let (dq, cq) = weights(rng, WeightKind::Q4K, 24, cols)?;
+    let (df, cf) = weights(rng, WeightKind::F32, 33, cols)?;
     let (y1, y2) = (randn(rng, m * 24, 1.0), randn(rng, m * 33, 1.0));
     let (dy1, cy1) = (dev.upload(&y1, m, 24)?, cpu.upload(&y1, m, 24)?);
     let (dy2, cy2) = (dev.upload(&y2, m, 33)?, cpu.upload(&y2, m, 33)?);
@@ -109,8 +113,8 @@ pub(super) fn row_grads<B: Backend>(dev: &B, cpu: &CpuBackend, rng: &mut Rng, r:
         let dy = randn(rng, rows * cols, 1.0);
         let dx0 = randn(rng, rows * cols, 1.0);
         let wb: Vec<u8> = randn(rng, cols, 1.0).iter().flat_map(|v| v.to_le_bytes()).collect();
-        let dw = dev.load_weight(host_weight(GgmlType::F32, 1, cols, wb.clone()))?;
-        let cw = cpu.load_weight(host_weight(GgmlType::F32, 1, cols, wb))?;
+        let dw = dev.load_weight(host_weight(WeightKind::F32, 1, cols, wb.clone()))?;
+        let cw = cpu.load_weight(host_weight(WeightKind::F32, 1, cols, wb))?;
         let (mut ddx, mut cdx) = (dev.upload(&dx0, rows, cols)?, cpu.upload(&dx0, rows, cols)?);
         dev.rms_norm_backward(&dev.upload(&x, rows, cols)?, &dw, 1e-6, &dev.upload(&dy, rows, cols)?, &mut ddx)?;
         cpu.rms_norm_backward(&cpu.upload(&x, rows, cols)?, &cw, 1e-6, &cpu.upload(&dy, rows, cols)?, &mut cdx)?;

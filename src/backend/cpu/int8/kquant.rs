@@ -4,7 +4,7 @@
 //! on 512-bit ones (64 codes per instruction) with AVX-512.
 
 use super::avx2::f16_load;
-use super::{GgmlType, Q8Block256, PREFETCH};
+use super::{Q8Block256, WeightKind, PREFETCH};
 use std::arch::x86_64::*;
 
 /// The lane sums of `a` and of `b`, in one reduction.
@@ -109,7 +109,7 @@ macro_rules! dot_256_kernel {
             /// −32 is applied through the activation's 16-element sums).
             #[target_feature(enable = $features)]
             pub unsafe fn dot_256_rows<const K: u8, const R: usize>(
-                kind: GgmlType,
+                kind: WeightKind,
                 row: &[u8],
                 xs: [&[Q8Block256]; R],
             ) -> [f32; R] {
@@ -242,7 +242,7 @@ pub mod avx512 {
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,fma,f16c")]
     pub unsafe fn dot_256_rows<const K: u8, const R: usize>(
-        kind: GgmlType,
+        kind: WeightKind,
         row: &[u8],
         xs: [&[Q8Block256]; R],
     ) -> [f32; R] {

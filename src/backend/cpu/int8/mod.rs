@@ -37,7 +37,7 @@ mod tile;
 pub use matmul::matmul_many;
 
 use super::Isa;
-use crate::quant::ggml::{f16_to_f32, get_scale_min_k4, GgmlType};
+use crate::quant::ggml::{f16_to_f32, get_scale_min_k4, WeightKind};
 
 /// Which integer kernels run: chosen once per backend from the CPU.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -123,13 +123,16 @@ pub(crate) const Q5_0: u8 = 1;
 pub(crate) const Q8_0: u8 = 2;
 
 /// Whether weights of `kind` have an integer path.
-pub fn supported(kind: GgmlType) -> bool {
-    matches!(kind, GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K)
+pub fn supported(kind: WeightKind) -> bool {
+    matches!(
+        kind,
+        WeightKind::Q4_0 | WeightKind::Q5_0 | WeightKind::Q8_0 | WeightKind::Q4K | WeightKind::Q5K | WeightKind::Q6K
+    )
 }
 
 /// Whether `kind` pairs with 256-element activation blocks.
-pub fn uses_256(kind: GgmlType) -> bool {
-    matches!(kind, GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K)
+pub fn uses_256(kind: WeightKind) -> bool {
+    matches!(kind, WeightKind::Q4K | WeightKind::Q5K | WeightKind::Q6K)
 }
 
 /// The scale and codes of one block (a multiple of 8 long): `d = max|x| / 127`,
@@ -188,22 +191,22 @@ fn f16_at(b: &[u8], off: usize) -> f32 {
 
 /// The signed codes of one 32-element block of `kind` (Q4_0, Q5_0, Q8_0).
 #[inline]
-fn codes_32(kind: GgmlType, b: &[u8], w: &mut [i32; 32]) {
+fn codes_32(kind: WeightKind, b: &[u8], w: &mut [i32; 32]) {
     match kind {
-        GgmlType::Q4_0 => {
+        WeightKind::Q4_0 => {
             for j in 0..16 {
                 w[j] = (b[2 + j] & 0xF) as i32 - 8;
                 w[j + 16] = (b[2 + j] >> 4) as i32 - 8;
             }
         }
-        GgmlType::Q5_0 => {
+        WeightKind::Q5_0 => {
             let h = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
             for j in 0..16 {
                 w[j] = ((b[6 + j] & 0xF) as u32 | (((h >> j) & 1) << 4)) as i32 - 16;
                 w[j + 16] = ((b[6 + j] >> 4) as u32 | (((h >> (j + 16)) & 1) << 4)) as i32 - 16;
             }
         }
-        GgmlType::Q8_0 => {
+        WeightKind::Q8_0 => {
             for j in 0..32 {
                 w[j] = b[2 + j] as i8 as i32;
             }
@@ -213,7 +216,7 @@ fn codes_32(kind: GgmlType, b: &[u8], w: &mut [i32; 32]) {
 }
 
 /// `Σ w·x` of one weight row of a 32-element kind with a quantised row (scalar twin).
-pub fn dot_32_scalar(kind: GgmlType, row: &[u8], x: &Q8Row32) -> f32 {
+pub fn dot_32_scalar(kind: WeightKind, row: &[u8], x: &Q8Row32) -> f32 {
     let ts = kind.type_size();
     let mut acc = 0f32;
     let mut w = [0i32; 32];
@@ -239,14 +242,14 @@ struct Super {
     dmin: f32,
 }
 
-fn decode_super(kind: GgmlType, b: &[u8]) -> Super {
+fn decode_super(kind: WeightKind, b: &[u8]) -> Super {
     let mut s = Super { codes: [0; 256], scales: [0; 16], mins: [0; 8], d: 0.0, dmin: 0.0 };
     match kind {
-        GgmlType::Q4K | GgmlType::Q5K => {
+        WeightKind::Q4K | WeightKind::Q5K => {
             s.d = f16_at(b, 0);
             s.dmin = f16_at(b, 2);
             let scales = &b[4..16];
-            let (qh, qs) = if kind == GgmlType::Q5K { (Some(&b[16..48]), &b[48..176]) } else { (None, &b[16..144]) };
+            let (qh, qs) = if kind == WeightKind::Q5K { (Some(&b[16..48]), &b[48..176]) } else { (None, &b[16..144]) };
             for sub in 0..8 {
                 let (sc, m) = get_scale_min_k4(sub, scales);
                 s.scales[2 * sub] = sc as i32;
@@ -262,7 +265,7 @@ fn decode_super(kind: GgmlType, b: &[u8]) -> Super {
                 }
             }
         }
-        GgmlType::Q6K => {
+        WeightKind::Q6K => {
             s.d = f16_at(b, 208);
             for h in 0..2 {
                 let ql = &b[64 * h..64 * h + 64];
@@ -286,7 +289,7 @@ fn decode_super(kind: GgmlType, b: &[u8]) -> Super {
 }
 
 /// `Σ w·x` of one weight row of a K-quant with a quantised row (scalar twin).
-pub fn dot_256_scalar(kind: GgmlType, row: &[u8], x: &[Q8Block256]) -> f32 {
+pub fn dot_256_scalar(kind: WeightKind, row: &[u8], x: &[Q8Block256]) -> f32 {
     let ts = kind.type_size();
     let (mut acc, mut corr) = (0f32, 0f32);
     for (b, xb) in row.chunks_exact(ts).zip(x) {
@@ -297,7 +300,7 @@ pub fn dot_256_scalar(kind: GgmlType, row: &[u8], x: &[Q8Block256]) -> f32 {
             sumi += s.scales[g] * dot;
         }
         acc = (s.d * xb.d).mul_add(sumi as f32, acc);
-        if kind != GgmlType::Q6K {
+        if kind != WeightKind::Q6K {
             let summ: i32 = (0..8).map(|j| s.mins[j] * (xb.bsums[2 * j] as i32 + xb.bsums[2 * j + 1] as i32)).sum();
             corr = (s.dmin * xb.d).mul_add(summ as f32, corr);
         }
@@ -319,7 +322,7 @@ pub const ROWS_256: usize = 8;
 /// then every activation row reuses them.
 pub fn dot_32_tile(
     kernel: Kernel,
-    kind: GgmlType,
+    kind: WeightKind,
     rows: &[&[u8]],
     xs: &[Q8Row32],
     mut sink: impl FnMut(usize, usize, &[f32]),
@@ -345,7 +348,7 @@ pub const TILE_ROWS: usize = 16;
 
 /// K-quant weight row `row` against up to [`MAX_ROWS`] quantised activation
 /// rows at once (`out[i]` for `xs[i]`), each with exactly its single-row arithmetic.
-pub fn dot_256_rows(kernel: Kernel, kind: GgmlType, row: &[u8], xs: &[&[Q8Block256]], out: &mut [f32]) {
+pub fn dot_256_rows(kernel: Kernel, kind: WeightKind, row: &[u8], xs: &[&[Q8Block256]], out: &mut [f32]) {
     debug_assert!(xs.len() <= MAX_ROWS && out.len() >= xs.len());
     #[cfg(target_arch = "x86_64")]
     if kernel != Kernel::Scalar {
@@ -385,8 +388,8 @@ pub fn dot_256_rows(kernel: Kernel, kind: GgmlType, row: &[u8], xs: &[&[Q8Block2
         macro_rules! by_kind {
             ($($f:ident)::+) => {
                 match kind {
-                    GgmlType::Q4K => by_rows!($($f)::+, { kquant::Q4K }),
-                    GgmlType::Q5K => by_rows!($($f)::+, { kquant::Q5K }),
+                    WeightKind::Q4K => by_rows!($($f)::+, { kquant::Q4K }),
+                    WeightKind::Q5K => by_rows!($($f)::+, { kquant::Q5K }),
                     _ => by_rows!($($f)::+, { kquant::Q6K }),
                 }
             };
@@ -417,7 +420,7 @@ mod tests {
     }
 
     /// `Σ w·x` of one weight row with one quantised activation row, on `kernel`.
-    fn dot(kernel: Kernel, kind: GgmlType, row: &[u8], x: QuantRow<'_>) -> f32 {
+    fn dot(kernel: Kernel, kind: WeightKind, row: &[u8], x: QuantRow<'_>) -> f32 {
         let mut out = [0f32];
         match x {
             QuantRow::B32(x) => dot_32_tile(kernel, kind, &[row], std::slice::from_ref(x), |_, _, v| out[0] = v[0]),
@@ -427,7 +430,7 @@ mod tests {
     }
 
     /// Random blocks of `kind` with sane scales (finite f16).
-    fn random_row(kind: GgmlType, blocks: usize, rng: &mut rand::rngs::StdRng) -> Vec<u8> {
+    fn random_row(kind: WeightKind, blocks: usize, rng: &mut rand::rngs::StdRng) -> Vec<u8> {
         let ts = kind.type_size();
         let mut row: Vec<u8> = (0..blocks * ts).map(|_| rng.gen()).collect();
         for b in row.chunks_exact_mut(ts) {
@@ -435,12 +438,12 @@ mod tests {
                 b[off..off + 2].copy_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes())
             };
             match kind {
-                GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => put(b, 0, rng.gen_range(-0.1..0.1)),
-                GgmlType::Q4K | GgmlType::Q5K => {
+                WeightKind::Q4_0 | WeightKind::Q5_0 | WeightKind::Q8_0 => put(b, 0, rng.gen_range(-0.1..0.1)),
+                WeightKind::Q4K | WeightKind::Q5K => {
                     put(b, 0, rng.gen_range(0.0..0.01));
                     put(b, 2, rng.gen_range(0.0..0.01));
                 }
-                GgmlType::Q6K => put(b, 208, rng.gen_range(-0.01..0.01)),
+                WeightKind::Q6K => put(b, 208, rng.gen_range(-0.01..0.01)),
                 _ => unreachable!(),
             }
         }
@@ -448,14 +451,14 @@ mod tests {
     }
 
     /// The f32 reference: dequantised weights against the dequantised activations.
-    fn reference(kind: GgmlType, row: &[u8], x: &[f32]) -> f64 {
+    fn reference(kind: WeightKind, row: &[u8], x: &[f32]) -> f64 {
         let mut w = vec![0f32; x.len()];
         crate::quant::ggml::dequantize(kind, row, &mut w).unwrap();
         w.iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum()
     }
 
-    const KINDS: [GgmlType; 6] =
-        [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q5K, GgmlType::Q6K];
+    const KINDS: [WeightKind; 6] =
+        [WeightKind::Q4_0, WeightKind::Q5_0, WeightKind::Q8_0, WeightKind::Q4K, WeightKind::Q5K, WeightKind::Q6K];
 
     #[test]
     fn integer_dots_equal_their_scalar_twins_and_the_dequantised_product() {
@@ -516,7 +519,7 @@ mod tests {
         // and remainders), odd and even block counts.
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         let kernels = Kernel::available();
-        for kind in [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0] {
+        for kind in [WeightKind::Q4_0, WeightKind::Q5_0, WeightKind::Q8_0] {
             for blocks in [1, 2, 7, 28] {
                 let k = 32 * blocks;
                 let wrows: Vec<Vec<u8>> = (0..TILE_ROWS).map(|_| random_row(kind, blocks, &mut rng)).collect();
@@ -588,7 +591,7 @@ mod tests {
         // Every weight code at its extreme against ±127 activations: the
         // 16-bit pair sums of `maddubs` are where a kernel could saturate.
         let kernels = Kernel::available();
-        for kind in [GgmlType::Q4_0, GgmlType::Q5_0, GgmlType::Q8_0] {
+        for kind in [WeightKind::Q4_0, WeightKind::Q5_0, WeightKind::Q8_0] {
             for fill in [0x00u8, 0xFF, 0x80, 0x7F] {
                 let ts = kind.type_size();
                 let mut row = vec![fill; 4 * ts];

@@ -10,7 +10,7 @@
 //! matmul call and shared by all its activation rows; a decode step with one
 //! row pays it as it paid the decoding before.
 
-use super::{avx2, avx512, GgmlType, Kernel, Q8Row32, Q4_0, Q5_0, Q8_0, TILE_ROWS};
+use super::{avx2, avx512, Kernel, Q8Row32, WeightKind, Q4_0, Q5_0, Q8_0, TILE_ROWS};
 use std::cell::RefCell;
 
 /// One 64-byte aligned register's worth of bytes.
@@ -61,7 +61,7 @@ const GROUP: usize = 4;
 /// `kernel` must be one the CPU runs (as `Kernel::for_isa` / `available` give).
 pub unsafe fn dot_32_tile(
     kernel: Kernel,
-    kind: GgmlType,
+    kind: WeightKind,
     rows: &[&[u8]],
     xs: &[Q8Row32],
     sink: &mut impl FnMut(usize, usize, &[f32]),
@@ -83,8 +83,8 @@ pub unsafe fn dot_32_tile(
             macro_rules! pack {
                 ($($f:ident)::+) => {
                     match kind {
-                        GgmlType::Q4_0 => $($f)::+::<Q4_0>(padded, ts, ahead, tile),
-                        GgmlType::Q5_0 => $($f)::+::<Q5_0>(padded, ts, ahead, tile),
+                        WeightKind::Q4_0 => $($f)::+::<Q4_0>(padded, ts, ahead, tile),
+                        WeightKind::Q5_0 => $($f)::+::<Q5_0>(padded, ts, ahead, tile),
                         _ => $($f)::+::<Q8_0>(padded, ts, ahead, tile),
                     }
                 };
@@ -110,8 +110,8 @@ pub unsafe fn dot_32_tile(
                 macro_rules! by_kind {
                     ($($f:ident)::+) => {
                         match kind {
-                            GgmlType::Q4_0 => by_rows!($($f)::+, { Q4_0 }),
-                            GgmlType::Q5_0 => by_rows!($($f)::+, { Q5_0 }),
+                            WeightKind::Q4_0 => by_rows!($($f)::+, { Q4_0 }),
+                            WeightKind::Q5_0 => by_rows!($($f)::+, { Q5_0 }),
                             _ => by_rows!($($f)::+, { Q8_0 }),
                         }
                     };

@@ -1,0 +1,398 @@
+//! GPTQ and AWQ checkpoints (FORMATS.md §1-2) rewritten into GGUF blocks.
+//!
+//! Both formats store unsigned integer codes `q` with a scale `s` and a zero
+//! `z` per (group of input rows, output column): `W[n,k] = s·(q − z)`. Once
+//! unpacked ([`GroupCodes`]), every 32 consecutive inputs of a row share one
+//! (s, z) when the group size is a multiple of 32, so a block of 32 codes maps
+//! onto a GGUF block that dequantises to exactly the same f32 values:
+//! - symmetric 4-bit (z = 8 everywhere): Q4_0, code q, `d·(q − 8)`;
+//! - any other 4-bit: Q5_0, code `q − z + 16` (0..31), `d·(code − 16)`;
+//! - 8-bit with every `q − z` in -128..127: Q8_0, `d·(q − z)`;
+//!
+//! with `d = s` (exact when the file's scale is f16, or a bf16 value inside
+//! f16's range, which is every scale seen in practice). Anything that does not
+//! fit (a scale outside f16, 8-bit zeros far off centre) keeps exact f32 rows.
+//! So the kernels of the GGUF kinds (CPU tiles, CUDA GEMV) serve these formats
+//! with no code of their own; the price is memory: 4.5 (Q4_0) or 5.5 (Q5_0)
+//! bits per weight against the file's 4.16 at group 128.
+//!
+//! `desc_act` checkpoints give each input row its group through `g_idx`. The
+//! rows are then reordered so that each group's rows are adjacent (the stable
+//! sort by group, as exllama does) and the weight carries that permutation:
+//! the backend gathers its input in the same order before the product.
+
+use super::ggml::WeightKind;
+
+/// AWQ's packing order: nibble `i` of a word holds column `8c + ORDER[i]`.
+pub const AWQ_ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
+
+/// Unpacked codes of one quantised linear layer `[n_out, k_in]`.
+pub struct GroupCodes {
+    pub bits: u32,
+    pub n_out: usize,
+    pub k_in: usize,
+    /// `q[n * k_in + k]`.
+    pub q: Vec<u8>,
+    /// Zero point per (group, column): `z[g * n_out + n]`, already with the
+    /// format's convention applied (GPTQ v1's +1).
+    pub z: Vec<i32>,
+    /// Scale per (group, column), as f32.
+    pub s: Vec<f32>,
+    /// Group of each input row.
+    pub g_idx: Vec<u32>,
+    pub groups: usize,
+}
+
+/// A layer rewritten for the backend.
+#[derive(Debug)]
+pub struct Rewritten {
+    pub kind: WeightKind,
+    pub bytes: Vec<u8>,
+    /// Input order of the rows' elements (`perm[j]` = original input of
+    /// element j), when the groups were not already contiguous.
+    pub input_perm: Option<Vec<u32>>,
+}
+
+/// Reads `count` little-endian i32 words out of raw tensor bytes.
+pub fn words(bytes: &[u8]) -> Vec<u32> {
+    bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
+/// GPTQ tensors: `qweight` [k·bits/32, n] packed along k, `qzeros`
+/// [groups, n·bits/32] packed along n, `scales` [groups, n], `g_idx` [k] (or
+/// `None` for the trivial k / group_size). `v1` adds GPTQ's +1 to the zeros.
+#[allow(clippy::too_many_arguments)]
+pub fn unpack_gptq(
+    bits: u32,
+    group_size: Option<usize>,
+    v1: bool,
+    n_out: usize,
+    k_in: usize,
+    qweight: &[u32],
+    qzeros: &[u32],
+    scales: Vec<f32>,
+    g_idx: Option<Vec<u32>>,
+) -> Result<GroupCodes, String> {
+    if bits != 4 && bits != 8 {
+        return Err(format!("bits {bits} is not supported (4 or 8)"));
+    }
+    let per = (32 / bits) as usize;
+    let mask = (1u32 << bits) - 1;
+    let g = group_size.unwrap_or(k_in);
+    if g == 0 || !k_in.is_multiple_of(per) || !n_out.is_multiple_of(per) {
+        return Err(format!("shape [{n_out}, {k_in}] does not pack into {bits}-bit words"));
+    }
+    let groups = k_in.div_ceil(g);
+    check_len("qweight", qweight.len(), k_in / per * n_out)?;
+    check_len("qzeros", qzeros.len(), groups * n_out / per)?;
+    check_len("scales", scales.len(), groups * n_out)?;
+    let g_idx = match g_idx {
+        Some(v) => {
+            check_len("g_idx", v.len(), k_in)?;
+            if let Some(bad) = v.iter().find(|&&x| x as usize >= groups) {
+                return Err(format!("g_idx holds group {bad}, but there are {groups} groups"));
+            }
+            v
+        }
+        None => (0..k_in).map(|k| (k / g) as u32).collect(),
+    };
+    let mut q = vec![0u8; n_out * k_in];
+    for k in 0..k_in {
+        let shift = bits * (k % per) as u32;
+        let row = &qweight[(k / per) * n_out..][..n_out];
+        for n in 0..n_out {
+            q[n * k_in + k] = ((row[n] >> shift) & mask) as u8;
+        }
+    }
+    let plus = i32::from(v1);
+    let mut z = vec![0i32; groups * n_out];
+    for gi in 0..groups {
+        for n in 0..n_out {
+            let word = qzeros[gi * (n_out / per) + n / per];
+            z[gi * n_out + n] = ((word >> (bits * (n % per) as u32)) & mask) as i32 + plus;
+        }
+    }
+    Ok(GroupCodes { bits, n_out, k_in, q, z, s: scales, g_idx, groups })
+}
+
+/// AWQ GEMM tensors: `qweight` [k, n/8] and `qzeros` [groups, n/8], packed
+/// along n in [`AWQ_ORDER`]; `scales` [groups, n]. Zeros are stored as they are.
+pub fn unpack_awq(
+    group_size: usize,
+    n_out: usize,
+    k_in: usize,
+    qweight: &[u32],
+    qzeros: &[u32],
+    scales: Vec<f32>,
+) -> Result<GroupCodes, String> {
+    if group_size == 0 || !k_in.is_multiple_of(group_size) || !n_out.is_multiple_of(8) {
+        return Err(format!("shape [{n_out}, {k_in}] does not fit AWQ packing with group size {group_size}"));
+    }
+    let groups = k_in / group_size;
+    let cols = n_out / 8;
+    check_len("qweight", qweight.len(), k_in * cols)?;
+    check_len("qzeros", qzeros.len(), groups * cols)?;
+    check_len("scales", scales.len(), groups * n_out)?;
+    let nib = |word: u32, j: usize| -> u32 {
+        let i = AWQ_ORDER.iter().position(|&o| o == j).unwrap_or(0);
+        (word >> (4 * i)) & 0xF
+    };
+    let mut q = vec![0u8; n_out * k_in];
+    for k in 0..k_in {
+        for n in 0..n_out {
+            q[n * k_in + k] = nib(qweight[k * cols + n / 8], n % 8) as u8;
+        }
+    }
+    let mut z = vec![0i32; groups * n_out];
+    for gi in 0..groups {
+        for n in 0..n_out {
+            z[gi * n_out + n] = nib(qzeros[gi * cols + n / 8], n % 8) as i32;
+        }
+    }
+    let g_idx = (0..k_in).map(|k| (k / group_size) as u32).collect();
+    Ok(GroupCodes { bits: 4, n_out, k_in, q, z, s: scales, g_idx, groups })
+}
+
+fn check_len(what: &str, got: usize, want: usize) -> Result<(), String> {
+    if got != want {
+        return Err(format!("{what} has {got} elements, expected {want} for this shape"));
+    }
+    Ok(())
+}
+
+impl GroupCodes {
+    /// The reference dequantisation, `W[n,k] = s·(q − z)` in f32, row-major
+    /// `[n_out, k_in]` (what `dequantize_gemm` / GPTQ's torch path compute,
+    /// before any cast to the checkpoint's dtype).
+    pub fn dequantize(&self) -> Vec<f32> {
+        let mut w = vec![0f32; self.n_out * self.k_in];
+        for n in 0..self.n_out {
+            for k in 0..self.k_in {
+                let g = self.g_idx[k] as usize * self.n_out + n;
+                w[n * self.k_in + k] = self.s[g] * (i32::from(self.q[n * self.k_in + k]) - self.z[g]) as f32;
+            }
+        }
+        w
+    }
+
+    /// The input order that makes groups contiguous: `None` when it is
+    /// already the identity.
+    fn permutation(&self) -> Option<Vec<u32>> {
+        let mut perm: Vec<u32> = (0..self.k_in as u32).collect();
+        perm.sort_by_key(|&k| self.g_idx[k as usize]);
+        perm.iter().enumerate().any(|(i, &p)| i as u32 != p).then_some(perm)
+    }
+
+    /// Rewrites the layer into GGUF blocks (see the module comment).
+    pub fn rewrite(&self) -> Result<Rewritten, String> {
+        if !self.k_in.is_multiple_of(32) {
+            return Err(format!("{} input features is not a multiple of 32", self.k_in));
+        }
+        let perm = self.permutation();
+        let order: Vec<usize> = match &perm {
+            Some(p) => p.iter().map(|&k| k as usize).collect(),
+            None => (0..self.k_in).collect(),
+        };
+        // Every block of 32 (in the new order) must lie in one group.
+        for block in order.chunks_exact(32) {
+            let g = self.g_idx[block[0]];
+            if block.iter().any(|&k| self.g_idx[k] != g) {
+                return Err("groups are not whole multiples of 32 input rows".into());
+            }
+        }
+        let f16_exact = self.s.iter().all(|&s| half::f16::from_f32(s).to_f32() == s);
+        let z_range = self.z.iter().fold((i32::MAX, i32::MIN), |(lo, hi), &z| (lo.min(z), hi.max(z)));
+        let kind = match self.bits {
+            _ if !f16_exact => WeightKind::F32,
+            4 if z_range == (8, 8) => WeightKind::Q4_0,
+            4 if z_range.0 >= 0 && z_range.1 <= 16 => WeightKind::Q5_0,
+            8 if z_range.0 >= 127 && z_range.1 <= 128 => WeightKind::Q8_0,
+            8 if self.fits_q8() => WeightKind::Q8_0,
+            _ => WeightKind::F32,
+        };
+        let row_bytes = kind.row_bytes(self.k_in).ok_or("row size")?;
+        let mut bytes = Vec::with_capacity(row_bytes * self.n_out);
+        for n in 0..self.n_out {
+            let row = &self.q[n * self.k_in..(n + 1) * self.k_in];
+            for block in order.chunks_exact(32) {
+                let gi = self.g_idx[block[0]] as usize * self.n_out + n;
+                let (s, z) = (self.s[gi], self.z[gi]);
+                let d = half::f16::from_f32(s).to_bits().to_le_bytes();
+                let code = |j: usize| i32::from(row[block[j]]) - z;
+                match kind {
+                    WeightKind::Q4_0 => {
+                        bytes.extend_from_slice(&d);
+                        bytes.extend((0..16).map(|j| (row[block[j]] & 0xF) | ((row[block[j + 16]] & 0xF) << 4)));
+                    }
+                    WeightKind::Q5_0 => {
+                        let c: Vec<u32> = (0..32).map(|j| (code(j) + 16) as u32).collect();
+                        let qh = (0..32).fold(0u32, |h, j| h | (((c[j] >> 4) & 1) << j));
+                        bytes.extend_from_slice(&d);
+                        bytes.extend_from_slice(&qh.to_le_bytes());
+                        bytes.extend((0..16).map(|j| ((c[j] & 0xF) | ((c[j + 16] & 0xF) << 4)) as u8));
+                    }
+                    WeightKind::Q8_0 => {
+                        bytes.extend_from_slice(&d);
+                        bytes.extend((0..32).map(|j| code(j) as i8 as u8));
+                    }
+                    _ => bytes.extend((0..32).flat_map(|j| (s * code(j) as f32).to_le_bytes())),
+                }
+            }
+        }
+        Ok(Rewritten { kind, bytes, input_perm: perm })
+    }
+
+    fn fits_q8(&self) -> bool {
+        (0..self.n_out).all(|n| {
+            (0..self.k_in).all(|k| {
+                let z = self.z[self.g_idx[k] as usize * self.n_out + n];
+                (-128..=127).contains(&(i32::from(self.q[n * self.k_in + k]) - z))
+            })
+        })
+    }
+}
+
+/// Round-to-nearest symmetric quantisation of `[rows, cols]` f32 weights into
+/// GPTQ's form (no calibration): per group of `group` inputs and output
+/// column, `s = max|w| / 7.5` rounded to f16 (as checkpoints store it),
+/// `q = clamp(round(w/s) + 8, 0, 15)`. Used by `--quantize int4`.
+pub fn quantize_rtn4(w: &[f32], rows: usize, cols: usize, group: usize) -> Result<GroupCodes, String> {
+    if group == 0 || !cols.is_multiple_of(group) || w.len() != rows * cols {
+        return Err(format!("{cols} input features is not a multiple of the group size {group}"));
+    }
+    let groups = cols / group;
+    let mut s = vec![0f32; groups * rows];
+    let mut q = vec![0u8; rows * cols];
+    for n in 0..rows {
+        for g in 0..groups {
+            let xs = &w[n * cols + g * group..][..group];
+            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+            // GPTQ's symmetric grid: 15 steps over [-amax, amax], zero at 8.
+            let scale = half::f16::from_f32(2.0 * amax / 15.0).to_f32();
+            s[g * rows + n] = scale;
+            for (j, &x) in xs.iter().enumerate() {
+                let v = if scale > 0.0 { (x / scale).round() + 8.0 } else { 8.0 };
+                q[n * cols + g * group + j] = v.clamp(0.0, 15.0) as u8;
+            }
+        }
+    }
+    let g_idx = (0..cols).map(|k| (k / group) as u32).collect();
+    Ok(GroupCodes { bits: 4, n_out: rows, k_in: cols, q, z: vec![8; groups * rows], s, g_idx, groups })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::ggml::dequantize;
+
+    fn codes(bits: u32, n: usize, k: usize, g: usize, zero: impl Fn(usize, usize) -> i32, seed: u32) -> GroupCodes {
+        let groups = k / g;
+        let max = (1u32 << bits) - 1;
+        let mut x = seed;
+        let mut next = move || {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            x >> 8
+        };
+        let q = (0..n * k).map(|_| (next() % (max + 1)) as u8).collect();
+        let s = (0..groups * n).map(|_| half::f16::from_f32((next() % 1000) as f32 * 1e-5 + 1e-4).to_f32()).collect();
+        let z = (0..groups * n).map(|i| zero(i / n, i % n)).collect();
+        GroupCodes { bits, n_out: n, k_in: k, q, z, s, g_idx: (0..k).map(|i| (i / g) as u32).collect(), groups }
+    }
+
+    fn check_rewrite(c: &GroupCodes, want_kind: WeightKind) {
+        let r = c.rewrite().unwrap();
+        assert_eq!(r.kind, want_kind);
+        let mut got = vec![0f32; c.n_out * c.k_in];
+        dequantize(r.kind, &r.bytes, &mut got).unwrap();
+        let want = c.dequantize();
+        let perm: Vec<usize> = match &r.input_perm {
+            Some(p) => p.iter().map(|&k| k as usize).collect(),
+            None => (0..c.k_in).collect(),
+        };
+        for n in 0..c.n_out {
+            for (j, &k) in perm.iter().enumerate() {
+                assert_eq!(got[n * c.k_in + j].to_bits(), want[n * c.k_in + k].to_bits(), "n {n} k {k}");
+            }
+        }
+    }
+
+    #[test]
+    fn rewrites_dequantise_to_the_reference_bits() {
+        check_rewrite(&codes(4, 8, 128, 32, |_, _| 8, 1), WeightKind::Q4_0);
+        check_rewrite(&codes(4, 8, 128, 64, |g, n| ((g * 7 + n) % 17) as i32, 2), WeightKind::Q5_0);
+        check_rewrite(&codes(8, 8, 128, 128, |_, _| 128, 3), WeightKind::Q8_0);
+        check_rewrite(&codes(8, 8, 128, 32, |g, n| ((g * 31 + n * 3) % 256) as i32, 4), WeightKind::F32);
+    }
+
+    #[test]
+    fn act_order_groups_are_gathered_and_the_permutation_kept() {
+        let mut c = codes(4, 4, 128, 32, |g, n| (g + n) as i32 % 16, 5);
+        // Input k belongs to group (k * 5) % 4: 32 rows per group, scattered.
+        c.g_idx = (0..128).map(|k| ((k * 5) % 4) as u32).collect();
+        let r = c.rewrite().unwrap();
+        let perm = r.input_perm.as_ref().unwrap();
+        assert!(perm.windows(2).all(|w| c.g_idx[w[0] as usize] <= c.g_idx[w[1] as usize]));
+        check_rewrite(&c, WeightKind::Q5_0);
+        // Groups of 16 cannot form blocks of 32.
+        c.g_idx = (0..128).map(|k| ((k * 5) % 8) as u32).collect();
+        c.groups = 8;
+        assert!(c.rewrite().is_err());
+    }
+
+    #[test]
+    fn gptq_and_awq_packing_unpack_to_the_codes() {
+        let c = codes(4, 16, 64, 32, |g, n| ((g + n) % 15) as i32, 6);
+        // GPTQ v1 packing (zeros stored minus one).
+        let mut qweight = vec![0u32; 64 / 8 * 16];
+        for k in 0..64 {
+            for n in 0..16 {
+                qweight[(k / 8) * 16 + n] |= u32::from(c.q[n * 64 + k]) << (4 * (k % 8));
+            }
+        }
+        let mut qzeros = vec![0u32; 2 * 2];
+        for g in 0..2 {
+            for n in 0..16 {
+                qzeros[g * 2 + n / 8] |= ((c.z[g * 16 + n] - 1) as u32 & 0xF) << (4 * (n % 8));
+            }
+        }
+        let u = unpack_gptq(4, Some(32), true, 16, 64, &qweight, &qzeros, c.s.clone(), None).unwrap();
+        assert_eq!(u.q, c.q);
+        assert_eq!(u.z.iter().map(|&z| z & 0xF).collect::<Vec<_>>(), c.z.iter().map(|&z| z & 0xF).collect::<Vec<_>>());
+        // AWQ packing.
+        let mut aw = vec![0u32; 64 * 2];
+        for k in 0..64 {
+            for n in 0..16 {
+                let i = AWQ_ORDER.iter().position(|&o| o == n % 8).unwrap();
+                aw[k * 2 + n / 8] |= u32::from(c.q[n * 64 + k]) << (4 * i);
+            }
+        }
+        let mut az = vec![0u32; 2 * 2];
+        for g in 0..2 {
+            for n in 0..16 {
+                let i = AWQ_ORDER.iter().position(|&o| o == n % 8).unwrap();
+                az[g * 2 + n / 8] |= (c.z[g * 16 + n] as u32) << (4 * i);
+            }
+        }
+        let a = unpack_awq(32, 16, 64, &aw, &az, c.s.clone()).unwrap();
+        assert_eq!(a.q, c.q);
+        assert_eq!(a.z, c.z);
+        assert!(unpack_awq(32, 16, 64, &aw[1..], &az, c.s.clone()).is_err());
+        assert!(unpack_gptq(4, Some(32), true, 16, 64, &qweight, &qzeros[1..], c.s.clone(), None).is_err());
+        assert!(unpack_gptq(3, Some(32), true, 16, 64, &qweight, &qzeros, c.s, None).is_err());
+    }
+
+    #[test]
+    fn rtn_int4_is_q4_0_within_half_a_step() {
+        let w: Vec<f32> = (0..4 * 256).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01).collect();
+        let c = quantize_rtn4(&w, 4, 256, 128).unwrap();
+        let r = c.rewrite().unwrap();
+        assert_eq!(r.kind, WeightKind::Q4_0);
+        let back = c.dequantize();
+        for n in 0..4 {
+            for k in 0..256 {
+                let s = c.s[(k / 128) * 4 + n];
+                assert!((back[n * 256 + k] - w[n * 256 + k]).abs() <= 0.51 * s + 1e-7);
+            }
+        }
+    }
+}
