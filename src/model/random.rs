@@ -30,8 +30,12 @@ pub fn parse(spec: &str) -> Option<Result<RandomModel, String>> {
         "q4_k" => WeightKind::Q4K,
         "q5_k" => WeightKind::Q5K,
         "q6_k" => WeightKind::Q6K,
+        "nf4" => WeightKind::Nf4,
+        "fp4" => WeightKind::Fp4,
         k => {
-            return Some(Err(format!("unknown weight kind {k:?} (f32, f16, bf16, q4_0, q5_0, q8_0, q4_k, q5_k, q6_k)")))
+            return Some(Err(format!(
+                "unknown weight kind {k:?} (f32, f16, bf16, q4_0, q5_0, q8_0, q4_k, q5_k, q6_k, nf4, fp4)"
+            )))
         }
     };
     let config = match shape {
