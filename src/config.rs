@@ -80,6 +80,9 @@ pub struct LoraSection {
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
     pub path: String,
+    /// Quantise an unquantised model's projections while loading (`--quantize`).
+    #[serde(default)]
+    pub quantize: crate::quant::on_load::QuantizeTarget,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -157,6 +160,10 @@ impl Config {
         }
         if let Ok(m) = std::env::var("TANDEM_MODEL") {
             cfg.model.path = m;
+        }
+        if let Ok(q) = std::env::var("TANDEM_QUANTIZE") {
+            cfg.model.quantize =
+                q.parse().map_err(|reason| ConfigFileError::Env { name: "TANDEM_QUANTIZE".into(), reason })?;
         }
         if let Ok(a) = std::env::var("TANDEM_ACTIVATIONS") {
             cfg.cpu.activations =

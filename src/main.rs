@@ -17,7 +17,7 @@ use tandem::engine::{
     StoppingParams,
 };
 use tandem::lora::{LoraRegistry, RegistryConfig};
-use tandem::model::{load_model, LoadedModel};
+use tandem::model::{load_model_quantized, LoadedModel};
 
 mod selftest;
 mod train_cli;
@@ -37,6 +37,11 @@ struct Cli {
     /// CPU: activations of quantised matmuls, f32 or int8 (default: the config's `cpu.activations`).
     #[arg(long, global = true)]
     activations: Option<String>,
+    /// Quantise an unquantised (f32/f16/bf16) model's projections while loading:
+    /// none, nf4, fp4, int4, int8 or q8_0 (default: the config's `model.quantize`).
+    /// `merge` takes only none (it writes an unquantised checkpoint).
+    #[arg(long, global = true, value_name = "TYPE")]
+    quantize: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -211,10 +216,6 @@ enum Cmd {
         /// base's own float dtype; bf16 for quantised or mixed bases).
         #[arg(long, value_name = "DTYPE")]
         dtype: Option<tandem::merge::MergeDtype>,
-        /// Quantised output. Only "none" is supported: the output is an unquantised
-        /// HF checkpoint (quantise it with llama.cpp's convert_hf_to_gguf.py).
-        #[arg(long, value_name = "TYPE", default_value = "none")]
-        quantize: String,
     },
     /// Check every op of --device against the CPU backend, then greedy decoding
     /// of a model end to end; exits non-zero on any failure.
@@ -286,8 +287,11 @@ fn run() -> Result<()> {
     if let Cmd::Selftest { model, e2e_tokens, seed } = cli.cmd {
         return selftest::run(&cfg, device, model, e2e_tokens, seed);
     }
-    if let Cmd::Merge { model, lora, out, dtype, quantize } = cli.cmd {
-        return merge(&cfg, model, &lora, &out, dtype, &quantize);
+    if let Cmd::Merge { model, lora, out, dtype } = cli.cmd {
+        return merge(&cfg, model, &lora, &out, dtype, cli.quantize.as_deref().unwrap_or("none"));
+    }
+    if let Some(q) = cli.quantize {
+        cfg.model.quantize = q.parse().map_err(anyhow::Error::msg)?;
     }
     match device {
         Device::Cpu => run_on::<CpuBackend>(cli.cmd, cfg),
@@ -574,7 +578,14 @@ fn serve<B: OpenBackend>(cfg: Config, spec: String) -> Result<()> {
 fn load<B: OpenBackend>(cfg: &mut Config, spec: Option<String>) -> Result<(B, LoadedModel<B>)> {
     let spec = spec.unwrap_or_else(|| cfg.model.path.clone());
     let be = B::open(cfg).with_context(|| format!("opening device {}", cfg.device.name))?;
-    let loaded = load_model(&be, &spec).with_context(|| format!("loading model '{spec}'"))?;
+    let loaded =
+        load_model_quantized(&be, &spec, cfg.model.quantize).with_context(|| format!("loading model '{spec}'"))?;
+    eprintln!(
+        "tandem: {}: {}{}",
+        loaded.source,
+        tandem::model::describe_stored(&loaded.model.stored),
+        loaded.quantization.as_deref().map(|q| format!(" ({q})")).unwrap_or_default()
+    );
     cfg.cache.num_blocks = be.kv_blocks(&loaded.model.config, cfg)?;
     Ok((be, loaded))
 }

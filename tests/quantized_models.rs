@@ -16,6 +16,7 @@ use tandem::loader::safetensors::{SafetensorsModel, StDtype};
 use tandem::lora::{load_peft_dir, LoraDtype, LoraOptions};
 use tandem::model::{hf_quantization, load_hf_dir, ModelConfig, TensorName, WeightSource};
 use tandem::quant::ggml::{dequantize, WeightKind};
+use tandem::quant::on_load::QuantizeTarget;
 
 const FORMATS: [(&str, &[WeightKind]); 7] = [
     ("gptq-g32-sym-v1", &[WeightKind::Q4_0]),
@@ -113,6 +114,12 @@ fn logits_greedy_and_lora_match_the_reference_stack() {
         let d = dir(name);
         let golden = read_json(&d.join("golden.json"));
         let loaded = load_hf_dir(&be, &d).unwrap_or_else(|e| panic!("{name}: {}", chain(&e)));
+        let method = match name.split('-').next().unwrap() {
+            "bnb" => "bitsandbytes",
+            m => m,
+        };
+        let described = loaded.quantization.clone().unwrap_or_default();
+        assert!(described.starts_with(method), "{name}: reported as {described:?}");
         let m = loaded.model;
         let ids16 = ids(&golden["input_ids"]);
         let err = max_rel_err(&all_logits(&be, &m, &ids16), &logits_rows(&golden, "logits"));
@@ -318,4 +325,90 @@ fn malformed_checkpoints_are_refused_with_a_clear_error() {
             assert!(err.contains(q0) || err.contains("q_proj"), "case {i}: error names the tensor: {err}");
         }
     }
+}
+
+// ---- --quantize on load ----
+
+fn requantized(dir: &Path, target: QuantizeTarget) -> (WeightSource, ModelConfig) {
+    let json = read_json(&dir.join("config.json"));
+    let cfg = ModelConfig::from_hf_json(&json).unwrap();
+    let st = WeightSource::Safetensors(Arc::new(SafetensorsModel::open_dir(dir).unwrap()));
+    (WeightSource::Requantized(Box::new(st), target), cfg)
+}
+
+const PROJECTIONS: [fn(usize) -> TensorName; 7] =
+    [TensorName::Q, TensorName::K, TensorName::V, TensorName::O, TensorName::Gate, TensorName::Up, TensorName::Down];
+
+#[test]
+fn quantize_fp4_and_nf4_on_load_write_bitsandbytes_bytes() {
+    let base = fixture("tiny/qwen2/hf-f32");
+    // FP4 without double quantisation: every byte (absmax and nibbles) as bitsandbytes wrote it.
+    let (ours, cfg) = requantized(&base, QuantizeTarget::Fp4);
+    let (theirs, _) = source(&dir("bnb-fp4"));
+    for layer in 0..cfg.num_layers {
+        for t in PROJECTIONS {
+            let (a, b) = (ours.require(t(layer), &cfg).unwrap(), theirs.require(t(layer), &cfg).unwrap());
+            assert_eq!((a.kind, a.rows, a.cols), (WeightKind::Fp4, b.rows, b.cols));
+            let (x, y) = (a.bytes.as_slice(), b.bytes.as_slice());
+            let first = x.iter().zip(y).position(|(p, q)| p != q);
+            assert!(first.is_none(), "fp4 {:?}: first difference at byte {first:?} of {}", t(layer), x.len());
+        }
+    }
+    // NF4: the nibbles equal bitsandbytes' (its file's absmax is double-quantised, ours exact).
+    let (ours, _) = requantized(&base, QuantizeTarget::Nf4);
+    let (theirs, _) = source(&dir("bnb-nf4-dq"));
+    let (a, b) = (ours.require(TensorName::Down(1), &cfg).unwrap(), theirs.require(TensorName::Down(1), &cfg).unwrap());
+    let nibbles =
+        |w: &HostWeight| -> Vec<u8> { w.bytes.as_slice().chunks_exact(36).flat_map(|c| c[4..].to_vec()).collect() };
+    assert_eq!(nibbles(&a), nibbles(&b));
+
+    let be = CpuBackend::new(2).unwrap();
+    let m = tandem::model::load_model_quantized(&be, base.to_str().unwrap(), QuantizeTarget::Fp4).unwrap();
+    assert_eq!(m.quantization.as_deref(), Some("--quantize fp4"));
+    let golden = read_json(&dir("bnb-fp4").join("golden.json"));
+    let err = max_rel_err(&all_logits(&be, &m.model, &ids(&golden["input_ids"])), &logits_rows(&golden, "logits"));
+    eprintln!("--quantize fp4 vs bitsandbytes: logits max relative error {err:.2e}");
+    assert!(err <= TOL, "{err:e}");
+}
+
+#[test]
+fn quantize_q8_0_on_load_writes_gguf_py_blocks() {
+    // tests/fixtures/tiny/llama2/model-q8_0.gguf was quantised by gguf-py from these weights.
+    let (ours, cfg) = requantized(&fixture("tiny/llama2/hf-f32"), QuantizeTarget::Q8_0);
+    let gguf = tandem::loader::gguf::GgufFile::open(&fixture("tiny/llama2/model-q8_0.gguf")).unwrap();
+    let theirs = WeightSource::Gguf(Arc::new(gguf));
+    for layer in 0..cfg.num_layers {
+        for t in PROJECTIONS {
+            let (a, b) = (ours.require(t(layer), &cfg).unwrap(), theirs.require(t(layer), &cfg).unwrap());
+            assert_eq!((a.kind, b.kind), (WeightKind::Q8_0, WeightKind::Q8_0));
+            assert!(a.bytes.as_slice() == b.bytes.as_slice(), "q8_0 {:?}", t(layer));
+        }
+    }
+}
+
+#[test]
+fn quantize_int4_and_int8_on_load_stay_near_the_float_model() {
+    let base = fixture("tiny/qwen2/hf-f32");
+    let golden = read_json(&fixture("tiny/qwen2/golden.json"));
+    let case = &golden["cases"][0];
+    let want: Vec<Vec<f32>> = case["logits"].as_array().unwrap().iter().map(floats).collect();
+    let be = CpuBackend::new(2).unwrap();
+    for (target, kind, tol) in [
+        (QuantizeTarget::Q8_0, WeightKind::Q8_0, 0.05),
+        (QuantizeTarget::Int8, WeightKind::Q8_0, 0.05),
+        (QuantizeTarget::Int4, WeightKind::Q4_0, 0.5),
+    ] {
+        let (src, cfg) = requantized(&base, target);
+        assert_eq!(src.require(TensorName::Up(0), &cfg).unwrap().kind, kind);
+        // Embeddings and norms are left alone.
+        assert_eq!(src.require(TensorName::Embed, &cfg).unwrap().kind, WeightKind::F32);
+        let m = tandem::model::load_model_quantized(&be, base.to_str().unwrap(), target).unwrap();
+        let err = max_rel_err(&all_logits(&be, &m.model, &ids(&case["input_ids"])), &want);
+        eprintln!("--quantize {target}: logits max relative error vs f32 {err:.2e}");
+        assert!(err <= tol, "{target}: {err:e}");
+    }
+    // A quantised model is not quantised again.
+    let gguf = fixture("tiny/llama2/model-q8_0.gguf");
+    let err = tandem::model::load_model_quantized(&be, gguf.to_str().unwrap(), QuantizeTarget::Nf4).err().unwrap();
+    assert!(chain(&err).contains("needs an unquantised model"), "{}", chain(&err));
 }

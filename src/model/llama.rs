@@ -2,7 +2,11 @@
 //! [`Backend`]: pre-norm decoder layers with GQA attention over the paged KV
 //! cache and a SwiGLU MLP.
 
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
 use crate::backend::{AttentionMeta, Backend, BackendResult, RopeTable};
+use crate::quant::ggml::WeightKind;
 
 use super::config::ModelConfig;
 use super::layer::{Layer, LayerActivations, LoraHook};
@@ -17,6 +21,16 @@ pub struct LlamaModel<B: Backend> {
     pub(super) lm_head: Option<B::Weight>,
     pub(super) layers: Vec<Layer<B>>,
     pub(super) rope: RopeTable,
+    /// What the weights are stored as: (kind, tensors, bytes), for the start-up report.
+    pub stored: Vec<(WeightKind, usize, usize)>,
+}
+
+/// One line for the start-up report: each kind's tensor count and size.
+pub fn describe_stored(stored: &[(WeightKind, usize, usize)]) -> String {
+    let total: usize = stored.iter().map(|s| s.2).sum();
+    let parts: Vec<String> =
+        stored.iter().map(|(k, n, b)| format!("{k:?} x{n} ({:.1} MiB)", *b as f64 / (1 << 20) as f64)).collect();
+    format!("{:.1} MiB of weights: {}", total as f64 / (1 << 20) as f64, parts.join(", "))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +48,7 @@ impl<B: Backend> LlamaModel<B> {
         let c = &config;
         let (h, ff, d) = (c.hidden_size, c.intermediate_size, c.head_dim);
         let (qd, kvd) = (c.num_heads * d, c.num_kv_heads * d);
+        let tally: RefCell<BTreeMap<String, (WeightKind, usize, usize)>> = RefCell::default();
         let load = |name: TensorName, rows: usize, cols: usize| -> Result<B::Weight, LoadError> {
             let w = src.require(name, c)?;
             if (w.rows, w.cols) != (rows, cols) {
@@ -45,6 +60,10 @@ impl<B: Backend> LlamaModel<B> {
                     want_cols: cols,
                 });
             }
+            let mut t = tally.borrow_mut();
+            let e = t.entry(format!("{:?}", w.kind)).or_insert((w.kind, 0, 0));
+            e.1 += 1;
+            e.2 += w.bytes.as_slice().len();
             Ok(be.load_weight(w)?)
         };
         let load_opt = |name: TensorName, cols: usize| -> Result<Option<B::Weight>, LoadError> {
@@ -75,14 +94,10 @@ impl<B: Backend> LlamaModel<B> {
             Some(_) => Some(load(TensorName::LmHead, c.vocab_size, h)?),
             None => None,
         };
-        Ok(Self {
-            embed: load(TensorName::Embed, c.vocab_size, h)?,
-            final_norm: load(TensorName::FinalNorm, 1, h)?,
-            lm_head,
-            layers,
-            rope: c.rope_table(),
-            config,
-        })
+        let embed = load(TensorName::Embed, c.vocab_size, h)?;
+        let final_norm = load(TensorName::FinalNorm, 1, h)?;
+        let stored = tally.into_inner().into_values().collect();
+        Ok(Self { embed, final_norm, lm_head, layers, rope: c.rope_table(), config, stored })
     }
 
     /// Runs one step: writes the new tokens' K/V into the cache and returns the

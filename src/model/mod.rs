@@ -16,6 +16,7 @@ use crate::backend::{Backend, SeqAttention};
 use crate::loader::gguf::GgufFile;
 use crate::loader::hub::{resolve_model, ModelSource};
 use crate::loader::safetensors::SafetensorsModel;
+use crate::quant::on_load::QuantizeTarget;
 use crate::tokenizer::{GgufVocab, Tokenizer};
 
 pub use backward::{layer_grads_bytes, LayerGrads, LoraGradHook};
@@ -24,7 +25,7 @@ pub use layer::{
     derived_activations_bytes, layer_activations_bytes, layer_saved_bytes, DerivedActivations, LayerActivations,
     LoraHook, NoLora,
 };
-pub use llama::LlamaModel;
+pub use llama::{describe_stored, LlamaModel};
 pub use lora::{DeviceAdapter, LoraStep};
 pub use weights::{TensorName, WeightSource};
 
@@ -65,23 +66,52 @@ pub struct LoadedModel<B: Backend> {
     pub tokenizer: Option<Tokenizer>,
     /// Where it came from, for display.
     pub source: String,
+    /// A quantised HF checkpoint's format (`HfQuant::describe`); GGUF kinds show in `model.stored`.
+    pub quantization: Option<String>,
 }
 
 /// Loads a model from a spec: a `.gguf` file, an HF directory, or a hub id.
 pub fn load_model<B: Backend>(be: &B, spec: &str) -> Result<LoadedModel<B>, ModelError> {
-    if let Some(r) = random::parse(spec) {
+    load_model_quantized(be, spec, QuantizeTarget::None)
+}
+
+/// [`load_model`], quantising an unquantised model's projections to `quantize`
+/// as they load (`--quantize`).
+pub fn load_model_quantized<B: Backend>(
+    be: &B,
+    spec: &str,
+    quantize: QuantizeTarget,
+) -> Result<LoadedModel<B>, ModelError> {
+    let mut loaded = if let Some(r) = random::parse(spec) {
         let r = r.map_err(|reason| ModelError::File { path: spec.into(), reason })?;
         let config = r.config.clone();
-        let model = LlamaModel::load(be, &WeightSource::Random(Box::new(r)), config)?;
-        return Ok(LoadedModel { model, tokenizer: None, source: spec.to_string() });
+        let src = requantized(WeightSource::Random(Box::new(r)), quantize);
+        let model = LlamaModel::load(be, &src, config)?;
+        LoadedModel { model, tokenizer: None, source: spec.to_string(), quantization: None }
+    } else {
+        match resolve_model(spec)? {
+            ModelSource::Gguf(path) => load_gguf_with(be, &path, quantize)?,
+            ModelSource::HfDir(dir) => load_hf_dir_with(be, &dir, quantize)?,
+        }
+    };
+    if quantize != QuantizeTarget::None {
+        loaded.quantization = Some(format!("--quantize {quantize}"));
     }
-    match resolve_model(spec)? {
-        ModelSource::Gguf(path) => load_gguf(be, &path),
-        ModelSource::HfDir(dir) => load_hf_dir(be, &dir),
+    Ok(loaded)
+}
+
+fn requantized(src: WeightSource, quantize: QuantizeTarget) -> WeightSource {
+    match quantize {
+        QuantizeTarget::None => src,
+        q => WeightSource::Requantized(Box::new(src), q),
     }
 }
 
 pub fn load_gguf<B: Backend>(be: &B, path: &Path) -> Result<LoadedModel<B>, ModelError> {
+    load_gguf_with(be, path, QuantizeTarget::None)
+}
+
+fn load_gguf_with<B: Backend>(be: &B, path: &Path, quantize: QuantizeTarget) -> Result<LoadedModel<B>, ModelError> {
     let file = Arc::new(GgufFile::open(path)?);
     let config = ModelConfig::from_gguf(&file)?;
     // A GGUF without tokenizer metadata (test fixtures) still loads; text I/O then fails.
@@ -90,12 +120,16 @@ pub fn load_gguf<B: Backend>(be: &B, path: &Path) -> Result<LoadedModel<B>, Mode
     } else {
         None
     };
-    let src = WeightSource::Gguf(file);
+    let src = requantized(WeightSource::Gguf(file), quantize);
     let model = LlamaModel::load(be, &src, config)?;
-    Ok(LoadedModel { model, tokenizer, source: path.display().to_string() })
+    Ok(LoadedModel { model, tokenizer, source: path.display().to_string(), quantization: None })
 }
 
 pub fn load_hf_dir<B: Backend>(be: &B, dir: &Path) -> Result<LoadedModel<B>, ModelError> {
+    load_hf_dir_with(be, dir, QuantizeTarget::None)
+}
+
+fn load_hf_dir_with<B: Backend>(be: &B, dir: &Path, quantize: QuantizeTarget) -> Result<LoadedModel<B>, ModelError> {
     let cfg_path = dir.join("config.json");
     let text = std::fs::read_to_string(&cfg_path)
         .map_err(|e| ModelError::File { path: cfg_path.display().to_string(), reason: e.to_string() })?;
@@ -105,12 +139,14 @@ pub fn load_hf_dir<B: Backend>(be: &B, dir: &Path) -> Result<LoadedModel<B>, Mod
     let quant = hf_quantization(dir, &json)?;
     let tokenizer = if dir.join("tokenizer.json").exists() { Some(Tokenizer::from_hf_dir(dir)?) } else { None };
     let st = Arc::new(SafetensorsModel::open_dir(dir)?);
+    let quantization = quant.as_ref().map(|q| q.describe());
     let src = match quant {
         Some(q) => WeightSource::QuantizedSafetensors(st, q),
         None => WeightSource::Safetensors(st),
     };
+    let src = requantized(src, quantize);
     let model = LlamaModel::load(be, &src, config)?;
-    Ok(LoadedModel { model, tokenizer, source: dir.display().to_string() })
+    Ok(LoadedModel { model, tokenizer, source: dir.display().to_string(), quantization })
 }
 
 /// The checkpoint's quantisation: `quantization_config` in config.json, else

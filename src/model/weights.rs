@@ -10,6 +10,7 @@ use crate::loader::gguf::GgufFile;
 use crate::loader::safetensors::{SafetensorsModel, StDtype};
 use crate::quant::ggml::WeightKind;
 use crate::quant::hf_config::HfQuant;
+use crate::quant::on_load::QuantizeTarget;
 
 use super::config::{Arch, ModelConfig};
 
@@ -95,6 +96,8 @@ pub enum WeightSource {
     QuantizedSafetensors(Arc<SafetensorsModel>, HfQuant),
     /// Generated on demand (benchmarks of shapes without a file).
     Random(Box<super::random::RandomModel>),
+    /// Another source whose projection weights are quantised as they load (`--quantize`).
+    Requantized(Box<WeightSource>, QuantizeTarget),
 }
 
 impl WeightSource {
@@ -123,6 +126,26 @@ impl WeightSource {
                 }
             }
             WeightSource::Random(r) => Ok(r.weight(name)),
+            WeightSource::Requantized(inner, target) => {
+                let Some(w) = inner.get(name, cfg)? else { return Ok(None) };
+                let projection = matches!(
+                    name,
+                    TensorName::Q(_)
+                        | TensorName::K(_)
+                        | TensorName::V(_)
+                        | TensorName::O(_)
+                        | TensorName::Gate(_)
+                        | TensorName::Up(_)
+                        | TensorName::Down(_)
+                );
+                if !projection || *target == QuantizeTarget::None {
+                    return Ok(Some(w));
+                }
+                let (kind, bytes) =
+                    crate::quant::on_load::quantize(*target, w.kind, w.bytes.as_slice(), w.rows, w.cols)
+                        .map_err(|reason| WeightError::Bad { name: w.name.clone(), reason })?;
+                Ok(Some(HostWeight::new(w.name, kind, w.rows, w.cols, WeightBytes::from_vec(bytes))))
+            }
         }
     }
     pub fn require(&self, name: TensorName, cfg: &ModelConfig) -> Result<HostWeight, WeightError> {
@@ -133,6 +156,7 @@ impl WeightSource {
             WeightSource::Gguf(_) => name.gguf(),
             WeightSource::Safetensors(_) | WeightSource::QuantizedSafetensors(..) => name.hf(),
             WeightSource::Random(_) => format!("{name:?}"),
+            WeightSource::Requantized(inner, _) => inner.display_name(name),
         }
     }
 }

@@ -147,29 +147,29 @@ pub fn to_rows(
 }
 
 /// Quantises `[rows, cols]` f32 weights the way `bitsandbytes.quantize_4bit`
-/// does without double quantisation (blocks of 64, absmax scaling, the nearest
-/// code), straight into tandem rows. Used by `--quantize nf4`.
+/// does without double quantisation (its CPU kernel, `backends/default/ops.py`):
+/// blocks of 64, `scaled = clamp(w · (1 / absmax), -1, 1)`, the bucket among
+/// the midpoints of the sorted code (`torch.bucketize`: a value on a midpoint
+/// goes to the lower bucket), mapped back to the code's index (FP4's code is
+/// not sorted; its two zeros sort index 0 first). Straight into tandem rows;
+/// used by `--quantize nf4|fp4`.
 pub fn quantize(kind: WeightKind, w: &[f32], cols: usize) -> Result<Vec<u8>, String> {
     let code = code(kind).ok_or_else(|| format!("{kind:?} is not a bitsandbytes kind"))?;
     if !cols.is_multiple_of(BLOCK) || !w.len().is_multiple_of(cols) {
         return Err(format!("{cols} input features is not a multiple of {BLOCK}"));
     }
+    let mut order: Vec<u8> = (0..16).collect();
+    order.sort_by(|&a, &b| code[a as usize].total_cmp(&code[b as usize]));
+    let midpoints: Vec<f32> = order.windows(2).map(|p| (code[p[0] as usize] + code[p[1] as usize]) / 2.0).collect();
+    let nibble = |scaled: f32| -> u8 { order[midpoints.iter().filter(|&&m| m < scaled).count()] };
     let mut out = Vec::with_capacity(w.len() / BLOCK * 36);
     for block in w.chunks_exact(BLOCK) {
         let absmax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
         out.extend_from_slice(&absmax.to_le_bytes());
-        let nearest = |v: f32| -> u8 {
-            let x = if absmax > 0.0 { v / absmax } else { 0.0 };
-            let mut best = 0usize;
-            for (i, c) in code.iter().enumerate() {
-                if (x - c).abs() < (x - code[best]).abs() {
-                    best = i;
-                }
-            }
-            best as u8
-        };
+        let inv = 1.0 / absmax.max(1e-38);
+        let scaled = |v: f32| (v * inv).clamp(-1.0, 1.0);
         for pair in block.chunks_exact(2) {
-            out.push((nearest(pair[0]) << 4) | nearest(pair[1]));
+            out.push((nibble(scaled(pair[0])) << 4) | nibble(scaled(pair[1])));
         }
     }
     Ok(out)

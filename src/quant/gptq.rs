@@ -206,7 +206,7 @@ impl GroupCodes {
             _ if !f16_exact => WeightKind::F32,
             4 if z_range == (8, 8) => WeightKind::Q4_0,
             4 if z_range.0 >= 0 && z_range.1 <= 16 => WeightKind::Q5_0,
-            8 if z_range.0 >= 127 && z_range.1 <= 128 => WeightKind::Q8_0,
+            8 if z_range == (128, 128) => WeightKind::Q8_0,
             8 if self.fits_q8() => WeightKind::Q8_0,
             _ => WeightKind::F32,
         };
@@ -253,13 +253,19 @@ impl GroupCodes {
 }
 
 /// Round-to-nearest symmetric quantisation of `[rows, cols]` f32 weights into
-/// GPTQ's form (no calibration): per group of `group` inputs and output
-/// column, `s = max|w| / 7.5` rounded to f16 (as checkpoints store it),
-/// `q = clamp(round(w/s) + 8, 0, 15)`. Used by `--quantize int4`.
-pub fn quantize_rtn4(w: &[f32], rows: usize, cols: usize, group: usize) -> Result<GroupCodes, String> {
+/// GPTQ's form (no calibration), as GPTQ's quantiser does for `sym`: per group
+/// of `group` inputs and output row, `s = 2·max|w| / (2^bits − 1)` rounded to
+/// f16 (as checkpoints store it), `z = 2^(bits−1)`, `q = clamp(round(w/s) + z,
+/// 0, 2^bits − 1)`. Used by `--quantize int4` / `int8`.
+pub fn quantize_rtn(bits: u32, w: &[f32], rows: usize, cols: usize, group: usize) -> Result<GroupCodes, String> {
+    if bits != 4 && bits != 8 {
+        return Err(format!("{bits}-bit round-to-nearest is not supported (4 or 8)"));
+    }
     if group == 0 || !cols.is_multiple_of(group) || w.len() != rows * cols {
         return Err(format!("{cols} input features is not a multiple of the group size {group}"));
     }
+    let maxq = (1u32 << bits) - 1;
+    let zero = 1u32 << (bits - 1);
     let groups = cols / group;
     let mut s = vec![0f32; groups * rows];
     let mut q = vec![0u8; rows * cols];
@@ -267,17 +273,16 @@ pub fn quantize_rtn4(w: &[f32], rows: usize, cols: usize, group: usize) -> Resul
         for g in 0..groups {
             let xs = &w[n * cols + g * group..][..group];
             let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-            // GPTQ's symmetric grid: 15 steps over [-amax, amax], zero at 8.
-            let scale = half::f16::from_f32(2.0 * amax / 15.0).to_f32();
+            let scale = half::f16::from_f32(2.0 * amax / maxq as f32).to_f32();
             s[g * rows + n] = scale;
             for (j, &x) in xs.iter().enumerate() {
-                let v = if scale > 0.0 { (x / scale).round() + 8.0 } else { 8.0 };
-                q[n * cols + g * group + j] = v.clamp(0.0, 15.0) as u8;
+                let v = if scale > 0.0 { (x / scale).round() + zero as f32 } else { zero as f32 };
+                q[n * cols + g * group + j] = v.clamp(0.0, maxq as f32) as u8;
             }
         }
     }
     let g_idx = (0..cols).map(|k| (k / group) as u32).collect();
-    Ok(GroupCodes { bits: 4, n_out: rows, k_in: cols, q, z: vec![8; groups * rows], s, g_idx, groups })
+    Ok(GroupCodes { bits, n_out: rows, k_in: cols, q, z: vec![zero as i32; groups * rows], s, g_idx, groups })
 }
 
 #[cfg(test)]
@@ -322,6 +327,9 @@ mod tests {
         check_rewrite(&codes(4, 8, 128, 64, |g, n| ((g * 7 + n) % 17) as i32, 2), WeightKind::Q5_0);
         check_rewrite(&codes(8, 8, 128, 128, |_, _| 128, 3), WeightKind::Q8_0);
         check_rewrite(&codes(8, 8, 128, 32, |g, n| ((g * 31 + n * 3) % 256) as i32, 4), WeightKind::F32);
+        // A zero of 127 lets q - z reach 128, one past i8: those rows stay f32.
+        check_rewrite(&codes(8, 8, 128, 32, |_, _| 127, 6), WeightKind::F32);
+        check_rewrite(&codes(8, 8, 128, 32, |_, n| 120 + (n % 9) as i32, 7), WeightKind::F32);
     }
 
     #[test]
@@ -384,9 +392,10 @@ mod tests {
     #[test]
     fn rtn_int4_is_q4_0_within_half_a_step() {
         let w: Vec<f32> = (0..4 * 256).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01).collect();
-        let c = quantize_rtn4(&w, 4, 256, 128).unwrap();
+        let c = quantize_rtn(4, &w, 4, 256, 128).unwrap();
         let r = c.rewrite().unwrap();
         assert_eq!(r.kind, WeightKind::Q4_0);
+        assert_eq!(quantize_rtn(8, &w, 4, 256, 128).unwrap().rewrite().unwrap().kind, WeightKind::Q8_0);
         let back = c.dequantize();
         for n in 0..4 {
             for k in 0..256 {

@@ -5,4 +5,5 @@ pub mod bnb;
 pub mod ggml;
 pub mod gptq;
 pub mod hf_config;
+pub mod on_load;
 pub mod random;

@@ -3,8 +3,8 @@
 //! on plain AVX2 (`maddubs`) and AVX-VNNI (`vpdpbusd`), both bit-equal to
 //! [`super::dot_32_scalar`]. Also the f16 helpers the K-quant kernels share.
 
-use super::tile::{offset_shift, Tile};
-use super::{Q8Row32, Q4_0, Q8_0};
+use super::tile::{block_at, bnb_d, offset_shift, Tile};
+use super::{is_bnb, Q8Row32, BNB_I8, FP4, Q4_0, Q8_0};
 use std::arch::x86_64::*;
 
 /// The f16 at `p` as f32 in every lane. From a broadcast load: converting a
@@ -47,11 +47,30 @@ unsafe fn nibbles(p: *const u8) -> __m256i {
     _mm256_set_m128i(hi, lo)
 }
 
+/// A bitsandbytes half-block's 16 code bytes at `p` (byte j: element 2j in
+/// the high nibble, 2j+1 in the low) as 32 unsigned codes, `BNB_I8 + 128`.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(super) unsafe fn bnb_codes<const K: u8>(p: *const u8) -> __m256i {
+    let lut = BNB_I8[(K == FP4) as usize];
+    let lut = _mm_xor_si128(_mm_loadu_si128(lut.as_ptr() as *const __m128i), _mm_set1_epi8(-128));
+    let q = _mm_loadu_si128(p as *const __m128i);
+    let hi = _mm_and_si128(_mm_srli_epi16(q, 4), _mm_set1_epi8(0xF));
+    let lo = _mm_and_si128(q, _mm_set1_epi8(0xF));
+    let first = _mm_shuffle_epi8(lut, _mm_unpacklo_epi8(hi, lo));
+    let second = _mm_shuffle_epi8(lut, _mm_unpackhi_epi8(hi, lo));
+    _mm256_set_m128i(second, first)
+}
+
 /// The codes of one 32-element block of kind `K` as unsigned bytes: the
-/// stored codes of Q4_0 and Q5_0, and Q8_0's signed codes plus 128.
+/// stored codes of Q4_0 and Q5_0, and Q8_0's signed codes plus 128. For
+/// bitsandbytes kinds `b` points at the half-block's code bytes.
 #[inline]
 #[target_feature(enable = "avx2")]
 unsafe fn block_codes<const K: u8>(b: *const u8) -> __m256i {
+    if is_bnb(K) {
+        return bnb_codes::<K>(b);
+    }
     match K {
         Q8_0 => _mm256_xor_si256(_mm256_loadu_si256(b.add(2) as *const __m256i), _mm256_set1_epi8(-128)),
         Q4_0 => nibbles(b.add(2)),
@@ -69,21 +88,27 @@ unsafe fn block_codes<const K: u8>(b: *const u8) -> __m256i {
 #[target_feature(enable = "avx2,f16c")]
 pub unsafe fn pack<const K: u8>(rows: &[&[u8]], ts: usize, ahead: usize, tile: &mut Tile) {
     debug_assert_eq!(rows.len(), 8);
-    let nb = rows[0].len() / ts;
+    let nb = if is_bnb(K) { rows[0].len() / ts * 2 } else { rows[0].len() / ts };
     tile.reserve(nb, 8);
     let p: [*const u8; 8] = std::array::from_fn(|j| rows[j].as_ptr());
     let codes = tile.codes.as_mut_ptr() as *mut __m256i;
     let mut d16 = [0u16; 8];
     for b in 0..nb {
-        let off = b * ts;
+        let off = block_at::<K>(b, ts);
         if b % 2 == 0 {
             for row in p {
                 _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(off + ahead) as *const i8);
             }
         }
         let z: [__m256i; 8] = std::array::from_fn(|j| block_codes::<K>(p[j].add(off)));
-        for (h, row) in d16.iter_mut().zip(p) {
-            *h = (row.add(off) as *const u16).read_unaligned();
+        if is_bnb(K) {
+            for (j, row) in p.iter().enumerate() {
+                *tile.d.get_unchecked_mut(8 * b + j) = bnb_d(*row, b);
+            }
+        } else {
+            for (h, row) in d16.iter_mut().zip(p) {
+                *h = (row.add(off) as *const u16).read_unaligned();
+            }
         }
         // Within each 128-bit half: pairs of rows interleaved, then quads.
         let t: [__m256i; 8] = std::array::from_fn(|i| {
@@ -108,8 +133,10 @@ pub unsafe fn pack<const K: u8>(rows: &[&[u8]], ts: usize, ahead: usize, tile: &
             _mm256_store_si256(codes.add(8 * b + i), _mm256_permute2x128_si256::<0x20>(rows03, rows47));
             _mm256_store_si256(codes.add(8 * b + i + 4), _mm256_permute2x128_si256::<0x31>(rows03, rows47));
         }
-        let d = _mm256_cvtph_ps(_mm_loadu_si128(d16.as_ptr() as *const __m128i));
-        _mm256_storeu_ps(tile.d.as_mut_ptr().add(8 * b), d);
+        if !is_bnb(K) {
+            let d = _mm256_cvtph_ps(_mm_loadu_si128(d16.as_ptr() as *const __m128i));
+            _mm256_storeu_ps(tile.d.as_mut_ptr().add(8 * b), d);
+        }
     }
 }
 

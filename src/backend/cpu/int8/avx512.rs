@@ -5,8 +5,8 @@
 //! (unsigned weight codes against the row's signed codes broadcast from
 //! memory), bit-equal to [`super::dot_32_scalar`].
 
-use super::tile::{offset_shift, Tile};
-use super::{Q8Row32, Q4_0, Q8_0};
+use super::tile::{block_at, bnb_d, offset_shift, Tile};
+use super::{avx2, is_bnb, Q8Row32, Q4_0, Q8_0};
 use std::arch::x86_64::*;
 
 /// The unsigned codes of blocks `b0` (low half) and `b1` (high half) of kind
@@ -14,6 +14,10 @@ use std::arch::x86_64::*;
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn pair_codes<const K: u8>(b0: *const u8, b1: *const u8) -> __m512i {
+    if is_bnb(K) {
+        let (lo, hi) = (avx2::bnb_codes::<K>(b0), avx2::bnb_codes::<K>(b1));
+        return _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
+    }
     if K == Q8_0 {
         let lo = _mm256_loadu_si256(b0.add(2) as *const __m256i);
         let hi = _mm256_loadu_si256(b1.add(2) as *const __m256i);
@@ -45,7 +49,7 @@ unsafe fn pair_codes<const K: u8>(b0: *const u8, b1: *const u8) -> __m512i {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
 pub unsafe fn pack<const K: u8>(rows: &[&[u8]], ts: usize, ahead: usize, tile: &mut Tile) {
     debug_assert_eq!(rows.len(), 16);
-    let nb = rows[0].len() / ts;
+    let nb = if is_bnb(K) { rows[0].len() / ts * 2 } else { rows[0].len() / ts };
     tile.reserve(nb, 16);
     let p: [*const u8; 16] = std::array::from_fn(|j| rows[j].as_ptr());
     let codes = tile.codes.as_mut_ptr() as *mut __m512i;
@@ -54,7 +58,7 @@ pub unsafe fn pack<const K: u8>(rows: &[&[u8]], ts: usize, ahead: usize, tile: &
     let second = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
     let mut d16 = [0u16; 16];
     for b in 0..nb {
-        let off = b * ts;
+        let off = block_at::<K>(b, ts);
         if b % 2 == 0 {
             for row in p {
                 _mm_prefetch::<_MM_HINT_T0>(row.wrapping_add(off + ahead) as *const i8);
@@ -62,8 +66,14 @@ pub unsafe fn pack<const K: u8>(rows: &[&[u8]], ts: usize, ahead: usize, tile: &
         }
         // z[j]: row j in the low half, row j + 8 in the high half.
         let z: [__m512i; 8] = std::array::from_fn(|j| pair_codes::<K>(p[j].add(off), p[j + 8].add(off)));
-        for (h, row) in d16.iter_mut().zip(p) {
-            *h = (row.add(off) as *const u16).read_unaligned();
+        if is_bnb(K) {
+            for (j, row) in p.iter().enumerate() {
+                *tile.d.get_unchecked_mut(16 * b + j) = bnb_d(*row, b);
+            }
+        } else {
+            for (h, row) in d16.iter_mut().zip(p) {
+                *h = (row.add(off) as *const u16).read_unaligned();
+            }
         }
         // Within each 128-bit lane: pairs of rows interleaved, then quads.
         let t: [__m512i; 8] = std::array::from_fn(|i| {
@@ -89,8 +99,10 @@ pub unsafe fn pack<const K: u8>(rows: &[&[u8]], ts: usize, ahead: usize, tile: &
             _mm512_store_si512(codes.add(8 * b + i), _mm512_permutex2var_epi64(a, first, c));
             _mm512_store_si512(codes.add(8 * b + i + 4), _mm512_permutex2var_epi64(a, second, c));
         }
-        let d = _mm512_cvtph_ps(_mm256_loadu_si256(d16.as_ptr() as *const __m256i));
-        _mm512_storeu_ps(tile.d.as_mut_ptr().add(16 * b), d);
+        if !is_bnb(K) {
+            let d = _mm512_cvtph_ps(_mm256_loadu_si256(d16.as_ptr() as *const __m256i));
+            _mm512_storeu_ps(tile.d.as_mut_ptr().add(16 * b), d);
+        }
     }
 }
 

@@ -121,12 +121,43 @@ const PREFETCH: usize = 1024;
 pub(crate) const Q4_0: u8 = 0;
 pub(crate) const Q5_0: u8 = 1;
 pub(crate) const Q8_0: u8 = 2;
+/// bitsandbytes' 4-bit kinds: 64-element blocks, seen by the tile as two
+/// 32-element blocks with the same scale.
+pub(crate) const NF4: u8 = 3;
+pub(crate) const FP4: u8 = 4;
+
+/// Whether the kernels' kind constant is a bitsandbytes kind.
+pub(crate) const fn is_bnb(k: u8) -> bool {
+    k == NF4 || k == FP4
+}
+
+/// bitsandbytes' code values as integers: `round(code · 127)` (NF4, FP4).
+/// The one place an integer path is not exact in its weights: each value
+/// moves by at most 0.5/127 of the block's absmax (llama.cpp's IQ4_NL makes
+/// the same trade), against the activation's own rounding of 0.5/127 of its
+/// block maximum.
+pub const BNB_I8: [[i8; 16]; 2] = [
+    [-127, -88, -67, -50, -36, -23, -12, 0, 10, 20, 31, 43, 56, 71, 92, 127],
+    [0, 1, 85, 127, 42, 64, 21, 32, 0, -1, -85, -127, -42, -64, -21, -32],
+];
+
+/// The 32-element blocks of a row of `kind` that is `len` bytes long.
+pub fn blocks_32(kind: WeightKind, len: usize) -> usize {
+    len / kind.type_size() * (kind.block_size() / 32)
+}
 
 /// Whether weights of `kind` have an integer path.
 pub fn supported(kind: WeightKind) -> bool {
     matches!(
         kind,
-        WeightKind::Q4_0 | WeightKind::Q5_0 | WeightKind::Q8_0 | WeightKind::Q4K | WeightKind::Q5K | WeightKind::Q6K
+        WeightKind::Q4_0
+            | WeightKind::Q5_0
+            | WeightKind::Q8_0
+            | WeightKind::Q4K
+            | WeightKind::Q5K
+            | WeightKind::Q6K
+            | WeightKind::Nf4
+            | WeightKind::Fp4
     )
 }
 
@@ -189,9 +220,21 @@ fn f16_at(b: &[u8], off: usize) -> f32 {
     f16_to_f32(u16::from_le_bytes([b[off], b[off + 1]]))
 }
 
-/// The signed codes of one 32-element block of `kind` (Q4_0, Q5_0, Q8_0).
+/// The signed codes of 32-element block `i` of a row of `kind` (Q4_0,
+/// Q5_0, Q8_0, NF4/FP4 as [`BNB_I8`]) and the block's weight scale:
+/// the stored f16 `d`, or a bitsandbytes block's `absmax / 127`.
 #[inline]
-fn codes_32(kind: WeightKind, b: &[u8], w: &mut [i32; 32]) {
+fn block_32(kind: WeightKind, row: &[u8], i: usize, w: &mut [i32; 32]) -> f32 {
+    if let WeightKind::Nf4 | WeightKind::Fp4 = kind {
+        let lut = &BNB_I8[usize::from(kind == WeightKind::Fp4)];
+        let blk = &row[(i / 2) * 36..(i / 2) * 36 + 36];
+        for (j, &byte) in blk[4 + (i % 2) * 16..][..16].iter().enumerate() {
+            w[2 * j] = i32::from(lut[usize::from(byte >> 4)]);
+            w[2 * j + 1] = i32::from(lut[usize::from(byte & 0xF)]);
+        }
+        return f32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]) / 127.0;
+    }
+    let b = &row[i * kind.type_size()..(i + 1) * kind.type_size()];
     match kind {
         WeightKind::Q4_0 => {
             for j in 0..16 {
@@ -213,18 +256,18 @@ fn codes_32(kind: WeightKind, b: &[u8], w: &mut [i32; 32]) {
         }
         _ => unreachable!("not a 32-element kind"),
     }
+    f16_at(b, 0)
 }
 
 /// `Σ w·x` of one weight row of a 32-element kind with a quantised row (scalar twin).
 pub fn dot_32_scalar(kind: WeightKind, row: &[u8], x: &Q8Row32) -> f32 {
-    let ts = kind.type_size();
     let mut acc = 0f32;
     let mut w = [0i32; 32];
-    for (i, b) in row.chunks_exact(ts).enumerate() {
-        codes_32(kind, b, &mut w);
+    for i in 0..blocks_32(kind, row.len()) {
+        let d = block_32(kind, row, i, &mut w);
         let xq = &x.q[32 * i..32 * i + 32];
         let dot: i32 = w.iter().zip(xq).map(|(&w, &x)| w * x as i32).sum();
-        acc = (f16_at(b, 0) * x.d[i]).mul_add(dot as f32, acc);
+        acc = (d * x.d[i]).mul_add(dot as f32, acc);
     }
     acc
 }
@@ -439,6 +482,7 @@ mod tests {
             };
             match kind {
                 WeightKind::Q4_0 | WeightKind::Q5_0 | WeightKind::Q8_0 => put(b, 0, rng.gen_range(-0.1..0.1)),
+                WeightKind::Nf4 | WeightKind::Fp4 => b[..4].copy_from_slice(&rng.gen_range(0.0f32..2.0).to_le_bytes()),
                 WeightKind::Q4K | WeightKind::Q5K => {
                     put(b, 0, rng.gen_range(0.0..0.01));
                     put(b, 2, rng.gen_range(0.0..0.01));
@@ -457,8 +501,27 @@ mod tests {
         w.iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum()
     }
 
-    const KINDS: [WeightKind; 6] =
-        [WeightKind::Q4_0, WeightKind::Q5_0, WeightKind::Q8_0, WeightKind::Q4K, WeightKind::Q5K, WeightKind::Q6K];
+    const KINDS: [WeightKind; 8] = [
+        WeightKind::Q4_0,
+        WeightKind::Q5_0,
+        WeightKind::Q8_0,
+        WeightKind::Q4K,
+        WeightKind::Q5K,
+        WeightKind::Q6K,
+        WeightKind::Nf4,
+        WeightKind::Fp4,
+    ];
+    const KINDS_32: [WeightKind; 5] =
+        [WeightKind::Q4_0, WeightKind::Q5_0, WeightKind::Q8_0, WeightKind::Nf4, WeightKind::Fp4];
+
+    #[test]
+    fn bnb_integer_codes_are_the_rounded_code_values() {
+        for (lut, code) in BNB_I8.iter().zip([&crate::quant::bnb::NF4_CODE, &crate::quant::bnb::FP4_CODE]) {
+            for (&q, &c) in lut.iter().zip(code) {
+                assert_eq!(q as f32, (c * 127.0).round(), "{c}");
+            }
+        }
+    }
 
     #[test]
     fn integer_dots_equal_their_scalar_twins_and_the_dequantised_product() {
@@ -506,7 +569,15 @@ mod tests {
                     let mut w = vec![0f32; k];
                     crate::quant::ggml::dequantize(kind, &row, &mut w).unwrap();
                     let l1: f64 = w.iter().zip(&deq).map(|(a, b)| (*a as f64 * *b as f64).abs()).sum();
-                    assert!(((want as f64) - exact).abs() <= 1e-5 * l1 + 1e-6, "{kind:?}: {want} vs {exact} (l1 {l1})");
+                    // bitsandbytes kinds round their code values to 1/127 of the block's absmax.
+                    let amax = w.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+                    let bnb = matches!(kind, WeightKind::Nf4 | WeightKind::Fp4);
+                    let slack =
+                        if bnb { 0.5 / 127.0 * amax * deq.iter().map(|v| v.abs() as f64).sum::<f64>() } else { 0.0 };
+                    assert!(
+                        ((want as f64) - exact).abs() <= 1e-5 * l1 + 1e-6 + slack,
+                        "{kind:?}: {want} vs {exact} (l1 {l1})"
+                    );
                 }
             }
         }
@@ -519,10 +590,11 @@ mod tests {
         // and remainders), odd and even block counts.
         let mut rng = rand::rngs::StdRng::seed_from_u64(11);
         let kernels = Kernel::available();
-        for kind in [WeightKind::Q4_0, WeightKind::Q5_0, WeightKind::Q8_0] {
-            for blocks in [1, 2, 7, 28] {
+        for kind in KINDS_32 {
+            for blocks in [2, 4, 14, 28] {
                 let k = 32 * blocks;
-                let wrows: Vec<Vec<u8>> = (0..TILE_ROWS).map(|_| random_row(kind, blocks, &mut rng)).collect();
+                let wrows: Vec<Vec<u8>> =
+                    (0..TILE_ROWS).map(|_| random_row(kind, k / kind.block_size(), &mut rng)).collect();
                 let xs: Vec<Q8Row32> = (0..9)
                     .map(|_| {
                         let x: Vec<f32> = (0..k).map(|_| rng.gen_range(-3.0..3.0)).collect();
@@ -591,12 +663,17 @@ mod tests {
         // Every weight code at its extreme against ±127 activations: the
         // 16-bit pair sums of `maddubs` are where a kernel could saturate.
         let kernels = Kernel::available();
-        for kind in [WeightKind::Q4_0, WeightKind::Q5_0, WeightKind::Q8_0] {
+        for kind in KINDS_32 {
+            let bnb = matches!(kind, WeightKind::Nf4 | WeightKind::Fp4);
             for fill in [0x00u8, 0xFF, 0x80, 0x7F] {
                 let ts = kind.type_size();
-                let mut row = vec![fill; 4 * ts];
+                let mut row = vec![fill; 128 / kind.block_size() * ts];
                 for b in row.chunks_exact_mut(ts) {
-                    b[..2].copy_from_slice(&half::f16::from_f32(1.0).to_bits().to_le_bytes());
+                    if bnb {
+                        b[..4].copy_from_slice(&1f32.to_le_bytes());
+                    } else {
+                        b[..2].copy_from_slice(&half::f16::from_f32(1.0).to_bits().to_le_bytes());
+                    }
                 }
                 for sign in [1f32, -1.0] {
                     let x: Vec<f32> = (0..128).map(|i| if i % 3 == 0 { sign } else { -sign }).collect();
@@ -604,7 +681,9 @@ mod tests {
                     quantise_32(&x, &mut q);
                     let want = dot_32_scalar(kind, &row, &q);
                     let exact = reference(kind, &row, &x);
-                    assert!((want as f64 - exact).abs() <= 1e-3 * exact.abs().max(1.0), "{kind:?} {fill:#x}");
+                    // bitsandbytes: each code value within 0.5/127 of the absmax (1), 128 elements.
+                    let slack = if bnb { 0.5 / 127.0 * 128.0 } else { 0.0 };
+                    assert!((want as f64 - exact).abs() <= 1e-3 * exact.abs().max(1.0) + slack, "{kind:?} {fill:#x}");
                     for &kernel in &kernels {
                         let got = dot(kernel, kind, &row, QuantRow::B32(&q));
                         assert_eq!(got.to_bits(), want.to_bits(), "{kind:?} {kernel:?} fill {fill:#x}");

@@ -10,7 +10,7 @@
 //! matmul call and shared by all its activation rows; a decode step with one
 //! row pays it as it paid the decoding before.
 
-use super::{avx2, avx512, Kernel, Q8Row32, WeightKind, Q4_0, Q5_0, Q8_0, TILE_ROWS};
+use super::{avx2, avx512, blocks_32, is_bnb, Kernel, Q8Row32, WeightKind, FP4, NF4, Q4_0, Q5_0, Q8_0, TILE_ROWS};
 use std::cell::RefCell;
 
 /// One 64-byte aligned register's worth of bytes.
@@ -23,7 +23,7 @@ pub struct Line(pub [u8; 64]);
 #[derive(Default)]
 pub struct Tile {
     /// Per block, 8 registers of `4 · lanes` bytes: the unsigned codes
-    /// (Q4_0 `q`, Q5_0 `q`, Q8_0 `q + 128`) of group `t` of every row.
+    /// (Q4_0 `q`, Q5_0 `q`, Q8_0 and NF4/FP4 `q + 128`) of group `t` of every row.
     pub codes: Vec<Line>,
     /// Per block and lane: the row's block scale.
     pub d: Vec<f32>,
@@ -47,6 +47,27 @@ pub const fn offset_shift(kind: u8) -> u32 {
     }
 }
 
+/// Where 32-element block `b` of a row of kind `K` starts (blocks of `ts`
+/// bytes; for bitsandbytes kinds, where its 16 code bytes start).
+#[inline(always)]
+pub fn block_at<const K: u8>(b: usize, ts: usize) -> usize {
+    if is_bnb(K) {
+        (b / 2) * 36 + 4 + (b % 2) * 16
+    } else {
+        b * ts
+    }
+}
+
+/// A bitsandbytes row's scale for 32-element block `b`: its 64-block's
+/// absmax / 127 (the scalar twin's value, bit for bit).
+///
+/// # Safety
+/// `row` must hold block `b`.
+#[inline(always)]
+pub unsafe fn bnb_d(row: *const u8, b: usize) -> f32 {
+    (row.add((b / 2) * 36) as *const f32).read_unaligned() / 127.0
+}
+
 thread_local! {
     static TILE: RefCell<Tile> = RefCell::default();
 }
@@ -68,7 +89,7 @@ pub unsafe fn dot_32_tile(
 ) {
     let lanes = if kernel == Kernel::Avx512Vnni { 16 } else { 8 };
     let ts = kind.type_size();
-    let nb = rows[0].len() / ts;
+    let nb = blocks_32(kind, rows[0].len());
     // Packing prefetches the same place in the next task's rows (which this
     // thread most likely packs next): prefetching 1 KiB ahead within the row,
     // as the row-major kernels do, left decode ~10% slower, since a tile
@@ -85,6 +106,8 @@ pub unsafe fn dot_32_tile(
                     match kind {
                         WeightKind::Q4_0 => $($f)::+::<Q4_0>(padded, ts, ahead, tile),
                         WeightKind::Q5_0 => $($f)::+::<Q5_0>(padded, ts, ahead, tile),
+                        WeightKind::Nf4 => $($f)::+::<NF4>(padded, ts, ahead, tile),
+                        WeightKind::Fp4 => $($f)::+::<FP4>(padded, ts, ahead, tile),
                         _ => $($f)::+::<Q8_0>(padded, ts, ahead, tile),
                     }
                 };
@@ -112,6 +135,7 @@ pub unsafe fn dot_32_tile(
                         match kind {
                             WeightKind::Q4_0 => by_rows!($($f)::+, { Q4_0 }),
                             WeightKind::Q5_0 => by_rows!($($f)::+, { Q5_0 }),
+                            // NF4/FP4 codes are offset like Q8_0's: the same multiply.
                             _ => by_rows!($($f)::+, { Q8_0 }),
                         }
                     };

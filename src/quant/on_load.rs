@@ -1,0 +1,148 @@
+//! `--quantize`: an unquantised (f32/f16/bf16) model's projection weights
+//! quantised while it loads, with no calibration data.
+//!
+//! - `nf4`, `fp4`: bitsandbytes' blockwise 4-bit (blocks of 64, absmax
+//!   scaling, the nearest code), the same nibbles `quantize_4bit` writes;
+//! - `int4`: round-to-nearest symmetric 4-bit in GPTQ's form, group 128 (or
+//!   the largest of 64 / 32 that divides a layer's inputs), served as Q4_0;
+//! - `int8`: the same at 8 bits, served as Q8_0;
+//! - `q8_0`: GGUF's Q8_0, as gguf-py's `quantize` writes it.
+//!
+//! Embeddings, the output head, norms and biases stay as they are (as
+//! bitsandbytes and GPTQ leave them by default).
+
+use super::ggml::{dequantize, WeightKind};
+use super::{bnb, gptq};
+
+/// What `--quantize` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum QuantizeTarget {
+    #[default]
+    None,
+    Nf4,
+    Fp4,
+    Int4,
+    Int8,
+    #[serde(rename = "q8_0")]
+    Q8_0,
+}
+
+impl std::str::FromStr for QuantizeTarget {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "none" => Self::None,
+            "nf4" => Self::Nf4,
+            "fp4" => Self::Fp4,
+            "int4" => Self::Int4,
+            "int8" => Self::Int8,
+            "q8_0" => Self::Q8_0,
+            "q4_k" => return Err("--quantize q4_k is not built yet (nf4, fp4, int4, int8 or q8_0)".into()),
+            other => return Err(format!("--quantize {other:?}: expected none, nf4, fp4, int4, int8 or q8_0")),
+        })
+    }
+}
+
+impl std::fmt::Display for QuantizeTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::None => "none",
+            Self::Nf4 => "nf4",
+            Self::Fp4 => "fp4",
+            Self::Int4 => "int4",
+            Self::Int8 => "int8",
+            Self::Q8_0 => "q8_0",
+        })
+    }
+}
+
+/// The group size of the GPTQ-style targets for a layer of `cols` inputs.
+fn group_for(cols: usize) -> Option<usize> {
+    [128, 64, 32].into_iter().find(|g| cols.is_multiple_of(*g))
+}
+
+/// Quantises one `[rows, cols]` float weight (its bytes in `kind`) to
+/// `target`: the new kind and bytes.
+pub fn quantize(
+    target: QuantizeTarget,
+    kind: WeightKind,
+    bytes: &[u8],
+    rows: usize,
+    cols: usize,
+) -> Result<(WeightKind, Vec<u8>), String> {
+    if !matches!(kind, WeightKind::F32 | WeightKind::F16 | WeightKind::BF16) {
+        return Err(format!(
+            "--quantize {target} needs an unquantised model (f32, f16 or bf16), this weight is {kind:?}"
+        ));
+    }
+    let mut w = vec![0f32; rows * cols];
+    dequantize(kind, bytes, &mut w).map_err(|e| e.to_string())?;
+    match target {
+        QuantizeTarget::None => Ok((kind, bytes.to_vec())),
+        QuantizeTarget::Nf4 => Ok((WeightKind::Nf4, bnb::quantize(WeightKind::Nf4, &w, cols)?)),
+        QuantizeTarget::Fp4 => Ok((WeightKind::Fp4, bnb::quantize(WeightKind::Fp4, &w, cols)?)),
+        QuantizeTarget::Int4 | QuantizeTarget::Int8 => {
+            let bits = if target == QuantizeTarget::Int4 { 4 } else { 8 };
+            let group = group_for(cols).ok_or_else(|| format!("{cols} inputs is not a multiple of 32"))?;
+            let r = gptq::quantize_rtn(bits, &w, rows, cols, group)?.rewrite()?;
+            Ok((r.kind, r.bytes))
+        }
+        QuantizeTarget::Q8_0 => Ok((WeightKind::Q8_0, quantize_q8_0(&w, cols)?)),
+    }
+}
+
+/// GGUF Q8_0 (gguf-py `quants.py`): per 32 values `d = max|x| / 127`,
+/// `q = round(x / d)` (half away from zero), `d` stored as f16.
+pub fn quantize_q8_0(w: &[f32], cols: usize) -> Result<Vec<u8>, String> {
+    if !cols.is_multiple_of(32) {
+        return Err(format!("{cols} inputs is not a multiple of 32"));
+    }
+    let mut out = Vec::with_capacity(w.len() / 32 * 34);
+    for block in w.chunks_exact(32) {
+        let d = block.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+        out.extend_from_slice(&half::f16::from_f32(d).to_bits().to_le_bytes());
+        out.extend(block.iter().map(|&x| if d == 0.0 { 0 } else { (x / d).round() as i8 as u8 }));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_parse_and_refuse_clearly() {
+        assert_eq!("nf4".parse::<QuantizeTarget>(), Ok(QuantizeTarget::Nf4));
+        assert_eq!("q8_0".parse::<QuantizeTarget>(), Ok(QuantizeTarget::Q8_0));
+        assert!("q4_k".parse::<QuantizeTarget>().unwrap_err().contains("not built yet"));
+        assert!("gptq".parse::<QuantizeTarget>().unwrap_err().contains("expected none"));
+        for t in ["none", "nf4", "fp4", "int4", "int8", "q8_0"] {
+            assert_eq!(t.parse::<QuantizeTarget>().unwrap().to_string(), t);
+        }
+    }
+
+    #[test]
+    fn every_target_stays_within_its_step() {
+        let (rows, cols) = (3, 256);
+        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 1e-3).collect();
+        let bytes: Vec<u8> = w.iter().flat_map(|v| v.to_le_bytes()).collect();
+        for (t, step) in [
+            (QuantizeTarget::Nf4, 0.5 * 0.32),
+            (QuantizeTarget::Fp4, 0.5 * 0.34),
+            (QuantizeTarget::Int4, 0.5 * 2.0 / 15.0 * 1.01),
+            // Plus the f16 rounding of the scale, up to 128 steps away from zero.
+            (QuantizeTarget::Int8, 0.57 * 2.0 / 255.0),
+            (QuantizeTarget::Q8_0, 0.5 / 127.0 * 1.01),
+        ] {
+            let (kind, q) = quantize(t, WeightKind::F32, &bytes, rows, cols).unwrap();
+            let mut back = vec![0f32; rows * cols];
+            dequantize(kind, &q, &mut back).unwrap();
+            let amax = 0.5f32;
+            for (a, b) in back.iter().zip(&w) {
+                assert!((a - b).abs() <= step * amax + 1e-6, "{t}: {a} vs {b}");
+            }
+        }
+        assert!(quantize(QuantizeTarget::Nf4, WeightKind::Q8_0, &[0; 34], 1, 32).is_err());
+    }
+}
