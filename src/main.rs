@@ -528,6 +528,7 @@ fn serve<B: OpenBackend>(cfg: Config, spec: String) -> Result<()> {
         let loader = move || -> std::result::Result<Ready, String> {
             let mut cfg = cfg;
             let (be, loaded) = load::<B>(&mut cfg, Some(spec.clone())).map_err(|e| format!("{e:#}"))?;
+            let weights = loaded.weights_info();
             let tok = loaded.tokenizer.ok_or("this model has no tokenizer; the HTTP API needs one")?;
             let engine_cfg = EngineConfig::from_config(&cfg, tok.eos_token_ids());
             let loras = Arc::new(LoraRegistry::new(registry_config(&cfg), loaded.model.config.clone(), reserved));
@@ -565,7 +566,7 @@ fn serve<B: OpenBackend>(cfg: Config, spec: String) -> Result<()> {
                     Some(m)
                 }
             };
-            Ok(Ready { engine, tokenizer, source: loaded.source, loras, jobs })
+            Ok(Ready { engine, tokenizer, source: loaded.source, weights, loras, jobs })
         };
         tandem::api::serve(listener, state, loader).await?;
         eprintln!("tandem: stopped");

@@ -64,6 +64,7 @@ async fn service_endpoints() {
     assert_eq!(m["parent"], Value::Null);
     assert_eq!(m["max_model_len"], 256);
     assert!(m["root"].as_str().unwrap().contains("hf-f32"), "{m}");
+    assert_eq!(m["quantization"], "none", "{m}");
 
     let r = reqwest::get(s.url("/metrics")).await.unwrap();
     assert_eq!(r.status(), 200);
@@ -72,6 +73,8 @@ async fn service_endpoints() {
     for name in ["vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc"] {
         assert!(metric(&text, name).is_some(), "{name} missing:\n{text}");
     }
+    assert!(text.contains("tandem_model_info{quantization=\"none\"} 1"), "{text}");
+    assert!(metric(&text, "tandem_model_weight_bytes").is_some_and(|b| b > 100_000.0), "{text}");
 
     let v: Value = reqwest::get(s.url("/openapi.json")).await.unwrap().json().await.unwrap();
     assert!(v["openapi"].as_str().unwrap().starts_with("3."));

@@ -36,6 +36,15 @@ pub async fn metrics(State(st): State<AppState>) -> Result<Response, ApiError> {
     let ready = st.ready()?;
     let mut text = ready.engine.metrics().render();
     ready.loras.render_metrics(&mut text);
+    let w = &ready.weights;
+    text.push_str(&format!(
+        "# HELP tandem_model_info The served base model: how its weights are stored.\n\
+         # TYPE tandem_model_info gauge\ntandem_model_info{{quantization=\"{}\"}} 1\n\
+         # HELP tandem_model_weight_bytes Bytes of the base model's weights as stored.\n\
+         # TYPE tandem_model_weight_bytes gauge\ntandem_model_weight_bytes {}\n",
+        crate::metrics::escape_label(&w.quantization),
+        w.bytes
+    ));
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
 }
 

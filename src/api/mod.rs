@@ -47,6 +47,8 @@ pub struct Ready {
     pub tokenizer: Arc<Tokenizer>,
     /// Where the model came from (`root` in `/v1/models`).
     pub source: String,
+    /// How its weights are stored (`quantization` in `/v1/models`, `tandem_model_info`).
+    pub weights: crate::model::WeightsInfo,
     /// The LoRA adapters `model` can name.
     pub loras: Arc<crate::lora::LoraRegistry>,
     /// Fine-tuning jobs (`None` without a data directory).

@@ -168,6 +168,10 @@ pub struct ModelCard {
     pub root: String,
     pub parent: Option<String>,
     pub max_model_len: usize,
+    /// How the base model's weights are stored: a checkpoint's quantisation
+    /// ("gptq 4-bit, group 128, sym", "--quantize nf4"), the GGUF kinds
+    /// ("gguf Q4_K+Q6_K"), or "none". A tandem extension.
+    pub quantization: String,
     /// For a trained adapter (`GET /v1/models/{id}` only): its
     /// `training_metadata.json` (base and hashes, data files and hashes,
     /// hyperparameters, job, final metrics).
@@ -191,6 +195,7 @@ fn base_card(st: &AppState, ready: &super::Ready) -> ModelCard {
         root: ready.source.clone(),
         parent: None,
         max_model_len: ready.engine.info().max_model_len,
+        quantization: ready.weights.quantization.clone(),
         lineage: None,
     }
 }

@@ -16,6 +16,7 @@ use crate::backend::{Backend, SeqAttention};
 use crate::loader::gguf::GgufFile;
 use crate::loader::hub::{resolve_model, ModelSource};
 use crate::loader::safetensors::SafetensorsModel;
+use crate::quant::ggml::WeightKind;
 use crate::quant::on_load::QuantizeTarget;
 use crate::tokenizer::{GgufVocab, Tokenizer};
 
@@ -68,6 +69,35 @@ pub struct LoadedModel<B: Backend> {
     pub source: String,
     /// A quantised HF checkpoint's format (`HfQuant::describe`); GGUF kinds show in `model.stored`.
     pub quantization: Option<String>,
+}
+
+impl<B: Backend> LoadedModel<B> {
+    /// How the weights are stored, for `/v1/models` and `/metrics`: the
+    /// checkpoint's quantisation (or `--quantize`), else the quantised kinds
+    /// present (a GGUF), else "none"; and the bytes of every weight as stored.
+    pub fn weights_info(&self) -> WeightsInfo {
+        let bytes = self.model.stored.iter().map(|s| s.2).sum();
+        let quantized: Vec<String> = self
+            .model
+            .stored
+            .iter()
+            .filter(|s| !matches!(s.0, WeightKind::F32 | WeightKind::F16 | WeightKind::BF16))
+            .map(|s| format!("{:?}", s.0))
+            .collect();
+        let quantization = match (&self.quantization, quantized.is_empty()) {
+            (Some(q), _) => q.clone(),
+            (None, true) => "none".to_string(),
+            (None, false) => format!("gguf {}", quantized.join("+")),
+        };
+        WeightsInfo { quantization, bytes }
+    }
+}
+
+/// What [`LoadedModel::weights_info`] reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WeightsInfo {
+    pub quantization: String,
+    pub bytes: usize,
 }
 
 /// Loads a model from a spec: a `.gguf` file, an HF directory, or a hub id.
