@@ -9,7 +9,9 @@
 //! - `q8_0`: GGUF's Q8_0, as gguf-py's `quantize` writes it.
 //!
 //! Embeddings, the output head, norms and biases stay as they are (as
-//! bitsandbytes and GPTQ leave them by default).
+//! bitsandbytes and GPTQ leave them by default). Already-quantised weights
+//! (a GGUF) are dequantised and quantised again, with a warning: both
+//! roundings then count (llama.cpp's `--allow-requantize`).
 
 use super::ggml::{dequantize, WeightKind};
 use super::{bnb, gptq};
@@ -71,10 +73,14 @@ pub fn quantize(
     rows: usize,
     cols: usize,
 ) -> Result<(WeightKind, Vec<u8>), String> {
-    if !matches!(kind, WeightKind::F32 | WeightKind::F16 | WeightKind::BF16) {
-        return Err(format!(
-            "--quantize {target} needs an unquantised model (f32, f16 or bf16), this weight is {kind:?}"
-        ));
+    if target != QuantizeTarget::None && !matches!(kind, WeightKind::F32 | WeightKind::F16 | WeightKind::BF16) {
+        static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+        if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            eprintln!(
+                "tandem: warning: --quantize {target} requantises weights that are already {kind:?} \
+                 (dequantised, then quantised again: both roundings count)"
+            );
+        }
     }
     let mut w = vec![0f32; rows * cols];
     dequantize(kind, bytes, &mut w).map_err(|e| e.to_string())?;
@@ -143,6 +149,8 @@ mod tests {
                 assert!((a - b).abs() <= step * amax + 1e-6, "{t}: {a} vs {b}");
             }
         }
-        assert!(quantize(QuantizeTarget::Nf4, WeightKind::Q8_0, &[0; 34], 1, 32).is_err());
+        // Requantising: a Q8_0 block of zeros stays zeros.
+        let (kind, q) = quantize(QuantizeTarget::Nf4, WeightKind::Q8_0, &[0; 68], 1, 64).unwrap();
+        assert_eq!((kind, q.len()), (WeightKind::Nf4, 36));
     }
 }
