@@ -5,12 +5,12 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressStyle};
+use tandem::model::load_model_quantized;
 
 use tandem::backend::Backend;
 use tandem::config::Config;
 use tandem::engine::device::OpenBackend;
 use tandem::lora::LoraTarget;
-use tandem::model::load_model;
 use tandem::train::batch::Batching;
 use tandem::train::data::{load_jsonl, DataOptions, Overflow};
 use tandem::train::lora::{LoraSpec, TrainableLora};
@@ -130,7 +130,8 @@ pub fn run<B: OpenBackend>(args: TrainArgs, mut cfg: Config) -> Result<()> {
     let spec = args.model.clone().unwrap_or_else(|| cfg.model.path.clone());
     cfg.model.path = spec.clone();
     let be = B::open(&cfg)?;
-    let loaded = load_model(&be, &spec).with_context(|| format!("loading {spec}"))?;
+    // `--quantize` here is QLoRA: the adapter trains on the quantised base.
+    let loaded = load_model_quantized(&be, &spec, cfg.model.quantize).with_context(|| format!("loading {spec}"))?;
     let tok = loaded.tokenizer.as_ref().context("this model has no tokenizer; training data needs one")?;
     let model = &loaded.model;
     let mut opts = DataOptions::new(args.max_seq_len);

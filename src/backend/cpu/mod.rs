@@ -407,36 +407,33 @@ impl Backend for CpuBackend {
         dx: &mut CpuTensor,
         accumulate: bool,
     ) -> BackendResult<()> {
-        if jobs.iter().any(|(_, w)| w.input_perm.is_some()) {
-            // Each job's gradient comes out in its weight's input order and is
-            // scattered back to the natural one.
-            if !accumulate {
-                dx.data.fill(0.0);
+        let mut natural: Vec<(&[f32], &CpuWeight)> = vec![];
+        let mut permuted: Vec<(&[f32], &CpuWeight)> = vec![];
+        for &(dy, w) in jobs {
+            assert_eq!((dy.rows, dy.cols), (dx.rows, w.rows), "input grad through '{}'", w.name);
+            let job = (dy.data.as_slice(), w);
+            if w.input_perm.is_some() {
+                permuted.push(job);
+            } else {
+                natural.push(job);
             }
-            for &(dy, w) in jobs {
-                let mut part = self.zeros(dx.rows, dx.cols)?;
-                self.matmul_input_grad(&[(dy, w)], &mut part, false)?;
-                match w.input_perm.as_deref() {
-                    Some(perm) => {
-                        for (drow, prow) in dx.data.chunks_exact_mut(dx.cols).zip(part.data.chunks_exact(dx.cols)) {
-                            for (j, &k) in perm.iter().enumerate() {
-                                drow[k as usize] += prow[j];
-                            }
-                        }
-                    }
-                    None => dx.data.iter_mut().zip(&part.data).for_each(|(a, b)| *a += b),
+        }
+        let (rows, cols) = (dx.rows, dx.cols);
+        if !natural.is_empty() || !accumulate {
+            matmul_grad::matmul_input_grad(&self.pool, self.isa, &natural, &mut dx.data, rows, cols, accumulate);
+        }
+        // A weight stored in another input order gives its gradient in that
+        // order; it is scattered back to the natural one.
+        for job in permuted {
+            let mut part = self.zeros(rows, cols)?;
+            matmul_grad::matmul_input_grad(&self.pool, self.isa, &[job], &mut part.data, rows, cols, false);
+            let perm = job.1.input_perm.as_deref().unwrap_or(&[]);
+            for (drow, prow) in dx.data.chunks_exact_mut(cols).zip(part.data.chunks_exact(cols)) {
+                for (j, &k) in perm.iter().enumerate() {
+                    drow[k as usize] += prow[j];
                 }
             }
-            return Ok(());
         }
-        let jobs: Vec<(&[f32], &CpuWeight)> = jobs
-            .iter()
-            .map(|(dy, w)| {
-                assert_eq!((dy.rows, dy.cols), (dx.rows, w.rows), "input grad through '{}'", w.name);
-                (dy.data.as_slice(), *w)
-            })
-            .collect();
-        matmul_grad::matmul_input_grad(&self.pool, self.isa, &jobs, &mut dx.data, dx.rows, dx.cols, accumulate);
         Ok(())
     }
 

@@ -375,3 +375,63 @@ fn attention_backward_matches_finite_differences() {
         check("v", &dv.data, 2);
     }
 }
+
+/// A weight stored in another input order (GPTQ act-order) computes what the
+/// same weight in natural order computes, forward and input gradient, alone
+/// and grouped with a natural-order weight sharing the input.
+#[test]
+fn permuted_weights_equal_their_natural_order() {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+    let (n, k, m) = (24, 96, 5);
+    let w: Vec<f32> = (0..n * k).map(|_| rng.gen_range(-1f32..1.0)).collect();
+    let mut perm: Vec<u32> = (0..k as u32).collect();
+    for i in (1..k).rev() {
+        perm.swap(i, rng.gen_range(0..=i));
+    }
+    let stored: Vec<f32> =
+        (0..n).flat_map(|r| perm.iter().map(|&p| w[r * k + p as usize]).collect::<Vec<_>>()).collect();
+    let f32_bytes = |v: &[f32]| WeightBytes::from_vec(v.iter().flat_map(|x| x.to_le_bytes()).collect());
+    let be = CpuBackend::new(2).unwrap();
+    let natural = be.load_weight(HostWeight::new("w".into(), WeightKind::F32, n, k, f32_bytes(&w))).unwrap();
+    let mut h = HostWeight::new("wp".into(), WeightKind::F32, n, k, f32_bytes(&stored));
+    h.input_perm = Some(perm.clone().into());
+    let permuted = be.load_weight(h).unwrap();
+    let other = be.load_weight(host(WeightKind::Q8_0, 7, k, 9)).unwrap();
+    // A bad permutation is refused at load.
+    let mut bad = HostWeight::new("bad".into(), WeightKind::F32, n, k, f32_bytes(&stored));
+    bad.input_perm = Some(vec![0; k].into());
+    assert!(be.load_weight(bad).is_err());
+
+    let x: Vec<f32> = (0..m * k).map(|_| rng.gen_range(-1f32..1.0)).collect();
+    let xt = be.upload(&x, m, k).unwrap();
+    let close = |a: &[f32], b: &[f32], what: &str| {
+        for (i, (p, q)) in a.iter().zip(b).enumerate() {
+            assert!((p - q).abs() <= 1e-5 * (1.0 + q.abs()), "{what}[{i}]: {p} vs {q}");
+        }
+    };
+    let (mut want, mut got, mut side) = (be.zeros(m, n).unwrap(), be.zeros(m, n).unwrap(), be.zeros(m, 7).unwrap());
+    be.matmul(&xt, &natural, &mut want).unwrap();
+    be.matmul_many(
+        &xt,
+        &mut [
+            MatmulJob { w: &permuted, bias: None, out: &mut got },
+            MatmulJob { w: &other, bias: None, out: &mut side },
+        ],
+    )
+    .unwrap();
+    close(&got.data, &want.data, "forward");
+    let mut side_alone = be.zeros(m, 7).unwrap();
+    be.matmul(&xt, &other, &mut side_alone).unwrap();
+    assert_eq!(side.data, side_alone.data, "the natural-order job beside it");
+
+    let dy: Vec<f32> = (0..m * n).map(|_| rng.gen_range(-1f32..1.0)).collect();
+    let dyt = be.upload(&dy, m, n).unwrap();
+    let dy7 = be.upload(&vec![0.5; m * 7], m, 7).unwrap();
+    for accumulate in [false, true] {
+        let start: Vec<f32> = (0..m * k).map(|i| i as f32 * 1e-3).collect();
+        let (mut a, mut b) = (be.upload(&start, m, k).unwrap(), be.upload(&start, m, k).unwrap());
+        be.matmul_input_grad(&[(&dyt, &natural), (&dy7, &other)], &mut a, accumulate).unwrap();
+        be.matmul_input_grad(&[(&dyt, &permuted), (&dy7, &other)], &mut b, accumulate).unwrap();
+        close(&b.data, &a.data, if accumulate { "input grad +=" } else { "input grad" });
+    }
+}
