@@ -140,14 +140,9 @@ fn expect(prefix: &str, suffix: &str, t: &TensorView<'_>, dtypes: &[StDtype], di
     Ok(())
 }
 
-/// A float tensor's values as f32 (exact for f16 and bf16).
+/// A float tensor's values as f32 (its dtype was checked by `tensor`/`expect`).
 fn floats(t: &TensorView<'_>) -> Vec<f32> {
-    let two = |c: &[u8]| u16::from_le_bytes([c[0], c[1]]);
-    match t.dtype {
-        StDtype::F16 => t.data.chunks_exact(2).map(|c| half::f16::from_bits(two(c)).to_f32()).collect(),
-        StDtype::BF16 => t.data.chunks_exact(2).map(|c| half::bf16::from_bits(two(c)).to_f32()).collect(),
-        _ => t.data.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
-    }
+    t.to_f32().unwrap_or_default()
 }
 
 fn rewritten(prefix: &str, codes: &GroupCodes) -> Result<HostWeight, String> {

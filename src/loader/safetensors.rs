@@ -167,6 +167,20 @@ pub struct TensorView<'a> {
     pub data: &'a [u8],
 }
 
+impl TensorView<'_> {
+    /// The values of an F32, F16 or BF16 tensor as f32 (exact); `None` for
+    /// other dtypes.
+    pub fn to_f32(&self) -> Option<Vec<f32>> {
+        let d = self.data;
+        Some(match self.dtype {
+            StDtype::F32 => d.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            StDtype::F16 => d.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            StDtype::BF16 => d.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            _ => return None,
+        })
+    }
+}
+
 /// One parsed `.safetensors` file; tensor bytes stay in the (usually mapped) file.
 pub struct SafetensorsFile {
     tensors: BTreeMap<String, StTensor>,

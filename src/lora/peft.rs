@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::loader::safetensors::{SafetensorsFile, StDtype};
+use crate::loader::safetensors::SafetensorsFile;
 use crate::model::ModelConfig;
 
 use super::{LoraAdapter, LoraDtype, LoraLayers, LoraMatrix, LoraTarget, LoraValues};
@@ -394,11 +394,5 @@ fn read_f32(f: &SafetensorsFile, name: &str, rows: usize, cols: usize) -> Result
             t.shape
         ));
     }
-    let d = t.data;
-    Ok(match t.dtype {
-        StDtype::F32 => d.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-        StDtype::F16 => d.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        StDtype::BF16 => d.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        other => return Err(format!("tensor {name:?} has dtype {other:?}; LoRA weights must be F32, F16 or BF16")),
-    })
+    t.to_f32().ok_or_else(|| format!("tensor {name:?} has dtype {:?}; LoRA weights must be F32, F16 or BF16", t.dtype))
 }

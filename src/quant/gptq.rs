@@ -25,6 +25,8 @@ use super::ggml::WeightKind;
 
 /// AWQ's packing order: nibble `i` of a word holds column `8c + ORDER[i]`.
 pub const AWQ_ORDER: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
+/// Its inverse: column `8c + j` is nibble `AWQ_REVERSE[j]`.
+pub const AWQ_REVERSE: [usize; 8] = [0, 4, 1, 5, 2, 6, 3, 7];
 
 /// Unpacked codes of one quantised linear layer `[n_out, k_in]`.
 pub struct GroupCodes {
@@ -53,7 +55,7 @@ pub struct Rewritten {
     pub input_perm: Option<Vec<u32>>,
 }
 
-/// Reads `count` little-endian i32 words out of raw tensor bytes.
+/// The little-endian 32-bit words of raw tensor bytes.
 pub fn words(bytes: &[u8]) -> Vec<u32> {
     bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
@@ -133,10 +135,7 @@ pub fn unpack_awq(
     check_len("qweight", qweight.len(), k_in * cols)?;
     check_len("qzeros", qzeros.len(), groups * cols)?;
     check_len("scales", scales.len(), groups * n_out)?;
-    let nib = |word: u32, j: usize| -> u32 {
-        let i = AWQ_ORDER.iter().position(|&o| o == j).unwrap_or(0);
-        (word >> (4 * i)) & 0xF
-    };
+    let nib = |word: u32, j: usize| -> u32 { (word >> (4 * AWQ_REVERSE[j])) & 0xF };
     let mut q = vec![0u8; n_out * k_in];
     for k in 0..k_in {
         for n in 0..n_out {
@@ -345,6 +344,13 @@ mod tests {
         c.g_idx = (0..128).map(|k| ((k * 5) % 8) as u32).collect();
         c.groups = 8;
         assert!(c.rewrite().is_err());
+    }
+
+    #[test]
+    fn awq_reverse_inverts_its_order() {
+        for (i, &o) in AWQ_ORDER.iter().enumerate() {
+            assert_eq!(AWQ_REVERSE[o], i);
+        }
     }
 
     #[test]

@@ -174,7 +174,6 @@ impl CpuBackend {
     pub fn threads(&self) -> usize {
         self.pool.current_num_threads()
     }
-    /// Dequantises a whole weight row (tests, embedding lookups).
     /// The grouped product with each weight's elements in the order stored.
     fn matmul_in_stored_order(&self, x: &CpuTensor, jobs: &mut [MatmulJob<'_, Self>]) {
         let mut mjobs: Vec<matmul::Job<'_>> = jobs
@@ -192,6 +191,7 @@ impl CpuBackend {
         }
     }
 
+    /// Dequantises a whole weight row (tests, embedding lookups).
     pub fn weight_row(&self, w: &CpuWeight, row: usize, out: &mut [f32]) {
         let bytes = &w.bytes.as_slice()[row * w.row_bytes..(row + 1) * w.row_bytes];
         dequant_row_chunk(self.isa, w.kind, bytes, 0, out);
