@@ -6,7 +6,9 @@ use std::path::Path;
 
 use proptest::prelude::*;
 use serde_json::json;
-use tandem::loader::safetensors::{SafetensorsError, SafetensorsFile, SafetensorsModel, StDtype};
+use tandem::loader::safetensors::{
+    serialize_with_metadata, SafetensorsError, SafetensorsFile, SafetensorsModel, StDtype,
+};
 
 /// safetensors bytes for `(name, dtype, shape, data)` tensors laid out in order.
 fn build(tensors: &[(&str, &str, Vec<usize>, Vec<u8>)], metadata: Option<serde_json::Value>) -> Vec<u8> {
@@ -77,6 +79,23 @@ fn reads_hand_built_file() {
 }
 
 #[test]
+fn written_files_round_trip() {
+    let ids: Vec<u8> = [3i64, -9].iter().flat_map(|x| x.to_le_bytes()).collect();
+    let w = f32_bytes(&[0.5, -2.0]);
+    let bytes = serialize_with_metadata(
+        &[("b.ids", StDtype::I64, &[2], &ids), ("a.w", StDtype::F32, &[1, 2], &w), ("c", StDtype::U8, &[0], &[])],
+        &[("format", "pt")],
+    );
+    assert_eq!((bytes.len() - 8 - (ids.len() + w.len())) % 8, 0, "header padded to 8 bytes");
+    let f = SafetensorsFile::from_bytes(bytes).unwrap();
+    assert_eq!(f.names(), vec!["a.w", "b.ids", "c"]);
+    assert_eq!(f.metadata().get("format").map(String::as_str), Some("pt"));
+    assert_eq!(f.tensor("a.w").unwrap().data, w.as_slice());
+    assert_eq!(f.tensor("b.ids").unwrap().data, ids.as_slice());
+    assert_eq!(f.tensor("c").unwrap().shape, &[0]);
+}
+
+#[test]
 fn opens_from_disk() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("x.safetensors");
@@ -136,6 +155,28 @@ fn broken_files_are_errors() {
     assert!(matches!(e, SafetensorsError::OutOfBounds { .. }), "{e}");
     let e = one(json!({"dtype": "U8", "shape": [u64::MAX, u64::MAX], "data_offsets": [0, 8]}), 8);
     assert!(matches!(e, SafetensorsError::SizeMismatch { .. }), "{e}");
+    // What Hugging Face's crate refuses and our old reader let through: gaps,
+    // overlaps and bytes after the last tensor.
+    let gap = serde_json::to_vec(&json!({
+        "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+        "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]},
+    }))
+    .unwrap();
+    let e = err(with_header(&gap, &[0; 12]));
+    assert!(matches!(&e, SafetensorsError::Layout(m) if m.contains("'b'") && m.contains("contiguous")), "{e}");
+    let overlap = serde_json::to_vec(&json!({
+        "a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "b": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]},
+    }))
+    .unwrap();
+    let e = err(with_header(&overlap, &[0; 8]));
+    assert!(matches!(&e, SafetensorsError::Layout(m) if m.contains("'b'")), "{e}");
+    let e = one(json!({"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}), 8);
+    assert!(matches!(&e, SafetensorsError::Layout(m) if m.contains("8 bytes") && m.contains("cover 4")), "{e}");
+    let e = one(json!({"dtype": "Q4", "shape": [1], "data_offsets": [0, 1]}), 1);
+    assert!(matches!(&e, SafetensorsError::UnsupportedDtype { dtype, .. } if dtype == "Q4"), "{e}");
+    assert!(matches!(err(with_header(b"{\"a\": 3}  \xff", &[])), SafetensorsError::HeaderJson(_)));
+
     for bad in [
         json!({"shape": [1], "data_offsets": [0, 4]}),
         json!({"dtype": "F32", "data_offsets": [0, 4]}),

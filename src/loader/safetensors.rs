@@ -1,8 +1,11 @@
-//! safetensors reader: `u64 LE header length`, a JSON header
+//! safetensors files, read and written through Hugging Face's `safetensors`
+//! crate (zero-copy over the memory map): `u64 LE header length`, a JSON header
 //! `{name: {dtype, shape, data_offsets: [start, end]}, "__metadata__": {..}}`, then data.
 //!
-//! Everything in the header is checked at open (lengths, offsets inside the data,
-//! byte counts equal to dtype × shape), so `tensor()` can slice without re-checking.
+//! The crate decides validity at open (lengths, offsets contiguous and inside the
+//! data, byte counts equal to dtype × shape); on top of it tandem refuses the
+//! dtypes it does not compute with (fp8, fp4, complex) and, when the crate
+//! refuses, names the tensor at fault. So `tensor()` can slice without re-checking.
 //! Pickle (`pytorch_model.bin`) is never loaded: unpickling runs arbitrary code.
 
 use std::collections::BTreeMap;
@@ -11,11 +14,11 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use safetensors::tensor::{Dtype, SafeTensorError, SafeTensors, TensorInfo, View};
+
 /// Bytes shared with whoever keeps weights without copying them.
 pub use super::SharedBytes;
 
-/// The reference implementation's limit; real headers are well under a megabyte.
-const MAX_HEADER_LEN: u64 = 100_000_000;
 const SINGLE_FILE: &str = "model.safetensors";
 const INDEX_FILE: &str = "model.safetensors.index.json";
 
@@ -31,14 +34,14 @@ pub enum SafetensorsError {
     },
     #[error("safetensors file is {0} bytes, too short for the 8-byte header length")]
     TooShort(usize),
-    #[error(
-        "safetensors header length {len} is impossible (file has {available} bytes after it, limit {MAX_HEADER_LEN})"
-    )]
+    #[error("safetensors header length {len} is impossible (file has {available} bytes after it, limit 100000000)")]
     HeaderLength { len: u64, available: u64 },
     #[error("safetensors header is not valid JSON: {0}")]
     HeaderJson(String),
     #[error("safetensors header: {0}")]
     Header(String),
+    #[error("safetensors layout: {0}")]
+    Layout(String),
     #[error("safetensors tensor '{name}' has unsupported dtype '{dtype}'")]
     UnsupportedDtype { name: String, dtype: String },
     #[error("safetensors tensor '{name}': shape {shape:?} of {dtype:?} needs {expected} bytes but data_offsets [{start}, {end}] cover {}", end.saturating_sub(*start))]
@@ -84,63 +87,83 @@ impl StDtype {
             Self::F64 | Self::I64 | Self::U64 => 8,
         }
     }
-    /// Every dtype with its name in the header.
-    const NAMES: [(Self, &'static str); 13] = [
-        (Self::F32, "F32"),
-        (Self::F16, "F16"),
-        (Self::BF16, "BF16"),
-        (Self::I32, "I32"),
-        (Self::I64, "I64"),
-        (Self::U8, "U8"),
-        (Self::I8, "I8"),
-        (Self::I16, "I16"),
-        (Self::U16, "U16"),
-        (Self::U32, "U32"),
-        (Self::U64, "U64"),
-        (Self::F64, "F64"),
-        (Self::Bool, "BOOL"),
+    /// Every dtype tandem reads, with the crate's name for it.
+    const ALL: [(Self, Dtype); 13] = [
+        (Self::F32, Dtype::F32),
+        (Self::F16, Dtype::F16),
+        (Self::BF16, Dtype::BF16),
+        (Self::I32, Dtype::I32),
+        (Self::I64, Dtype::I64),
+        (Self::U8, Dtype::U8),
+        (Self::I8, Dtype::I8),
+        (Self::I16, Dtype::I16),
+        (Self::U16, Dtype::U16),
+        (Self::U32, Dtype::U32),
+        (Self::U64, Dtype::U64),
+        (Self::F64, Dtype::F64),
+        (Self::Bool, Dtype::BOOL),
     ];
+    /// The `safetensors` crate's dtype.
+    pub fn to_crate(self) -> Dtype {
+        Self::ALL.iter().find(|(d, _)| *d == self).map(|(_, c)| *c).expect("every dtype has a crate twin")
+    }
+    /// `None` for the crate's dtypes that tandem does not compute with (fp8, fp4, complex).
+    pub fn from_crate(dtype: Dtype) -> Option<Self> {
+        Self::ALL.iter().find(|(_, c)| *c == dtype).map(|(d, _)| *d)
+    }
     /// Parse the header's dtype string (`"F32"`, `"BF16"`, `"BOOL"`, ...).
     pub fn parse(s: &str) -> Option<Self> {
-        Self::NAMES.iter().find(|(_, n)| *n == s).map(|(d, _)| *d)
+        Self::ALL.iter().find(|(_, c)| c.to_string() == s).map(|(d, _)| *d)
     }
     /// The header's name for this dtype.
-    pub fn name(self) -> &'static str {
-        Self::NAMES.iter().find(|(d, _)| *d == self).map(|(_, n)| *n).expect("every dtype is named")
+    pub fn name(self) -> String {
+        self.to_crate().to_string()
+    }
+}
+
+/// A tensor to write: borrowed bytes, for the crate's serializer.
+struct Outgoing<'a> {
+    dtype: Dtype,
+    shape: &'a [usize],
+    data: &'a [u8],
+}
+
+impl View for Outgoing<'_> {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        self.data.into()
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
     }
 }
 
 /// A safetensors file holding `(name, dtype, shape, little-endian data)`
-/// tensors in order (benches and tests write adapters with it).
+/// tensors (benches and tests write adapters with it).
 pub fn serialize(tensors: &[(&str, StDtype, &[usize], &[u8])]) -> Vec<u8> {
     serialize_with_metadata(tensors, &[])
 }
 
 /// [`serialize`] with `__metadata__` string pairs (e.g. `format: pt`, which
-/// torch's loaders expect); the header is padded with spaces to a multiple of
-/// 8 bytes, as the reference writer does, so the data is aligned.
+/// torch's loaders expect), written by Hugging Face's crate (tensors ordered
+/// by alignment then name, header padded to 8 bytes; a repeated name keeps
+/// its last tensor). Panics if a tensor's
+/// bytes do not match its dtype and shape: that is a bug in the caller.
 pub fn serialize_with_metadata(tensors: &[(&str, StDtype, &[usize], &[u8])], metadata: &[(&str, &str)]) -> Vec<u8> {
-    let mut header = serde_json::Map::new();
-    if !metadata.is_empty() {
-        let m: serde_json::Map<String, serde_json::Value> =
-            metadata.iter().map(|(k, v)| (k.to_string(), serde_json::Value::String(v.to_string()))).collect();
-        header.insert("__metadata__".into(), serde_json::Value::Object(m));
+    let metadata =
+        (!metadata.is_empty()).then(|| metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect());
+    // A name given twice keeps its last tensor, as a Python dict would (the
+    // crate's writer cannot take duplicates).
+    let mut by_name = BTreeMap::new();
+    for &(name, dtype, shape, data) in tensors {
+        by_name.insert(name, Outgoing { dtype: dtype.to_crate(), shape, data });
     }
-    let mut data = Vec::new();
-    for (name, dtype, shape, bytes) in tensors {
-        let start = data.len();
-        data.extend_from_slice(bytes);
-        header.insert(
-            name.to_string(),
-            serde_json::json!({"dtype": dtype.name(), "shape": shape, "data_offsets": [start, data.len()]}),
-        );
-    }
-    let mut header = serde_json::to_vec(&serde_json::Value::Object(header)).expect("a JSON map serialises");
-    header.resize(header.len().next_multiple_of(8), b' ');
-    let mut out = (header.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(&header);
-    out.extend_from_slice(&data);
-    out
+    safetensors::serialize(by_name, metadata).expect("tensor bytes match their dtype and shape")
 }
 
 /// One tensor's header entry.
@@ -214,30 +237,28 @@ impl SafetensorsFile {
 
     fn parse(bytes: SharedBytes) -> Result<Self, SafetensorsError> {
         let buf = (*bytes).as_ref();
-        let Some(len_bytes) = buf.first_chunk::<8>() else {
-            return Err(SafetensorsError::TooShort(buf.len()));
-        };
-        let header_len = u64::from_le_bytes(*len_bytes);
-        let available = (buf.len() - 8) as u64;
-        if header_len > available || header_len > MAX_HEADER_LEN {
-            return Err(SafetensorsError::HeaderLength { len: header_len, available });
-        }
-        let data_offset = 8 + header_len as usize;
-        let header = &buf[8..data_offset];
-        let data_len = buf.len() - data_offset;
-
-        let map: serde_json::Map<String, serde_json::Value> =
-            serde_json::from_slice(header).map_err(|e| SafetensorsError::HeaderJson(e.to_string()))?;
+        // Hugging Face's crate decides what is a valid file (header length,
+        // JSON schema, offsets contiguous from 0 and covering the data exactly,
+        // byte counts equal to dtype × shape); `explain_refusal` only names
+        // the culprit when it refuses.
+        let (header_len, meta) = SafeTensors::read_metadata(buf).map_err(|e| explain_refusal(buf, e))?;
+        let data_offset = 8 + header_len;
         let mut tensors = BTreeMap::new();
-        let mut metadata = BTreeMap::new();
-        for (name, entry) in map {
-            if name == "__metadata__" {
-                metadata = parse_metadata(entry)?;
-                continue;
-            }
-            let t = parse_entry(&name, entry, data_len)?;
-            tensors.insert(name, StTensor { range: t.range.start + data_offset..t.range.end + data_offset, ..t });
+        for (name, info) in meta.tensors() {
+            // On top of the crate: only the dtypes tandem computes with.
+            let dtype = StDtype::from_crate(info.dtype).ok_or_else(|| SafetensorsError::UnsupportedDtype {
+                name: name.clone(),
+                dtype: info.dtype.to_string(),
+            })?;
+            let (start, end) = info.data_offsets;
+            // The crate proved end <= data length; checked anyway, as slicing relies on it.
+            let range = data_offset.checked_add(start).zip(data_offset.checked_add(end)).map(|(s, e)| s..e);
+            let Some(range) = range.filter(|r| r.start <= r.end && r.end <= buf.len()) else {
+                return Err(SafetensorsError::OutOfBounds { name, start, end, data_len: buf.len() - data_offset });
+            };
+            tensors.insert(name, StTensor { dtype, shape: info.shape.clone(), range });
         }
+        let metadata = meta.metadata().clone().unwrap_or_default().into_iter().collect();
         Ok(Self { tensors, metadata, data_offset, bytes })
     }
 
@@ -284,62 +305,89 @@ impl SafetensorsFile {
     }
 }
 
-fn parse_metadata(v: serde_json::Value) -> Result<BTreeMap<String, String>, SafetensorsError> {
-    let serde_json::Value::Object(map) = v else {
-        return Err(SafetensorsError::Header("__metadata__ is not an object".into()));
+/// Our error for a file the crate refused: the crate's verdict stands, but
+/// its errors mostly do not say which tensor is wrong, so the header is read
+/// again (with the crate's own `TensorInfo` schema) to name it.
+fn explain_refusal(buf: &[u8], refusal: SafeTensorError) -> SafetensorsError {
+    let header_len = buf.first_chunk::<8>().map(|b| u64::from_le_bytes(*b));
+    let available = buf.len().saturating_sub(8) as u64;
+    let header = || {
+        let len = usize::try_from(header_len?).ok()?;
+        buf.get(8..8usize.checked_add(len)?)
     };
-    map.into_iter()
-        .map(|(k, v)| match v {
-            serde_json::Value::String(s) => Ok((k, s)),
-            _ => Err(SafetensorsError::Header(format!("__metadata__ value for '{k}' is not a string"))),
-        })
-        .collect()
+    match refusal {
+        SafeTensorError::HeaderTooSmall => SafetensorsError::TooShort(buf.len()),
+        SafeTensorError::HeaderTooLarge | SafeTensorError::InvalidHeaderLength => {
+            SafetensorsError::HeaderLength { len: header_len.unwrap_or(0), available }
+        }
+        SafeTensorError::InvalidHeader(e) => SafetensorsError::HeaderJson(format!("not UTF-8: {e}")),
+        other => {
+            let data_len = header().map_or(0, |h| available as usize - h.len());
+            header().and_then(|h| name_the_culprit(h, data_len)).unwrap_or_else(|| match other {
+                SafeTensorError::InvalidHeaderDeserialization(e) => SafetensorsError::HeaderJson(e.to_string()),
+                e => SafetensorsError::Header(e.to_string()),
+            })
+        }
+    }
 }
 
-/// Validate one header entry; the returned range is relative to the data section.
-fn parse_entry(name: &str, v: serde_json::Value, data_len: usize) -> Result<StTensor, SafetensorsError> {
-    let bad = |what: &str| SafetensorsError::Header(format!("tensor '{name}': {what}"));
-    let serde_json::Value::Object(obj) = v else {
-        return Err(bad("entry is not an object"));
+/// The first header entry that breaks the format, as a specific error; `None`
+/// when the header is not a JSON object (a plain JSON error says it best).
+fn name_the_culprit(header: &[u8], data_len: usize) -> Option<SafetensorsError> {
+    let serde_json::Value::Object(map) = serde_json::from_slice(header).ok()? else {
+        return None;
     };
-    let dtype_str = obj.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| bad("missing or non-string dtype"))?;
-    let dtype = StDtype::parse(dtype_str)
-        .ok_or_else(|| SafetensorsError::UnsupportedDtype { name: name.into(), dtype: dtype_str.into() })?;
-    let shape = obj
-        .get("shape")
-        .and_then(|s| s.as_array())
-        .ok_or_else(|| bad("missing or non-array shape"))?
-        .iter()
-        .map(|d| d.as_u64().and_then(|d| usize::try_from(d).ok()))
-        .collect::<Option<Vec<usize>>>()
-        .ok_or_else(|| bad("shape entries must be non-negative integers"))?;
-    let offsets = obj
-        .get("data_offsets")
-        .and_then(|o| o.as_array())
-        .filter(|o| o.len() == 2)
-        .ok_or_else(|| bad("data_offsets must be [start, end]"))?;
-    let offset = |i: usize| {
-        offsets[i]
-            .as_u64()
-            .and_then(|o| usize::try_from(o).ok())
-            .ok_or_else(|| bad("data_offsets must be non-negative integers"))
-    };
-    let (start, end) = (offset(0)?, offset(1)?);
-    if start > end || end > data_len {
-        return Err(SafetensorsError::OutOfBounds { name: name.into(), start, end, data_len });
+    let mut entries = Vec::new();
+    for (name, entry) in map {
+        if name == "__metadata__" {
+            if serde_json::from_value::<BTreeMap<String, String>>(entry).is_err() {
+                return Some(SafetensorsError::Header("__metadata__ must map strings to strings".into()));
+            }
+            continue;
+        }
+        let dtype = entry.get("dtype").and_then(|d| d.as_str()).map(str::to_owned);
+        match serde_json::from_value::<TensorInfo>(entry) {
+            Ok(info) => entries.push((name, info)),
+            Err(_) if dtype.as_deref().is_some_and(|d| StDtype::parse(d).is_none()) => {
+                return Some(SafetensorsError::UnsupportedDtype { name, dtype: dtype.unwrap_or_default() });
+            }
+            Err(e) => return Some(SafetensorsError::Header(format!("tensor '{name}': {e}"))),
+        }
     }
-    let expected = shape.iter().try_fold(dtype.size_bytes(), |acc, &d| acc.checked_mul(d));
-    if expected != Some(end - start) {
-        return Err(SafetensorsError::SizeMismatch {
-            name: name.into(),
-            dtype,
-            shape,
-            expected: expected.map_or("more than usize::MAX".into(), |e| e.to_string()),
-            start,
-            end,
-        });
+    // The crate's order: by offsets.
+    entries.sort_by_key(|(_, info)| info.data_offsets);
+    let mut covered = 0;
+    for (name, info) in entries {
+        let (start, end) = info.data_offsets;
+        if start > end || end > data_len {
+            return Some(SafetensorsError::OutOfBounds { name, start, end, data_len });
+        }
+        let expected = info.shape.iter().try_fold(info.dtype.bitsize(), |acc, &d| acc.checked_mul(d)).map(|b| b / 8);
+        if expected != Some(end - start) {
+            return Some(match StDtype::from_crate(info.dtype) {
+                Some(dtype) => SafetensorsError::SizeMismatch {
+                    name,
+                    dtype,
+                    shape: info.shape,
+                    expected: expected.map_or("more than usize::MAX".into(), |e| e.to_string()),
+                    start,
+                    end,
+                },
+                None => SafetensorsError::UnsupportedDtype { name, dtype: info.dtype.to_string() },
+            });
+        }
+        if start != covered {
+            return Some(SafetensorsError::Layout(format!(
+                "tensor '{name}' starts at byte {start} of the data section but the tensors before it end at {covered} (tensors must be contiguous)"
+            )));
+        }
+        covered = end;
     }
-    Ok(StTensor { dtype, shape, range: start..end })
+    (covered != data_len).then(|| {
+        SafetensorsError::Layout(format!(
+            "the data section has {data_len} bytes but its tensors cover {covered} (files end with their last tensor)"
+        ))
+    })
 }
 
 /// A Hugging Face model directory: one `model.safetensors`, or an index with shards.
