@@ -13,6 +13,7 @@ pub mod backend;
 pub mod bench;
 pub mod config;
 pub mod engine;
+pub mod export;
 pub mod kv;
 pub mod loader;
 pub mod lora;

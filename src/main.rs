@@ -38,7 +38,7 @@ struct Cli {
     #[arg(long, global = true)]
     activations: Option<String>,
     /// Quantise an unquantised (f32/f16/bf16) model's projections while loading:
-    /// none, nf4, fp4, int4, int8 or q8_0 (default: the config's `model.quantize`).
+    /// none, nf4, fp4, int4, int8, q8_0 or q4_k (default: the config's `model.quantize`).
     /// `merge` takes only none (it writes an unquantised checkpoint).
     #[arg(long, global = true, value_name = "TYPE")]
     quantize: Option<String>,
@@ -217,6 +217,24 @@ enum Cmd {
         #[arg(long, value_name = "DTYPE")]
         dtype: Option<tandem::merge::MergeDtype>,
     },
+    /// Quantise a model and write it as a checkpoint in that format's standard layout.
+    ///
+    /// gptq (4-bit, group 128, symmetric), nf4 and fp4 (bitsandbytes) write an HF
+    /// directory that transformers loads; q8_0 and q4_k write a .gguf for
+    /// llama.cpp (from a GGUF source only). Round-to-nearest, no calibration:
+    /// the same codes as --quantize computes on load. Runs on the CPU.
+    Quantize {
+        /// The model: a .gguf file, an HF directory or a hub id (default: the config's model).
+        #[arg(long)]
+        model: Option<String>,
+        /// gptq, nf4, fp4, q8_0 or q4_k.
+        #[arg(long, value_name = "FORMAT")]
+        format: tandem::export::ExportFormat,
+        /// Output: a new directory (gptq, nf4, fp4) or a new .gguf file (q8_0, q4_k).
+        /// Written under a temporary name beside it and renamed into place once complete.
+        #[arg(long, value_name = "PATH")]
+        out: PathBuf,
+    },
     /// Check every op of --device against the CPU backend, then greedy decoding
     /// of a model end to end; exits non-zero on any failure.
     Selftest {
@@ -289,6 +307,12 @@ fn run() -> Result<()> {
     }
     if let Cmd::Merge { model, lora, out, dtype } = cli.cmd {
         return merge(&cfg, model, &lora, &out, dtype, cli.quantize.as_deref().unwrap_or("none"));
+    }
+    if let Cmd::Quantize { model, format, out } = cli.cmd {
+        if cli.quantize.is_some() {
+            bail!("tandem quantize takes its format from --format, not --quantize");
+        }
+        return export(&cfg, model, format, &out);
     }
     if let Some(q) = cli.quantize {
         cfg.model.quantize = q.parse().map_err(anyhow::Error::msg)?;
@@ -445,7 +469,9 @@ fn run_on<B: OpenBackend>(cmd: Cmd, mut cfg: Config) -> Result<()> {
             let report = tandem::bench::train::run(&be, &loaded.model, &opts)?;
             print!("{report}");
         }
-        Cmd::Selftest { .. } | Cmd::Merge { .. } => unreachable!("handled before choosing a backend"),
+        Cmd::Selftest { .. } | Cmd::Merge { .. } | Cmd::Quantize { .. } => {
+            unreachable!("handled before choosing a backend")
+        }
     }
     Ok(())
 }
@@ -497,6 +523,34 @@ fn merge(
         report.dtype,
         report.weights_bytes as f64 / 1e6,
         report.files.join(", ")
+    );
+    Ok(())
+}
+
+/// `tandem quantize`: writes the quantised checkpoint on a pool of
+/// `cpu.threads` threads and prints what it wrote.
+fn export(
+    cfg: &Config,
+    model: Option<String>,
+    format: tandem::export::ExportFormat,
+    out: &std::path::Path,
+) -> Result<()> {
+    let spec = model.unwrap_or_else(|| cfg.model.path.clone());
+    let pool = rayon::ThreadPoolBuilder::new().num_threads(cfg.cpu.threads).build()?;
+    eprintln!("tandem: quantising {spec} to {format} ...");
+    let report = pool
+        .install(|| tandem::export::quantize_checkpoint(&spec, format, out))
+        .with_context(|| format!("quantising '{spec}' to {format}"))?;
+    for note in &report.notes {
+        eprintln!("tandem: note: {note}");
+    }
+    println!(
+        "wrote {}: {} tensors ({} projections quantised to {}), {:.1} MB of weights",
+        report.out.display(),
+        report.tensors,
+        report.quantized,
+        report.format,
+        report.weights_bytes as f64 / 1e6
     );
     Ok(())
 }

@@ -34,17 +34,32 @@ const COPIED: &[&str] = &[
 ];
 
 /// Name and contents of every file but the weights.
-pub(super) struct SideFiles {
+pub(crate) struct SideFiles {
     pub files: Vec<(String, Vec<u8>)>,
     pub has_tokenizer: bool,
     pub notes: Vec<String>,
 }
 
-pub(super) fn side_files(base: &Base, c: &ModelConfig, dtype: MergeDtype) -> Result<SideFiles, MergeError> {
-    match base {
-        Base::Hf { dir, json } => hf_side_files(dir, json, dtype),
-        Base::Gguf { file, .. } => gguf_side_files(file, c, dtype),
+/// `quantization`: the `quantization_config` of quantised weights, or `None`
+/// for plain floats (a source's own quantization_config is then dropped).
+pub(crate) fn side_files(
+    base: &Base,
+    c: &ModelConfig,
+    dtype: MergeDtype,
+    quantization: Option<&Value>,
+) -> Result<SideFiles, MergeError> {
+    let mut side = match base {
+        Base::Hf { dir, json } => hf_side_files(dir, json, dtype, quantization.is_some())?,
+        Base::Gguf { file, .. } => gguf_side_files(file, c, dtype)?,
+    };
+    if let Some(q) = quantization {
+        let (_, config) =
+            side.files.iter_mut().find(|(n, _)| n == "config.json").expect("config.json is always written");
+        let mut json: Value = serde_json::from_slice(config).expect("config.json was written as JSON");
+        json["quantization_config"] = q.clone();
+        *config = pretty(&json);
     }
+    Ok(side)
 }
 
 fn pretty(v: &Value) -> Vec<u8> {
@@ -53,7 +68,7 @@ fn pretty(v: &Value) -> Vec<u8> {
     b
 }
 
-fn hf_side_files(dir: &Path, json: &Value, dtype: MergeDtype) -> Result<SideFiles, MergeError> {
+fn hf_side_files(dir: &Path, json: &Value, dtype: MergeDtype, requantized: bool) -> Result<SideFiles, MergeError> {
     let mut config = json.clone();
     let mut notes = Vec::new();
     if let Some(obj) = config.as_object_mut() {
@@ -68,7 +83,7 @@ fn hf_side_files(dir: &Path, json: &Value, dtype: MergeDtype) -> Result<SideFile
         if !set {
             obj.insert("torch_dtype".into(), Value::String(dtype.torch_name().into()));
         }
-        if obj.remove("quantization_config").is_some() {
+        if obj.remove("quantization_config").is_some() && !requantized {
             notes.push("dropped quantization_config from config.json: the merged weights are plain floats".into());
         }
     }
@@ -179,14 +194,14 @@ fn gguf_side_files(file: &GgufFile, c: &ModelConfig, dtype: MergeDtype) -> Resul
 }
 
 /// Writes `bytes` to `path` and syncs it (the directory is published whole later).
-pub(super) fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), MergeError> {
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), MergeError> {
     let mut f = std::fs::File::create(path).map_err(io_err(path))?;
     f.write_all(bytes).map_err(io_err(path))?;
     f.sync_all().map_err(io_err(path))
 }
 
 /// Syncs a directory's entries (a rename into it is durable once it is synced).
-pub(super) fn sync_dir(dir: &Path) -> Result<(), MergeError> {
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), MergeError> {
     match std::fs::File::open(dir) {
         Ok(d) => d.sync_all().or(Ok(())),
         Err(e) => Err(io_err(dir)(e)),

@@ -15,8 +15,8 @@
 //! filled under a temporary name beside `out`, synced, and renamed into place:
 //! an error or a crash leaves no half-written checkpoint.
 
-mod files;
-mod tensors;
+pub(crate) mod files;
+pub(crate) mod tensors;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -161,10 +161,10 @@ pub fn merge(spec: &str, adapter: &Path, out: &Path, opts: &MergeOptions) -> Res
     }
     let (base, config, src) = open_base(spec).map_err(model_err)?;
     let peft = load_peft_dir_raw(adapter, &config, usize::MAX)?;
-    let plan = plan(&base, &config, &src, &peft)?;
+    let plan = plan(&base, &config, &src, Some(&peft))?;
     let dtype = opts.dtype.unwrap_or_else(|| default_dtype(&plan, &config, &src));
     // Everything the directory needs besides the weights, built before writing.
-    let side = files::side_files(&base, &config, dtype)?;
+    let side = files::side_files(&base, &config, dtype, None)?;
     let mut notes = side.notes.clone();
     if !side.has_tokenizer {
         notes.push("the base model has no tokenizer, so the merged directory has none".into());
@@ -193,7 +193,7 @@ pub fn merge(spec: &str, adapter: &Path, out: &Path, opts: &MergeOptions) -> Res
 }
 
 /// `out` must be new or an empty directory.
-fn check_out(out: &Path) -> Result<(), MergeError> {
+pub(crate) fn check_out(out: &Path) -> Result<(), MergeError> {
     if out.as_os_str().is_empty() {
         return Err(MergeError::Refused("no output directory given (an empty path)".into()));
     }
@@ -215,7 +215,7 @@ fn check_out(out: &Path) -> Result<(), MergeError> {
 }
 
 /// The base's file(s), config and weights.
-fn open_base(spec: &str) -> Result<(Base, ModelConfig, WeightSource), ModelError> {
+pub(crate) fn open_base(spec: &str) -> Result<(Base, ModelConfig, WeightSource), ModelError> {
     match resolve_model(spec)? {
         ModelSource::Gguf(path) => {
             let file = Arc::new(GgufFile::open(&path)?);
@@ -237,11 +237,11 @@ fn open_base(spec: &str) -> Result<(Base, ModelConfig, WeightSource), ModelError
 /// The output's tensors in HF order, each checked against the config, with
 /// the adapter's matrices attached; refuses a base tandem would not
 /// reproduce faithfully (tensors it does not model, rope it cannot write).
-fn plan<'a>(
+pub(crate) fn plan<'a>(
     base: &Base,
     c: &ModelConfig,
     src: &WeightSource,
-    peft: &'a PeftAdapter,
+    peft: Option<&'a PeftAdapter>,
 ) -> Result<Vec<Planned<'a>>, MergeError> {
     if let (Base::Gguf { .. }, RopeScaling::FreqFactors(_)) = (base, &c.rope_scaling) {
         return Err(MergeError::Refused(
@@ -262,7 +262,7 @@ fn plan<'a>(
     let zeros = |hf_name: String, n: usize| Planned { hf_name, shape: vec![n], from: Values::Zeros, lora: None };
     let mut out: Vec<Planned<'a>> = vec![w(TensorName::Embed, vec![c.vocab_size, h], None)];
     for i in 0..c.num_layers {
-        let lora = |t: LoraTarget| peft.layers[i][t.index()].as_ref();
+        let lora = |t: LoraTarget| peft.and_then(|p| p.layers[i][t.index()].as_ref());
         out.push(w(TensorName::AttnNorm(i), vec![h], None));
         out.push(w(TensorName::Q(i), vec![qd, h], lora(LoraTarget::Q)));
         out.push(w(TensorName::K(i), vec![kvd, h], lora(LoraTarget::K)));
@@ -358,7 +358,7 @@ fn check_nothing_dropped(base: &Base, c: &ModelConfig, src: &WeightSource, plan:
 }
 
 /// The base's float dtype when all its matrices share one, else bf16.
-fn default_dtype(plan: &[Planned], c: &ModelConfig, src: &WeightSource) -> MergeDtype {
+pub(crate) fn default_dtype(plan: &[Planned], c: &ModelConfig, src: &WeightSource) -> MergeDtype {
     let mut kinds = plan.iter().filter(|p| p.shape.len() == 2).filter_map(|p| match p.from {
         Values::Weight(n) => src.get(n, c).ok().flatten().map(|w| w.kind),
         Values::Zeros => None,
@@ -376,7 +376,7 @@ fn default_dtype(plan: &[Planned], c: &ModelConfig, src: &WeightSource) -> Merge
 
 /// Fills a fresh temporary directory beside `out` with `fill`, syncs it and
 /// renames it to `out`; on any error the temporary directory is removed.
-fn publish<R>(out: &Path, fill: impl FnOnce(&Path) -> Result<R, MergeError>) -> Result<R, MergeError> {
+pub(crate) fn publish<R>(out: &Path, fill: impl FnOnce(&Path) -> Result<R, MergeError>) -> Result<R, MergeError> {
     let parent = match out.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),

@@ -158,7 +158,7 @@ fn add_delta(vals: &mut [f32], r0: usize, cols: usize, m: &PeftMatrix) {
 
 /// Rounds f32 values to `dtype` (to nearest, ties to even) as little-endian
 /// bytes. A finite value that overflows f16 is an error: (row, col, value).
-fn convert(vals: &[f32], cols: usize, dtype: MergeDtype, out: &mut [u8]) -> Result<(), (usize, usize, f32)> {
+pub(crate) fn convert(vals: &[f32], cols: usize, dtype: MergeDtype, out: &mut [u8]) -> Result<(), (usize, usize, f32)> {
     let size = dtype.size_bytes();
     out.par_chunks_mut(cols * size).zip(vals.par_chunks(cols)).enumerate().try_for_each(|(row, (o, v))| {
         for (col, (o, &x)) in o.chunks_exact_mut(size).zip(v).enumerate() {

@@ -43,6 +43,12 @@ pub enum TensorName {
 }
 
 impl TensorName {
+    /// A transformer block's projection matrix: what quantisation targets
+    /// (embeddings, head, norms and biases stay as they are).
+    pub fn is_projection(self) -> bool {
+        use TensorName::*;
+        matches!(self, Q(_) | K(_) | V(_) | O(_) | Gate(_) | Up(_) | Down(_))
+    }
     pub fn hf(self) -> String {
         use TensorName::*;
         let l = |i: usize, s: &str| format!("model.layers.{i}.{s}");
@@ -128,17 +134,7 @@ impl WeightSource {
             WeightSource::Random(r) => Ok(r.weight(name)),
             WeightSource::Requantized(inner, target) => {
                 let Some(w) = inner.get(name, cfg)? else { return Ok(None) };
-                let projection = matches!(
-                    name,
-                    TensorName::Q(_)
-                        | TensorName::K(_)
-                        | TensorName::V(_)
-                        | TensorName::O(_)
-                        | TensorName::Gate(_)
-                        | TensorName::Up(_)
-                        | TensorName::Down(_)
-                );
-                if !projection || *target == QuantizeTarget::None {
+                if !name.is_projection() || *target == QuantizeTarget::None {
                     return Ok(Some(w));
                 }
                 let (kind, bytes) =

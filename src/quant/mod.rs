@@ -3,6 +3,7 @@
 
 pub mod bnb;
 pub mod ggml;
+pub mod gguf_quantize;
 pub mod gptq;
 pub mod hf_config;
 pub mod on_load;

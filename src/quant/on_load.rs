@@ -6,7 +6,10 @@
 //! - `int4`: round-to-nearest symmetric 4-bit in GPTQ's form, group 128 (or
 //!   the largest of 64 / 32 that divides a layer's inputs), served as Q4_0;
 //! - `int8`: the same at 8 bits, served as Q8_0;
-//! - `q8_0`: GGUF's Q8_0, as gguf-py's `quantize` writes it.
+//! - `q8_0`: GGUF's Q8_0, as gguf-py's `quantize` writes it;
+//! - `q4_k`: GGUF's Q4_K, as `llama-quantize` writes it without an importance
+//!   matrix; a layer whose inputs are not a multiple of 256 falls back to Q5_0,
+//!   as llama-quantize does (the default model's 896-wide layers).
 //!
 //! Embeddings, the output head, norms and biases stay as they are (as
 //! bitsandbytes and GPTQ leave them by default). Already-quantised weights
@@ -14,7 +17,7 @@
 //! roundings then count (llama.cpp's `--allow-requantize`).
 
 use super::ggml::{dequantize, WeightKind};
-use super::{bnb, gptq};
+use super::{bnb, gguf_quantize, gptq};
 
 /// What `--quantize` asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
@@ -28,6 +31,8 @@ pub enum QuantizeTarget {
     Int8,
     #[serde(rename = "q8_0")]
     Q8_0,
+    #[serde(rename = "q4_k")]
+    Q4K,
 }
 
 impl std::str::FromStr for QuantizeTarget {
@@ -40,8 +45,8 @@ impl std::str::FromStr for QuantizeTarget {
             "int4" => Self::Int4,
             "int8" => Self::Int8,
             "q8_0" => Self::Q8_0,
-            "q4_k" => return Err("--quantize q4_k is not built yet (nf4, fp4, int4, int8 or q8_0)".into()),
-            other => return Err(format!("--quantize {other:?}: expected none, nf4, fp4, int4, int8 or q8_0")),
+            "q4_k" => Self::Q4K,
+            other => return Err(format!("--quantize {other:?}: expected none, nf4, fp4, int4, int8, q8_0 or q4_k")),
         })
     }
 }
@@ -55,6 +60,7 @@ impl std::fmt::Display for QuantizeTarget {
             Self::Int4 => "int4",
             Self::Int8 => "int8",
             Self::Q8_0 => "q8_0",
+            Self::Q4K => "q4_k",
         })
     }
 }
@@ -94,23 +100,12 @@ pub fn quantize(
             let r = gptq::quantize_rtn(bits, &w, rows, cols, group)?.rewrite()?;
             Ok((r.kind, r.bytes))
         }
-        QuantizeTarget::Q8_0 => Ok((WeightKind::Q8_0, quantize_q8_0(&w, cols)?)),
+        QuantizeTarget::Q8_0 => Ok((WeightKind::Q8_0, gguf_quantize::quantize_q8_0(&w, cols)?)),
+        QuantizeTarget::Q4K if cols.is_multiple_of(gguf_quantize::QK_K) => {
+            Ok((WeightKind::Q4K, gguf_quantize::quantize_q4_k(&w, cols)?))
+        }
+        QuantizeTarget::Q4K => Ok((WeightKind::Q5_0, gguf_quantize::quantize_q5_0(&w, cols)?)),
     }
-}
-
-/// GGUF Q8_0 (gguf-py `quants.py`): per 32 values `d = max|x| / 127`,
-/// `q = round(x / d)` (half away from zero), `d` stored as f16.
-pub fn quantize_q8_0(w: &[f32], cols: usize) -> Result<Vec<u8>, String> {
-    if !cols.is_multiple_of(32) {
-        return Err(format!("{cols} inputs is not a multiple of 32"));
-    }
-    let mut out = Vec::with_capacity(w.len() / 32 * 34);
-    for block in w.chunks_exact(32) {
-        let d = block.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
-        out.extend_from_slice(&half::f16::from_f32(d).to_bits().to_le_bytes());
-        out.extend(block.iter().map(|&x| if d == 0.0 { 0 } else { (x / d).round() as i8 as u8 }));
-    }
-    Ok(out)
 }
 
 #[cfg(test)]
@@ -121,9 +116,8 @@ mod tests {
     fn targets_parse_and_refuse_clearly() {
         assert_eq!("nf4".parse::<QuantizeTarget>(), Ok(QuantizeTarget::Nf4));
         assert_eq!("q8_0".parse::<QuantizeTarget>(), Ok(QuantizeTarget::Q8_0));
-        assert!("q4_k".parse::<QuantizeTarget>().unwrap_err().contains("not built yet"));
         assert!("gptq".parse::<QuantizeTarget>().unwrap_err().contains("expected none"));
-        for t in ["none", "nf4", "fp4", "int4", "int8", "q8_0"] {
+        for t in ["none", "nf4", "fp4", "int4", "int8", "q8_0", "q4_k"] {
             assert_eq!(t.parse::<QuantizeTarget>().unwrap().to_string(), t);
         }
     }
@@ -140,6 +134,8 @@ mod tests {
             // Plus the f16 rounding of the scale, up to 128 steps away from zero.
             (QuantizeTarget::Int8, 0.57 * 2.0 / 255.0),
             (QuantizeTarget::Q8_0, 0.5 / 127.0 * 1.01),
+            // 256 inputs: Q4_K (16 levels, 6-bit scales); the case of 96 is Q5_0 below.
+            (QuantizeTarget::Q4K, 0.6 / 15.0 * 2.0),
         ] {
             let (kind, q) = quantize(t, WeightKind::F32, &bytes, rows, cols).unwrap();
             let mut back = vec![0f32; rows * cols];
@@ -149,6 +145,8 @@ mod tests {
                 assert!((a - b).abs() <= step * amax + 1e-6, "{t}: {a} vs {b}");
             }
         }
+        let (kind, _) = quantize(QuantizeTarget::Q4K, WeightKind::F32, &bytes[..96 * 4], 1, 96).unwrap();
+        assert_eq!(kind, WeightKind::Q5_0, "inputs not a multiple of 256 fall back to Q5_0");
         // Requantising: a Q8_0 block of zeros stays zeros.
         let (kind, q) = quantize(QuantizeTarget::Nf4, WeightKind::Q8_0, &[0; 68], 1, 64).unwrap();
         assert_eq!((kind, q.len()), (WeightKind::Nf4, 36));
