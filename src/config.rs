@@ -19,6 +19,10 @@ pub struct Config {
     pub device: DeviceSection,
     pub train: TrainSection,
     pub store: StoreSection,
+    /// Aliases split between targets (`[routes.ALIAS]`, see crate::routing);
+    /// routes made over the admin API are stored in the data directory.
+    #[serde(default)]
+    pub routes: std::collections::BTreeMap<String, crate::routing::RouteSpec>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

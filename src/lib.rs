@@ -21,6 +21,7 @@ pub mod merge;
 pub mod metrics;
 pub mod model;
 pub mod quant;
+pub mod routing;
 pub mod store;
 pub mod tokenizer;
 pub mod train;

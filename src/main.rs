@@ -555,6 +555,34 @@ fn export(
     Ok(())
 }
 
+/// Routes from the config, then the stored ones (made over the admin API,
+/// which win). Their targets are checked when requests use them: the
+/// adapters they name may load after this.
+fn load_routes(
+    state: &AppState,
+    configured: &std::collections::BTreeMap<String, tandem::routing::RouteSpec>,
+    store: Option<&tandem::store::Store>,
+) -> Result<()> {
+    let mut specs: Vec<(String, tandem::routing::RouteSpec, &str)> =
+        configured.iter().map(|(a, s)| (a.clone(), s.clone(), "config")).collect();
+    if let Some(store) = store {
+        for (alias, body) in store.routes().context("reading the stored routes")? {
+            let spec = serde_json::from_value(body).with_context(|| format!("stored route '{alias}'"))?;
+            specs.push((alias, spec, "data directory"));
+        }
+    }
+    for (alias, spec, from) in specs {
+        let route =
+            tandem::routing::Route::new(&alias, spec).map_err(|e| anyhow::anyhow!("route '{alias}' ({from}): {e}"))?;
+        state.routes.put(route, |_| Ok(())).map_err(|e| anyhow::anyhow!("route '{alias}' ({from}): {e}"))?;
+    }
+    let n = state.routes.snapshot().len();
+    if n > 0 {
+        eprintln!("tandem: {n} route(s) loaded");
+    }
+    Ok(())
+}
+
 /// Binds at once, then serves while the model loads on a blocking thread
 /// (`/health` answers 503 until it is up); returns after a graceful shutdown.
 fn serve<B: OpenBackend>(cfg: Config, spec: String) -> Result<()> {
@@ -579,6 +607,7 @@ fn serve<B: OpenBackend>(cfg: Config, spec: String) -> Result<()> {
         if let Some(s) = &store {
             state = state.with_store(s.clone(), cfg.store.max_upload_mib.saturating_mul(1 << 20));
         }
+        load_routes(&state, &cfg.routes, store.as_deref())?;
         let loader = move || -> std::result::Result<Ready, String> {
             let mut cfg = cfg;
             let (be, loaded) = load::<B>(&mut cfg, Some(spec.clone())).map_err(|e| format!("{e:#}"))?;

@@ -33,12 +33,18 @@ use crate::tokenizer::{messages, Tokenizer};
         (status = 503, body = super::error::ErrorResponse),
     )
 )]
-pub async fn create(State(st): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+pub async fn create(
+    State(st): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let body = body?;
     let ready = st.ready()?;
     let req: ChatCompletionRequest = json::parse(&body)?;
+    let key = models::RouteKey { user: req.user.as_deref(), headers: &headers };
     let model =
-        models::resolve(&st, req.model.as_deref(), req.adapter_id.as_deref(), req.adapter_source.as_deref()).await?;
+        models::resolve(&st, req.model.as_deref(), req.adapter_id.as_deref(), req.adapter_source.as_deref(), key)
+            .await?;
     let logprobs = params::chat_logprobs(req.logprobs, req.top_logprobs)?;
     let max_tokens = req.max_completion_tokens.or(req.max_tokens);
     let mut params = params::validate(&req.shared(), max_tokens, logprobs, ready.engine.info())?;
@@ -60,7 +66,10 @@ pub async fn create(State(st): State<AppState>, body: Result<Bytes, BytesRejecti
     // The template writes any BOS itself; adding special tokens would double it.
     let prompt = tok.encode(&text, false).map_err(|e| ApiError::from_tokenizer(e, "messages"))?;
 
-    let choices = generate::start_choices(ready, &params, &[prompt], "messages")?;
+    let prompts = [prompt];
+    let choices = generate::start_choices(ready, &params, &prompts, "messages")?;
+    super::routes::start_shadow(&st, &params, &prompts, &model).await;
+    let route = model.route.clone();
     let id = response_id("chatcmpl");
     let created = unix_now();
     if params.stream {
@@ -78,7 +87,8 @@ pub async fn create(State(st): State<AppState>, body: Result<Bytes, BytesRejecti
             tally: UsageTally::default(),
         };
         let deadline = sse::deadline(st.request_timeout());
-        return Ok(sse::respond(generate::merge(choices), renderer, deadline, st.server.request_timeout_s));
+        let response = sse::respond(generate::merge(choices), renderer, deadline, st.server.request_timeout_s);
+        return Ok(models::tag_response(route.as_ref(), response));
     }
     let done = generate::collect_within(choices, st.request_timeout()).await?;
     let mut tally = UsageTally::default();
@@ -103,7 +113,7 @@ pub async fn create(State(st): State<AppState>, body: Result<Bytes, BytesRejecti
         choices,
         usage: tally.usage(),
     };
-    Ok(Json(resp).into_response())
+    Ok(models::tag_response(route.as_ref(), Json(resp).into_response()))
 }
 
 /// The request's messages checked and normalised for the chat template

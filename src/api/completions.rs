@@ -76,12 +76,18 @@ pub fn parse_prompts(v: &Value) -> Result<Vec<PromptInput>, ApiError> {
         (status = 503, body = super::error::ErrorResponse),
     )
 )]
-pub async fn create(State(st): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
+pub async fn create(
+    State(st): State<AppState>,
+    headers: axum::http::HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
     let body = body?;
     let ready = st.ready()?;
     let req: CompletionRequest = json::parse(&body)?;
+    let key = models::RouteKey { user: req.user.as_deref(), headers: &headers };
     let model =
-        models::resolve(&st, req.model.as_deref(), req.adapter_id.as_deref(), req.adapter_source.as_deref()).await?;
+        models::resolve(&st, req.model.as_deref(), req.adapter_id.as_deref(), req.adapter_source.as_deref(), key)
+            .await?;
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid_param("suffix", "suffix is not supported"));
     }
@@ -110,6 +116,8 @@ pub async fn create(State(st): State<AppState>, body: Result<Bytes, BytesRejecti
     }
 
     let choices = generate::start_choices(ready, &params, &prompts, "prompt")?;
+    super::routes::start_shadow(&st, &params, &prompts, &model).await;
+    let route = model.route.clone();
     let id = response_id("cmpl");
     let created = unix_now();
     let echo_texts: Vec<String> = if echo { prompt_texts } else { vec![String::new(); prompts.len()] };
@@ -130,7 +138,8 @@ pub async fn create(State(st): State<AppState>, body: Result<Bytes, BytesRejecti
             tally: UsageTally::default(),
         };
         let deadline = sse::deadline(st.request_timeout());
-        return Ok(sse::respond(generate::merge(choices), renderer, deadline, st.server.request_timeout_s));
+        let response = sse::respond(generate::merge(choices), renderer, deadline, st.server.request_timeout_s);
+        return Ok(models::tag_response(route.as_ref(), response));
     }
     let done = generate::collect_within(choices, st.request_timeout()).await?;
     let mut tally = UsageTally::default();
@@ -163,7 +172,7 @@ pub async fn create(State(st): State<AppState>, body: Result<Bytes, BytesRejecti
         .collect();
     let resp =
         CompletionResponse { id, object: "text_completion", created, model: model.name, choices, usage: tally.usage() };
-    Ok(Json(resp).into_response())
+    Ok(models::tag_response(route.as_ref(), Json(resp).into_response()))
 }
 
 struct CompletionChunks {

@@ -36,6 +36,7 @@ pub async fn metrics(State(st): State<AppState>) -> Result<Response, ApiError> {
     let ready = st.ready()?;
     let mut text = ready.engine.metrics().render();
     ready.loras.render_metrics(&mut text);
+    st.routes.render_metrics(&mut text);
     let w = &ready.weights;
     text.push_str(&format!(
         "# HELP tandem_model_info The served base model: how its weights are stored.\n\

@@ -8,8 +8,8 @@
 //!
 //! Text work (templates, tokenizing, detokenizing, stop strings) happens here,
 //! on the request's task; the engine sees token ids only. Adapter selection
-//! happens in `models::resolve`; auth and canary routing are meant to come as
-//! tower layers and as more targets there.
+//! happens in `models::resolve`, routes' aliases included (`routes.rs` holds
+//! the admin API over `crate::routing`); auth is meant to come as a tower layer.
 
 pub mod adapters;
 pub mod chat;
@@ -25,6 +25,7 @@ pub mod openapi;
 pub mod params;
 pub mod protocol;
 pub mod responses;
+pub mod routes;
 pub mod sse;
 pub mod text;
 
@@ -67,6 +68,8 @@ pub struct Inner {
     /// Uploaded files and job records, and the upload size limit (unset: the
     /// files and fine-tuning APIs are off).
     store: OnceLock<(Arc<crate::store::Store>, usize)>,
+    /// Aliases clients may name in `model`, split between targets.
+    pub routes: crate::routing::Routes,
 }
 
 impl std::ops::Deref for AppState {
@@ -84,6 +87,7 @@ impl AppState {
             created: responses::unix_now(),
             ready: OnceLock::new(),
             store: OnceLock::new(),
+            routes: crate::routing::Routes::default(),
         }))
     }
 
@@ -150,6 +154,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/models/{*model}", get(models::retrieve))
         .route("/v1/completions", post(completions::create))
         .route("/v1/chat/completions", post(chat::create))
+        .route("/admin/routes", get(routes::list))
+        .route("/admin/routes/{alias}", get(routes::retrieve).put(routes::put).delete(routes::delete))
         .route("/v1/load_lora_adapter", post(adapters::load))
         .route("/v1/unload_lora_adapter", post(adapters::unload))
         .fallback(health::not_found)

@@ -13,6 +13,7 @@ use super::error::ApiError;
 use super::AppState;
 use crate::lora::registry::RegistryError;
 use crate::lora::{LoraAdapter, LoraError};
+use crate::routing::StickyBy;
 
 /// The names the base model answers to.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,9 +59,48 @@ impl Target {
 
 #[derive(Debug, Clone)]
 pub struct Resolved {
-    /// The `model` to echo in the response: the request's own, or the served name.
+    /// The `model` to echo in the response: the request's own, the served
+    /// name, or for a routed alias the target chosen.
     pub name: String,
     pub target: Target,
+    /// Set when `model` was a route's alias.
+    pub route: Option<RouteChoice>,
+}
+
+/// What a route decided for one request.
+#[derive(Debug, Clone)]
+pub struct RouteChoice {
+    pub alias: String,
+    pub target: String,
+    /// A background copy of the request to this model, when drawn.
+    pub shadow: Option<String>,
+}
+
+/// Response headers naming the route and the target a request went to.
+pub const ROUTE_ALIAS_HEADER: &str = "x-tandem-route-alias";
+pub const ROUTE_TARGET_HEADER: &str = "x-tandem-route-target";
+/// Request header forcing a route's target (testing a canary by hand).
+pub const ROUTE_OVERRIDE_HEADER: &str = "x-tandem-route-override";
+
+/// `response` with the headers naming the route and target, when routed.
+pub fn tag_response(route: Option<&RouteChoice>, mut response: axum::response::Response) -> axum::response::Response {
+    if let Some(r) = route {
+        let h = response.headers_mut();
+        for (name, value) in [(ROUTE_ALIAS_HEADER, &r.alias), (ROUTE_TARGET_HEADER, &r.target)] {
+            if let Ok(v) = axum::http::HeaderValue::from_str(value) {
+                h.insert(name, v);
+            }
+        }
+    }
+    response
+}
+
+/// What a route may key on besides `model`: the OpenAI `user` field and the
+/// request's headers.
+#[derive(Clone, Copy)]
+pub struct RouteKey<'a> {
+    pub user: Option<&'a str>,
+    pub headers: &'a axum::http::HeaderMap,
 }
 
 /// How a request's `model` names what serves it, before any registry lookup.
@@ -114,28 +154,75 @@ impl ModelNames {
 }
 
 /// The one place that maps a request's `model` (and LoRAX's `adapter_id` /
-/// `adapter_source`) to what serves it. Order: exact name (base, then loaded
-/// adapters), `base:adapter`, then `adapter_id` loaded on demand.
+/// `adapter_source`) to what serves it. Order: `adapter_id` loaded on demand,
+/// a route's alias (its chosen target), exact name (base, then loaded
+/// adapters), `base:adapter`.
 pub async fn resolve(
     st: &AppState,
     requested: Option<&str>,
     adapter_id: Option<&str>,
     adapter_source: Option<&str>,
+    key: RouteKey<'_>,
 ) -> Result<Resolved, ApiError> {
     let requested = requested.filter(|m| !m.is_empty());
-    let registry = st.ready.get().map(|r| r.loras.clone());
     if let Some(id) = adapter_id.filter(|s| !s.is_empty()) {
-        let Some(reg) = registry else { return Err(ApiError::unavailable("the model is still loading")) };
+        let Some(reg) = st.ready.get().map(|r| r.loras.clone()) else {
+            return Err(ApiError::unavailable("the model is still loading"));
+        };
         let (id2, src) = (id.to_string(), adapter_source.map(str::to_string));
         let a = tokio::task::spawn_blocking(move || reg.on_demand(&id2, src.as_deref()))
             .await
             .map_err(|e| ApiError::internal(format!("adapter load failed: {e}")))?
             .map_err(|e| adapter_error(e, "adapter_id"))?;
-        return Ok(Resolved { name: requested.unwrap_or(id).to_string(), target: Target::Adapter(a) });
+        return Ok(Resolved { name: requested.unwrap_or(id).to_string(), target: Target::Adapter(a), route: None });
     }
-    let Some(m) = requested else { return Ok(Resolved { name: st.names.served.clone(), target: Target::Base }) };
+    let Some(m) = requested else {
+        return Ok(Resolved { name: st.names.served.clone(), target: Target::Base, route: None });
+    };
+    let table = st.routes.snapshot();
+    let Some(route) = table.get(m) else { return resolve_name(st, m).await };
+    let forced = key.headers.get(ROUTE_OVERRIDE_HEADER).map(|v| v.to_str().unwrap_or(""));
+    let target = match forced {
+        Some(f) => match route.targets.iter().find(|t| t.model == f) {
+            Some(t) => t,
+            None => {
+                return Err(ApiError::invalid(format!("{ROUTE_OVERRIDE_HEADER}: `{f}` is not a target of route `{m}`")))
+            }
+        },
+        None => {
+            let sticky = match &route.sticky_by {
+                StickyBy::User => key.user,
+                StickyBy::Header(h) => key.headers.get(h.as_str()).and_then(|v| v.to_str().ok()),
+            };
+            route.choose(sticky, rand::random::<f64>())
+        }
+    };
+    let mut resolved = resolve_name(st, &target.model).await.map_err(|e| {
+        if e.status.as_u16() == 404 {
+            ApiError::not_found(format!(
+                "route `{m}` sent this request to `{}`, which this server no longer serves",
+                target.model
+            ))
+            .with_param("model")
+        } else {
+            e
+        }
+    })?;
+    st.routes.count(m, &target.model);
+    resolved.name = target.model.clone();
+    resolved.route = Some(RouteChoice {
+        alias: m.to_string(),
+        target: target.model.clone(),
+        shadow: route.shadowed(rand::random::<f64>()).map(|s| s.model.clone()),
+    });
+    Ok(resolved)
+}
+
+/// A model name (not an alias) to what serves it.
+pub(crate) async fn resolve_name(st: &AppState, m: &str) -> Result<Resolved, ApiError> {
+    let registry = st.ready.get().map(|r| r.loras.clone());
     let Some(name) = st.names.adapter_name(m) else {
-        return Ok(Resolved { name: m.to_string(), target: Target::Base });
+        return Ok(Resolved { name: m.to_string(), target: Target::Base, route: None });
     };
     let Some(reg) = registry.filter(|r| r.contains(&name)) else { return Err(ApiError::model_not_found(m)) };
     // A host-cache miss re-reads the adapter from disk: off the async threads.
@@ -144,7 +231,7 @@ pub async fn resolve(
         .map_err(|e| ApiError::internal(format!("adapter lookup failed: {e}")))?
         .map_err(|e| adapter_error(e, "model"))?;
     match found {
-        Some(a) => Ok(Resolved { name: m.to_string(), target: Target::Adapter(a) }),
+        Some(a) => Ok(Resolved { name: m.to_string(), target: Target::Adapter(a), route: None }),
         None => Err(ApiError::model_not_found(m)),
     }
 }
@@ -178,6 +265,10 @@ pub struct ModelCard {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<Object>)]
     pub lineage: Option<serde_json::Value>,
+    /// For a route's alias: its targets, weights, sticky key and shadow.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub route: Option<serde_json::Value>,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -197,6 +288,7 @@ fn base_card(st: &AppState, ready: &super::Ready) -> ModelCard {
         max_model_len: ready.engine.info().max_model_len,
         quantization: ready.weights.quantization.clone(),
         lineage: None,
+        route: None,
     }
 }
 
@@ -210,13 +302,27 @@ fn adapter_card(st: &AppState, ready: &super::Ready, name: String, root: String)
     ModelCard { id: name, root, parent: Some(parent), ..base_card(st, ready) }
 }
 
-/// The base model, then every registered adapter (with `parent` = the base).
+/// A route's alias: `root` names it a route, `route` holds its targets.
+fn alias_card(st: &AppState, ready: &super::Ready, route: &crate::routing::Route) -> ModelCard {
+    ModelCard {
+        id: route.alias.clone(),
+        root: format!("route:{}", route.alias),
+        route: Some(serde_json::to_value(route.spec()).expect("a spec serialises")),
+        ..base_card(st, ready)
+    }
+}
+
+/// The base model, then every registered adapter (with `parent` = the base),
+/// then every route's alias.
 #[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList), (status = 503, body = super::error::ErrorResponse)))]
 pub async fn list(State(st): State<AppState>) -> Result<Json<ModelList>, ApiError> {
     let ready = st.ready()?;
     let mut data = vec![base_card(&st, ready)];
     for (name, root) in ready.loras.list() {
         data.push(adapter_card(&st, ready, name, root));
+    }
+    for route in st.routes.snapshot().iter() {
+        data.push(alias_card(&st, ready, route));
     }
     Ok(Json(ModelList { object: "list", data }))
 }
@@ -230,6 +336,9 @@ pub async fn list(State(st): State<AppState>) -> Result<Json<ModelList>, ApiErro
 )]
 pub async fn retrieve(State(st): State<AppState>, Path(model): Path<String>) -> Result<Json<ModelCard>, ApiError> {
     let ready = st.ready()?;
+    if let Some(route) = st.routes.snapshot().get(&model) {
+        return Ok(Json(alias_card(&st, ready, route)));
+    }
     let Some(adapter) = st.names.adapter_name(&model) else {
         return Ok(Json(ModelCard { id: model, ..base_card(&st, ready) }));
     };

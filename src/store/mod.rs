@@ -3,7 +3,7 @@
 //! with large blobs beside it as files.
 //!
 //! ```text
-//! DATA/tandem.sqlite3        files, jobs, events, checkpoints
+//! DATA/tandem.sqlite3        files, jobs, events, checkpoints, routes
 //! DATA/files/<file id>       an uploaded file's bytes (written to .partial-*, fsynced, renamed)
 //! DATA/jobs/<job id>/        a job's checkpoints and its published adapter (see train/jobs)
 //! ```
@@ -95,6 +95,7 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_by_job ON events (job_id, seq);
 CREATE TABLE IF NOT EXISTS checkpoints (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL, job_id TEXT NOT NULL, body TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS routes (alias TEXT PRIMARY KEY, body TEXT NOT NULL);
 ";
 
 /// A random id with OpenAI's look: `prefix` + 24 alphanumerics.
@@ -159,6 +160,30 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    // ---- routes --------------------------------------------------------------
+
+    /// Inserts or replaces route `alias` (its spec as JSON).
+    pub fn put_route(&self, alias: &str, body: &Value) -> StoreResult<()> {
+        self.db().execute(
+            "INSERT INTO routes (alias, body) VALUES (?1, ?2) ON CONFLICT(alias) DO UPDATE SET body = excluded.body",
+            params![alias, body.to_string()],
+        )?;
+        Ok(())
+    }
+
+    /// Whether route `alias` existed.
+    pub fn delete_route(&self, alias: &str) -> StoreResult<bool> {
+        Ok(self.db().execute("DELETE FROM routes WHERE alias = ?1", [alias])? > 0)
+    }
+
+    /// Every stored route, by alias.
+    pub fn routes(&self) -> StoreResult<Vec<(String, Value)>> {
+        let db = self.db();
+        let mut q = db.prepare("SELECT alias, body FROM routes ORDER BY alias")?;
+        let rows: Vec<(String, String)> = q.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?;
+        rows.into_iter().map(|(alias, body)| Ok((alias.clone(), parse(&alias, &body)?))).collect()
     }
 
     // ---- files ---------------------------------------------------------------

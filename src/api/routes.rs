@@ -1,0 +1,156 @@
+//! `/admin/routes`: the route table over HTTP. `PUT` validates a route
+//! against what this server serves (every target and the shadow must be the
+//! base model or a registered adapter, and the alias must not already name
+//! one), persists it in the data store when there is one, and swaps the live
+//! table; `DELETE` removes it the same way.
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{Path, State};
+use axum::Json;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use super::error::ApiError;
+use super::models::{self, Resolved};
+use super::params::GenParams;
+use super::{generate, json, AppState};
+use crate::routing::{Route, RouteSpec};
+
+#[derive(Serialize)]
+pub struct RouteView {
+    pub alias: String,
+    #[serde(flatten)]
+    pub spec: RouteSpec,
+}
+
+fn view(r: &Route) -> RouteView {
+    RouteView { alias: r.alias.clone(), spec: r.spec() }
+}
+
+/// Every route.
+pub async fn list(State(st): State<AppState>) -> Json<Value> {
+    let table = st.routes.snapshot();
+    let data: Vec<RouteView> = table.iter().map(|r| view(r)).collect();
+    Json(json!({"object": "list", "data": data}))
+}
+
+pub async fn retrieve(State(st): State<AppState>, Path(alias): Path<String>) -> Result<Json<RouteView>, ApiError> {
+    let table = st.routes.snapshot();
+    table.get(&alias).map(|r| Json(view(r))).ok_or_else(|| no_route(&alias))
+}
+
+fn no_route(alias: &str) -> ApiError {
+    ApiError::not_found(format!("no route has the alias `{alias}`")).with_param("alias")
+}
+
+/// Creates or replaces a route: 200 with the route as stored.
+pub async fn put(
+    State(st): State<AppState>,
+    Path(alias): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<RouteView>, ApiError> {
+    let body = body?;
+    let spec: RouteSpec = json::parse(&body)?;
+    let route = Route::new(&alias, spec).map_err(|e| ApiError::invalid(format!("route `{alias}`: {e}")))?;
+    check_models(&st, &route)?;
+    let store = st.store().ok().cloned();
+    let stored = view(&route);
+    let st2 = st.clone();
+    tokio::task::spawn_blocking(move || {
+        st2.routes.put(route, |r| match &store {
+            Some(s) => s
+                .put_route(&r.alias, &serde_json::to_value(r.spec()).expect("a spec serialises"))
+                .map_err(|e| e.to_string()),
+            None => Ok(()),
+        })
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("route update failed: {e}")))?
+    .map_err(|e| ApiError::invalid(format!("route `{alias}`: {e}")))?;
+    Ok(Json(stored))
+}
+
+pub async fn delete(State(st): State<AppState>, Path(alias): Path<String>) -> Result<Json<Value>, ApiError> {
+    let store = st.store().ok().cloned();
+    let (st2, alias2) = (st.clone(), alias.clone());
+    let existed = tokio::task::spawn_blocking(move || {
+        st2.routes.delete(&alias2, || match &store {
+            Some(s) => s.delete_route(&alias2).map(|_| ()).map_err(|e| e.to_string()),
+            None => Ok(()),
+        })
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("route delete failed: {e}")))?
+    .map_err(ApiError::internal)?;
+    if !existed {
+        return Err(no_route(&alias));
+    }
+    Ok(Json(json!({"object": "route", "alias": alias, "deleted": true})))
+}
+
+/// Targets and shadow must be models this server serves; the alias must not
+/// be one (it would hide it).
+fn check_models(st: &AppState, route: &Route) -> Result<(), ApiError> {
+    let ready = st.ready()?;
+    let serves = |m: &str| match st.names.adapter_name(m) {
+        None => true,
+        Some(name) => ready.loras.contains(&name),
+    };
+    if serves(&route.alias) {
+        return Err(ApiError::invalid(format!(
+            "route `{}`: the alias is already a model this server serves; choose another name",
+            route.alias
+        )));
+    }
+    let names = route.targets.iter().map(|t| &t.model).chain(route.shadow.as_ref().map(|s| &s.model));
+    let table = st.routes.snapshot();
+    for m in names {
+        if table.get(m).is_some() {
+            return Err(ApiError::invalid(format!(
+                "route `{}`: `{m}` is an alias; a route targets models, not other aliases",
+                route.alias
+            )));
+        }
+        if !serves(m) {
+            return Err(ApiError::invalid(format!(
+                "route `{}`: target `{m}` is neither the base model nor a loaded adapter",
+                route.alias
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Sends a copy of a routed request to the route's shadow target in the
+/// background, its output discarded, unless the engine already has requests
+/// waiting: shadow traffic is dropped first under load and never delays the
+/// primary (which was submitted before this).
+pub async fn start_shadow(st: &AppState, params: &GenParams, prompts: &[Vec<u32>], model: &Resolved) {
+    let Some(choice) = &model.route else { return };
+    let Some(shadow) = &choice.shadow else { return };
+    let Ok(ready) = st.ready() else { return };
+    if ready.engine.metrics().requests_waiting.get() > 0.0 {
+        st.routes.count_shadow(&choice.alias, shadow, true);
+        return;
+    }
+    let Ok(target) = models::resolve_name(st, shadow).await else {
+        st.routes.count_shadow(&choice.alias, shadow, true);
+        return;
+    };
+    let mut p = params.clone();
+    p.adapter = target.target.adapter();
+    p.stream = false;
+    p.logprobs = None;
+    p.prompt_logprobs = None;
+    match generate::start_choices(ready, &p, prompts, "prompt") {
+        Ok(choices) => {
+            st.routes.count_shadow(&choice.alias, shadow, false);
+            let timeout = st.request_timeout();
+            tokio::spawn(async move {
+                let _ = generate::collect_within(choices, timeout).await;
+            });
+        }
+        Err(_) => st.routes.count_shadow(&choice.alias, shadow, true),
+    }
+}
