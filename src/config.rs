@@ -23,6 +23,9 @@ pub struct Config {
     /// routes made over the admin API are stored in the data directory.
     #[serde(default)]
     pub routes: std::collections::BTreeMap<String, crate::routing::RouteSpec>,
+    /// API keys (`[[auth.keys]]`, plus TANDEM_API_KEYS / TANDEM_ADMIN_KEYS).
+    #[serde(default)]
+    pub auth: crate::auth::AuthSection,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -9,6 +9,7 @@
 //! adapter into a base model and writes an HF checkpoint.
 
 pub mod api;
+pub mod auth;
 pub mod backend;
 pub mod bench;
 pub mod config;

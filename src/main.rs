@@ -608,6 +608,20 @@ fn serve<B: OpenBackend>(cfg: Config, spec: String) -> Result<()> {
             state = state.with_store(s.clone(), cfg.store.max_upload_mib.saturating_mul(1 << 20));
         }
         load_routes(&state, &cfg.routes, store.as_deref())?;
+        let keys = tandem::auth::Keys::new(
+            &cfg.auth,
+            std::env::var("TANDEM_API_KEYS").ok().as_deref(),
+            std::env::var("TANDEM_ADMIN_KEYS").ok().as_deref(),
+        )
+        .map_err(anyhow::Error::msg)?;
+        if keys.is_open() {
+            eprintln!(
+                "tandem: no API keys configured: the server is open to anyone who can reach it, admin routes                  included ([[auth.keys]], TANDEM_API_KEYS, TANDEM_ADMIN_KEYS)"
+            );
+        } else {
+            eprintln!("tandem: {} API key(s) configured", keys.len());
+            state = state.with_keys(keys);
+        }
         let loader = move || -> std::result::Result<Ready, String> {
             let mut cfg = cfg;
             let (be, loaded) = load::<B>(&mut cfg, Some(spec.clone())).map_err(|e| format!("{e:#}"))?;

@@ -257,7 +257,16 @@ async fn reloads_and_unloads_under_traffic_never_fail_or_mix_versions() {
     assert_eq!(running.await.unwrap(), 200);
     let (st, _) = complete(&s, &prompt, json!({"model": "x"})).await;
     assert_eq!(st, 404);
-    let m = s.metrics().await;
+    // The engine updates its gauges at the end of the step that finished the
+    // last request, which may be just after its client has the answer.
+    let mut m = s.metrics().await;
+    for _ in 0..40 {
+        if metric(&m, "tandem_kv_blocks_used") == Some(0.0) && metric(&m, "tandem_lora_slots_pinned") == Some(0.0) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        m = s.metrics().await;
+    }
     assert_eq!(metric(&m, "tandem_kv_blocks_used"), Some(0.0), "{m}");
     assert_eq!(metric(&m, "tandem_lora_slots_pinned"), Some(0.0), "{m}");
 }

@@ -35,13 +35,15 @@ use crate::tokenizer::{messages, Tokenizer};
 )]
 pub async fn create(
     State(st): State<AppState>,
+    caller: Option<axum::Extension<crate::auth::Caller>>,
     headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let caller = caller.map(|c| c.0);
     let body = body?;
     let ready = st.ready()?;
     let req: ChatCompletionRequest = json::parse(&body)?;
-    let key = models::RouteKey { user: req.user.as_deref(), headers: &headers };
+    let key = models::RouteKey { user: req.user.as_deref(), headers: &headers, caller: caller.as_ref() };
     let model =
         models::resolve(&st, req.model.as_deref(), req.adapter_id.as_deref(), req.adapter_source.as_deref(), key)
             .await?;
@@ -49,6 +51,7 @@ pub async fn create(
     let max_tokens = req.max_completion_tokens.or(req.max_tokens);
     let mut params = params::validate(&req.shared(), max_tokens, logprobs, ready.engine.info())?;
     params.adapter = model.target.adapter();
+    params.meter = caller;
     let messages = prepare_messages(&req.messages)?;
 
     let tok = &ready.tokenizer;

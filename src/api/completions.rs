@@ -78,13 +78,15 @@ pub fn parse_prompts(v: &Value) -> Result<Vec<PromptInput>, ApiError> {
 )]
 pub async fn create(
     State(st): State<AppState>,
+    caller: Option<axum::Extension<crate::auth::Caller>>,
     headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
+    let caller = caller.map(|c| c.0);
     let body = body?;
     let ready = st.ready()?;
     let req: CompletionRequest = json::parse(&body)?;
-    let key = models::RouteKey { user: req.user.as_deref(), headers: &headers };
+    let key = models::RouteKey { user: req.user.as_deref(), headers: &headers, caller: caller.as_ref() };
     let model =
         models::resolve(&st, req.model.as_deref(), req.adapter_id.as_deref(), req.adapter_source.as_deref(), key)
             .await?;
@@ -95,6 +97,7 @@ pub async fn create(
     let echo = req.echo.unwrap_or(false);
     let mut params = params::validate(&req.shared(), req.max_tokens, logprobs, ready.engine.info())?;
     params.adapter = model.target.adapter();
+    params.meter = caller;
     if echo {
         // The echoed prompt carries logprobs too (the first token's are null).
         params.prompt_logprobs = logprobs;

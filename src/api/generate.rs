@@ -47,6 +47,8 @@ pub struct ChoiceSpec {
     pub skip_special_tokens: bool,
     /// Stop token ids the client asked for (reported in `stop_reason`; EOS is not).
     pub stop_token_ids: Vec<u32>,
+    /// Charged the prompt and generated tokens when the choice ends (or is dropped).
+    pub meter: Option<crate::auth::Caller>,
 }
 
 pub struct Choice {
@@ -60,6 +62,16 @@ pub struct Choice {
     generated: usize,
     stop_token_ids: Vec<u32>,
     queue: VecDeque<Result<ChoiceEvent, ApiError>>,
+    meter: Option<crate::auth::Caller>,
+}
+
+impl Drop for Choice {
+    /// A key's tokens per minute count what the engine did, finished or not.
+    fn drop(&mut self) {
+        if let Some(m) = &self.meter {
+            m.0.charge((self.prompt.len() + self.generated) as u64);
+        }
+    }
 }
 
 impl Choice {
@@ -73,6 +85,7 @@ impl Choice {
             generated: 0,
             stop_token_ids: spec.stop_token_ids,
             queue: VecDeque::new(),
+            meter: spec.meter,
         }
     }
 
@@ -219,6 +232,7 @@ pub fn start_choices(
                 include_stop: params.include_stop_str,
                 skip_special_tokens: params.skip_special_tokens,
                 stop_token_ids: params.stop_token_ids.clone(),
+                meter: params.meter.clone(),
             };
             choices.push(Choice::new(spec, stream, ready.tokenizer.clone()));
         }

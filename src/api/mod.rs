@@ -9,9 +9,12 @@
 //! Text work (templates, tokenizing, detokenizing, stop strings) happens here,
 //! on the request's task; the engine sees token ids only. Adapter selection
 //! happens in `models::resolve`, routes' aliases included (`routes.rs` holds
-//! the admin API over `crate::routing`); auth is meant to come as a tower layer.
+//! the admin API over `crate::routing`); `auth.rs` is the API-key layer in
+//! front of every route (scopes, limits), and the key's allow-list applies in
+//! `models::resolve` and the model list.
 
 pub mod adapters;
+pub mod auth;
 pub mod chat;
 pub mod completions;
 pub mod error;
@@ -70,6 +73,8 @@ pub struct Inner {
     store: OnceLock<(Arc<crate::store::Store>, usize)>,
     /// Aliases clients may name in `model`, split between targets.
     pub routes: crate::routing::Routes,
+    /// API keys (unset: an open server).
+    keys: OnceLock<crate::auth::Keys>,
 }
 
 impl std::ops::Deref for AppState {
@@ -88,6 +93,7 @@ impl AppState {
             ready: OnceLock::new(),
             store: OnceLock::new(),
             routes: crate::routing::Routes::default(),
+            keys: OnceLock::new(),
         }))
     }
 
@@ -103,6 +109,17 @@ impl AppState {
             .get()
             .map(|(s, _)| s)
             .ok_or_else(|| ApiError::not_found("the files API is off on this server: start it with --data-dir"))
+    }
+
+    /// Requires API keys from now on (before serving).
+    pub fn with_keys(self, keys: crate::auth::Keys) -> Self {
+        let _ = self.keys.set(keys);
+        self
+    }
+
+    pub fn keys(&self) -> &crate::auth::Keys {
+        static OPEN: OnceLock<crate::auth::Keys> = OnceLock::new();
+        self.keys.get().unwrap_or_else(|| OPEN.get_or_init(crate::auth::Keys::default))
     }
 
     pub fn max_upload_bytes(&self) -> usize {
@@ -160,8 +177,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/unload_lora_adapter", post(adapters::unload))
         .fallback(health::not_found)
         .layer(DefaultBodyLimit::max(limit))
-        .with_state(state)
+        .with_state(state.clone())
         .merge(uploads)
+        .layer(axum::middleware::from_fn_with_state(state, auth::layer))
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -101,6 +101,16 @@ pub fn tag_response(route: Option<&RouteChoice>, mut response: axum::response::R
 pub struct RouteKey<'a> {
     pub user: Option<&'a str>,
     pub headers: &'a axum::http::HeaderMap,
+    /// The API key, whose allow-list limits what `model` may name.
+    pub caller: Option<&'a crate::auth::Caller>,
+}
+
+/// A model the caller's key may not use is answered as one that does not exist.
+fn check_allowed(caller: Option<&crate::auth::Caller>, name: &str) -> Result<(), ApiError> {
+    match caller {
+        Some(c) if !c.0.allows(name) => Err(ApiError::model_not_found(name)),
+        _ => Ok(()),
+    }
 }
 
 /// How a request's `model` names what serves it, before any registry lookup.
@@ -165,7 +175,9 @@ pub async fn resolve(
     key: RouteKey<'_>,
 ) -> Result<Resolved, ApiError> {
     let requested = requested.filter(|m| !m.is_empty());
+    check_allowed(key.caller, requested.unwrap_or(&st.names.served))?;
     if let Some(id) = adapter_id.filter(|s| !s.is_empty()) {
+        check_allowed(key.caller, id)?;
         let Some(reg) = st.ready.get().map(|r| r.loras.clone()) else {
             return Err(ApiError::unavailable("the model is still loading"));
         };
@@ -315,7 +327,10 @@ fn alias_card(st: &AppState, ready: &super::Ready, route: &crate::routing::Route
 /// The base model, then every registered adapter (with `parent` = the base),
 /// then every route's alias.
 #[utoipa::path(get, path = "/v1/models", responses((status = 200, body = ModelList), (status = 503, body = super::error::ErrorResponse)))]
-pub async fn list(State(st): State<AppState>) -> Result<Json<ModelList>, ApiError> {
+pub async fn list(
+    State(st): State<AppState>,
+    caller: Option<axum::Extension<crate::auth::Caller>>,
+) -> Result<Json<ModelList>, ApiError> {
     let ready = st.ready()?;
     let mut data = vec![base_card(&st, ready)];
     for (name, root) in ready.loras.list() {
@@ -323,6 +338,9 @@ pub async fn list(State(st): State<AppState>) -> Result<Json<ModelList>, ApiErro
     }
     for route in st.routes.snapshot().iter() {
         data.push(alias_card(&st, ready, route));
+    }
+    if let Some(axum::Extension(c)) = caller {
+        data.retain(|card| c.0.allows(&card.id));
     }
     Ok(Json(ModelList { object: "list", data }))
 }
@@ -334,8 +352,13 @@ pub async fn list(State(st): State<AppState>) -> Result<Json<ModelList>, ApiErro
     params(("model" = String, Path, description = "A served model name")),
     responses((status = 200, body = ModelCard), (status = 404, body = super::error::ErrorResponse), (status = 503, body = super::error::ErrorResponse))
 )]
-pub async fn retrieve(State(st): State<AppState>, Path(model): Path<String>) -> Result<Json<ModelCard>, ApiError> {
+pub async fn retrieve(
+    State(st): State<AppState>,
+    caller: Option<axum::Extension<crate::auth::Caller>>,
+    Path(model): Path<String>,
+) -> Result<Json<ModelCard>, ApiError> {
     let ready = st.ready()?;
+    check_allowed(caller.as_ref().map(|c| &c.0), &model)?;
     if let Some(route) = st.routes.snapshot().get(&model) {
         return Ok(Json(alias_card(&st, ready, route)));
     }

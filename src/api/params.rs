@@ -60,6 +60,8 @@ pub struct GenParams {
     pub include_usage: bool,
     /// The LoRA adapter every choice runs with (set after model resolution).
     pub adapter: Option<std::sync::Arc<crate::lora::LoraAdapter>>,
+    /// The API key the tokens are charged to (its tokens-per-minute limit).
+    pub meter: Option<crate::auth::Caller>,
 }
 
 fn range(param: &str, v: Option<f64>, ok: impl Fn(f64) -> bool, rule: &str) -> Result<(), ApiError> {
@@ -172,6 +174,7 @@ pub fn validate(
         stream: s.stream,
         include_usage: s.include_usage,
         adapter: None,
+        meter: None,
     })
 }
 

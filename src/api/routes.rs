@@ -140,6 +140,8 @@ pub async fn start_shadow(st: &AppState, params: &GenParams, prompts: &[Vec<u32>
     };
     let mut p = params.clone();
     p.adapter = target.target.adapter();
+    // The server's own traffic: not charged to the caller's key.
+    p.meter = None;
     p.stream = false;
     p.logprobs = None;
     p.prompt_logprobs = None;
