@@ -126,6 +126,8 @@ pub struct ServerSection {
     pub max_body_bytes: usize,
     /// Whole-request limit; a request past it ends (streams with an error event).
     pub request_timeout_s: u64,
+    /// "human" or "json" log lines (src/logging.rs).
+    pub log_format: crate::logging::LogFormat,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -175,6 +177,10 @@ impl Config {
         if let Ok(a) = std::env::var("TANDEM_ACTIVATIONS") {
             cfg.cpu.activations =
                 a.parse().map_err(|reason| ConfigFileError::Env { name: "TANDEM_ACTIVATIONS".into(), reason })?;
+        }
+        if let Ok(f) = std::env::var("TANDEM_LOG_FORMAT") {
+            cfg.server.log_format =
+                f.parse().map_err(|reason| ConfigFileError::Env { name: "TANDEM_LOG_FORMAT".into(), reason })?;
         }
         if let Ok(t) = std::env::var("TANDEM_THREADS") {
             cfg.cpu.threads = t.parse().map_err(|_| ConfigFileError::Env {

@@ -17,6 +17,7 @@ pub mod engine;
 pub mod export;
 pub mod kv;
 pub mod loader;
+pub mod logging;
 pub mod lora;
 pub mod merge;
 pub mod metrics;

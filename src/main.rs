@@ -42,6 +42,10 @@ struct Cli {
     /// `merge` takes only none (it writes an unquantised checkpoint).
     #[arg(long, global = true, value_name = "TYPE")]
     quantize: Option<String>,
+    /// Log lines on stderr: human or json (default: the config's `server.log_format`);
+    /// the level comes from RUST_LOG.
+    #[arg(long, global = true, value_name = "FORMAT")]
+    log_format: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -292,6 +296,10 @@ fn main() {
 fn run() -> Result<()> {
     let cli = Cli::parse();
     let mut cfg = Config::load(cli.config.as_deref())?;
+    if let Some(f) = &cli.log_format {
+        cfg.server.log_format = f.parse().map_err(anyhow::Error::msg)?;
+    }
+    tandem::logging::init(cfg.server.log_format);
     if let Some(t) = cli.threads {
         cfg.cpu.threads = t;
     }
@@ -505,12 +513,12 @@ fn merge(
     };
     let pool = rayon::ThreadPoolBuilder::new().num_threads(cfg.cpu.threads).build()?;
     let opts = tandem::merge::MergeOptions { dtype };
-    eprintln!("tandem: merging {} into {} ...", adapter.display(), spec);
+    tracing::info!("merging {} into {} ...", adapter.display(), spec);
     let report = pool
         .install(|| tandem::merge::merge(&spec, &adapter, out, &opts))
         .with_context(|| format!("merging {} into '{spec}'", adapter.display()))?;
     for note in &report.notes {
-        eprintln!("tandem: note: {note}");
+        tracing::warn!("note: {note}");
     }
     if let Some(b) = &report.adapter_base {
         println!("adapter trained on: {b}");
@@ -537,12 +545,12 @@ fn export(
 ) -> Result<()> {
     let spec = model.unwrap_or_else(|| cfg.model.path.clone());
     let pool = rayon::ThreadPoolBuilder::new().num_threads(cfg.cpu.threads).build()?;
-    eprintln!("tandem: quantising {spec} to {format} ...");
+    tracing::info!("quantising {spec} to {format} ...");
     let report = pool
         .install(|| tandem::export::quantize_checkpoint(&spec, format, out))
         .with_context(|| format!("quantising '{spec}' to {format}"))?;
     for note in &report.notes {
-        eprintln!("tandem: note: {note}");
+        tracing::warn!("note: {note}");
     }
     println!(
         "wrote {}: {} tensors ({} projections quantised to {}), {:.1} MB of weights",
@@ -578,7 +586,7 @@ fn load_routes(
     }
     let n = state.routes.snapshot().len();
     if n > 0 {
-        eprintln!("tandem: {n} route(s) loaded");
+        tracing::info!("{n} route(s) loaded");
     }
     Ok(())
 }
@@ -591,7 +599,7 @@ fn serve<B: OpenBackend>(cfg: Config, spec: String) -> Result<()> {
         let addr = format!("{}:{}", cfg.server.host, cfg.server.port);
         let listener = tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("binding {addr}"))?;
         // Tests and scripts read the bound address (port 0 picks one) from this line.
-        eprintln!("tandem: listening on http://{}", listener.local_addr()?);
+        tracing::info!("listening on http://{}", listener.local_addr()?);
         let names = ModelNames::from_spec(&spec, &cfg.server.served_model_name);
         let reserved = names.all();
         let mut state = AppState::new(names.clone(), cfg.server.clone());
@@ -601,7 +609,7 @@ fn serve<B: OpenBackend>(cfg: Config, spec: String) -> Result<()> {
             let dir = PathBuf::from(&cfg.store.data_dir);
             let store = tandem::store::Store::open(&dir)
                 .with_context(|| format!("opening the data directory {}", dir.display()))?;
-            eprintln!("tandem: data directory {} (files, fine-tuning jobs)", dir.display());
+            tracing::info!("data directory {} (files, fine-tuning jobs)", dir.display());
             Some(Arc::new(store))
         };
         if let Some(s) = &store {
@@ -615,11 +623,11 @@ fn serve<B: OpenBackend>(cfg: Config, spec: String) -> Result<()> {
         )
         .map_err(anyhow::Error::msg)?;
         if keys.is_open() {
-            eprintln!(
-                "tandem: no API keys configured: the server is open to anyone who can reach it, admin routes                  included ([[auth.keys]], TANDEM_API_KEYS, TANDEM_ADMIN_KEYS)"
+            tracing::warn!(
+                "no API keys configured: the server is open to anyone who can reach it, admin routes included ([[auth.keys]], TANDEM_API_KEYS, TANDEM_ADMIN_KEYS)"
             );
         } else {
-            eprintln!("tandem: {} API key(s) configured", keys.len());
+            tracing::info!("{} API key(s) configured", keys.len());
             state = state.with_keys(keys);
         }
         let loader = move || -> std::result::Result<Ready, String> {
@@ -631,7 +639,7 @@ fn serve<B: OpenBackend>(cfg: Config, spec: String) -> Result<()> {
             let loras = Arc::new(LoraRegistry::new(registry_config(&cfg), loaded.model.config.clone(), reserved));
             for (name, path) in &cfg.lora.adapters {
                 let a = loras.load_startup(name, path).map_err(|e| format!("LoRA adapter '{name}': {e}"))?;
-                eprintln!("tandem: LoRA adapter '{name}' loaded (rank {}, {} KiB)", a.max_rank, a.bytes() / 1024);
+                tracing::info!("LoRA adapter '{name}' loaded (rank {}, {} KiB)", a.max_rank, a.bytes() / 1024);
             }
             let engine = spawn_engine(be, loaded.model, engine_cfg).map_err(|e| format!("starting the engine: {e}"))?;
             let tokenizer = Arc::new(tok);
@@ -666,7 +674,7 @@ fn serve<B: OpenBackend>(cfg: Config, spec: String) -> Result<()> {
             Ok(Ready { engine, tokenizer, source: loaded.source, weights, loras, jobs })
         };
         tandem::api::serve(listener, state, loader).await?;
-        eprintln!("tandem: stopped");
+        tracing::info!("stopped");
         Ok(())
     })
 }
@@ -678,8 +686,8 @@ fn load<B: OpenBackend>(cfg: &mut Config, spec: Option<String>) -> Result<(B, Lo
     let be = B::open(cfg).with_context(|| format!("opening device {}", cfg.device.name))?;
     let loaded =
         load_model_quantized(&be, &spec, cfg.model.quantize).with_context(|| format!("loading model '{spec}'"))?;
-    eprintln!(
-        "tandem: {}: {}{}",
+    tracing::info!(
+        "{}: {}{}",
         loaded.source,
         tandem::model::describe_stored(&loaded.model.stored),
         loaded.quantization.as_deref().map(|q| format!(" ({q})")).unwrap_or_default()

@@ -74,8 +74,10 @@ pub async fn layer(State(st): State<AppState>, mut req: Request, next: Next) -> 
     } else {
         None
     };
+    let name = caller.name.clone();
     req.extensions_mut().insert(Caller(caller));
-    let response = next.run(req).await;
+    let mut response = next.run(req).await;
+    response.extensions_mut().insert(super::access_log::KeyName(name));
     match permit {
         // The slot is held until the body (a stream, maybe) is done or dropped.
         Some(permit) => {

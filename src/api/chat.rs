@@ -36,6 +36,7 @@ use crate::tokenizer::{messages, Tokenizer};
 pub async fn create(
     State(st): State<AppState>,
     caller: Option<axum::Extension<crate::auth::Caller>>,
+    tally: Option<axum::Extension<super::access_log::Tally>>,
     headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -52,6 +53,7 @@ pub async fn create(
     let mut params = params::validate(&req.shared(), max_tokens, logprobs, ready.engine.info())?;
     params.adapter = model.target.adapter();
     params.meter = caller;
+    params.tally = tally.map(|t| t.0);
     let messages = prepare_messages(&req.messages)?;
 
     let tok = &ready.tokenizer;
@@ -72,7 +74,7 @@ pub async fn create(
     let prompts = [prompt];
     let choices = generate::start_choices(ready, &params, &prompts, "messages")?;
     super::routes::start_shadow(&st, &params, &prompts, &model).await;
-    let route = model.route.clone();
+    let (route, served) = (model.route.clone(), model.name.clone());
     let id = response_id("chatcmpl");
     let created = unix_now();
     if params.stream {
@@ -91,7 +93,7 @@ pub async fn create(
         };
         let deadline = sse::deadline(st.request_timeout());
         let response = sse::respond(generate::merge(choices), renderer, deadline, st.server.request_timeout_s);
-        return Ok(models::tag_response(route.as_ref(), response));
+        return Ok(models::tag_response(&served, route.as_ref(), response));
     }
     let done = generate::collect_within(choices, st.request_timeout()).await?;
     let mut tally = UsageTally::default();
@@ -116,7 +118,7 @@ pub async fn create(
         choices,
         usage: tally.usage(),
     };
-    Ok(models::tag_response(route.as_ref(), Json(resp).into_response()))
+    Ok(models::tag_response(&served, route.as_ref(), Json(resp).into_response()))
 }
 
 /// The request's messages checked and normalised for the chat template

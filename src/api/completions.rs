@@ -79,6 +79,7 @@ pub fn parse_prompts(v: &Value) -> Result<Vec<PromptInput>, ApiError> {
 pub async fn create(
     State(st): State<AppState>,
     caller: Option<axum::Extension<crate::auth::Caller>>,
+    tally: Option<axum::Extension<super::access_log::Tally>>,
     headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
@@ -98,6 +99,7 @@ pub async fn create(
     let mut params = params::validate(&req.shared(), req.max_tokens, logprobs, ready.engine.info())?;
     params.adapter = model.target.adapter();
     params.meter = caller;
+    params.tally = tally.map(|t| t.0);
     if echo {
         // The echoed prompt carries logprobs too (the first token's are null).
         params.prompt_logprobs = logprobs;
@@ -120,7 +122,7 @@ pub async fn create(
 
     let choices = generate::start_choices(ready, &params, &prompts, "prompt")?;
     super::routes::start_shadow(&st, &params, &prompts, &model).await;
-    let route = model.route.clone();
+    let (route, served) = (model.route.clone(), model.name.clone());
     let id = response_id("cmpl");
     let created = unix_now();
     let echo_texts: Vec<String> = if echo { prompt_texts } else { vec![String::new(); prompts.len()] };
@@ -142,7 +144,7 @@ pub async fn create(
         };
         let deadline = sse::deadline(st.request_timeout());
         let response = sse::respond(generate::merge(choices), renderer, deadline, st.server.request_timeout_s);
-        return Ok(models::tag_response(route.as_ref(), response));
+        return Ok(models::tag_response(&served, route.as_ref(), response));
     }
     let done = generate::collect_within(choices, st.request_timeout()).await?;
     let mut tally = UsageTally::default();
@@ -175,7 +177,7 @@ pub async fn create(
         .collect();
     let resp =
         CompletionResponse { id, object: "text_completion", created, model: model.name, choices, usage: tally.usage() };
-    Ok(models::tag_response(route.as_ref(), Json(resp).into_response()))
+    Ok(models::tag_response(&served, route.as_ref(), Json(resp).into_response()))
 }
 
 struct CompletionChunks {

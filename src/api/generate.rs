@@ -49,6 +49,8 @@ pub struct ChoiceSpec {
     pub stop_token_ids: Vec<u32>,
     /// Charged the prompt and generated tokens when the choice ends (or is dropped).
     pub meter: Option<crate::auth::Caller>,
+    /// The request's access-log tally, added to likewise.
+    pub tally: Option<super::access_log::Tally>,
 }
 
 pub struct Choice {
@@ -63,13 +65,18 @@ pub struct Choice {
     stop_token_ids: Vec<u32>,
     queue: VecDeque<Result<ChoiceEvent, ApiError>>,
     meter: Option<crate::auth::Caller>,
+    tally: Option<super::access_log::Tally>,
 }
 
 impl Drop for Choice {
-    /// A key's tokens per minute count what the engine did, finished or not.
+    /// A key's tokens per minute and the access log count what the engine
+    /// did, finished or not.
     fn drop(&mut self) {
         if let Some(m) = &self.meter {
             m.0.charge((self.prompt.len() + self.generated) as u64);
+        }
+        if let Some(t) = &self.tally {
+            t.add(self.prompt.len(), self.generated);
         }
     }
 }
@@ -86,6 +93,7 @@ impl Choice {
             stop_token_ids: spec.stop_token_ids,
             queue: VecDeque::new(),
             meter: spec.meter,
+            tally: spec.tally,
         }
     }
 
@@ -233,6 +241,7 @@ pub fn start_choices(
                 skip_special_tokens: params.skip_special_tokens,
                 stop_token_ids: params.stop_token_ids.clone(),
                 meter: params.meter.clone(),
+                tally: params.tally.clone(),
             };
             choices.push(Choice::new(spec, stream, ready.tokenizer.clone()));
         }

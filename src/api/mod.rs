@@ -13,6 +13,7 @@
 //! front of every route (scopes, limits), and the key's allow-list applies in
 //! `models::resolve` and the model list.
 
+pub mod access_log;
 pub mod adapters;
 pub mod auth;
 pub mod chat;
@@ -180,6 +181,7 @@ pub fn router(state: AppState) -> Router {
         .with_state(state.clone())
         .merge(uploads)
         .layer(axum::middleware::from_fn_with_state(state, auth::layer))
+        .layer(axum::middleware::from_fn(access_log::layer))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -203,7 +205,7 @@ where
         match result {
             Ok(ready) => {
                 loading_state.set_ready(ready);
-                eprintln!("tandem: model '{}' is ready", loading_state.names.served);
+                tracing::info!("model '{}' is ready", loading_state.names.served);
             }
             Err(e) => {
                 let _ = fail_tx.send(e).await;
@@ -214,14 +216,14 @@ where
     let load_error2 = load_error.clone();
     let shutdown = async move {
         tokio::select! {
-            _ = shutdown_signal() => eprintln!("tandem: shutting down (draining in-flight requests)"),
+            _ = shutdown_signal() => tracing::info!("shutting down (draining in-flight requests)"),
             Some(e) = fail_rx.recv() => { let _ = load_error2.set(e); }
         }
     };
     axum::serve(listener, router(state.clone())).with_graceful_shutdown(shutdown).await?;
     if let Ok(ready) = state.ready() {
         if !ready.engine.shutdown_and_wait(std::time::Duration::from_secs(30)).await {
-            eprintln!("tandem: the engine did not stop within 30 s");
+            tracing::warn!("the engine did not stop within 30 s");
         }
     }
     match load_error.get().cloned() {

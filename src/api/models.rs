@@ -82,8 +82,16 @@ pub const ROUTE_TARGET_HEADER: &str = "x-tandem-route-target";
 /// Request header forcing a route's target (testing a canary by hand).
 pub const ROUTE_OVERRIDE_HEADER: &str = "x-tandem-route-override";
 
-/// `response` with the headers naming the route and target, when routed.
-pub fn tag_response(route: Option<&RouteChoice>, mut response: axum::response::Response) -> axum::response::Response {
+/// `response` marked with what served it (for the access log) and, when
+/// routed, the headers naming the route and target.
+pub fn tag_response(
+    model: &str,
+    route: Option<&RouteChoice>,
+    mut response: axum::response::Response,
+) -> axum::response::Response {
+    response
+        .extensions_mut()
+        .insert(super::access_log::Served { model: model.to_string(), target: route.map(|r| r.target.clone()) });
     if let Some(r) = route {
         let h = response.headers_mut();
         for (name, value) in [(ROUTE_ALIAS_HEADER, &r.alias), (ROUTE_TARGET_HEADER, &r.target)] {

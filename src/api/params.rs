@@ -62,6 +62,8 @@ pub struct GenParams {
     pub adapter: Option<std::sync::Arc<crate::lora::LoraAdapter>>,
     /// The API key the tokens are charged to (its tokens-per-minute limit).
     pub meter: Option<crate::auth::Caller>,
+    /// The request's token count for its access log line.
+    pub tally: Option<super::access_log::Tally>,
 }
 
 fn range(param: &str, v: Option<f64>, ok: impl Fn(f64) -> bool, rule: &str) -> Result<(), ApiError> {
@@ -175,6 +177,7 @@ pub fn validate(
         include_usage: s.include_usage,
         adapter: None,
         meter: None,
+        tally: None,
     })
 }
 

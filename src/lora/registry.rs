@@ -172,7 +172,7 @@ impl LoraRegistry {
         let dir = if trusted { dir.to_path_buf() } else { self.check_allowed(dir)? };
         let adapter = Arc::new(self.read(name, &dir)?);
         if let Some(w) = self.base_mismatch(&adapter) {
-            eprintln!("tandem: warning: LoRA adapter '{name}': {w}");
+            tracing::warn!("LoRA adapter '{name}': {w}");
         }
         let mut st = self.lock();
         if !inplace && st.entries.contains_key(name) {

@@ -82,8 +82,8 @@ pub fn quantize(
     if target != QuantizeTarget::None && !matches!(kind, WeightKind::F32 | WeightKind::F16 | WeightKind::BF16) {
         static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
         if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-            eprintln!(
-                "tandem: warning: --quantize {target} requantises weights that are already {kind:?} \
+            tracing::warn!(
+                "--quantize {target} requantises weights that are already {kind:?} \
                  (dequantised, then quantised again: both roundings count)"
             );
         }

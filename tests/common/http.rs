@@ -37,7 +37,12 @@ impl Server {
         let log2 = log.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split("listening on ").nth(1) {
+                // JSON log lines carry the text in "message".
+                let text = match serde_json::from_str::<Value>(&line) {
+                    Ok(v) => v["message"].as_str().unwrap_or_default().to_string(),
+                    Err(_) => line.clone(),
+                };
+                if let Some(addr) = text.split("listening on ").nth(1) {
                     let _ = tx.send(addr.trim().to_string());
                 }
                 let mut l = log2.lock().unwrap();

@@ -164,7 +164,7 @@ impl JobManager {
                 while let Ok(e) = rx.recv() {
                     let Some(m) = weak.upgrade() else { return };
                     if let Err(err) = m.on_event(e) {
-                        eprintln!("tandem: recording a training event failed: {err}");
+                        tracing::warn!("recording a training event failed: {err}");
                     }
                 }
             });
@@ -275,7 +275,7 @@ impl JobManager {
             data,
         };
         if let Err(err) = self.store.add_event(job, &e) {
-            eprintln!("tandem: recording an event of job {job}: {err}");
+            tracing::warn!("recording an event of job {job}: {err}");
         }
     }
 
@@ -357,7 +357,7 @@ impl JobManager {
         let m = self.clone();
         let _ = std::thread::Builder::new().name("tandem-job-files".into()).spawn(move || {
             if let Err(e) = m.prepare(&id, resume_from) {
-                eprintln!("tandem: starting job {id}: {e}");
+                tracing::warn!("starting job {id}: {e}");
             }
         });
     }
@@ -567,7 +567,7 @@ impl JobManager {
 
     fn serve(&self, name: &str, dir: &Path) {
         if let Err(e) = self.registry.load(name, dir, true, true) {
-            eprintln!("tandem: serving {name} from {}: {e}", dir.display());
+            tracing::warn!("serving {name} from {}: {e}", dir.display());
         }
     }
 

@@ -1,0 +1,143 @@
+//! The outermost layer: a request id (the client's `x-request-id` when it
+//! sends a sane one, else a new one) on a tracing span around the request and
+//! in the response's `x-request-id`, and one access line per request when its
+//! body ends (or its client goes away): method, path, status, the model and
+//! route target that served it, the API key's name, tokens and latency.
+//! Never prompts, outputs or keys. Liveness and metrics polls log at debug.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::HeaderValue;
+use axum::middleware::Next;
+use axum::response::Response;
+use futures::StreamExt;
+use tracing::Instrument;
+
+/// Tokens a request's choices used, added as each choice ends.
+#[derive(Debug, Default)]
+pub struct TokenTally {
+    pub prompt: AtomicU64,
+    pub completion: AtomicU64,
+}
+
+/// The request's tally (a request extension handlers pass to their choices).
+#[derive(Debug, Clone)]
+pub struct Tally(pub Arc<TokenTally>);
+
+impl PartialEq for Tally {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl Tally {
+    pub fn add(&self, prompt: usize, completion: usize) {
+        self.0.prompt.fetch_add(prompt as u64, Ordering::Relaxed);
+        self.0.completion.fetch_add(completion as u64, Ordering::Relaxed);
+    }
+}
+
+/// What served a request (a response extension set by the generation handlers).
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub model: String,
+    pub target: Option<String>,
+}
+
+/// The API key's name (a response extension set by the auth layer).
+#[derive(Debug, Clone)]
+pub struct KeyName(pub String);
+
+const QUIET: &[&str] = &["/health", "/metrics", "/version"];
+
+fn request_id(req: &Request) -> String {
+    req.headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| crate::store::new_id("req-"))
+}
+
+pub async fn layer(mut req: Request, next: Next) -> Response {
+    let id = request_id(&req);
+    let (method, path) = (req.method().to_string(), req.uri().path().to_string());
+    let tally = Tally(Arc::new(TokenTally::default()));
+    req.extensions_mut().insert(tally.clone());
+    let span = tracing::info_span!("request", request_id = %id);
+    let start = Instant::now();
+    let mut response = next.run(req).instrument(span).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-request-id", v);
+    }
+    let line = AccessLine {
+        id,
+        method,
+        status: response.status().as_u16(),
+        served: response.extensions().get::<Served>().cloned(),
+        key: response.extensions().get::<KeyName>().map(|k| k.0.clone()),
+        quiet: QUIET.contains(&path.as_str()),
+        path,
+        tally,
+        start,
+    };
+    let (parts, body) = response.into_parts();
+    let stream = body.into_data_stream().map(move |chunk| {
+        let _logged_when_dropped = &line;
+        chunk
+    });
+    Response::from_parts(parts, Body::from_stream(stream))
+}
+
+struct AccessLine {
+    id: String,
+    method: String,
+    path: String,
+    status: u16,
+    served: Option<Served>,
+    key: Option<String>,
+    quiet: bool,
+    tally: Tally,
+    start: Instant,
+}
+
+impl Drop for AccessLine {
+    fn drop(&mut self) {
+        let latency_ms = self.start.elapsed().as_secs_f64() * 1e3;
+        let model = self.served.as_ref().map_or("", |s| s.model.as_str());
+        let target = self.served.as_ref().and_then(|s| s.target.as_deref()).unwrap_or("");
+        let key = self.key.as_deref().unwrap_or("");
+        let (prompt, completion) =
+            (self.tally.0.prompt.load(Ordering::Relaxed), self.tally.0.completion.load(Ordering::Relaxed));
+        macro_rules! line {
+            ($level:ident) => {
+                tracing::$level!(
+                    target: "tandem::access",
+                    request_id = %self.id,
+                    method = %self.method,
+                    path = %self.path,
+                    status = self.status,
+                    model,
+                    route_target = target,
+                    key,
+                    prompt_tokens = prompt,
+                    completion_tokens = completion,
+                    latency_ms = format_args!("{latency_ms:.1}"),
+                    "{} {} {}",
+                    self.method,
+                    self.path,
+                    self.status
+                )
+            };
+        }
+        if self.quiet {
+            line!(debug);
+        } else {
+            line!(info);
+        }
+    }
+}
