@@ -2,7 +2,8 @@
 # The whole test suite, as CI runs it (.ci/run calls this), on a fresh machine:
 # fetches the default model, builds once with optimisation, runs every test.
 # Needs: a Rust toolchain (cargo), python3 with pip and venv (model download,
-# NVRTC, HTTP client tests), g++ (the CUDA kernel emulator test).
+# NVRTC, HTTP client tests), g++ (the CUDA kernel emulator test), apt or a
+# prometheus binary on PATH (the scrape test).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,3 +24,5 @@ TANDEM_CPU_ISA=scalar cargo test --release --locked --test model_tiny --test lor
 # The HTTP server as clients see it: the official openai Python client, raw
 # bad-input requests, schemathesis against /openapi.json, graceful shutdown.
 tests/py/run.sh
+# A real Prometheus scrapes the server; PromQL must see the requests we made.
+tests/prometheus/run.sh

@@ -1,12 +1,133 @@
-//! Prometheus metrics, rendered in the text exposition format at `/metrics`.
-//! Names follow vLLM's where one exists (gateways and dashboards read them);
-//! tandem's own carry the `tandem_` prefix. The engine thread writes them; the
-//! HTTP side only renders.
+//! Prometheus metrics. Names follow vLLM's where one exists (gateways and
+//! dashboards read them); tandem's own carry the `tandem_` prefix. The engine
+//! thread writes plain atomics (no locks on its hot path); a scrape collects
+//! them as the `prometheus` crate's metric families ([`Families`]), and the
+//! crate's registry and text encoder serve them at `/metrics` (`api/health.rs`).
 
 use std::collections::BTreeMap;
-use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
+
+use prometheus::proto::{self, MetricFamily, MetricType};
+
+/// The metric families of one scrape, in the crate's data model.
+#[derive(Default)]
+pub struct Families(pub Vec<MetricFamily>);
+
+fn label_pairs(labels: &[(&str, &str)]) -> Vec<proto::LabelPair> {
+    labels
+        .iter()
+        .map(|(k, v)| {
+            let mut l = proto::LabelPair::default();
+            l.set_name(k.to_string());
+            l.set_value(v.to_string());
+            l
+        })
+        .collect()
+}
+
+impl Families {
+    fn family(&mut self, name: &str, help: &str, kind: MetricType, metrics: Vec<proto::Metric>) {
+        let mut f = MetricFamily::default();
+        f.set_name(name.to_string());
+        f.set_help(help.to_string());
+        f.set_field_type(kind);
+        f.set_metric(metrics);
+        self.0.push(f);
+    }
+
+    fn sample(kind: MetricType, labels: &[(&str, &str)], v: f64) -> proto::Metric {
+        let mut m = proto::Metric::default();
+        m.set_label(label_pairs(labels));
+        if kind == MetricType::COUNTER {
+            let mut c = proto::Counter::default();
+            c.set_value(v);
+            m.set_counter(c);
+        } else {
+            let mut g = proto::Gauge::default();
+            g.set_value(v);
+            m.set_gauge(g);
+        }
+        m
+    }
+
+    pub fn gauge(&mut self, name: &str, help: &str, v: f64) {
+        self.family(name, help, MetricType::GAUGE, vec![Self::sample(MetricType::GAUGE, &[], v)]);
+    }
+
+    pub fn counter(&mut self, name: &str, help: &str, v: f64) {
+        self.family(name, help, MetricType::COUNTER, vec![Self::sample(MetricType::COUNTER, &[], v)]);
+    }
+
+    /// A family of labelled samples (one with no samples is left out of the scrape).
+    pub fn labelled<'a>(
+        &mut self,
+        name: &str,
+        help: &str,
+        counter: bool,
+        samples: impl IntoIterator<Item = (Vec<(&'a str, &'a str)>, f64)>,
+    ) {
+        let kind = if counter { MetricType::COUNTER } else { MetricType::GAUGE };
+        let metrics = samples.into_iter().map(|(labels, v)| Self::sample(kind, &labels, v)).collect();
+        self.family(name, help, kind, metrics);
+    }
+
+    fn histogram(&mut self, name: &str, help: &str, h: &Histogram) {
+        let s = h.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut acc = 0;
+        let buckets = h
+            .bounds
+            .iter()
+            .zip(&s.counts)
+            .map(|(&b, &c)| {
+                acc += c;
+                let mut bucket = proto::Bucket::default();
+                bucket.set_upper_bound(b);
+                bucket.set_cumulative_count(acc);
+                bucket
+            })
+            .collect();
+        let mut ph = proto::Histogram::default();
+        ph.set_bucket(buckets);
+        ph.set_sample_count(s.count);
+        ph.set_sample_sum(s.sum);
+        let mut m = proto::Metric::default();
+        m.set_histogram(ph);
+        self.family(name, help, MetricType::HISTOGRAM, vec![m]);
+    }
+}
+
+/// Renders families in the Prometheus text format through the crate's
+/// registry (which checks names, labels and duplicates) and encoder.
+pub fn expose(families: Families) -> Result<String, String> {
+    struct Scrape(Mutex<Vec<MetricFamily>>);
+    impl prometheus::core::Collector for Scrape {
+        fn desc(&self) -> Vec<&prometheus::core::Desc> {
+            Vec::new()
+        }
+        fn collect(&self) -> Vec<MetricFamily> {
+            std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+        }
+    }
+    // The registry merges same-named families and does not check names, so
+    // each family is checked first: unique, and a valid `Desc` for the crate.
+    let mut seen = std::collections::HashSet::new();
+    for f in &families.0 {
+        if !seen.insert(f.name().to_string()) {
+            return Err(format!("metric family {} is collected twice", f.name()));
+        }
+        let labels: Vec<String> = f
+            .get_metric()
+            .first()
+            .map(|m| m.get_label().iter().map(|l| l.name().to_string()).collect())
+            .unwrap_or_default();
+        prometheus::core::Desc::new(f.name().to_string(), f.help().to_string(), labels, Default::default())
+            .map_err(|e| format!("metric family {}: {e}", f.name()))?;
+    }
+    let registry = prometheus::Registry::new();
+    registry.register(Box::new(Scrape(Mutex::new(families.0)))).map_err(|e| e.to_string())?;
+    prometheus::TextEncoder::new().encode_to_string(&registry.gather()).map_err(|e| e.to_string())
+}
 
 /// A gauge or counter holding an f64 (stored as bits).
 #[derive(Default)]
@@ -50,17 +171,6 @@ impl Histogram {
     }
     pub fn count(&self) -> u64 {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).count
-    }
-    fn render(&self, out: &mut String, name: &str, help: &str) {
-        let s = self.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
-        let mut acc = 0;
-        for (b, c) in self.bounds.iter().zip(&s.counts) {
-            acc += c;
-            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {acc}");
-        }
-        let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {}", s.count);
-        let _ = writeln!(out, "{name}_sum {}\n{name}_count {}", s.sum, s.count);
     }
 }
 
@@ -136,49 +246,34 @@ impl Default for TrainMetrics {
 }
 
 impl TrainMetrics {
-    fn render(&self, o: &mut String) {
-        let _ = writeln!(o, "# HELP tandem_train_jobs Fine-tuning jobs by status.\n# TYPE tandem_train_jobs gauge");
-        for (state, n) in self.jobs.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            let _ = writeln!(o, "tandem_train_jobs{{status=\"{state}\"}} {n}");
-        }
-        write_metric(o, "tandem_train_steps_total", "counter", "Optimiser steps taken.", self.steps.get());
-        write_metric(
-            o,
-            "tandem_train_tokens_total",
-            "counter",
-            "Tokens trained on (forward and backward).",
-            self.tokens.get(),
+    fn collect(&self, f: &mut Families) {
+        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        f.labelled(
+            "tandem_train_jobs",
+            "Fine-tuning jobs by status.",
+            false,
+            jobs.iter().map(|(state, n)| (vec![("status", *state)], *n as f64)),
         );
-        write_metric(o, "tandem_train_loss", "gauge", "Training loss of the last step.", self.loss.get());
-        write_metric(
-            o,
+        f.counter("tandem_train_steps_total", "Optimiser steps taken.", self.steps.get());
+        f.counter("tandem_train_tokens_total", "Tokens trained on (forward and backward).", self.tokens.get());
+        f.gauge("tandem_train_loss", "Training loss of the last step.", self.loss.get());
+        f.gauge(
             "tandem_train_tokens_per_second",
-            "gauge",
             "Training tokens per second of compute in the last step.",
             self.tokens_per_second.get(),
         );
-        write_metric(
-            o,
-            "tandem_train_memory_bytes",
-            "gauge",
-            "Memory reserved by the running job.",
-            self.memory_bytes.get(),
-        );
-        write_metric(
-            o,
+        f.gauge("tandem_train_memory_bytes", "Memory reserved by the running job.", self.memory_bytes.get());
+        f.counter(
             "tandem_train_serving_steps_delayed_total",
-            "counter",
             "Serving steps that waited for a training turn.",
             self.serving_steps_delayed.get(),
         );
-        write_metric(
-            o,
-            "tandem_train_seconds_total",
-            "counter",
-            "Engine time spent training.",
-            self.training_seconds.get(),
+        f.counter("tandem_train_seconds_total", "Engine time spent training.", self.training_seconds.get());
+        f.histogram(
+            "tandem_train_turn_seconds",
+            "Training work run between two engine iterations.",
+            &self.turn_seconds,
         );
-        self.turn_seconds.render(o, "tandem_train_turn_seconds", "Training work run between two engine iterations.");
     }
 }
 
@@ -221,56 +316,46 @@ impl LoraMetrics {
         }
     }
 
-    fn render(&self, o: &mut String) {
+    fn collect(&self, f: &mut Families) {
         let info = self.info.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let _ = writeln!(
-            o,
-            "# HELP vllm:lora_requests_info Running stats on LoRA requests (value: when the lists last changed).\n\
-             # TYPE vllm:lora_requests_info gauge\n\
-             vllm:lora_requests_info{{max_lora=\"{}\",running_lora_adapters=\"{}\",waiting_lora_adapters=\"{}\"}} {}",
-            self.max_loras,
-            escape_label(&info.running),
-            escape_label(&info.waiting),
-            info.updated_unix_s
+        let max = self.max_loras.to_string();
+        f.labelled(
+            "vllm:lora_requests_info",
+            "Running stats on LoRA requests (value: when the lists last changed).",
+            false,
+            [(
+                vec![
+                    ("max_lora", max.as_str()),
+                    ("running_lora_adapters", info.running.as_str()),
+                    ("waiting_lora_adapters", info.waiting.as_str()),
+                ],
+                info.updated_unix_s,
+            )],
         );
-        let mut one = |name: &str, kind: &str, help: &str, v: f64| write_metric(o, name, kind, help, v);
-        one("tandem_lora_slots_total", "gauge", "LoRA adapter slots (max_loras).", self.max_loras as f64);
-        one("tandem_lora_slots_pinned", "gauge", "Adapter slots in use by running requests.", self.slots_pinned.get());
-        one("tandem_lora_slots_occupied", "gauge", "Adapter slots holding an adapter.", self.slots_occupied.get());
-        one(
+        f.gauge("tandem_lora_slots_total", "LoRA adapter slots (max_loras).", self.max_loras as f64);
+        f.gauge("tandem_lora_slots_pinned", "Adapter slots in use by running requests.", self.slots_pinned.get());
+        f.gauge("tandem_lora_slots_occupied", "Adapter slots holding an adapter.", self.slots_occupied.get());
+        f.gauge(
             "tandem_lora_slot_utilization",
-            "gauge",
             "Pinned adapter slots over all slots.",
             if self.max_loras > 0 { self.slots_pinned.get() / self.max_loras as f64 } else { 0.0 },
         );
-        one("tandem_lora_slot_loads_total", "counter", "Adapters put into a slot.", self.slot_loads.get());
-        one("tandem_lora_slot_evictions_total", "counter", "Adapters evicted from a slot.", self.slot_evictions.get());
+        f.counter("tandem_lora_slot_loads_total", "Adapters put into a slot.", self.slot_loads.get());
+        f.counter("tandem_lora_slot_evictions_total", "Adapters evicted from a slot.", self.slot_evictions.get());
         let per = self.per_adapter.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let _ = writeln!(
-            o,
-            "# HELP tandem_lora_requests_total Finished requests per adapter.\n# TYPE tandem_lora_requests_total counter"
+        f.labelled(
+            "tandem_lora_requests_total",
+            "Finished requests per adapter.",
+            true,
+            per.iter().map(|(name, (reqs, _))| (vec![("adapter", name.as_str())], *reqs as f64)),
         );
-        for (name, (reqs, _)) in &per {
-            let _ = writeln!(o, "tandem_lora_requests_total{{adapter=\"{}\"}} {reqs}", escape_label(name));
-        }
-        let _ = writeln!(
-            o,
-            "# HELP tandem_lora_generation_tokens_total Generated tokens per adapter.\n# TYPE tandem_lora_generation_tokens_total counter"
+        f.labelled(
+            "tandem_lora_generation_tokens_total",
+            "Generated tokens per adapter.",
+            true,
+            per.iter().map(|(name, (_, toks))| (vec![("adapter", name.as_str())], *toks as f64)),
         );
-        for (name, (_, toks)) in &per {
-            let _ = writeln!(o, "tandem_lora_generation_tokens_total{{adapter=\"{}\"}} {toks}", escape_label(name));
-        }
     }
-}
-
-/// One unlabelled gauge or counter with its HELP and TYPE lines.
-pub fn write_metric(o: &mut String, name: &str, kind: &str, help: &str, v: f64) {
-    let _ = writeln!(o, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
-}
-
-/// Prometheus label-value escaping.
-pub fn escape_label(s: &str) -> String {
-    s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
 }
 
 impl Metrics {
@@ -301,69 +386,67 @@ impl Metrics {
         }
     }
 
-    /// Renders every metric in the Prometheus text format.
-    pub fn render(&self) -> String {
-        let mut o = String::new();
-        let mut one = |name: &str, kind: &str, help: &str, v: f64| write_metric(&mut o, name, kind, help, v);
-        one("vllm:num_requests_running", "gauge", "Requests in the running batch.", self.requests_running.get());
-        one("vllm:num_requests_waiting", "gauge", "Requests waiting for admission.", self.requests_waiting.get());
-        one(
-            "vllm:kv_cache_usage_perc",
-            "gauge",
-            "Fraction of KV blocks held by requests (1 = full).",
-            self.kv_usage.get(),
-        );
-        one("tandem_kv_blocks_used", "gauge", "KV blocks held by requests.", self.kv_blocks_used.get());
-        one(
-            "tandem_kv_blocks_cached",
-            "gauge",
-            "KV blocks carrying a prefix-cache entry.",
-            self.kv_blocks_cached.get(),
-        );
-        one("vllm:prompt_tokens_total", "counter", "Prompt tokens of admitted requests.", self.prompt_tokens.get());
-        one("vllm:generation_tokens_total", "counter", "Generated tokens.", self.generation_tokens.get());
-        one("vllm:num_preemptions_total", "counter", "Requests preempted to free KV blocks.", self.preemptions.get());
-        one(
+    /// Adds every engine metric to `f`.
+    pub fn collect(&self, f: &mut Families) {
+        f.gauge("vllm:num_requests_running", "Requests in the running batch.", self.requests_running.get());
+        f.gauge("vllm:num_requests_waiting", "Requests waiting for admission.", self.requests_waiting.get());
+        f.gauge("vllm:kv_cache_usage_perc", "Fraction of KV blocks held by requests (1 = full).", self.kv_usage.get());
+        f.gauge("tandem_kv_blocks_used", "KV blocks held by requests.", self.kv_blocks_used.get());
+        f.gauge("tandem_kv_blocks_cached", "KV blocks carrying a prefix-cache entry.", self.kv_blocks_cached.get());
+        f.counter("vllm:prompt_tokens_total", "Prompt tokens of admitted requests.", self.prompt_tokens.get());
+        f.counter("vllm:generation_tokens_total", "Generated tokens.", self.generation_tokens.get());
+        f.counter("vllm:num_preemptions_total", "Requests preempted to free KV blocks.", self.preemptions.get());
+        f.counter(
             "vllm:prefix_cache_queries_total",
-            "counter",
             "Prompt tokens looked up in the prefix cache.",
             self.prefix_cache_queries.get(),
         );
-        one(
+        f.counter(
             "vllm:prefix_cache_hits_total",
-            "counter",
             "Prompt tokens served by the prefix cache.",
             self.prefix_cache_hits.get(),
         );
         let q = self.prefix_cache_queries.get();
-        one(
+        f.gauge(
             "tandem_prefix_cache_hit_rate",
-            "gauge",
             "Prefix-cache hits over queries, in prompt tokens, since start.",
             if q > 0.0 { self.prefix_cache_hits.get() / q } else { 0.0 },
         );
-        let _ = writeln!(
-            o,
-            "# HELP vllm:request_success_total Finished requests by reason.\n# TYPE vllm:request_success_total counter"
-        );
-        for (reason, v) in
+        f.labelled(
+            "vllm:request_success_total",
+            "Finished requests by reason.",
+            true,
             [("stop", &self.finished_stop), ("length", &self.finished_length), ("abort", &self.finished_abort)]
-        {
-            let _ = writeln!(o, "vllm:request_success_total{{finished_reason=\"{reason}\"}} {}", v.get());
-        }
-        let _ = writeln!(
-            o,
-            "# HELP vllm:cache_config_info KV cache configuration.\n# TYPE vllm:cache_config_info gauge\n\
-             vllm:cache_config_info{{block_size=\"{}\",num_gpu_blocks=\"{}\",enable_prefix_caching=\"{}\"}} 1",
-            self.block_size, self.num_blocks, self.prefix_caching
+                .into_iter()
+                .map(|(reason, v)| (vec![("finished_reason", reason)], v.get())),
         );
-        self.ttft.render(&mut o, "vllm:time_to_first_token_seconds", "Time to first token.");
-        self.inter_token.render(&mut o, "vllm:time_per_output_token_seconds", "Time between output tokens.");
-        self.e2e.render(&mut o, "vllm:e2e_request_latency_seconds", "Arrival to finish.");
-        self.queue_time.render(&mut o, "vllm:request_queue_time_seconds", "Arrival to first admission.");
-        self.lora.render(&mut o);
-        self.train.render(&mut o);
-        o
+        let (bs, nb, pc) = (self.block_size.to_string(), self.num_blocks.to_string(), self.prefix_caching.to_string());
+        f.labelled(
+            "vllm:cache_config_info",
+            "KV cache configuration.",
+            false,
+            [(
+                vec![
+                    ("block_size", bs.as_str()),
+                    ("num_gpu_blocks", nb.as_str()),
+                    ("enable_prefix_caching", pc.as_str()),
+                ],
+                1.0,
+            )],
+        );
+        f.histogram("vllm:time_to_first_token_seconds", "Time to first token.", &self.ttft);
+        f.histogram("vllm:time_per_output_token_seconds", "Time between output tokens.", &self.inter_token);
+        f.histogram("vllm:e2e_request_latency_seconds", "Arrival to finish.", &self.e2e);
+        f.histogram("vllm:request_queue_time_seconds", "Arrival to first admission.", &self.queue_time);
+        self.lora.collect(f);
+        self.train.collect(f);
+    }
+
+    /// The engine's metrics alone in the text format (tests, benches).
+    pub fn render(&self) -> String {
+        let mut f = Families::default();
+        self.collect(&mut f);
+        expose(f).expect("the engine's metric families are valid")
     }
 }
 
@@ -377,12 +460,24 @@ mod tests {
         for v in [0.5, 1.5, 1.7, 9.0] {
             h.observe(v);
         }
-        let mut s = String::new();
-        h.render(&mut s, "x", "h");
+        let mut f = Families::default();
+        f.histogram("x", "h", &h);
+        let s = expose(f).unwrap();
         assert!(s.contains("x_bucket{le=\"1\"} 1\n"), "{s}");
         assert!(s.contains("x_bucket{le=\"2\"} 3\n"), "{s}");
         assert!(s.contains("x_bucket{le=\"+Inf\"} 4\n"), "{s}");
         assert!(s.contains("x_count 4\n"), "{s}");
+    }
+
+    #[test]
+    fn invalid_families_are_refused_by_the_registry() {
+        let mut f = Families::default();
+        f.gauge("ok", "fine", 1.0);
+        f.gauge("ok", "twice", 2.0);
+        assert!(expose(f).is_err(), "a duplicate family");
+        let mut f = Families::default();
+        f.gauge("bad name", "spaces", 1.0);
+        assert!(expose(f).is_err(), "an invalid name");
     }
 
     #[test]

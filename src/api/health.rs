@@ -34,18 +34,19 @@ pub async fn version() -> Json<Version> {
 #[utoipa::path(get, path = "/metrics", responses((status = 200, content_type = "text/plain"), (status = 503)))]
 pub async fn metrics(State(st): State<AppState>) -> Result<Response, ApiError> {
     let ready = st.ready()?;
-    let mut text = ready.engine.metrics().render();
-    ready.loras.render_metrics(&mut text);
-    st.routes.render_metrics(&mut text);
+    let mut f = crate::metrics::Families::default();
+    ready.engine.metrics().collect(&mut f);
+    ready.loras.collect_metrics(&mut f);
+    st.routes.collect_metrics(&mut f);
     let w = &ready.weights;
-    text.push_str(&format!(
-        "# HELP tandem_model_info The served base model: how its weights are stored.\n\
-         # TYPE tandem_model_info gauge\ntandem_model_info{{quantization=\"{}\"}} 1\n\
-         # HELP tandem_model_weight_bytes Bytes of the base model's weights as stored.\n\
-         # TYPE tandem_model_weight_bytes gauge\ntandem_model_weight_bytes {}\n",
-        crate::metrics::escape_label(&w.quantization),
-        w.bytes
-    ));
+    f.labelled(
+        "tandem_model_info",
+        "The served base model: how its weights are stored.",
+        false,
+        [(vec![("quantization", w.quantization.as_str())], 1.0)],
+    );
+    f.gauge("tandem_model_weight_bytes", "Bytes of the base model's weights as stored.", w.bytes as f64);
+    let text = crate::metrics::expose(f).map_err(|e| ApiError::internal(format!("rendering metrics: {e}")))?;
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response())
 }
 

@@ -285,7 +285,7 @@ impl LoraRegistry {
     }
 
     /// Appends the registry's metrics in the Prometheus text format.
-    pub fn render_metrics(&self, o: &mut String) {
+    pub fn collect_metrics(&self, f: &mut crate::metrics::Families) {
         let (registered, resident, bytes) = {
             let st = self.lock();
             (st.entries.len(), st.entries.values().filter(|e| e.adapter.is_some()).count(), st.resident_bytes())
@@ -313,7 +313,11 @@ impl LoraRegistry {
             ),
         ];
         for (name, kind, help, v) in rows {
-            crate::metrics::write_metric(o, name, kind, help, v);
+            if kind == "counter" {
+                f.counter(name, help, v);
+            } else {
+                f.gauge(name, help, v);
+            }
         }
     }
 

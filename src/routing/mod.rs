@@ -283,41 +283,32 @@ impl Routes {
         }
     }
 
-    /// The route families in Prometheus' text format. Labels are aliases and
-    /// targets only (bounded by the table), never users or request ids.
-    pub fn render_metrics(&self, o: &mut String) {
-        use crate::metrics::escape_label as esc;
-        use std::fmt::Write;
+    /// The route families. Labels are aliases and targets only (bounded by
+    /// the table), never users or request ids.
+    pub fn collect_metrics(&self, f: &mut crate::metrics::Families) {
         let requests = self.requests.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let _ = writeln!(
-            o,
-            "# HELP tandem_route_requests_total Requests routed from an alias to a target.\n# TYPE tandem_route_requests_total counter"
+        f.labelled(
+            "tandem_route_requests_total",
+            "Requests routed from an alias to a target.",
+            true,
+            requests
+                .iter()
+                .map(|((alias, target), n)| (vec![("alias", alias.as_str()), ("target", target.as_str())], *n as f64)),
         );
-        for ((alias, target), n) in &requests {
-            let _ =
-                writeln!(o, "tandem_route_requests_total{{alias=\"{}\",target=\"{}\"}} {n}", esc(alias), esc(target));
-        }
         let shadows = self.shadows.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let _ = writeln!(
-            o,
-            "# HELP tandem_route_shadow_requests_total Shadow copies of routed requests, by outcome (started, or dropped under load).\n# TYPE tandem_route_shadow_requests_total counter"
+        f.labelled(
+            "tandem_route_shadow_requests_total",
+            "Shadow copies of routed requests, by outcome (started, or dropped under load).",
+            true,
+            shadows.iter().flat_map(|((alias, target), (started, dropped))| {
+                [("started", *started), ("dropped", *dropped)].map(|(outcome, n)| {
+                    (vec![("alias", alias.as_str()), ("target", target.as_str()), ("outcome", outcome)], n as f64)
+                })
+            }),
         );
-        for ((alias, target), (started, dropped)) in &shadows {
-            for (outcome, n) in [("started", started), ("dropped", dropped)] {
-                let _ = writeln!(
-                    o,
-                    "tandem_route_shadow_requests_total{{alias=\"{}\",target=\"{}\",outcome=\"{outcome}\"}} {n}",
-                    esc(alias),
-                    esc(target)
-                );
-            }
-        }
-        let table = self.snapshot();
-        crate::metrics::write_metric(o, "tandem_routes", "gauge", "Routes (aliases) in the table.", table.len() as f64);
-        crate::metrics::write_metric(
-            o,
+        f.gauge("tandem_routes", "Routes (aliases) in the table.", self.snapshot().len() as f64);
+        f.counter(
             "tandem_route_changes_total",
-            "counter",
             "Routes created, replaced or deleted since start.",
             self.changes.load(Ordering::Relaxed) as f64,
         );
@@ -476,8 +467,9 @@ mod tests {
         assert!(routes.delete("chat", || Ok(())).unwrap() && !routes.delete("chat", || Ok(())).unwrap());
         assert!(routes.snapshot().is_empty());
         routes.count("chat", "base");
-        let mut text = String::new();
-        routes.render_metrics(&mut text);
+        let mut f = crate::metrics::Families::default();
+        routes.collect_metrics(&mut f);
+        let text = crate::metrics::expose(f).unwrap();
         assert!(text.contains("tandem_route_requests_total{alias=\"chat\",target=\"base\"} 1"), "{text}");
         assert!(text.contains("tandem_route_changes_total 3"), "{text}");
     }

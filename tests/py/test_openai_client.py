@@ -66,6 +66,24 @@ def test_health(http):
     assert http.get("/health").status_code == 200
 
 
+def test_metrics_exposition_parses_whole(client, model, http):
+    """/metrics is read by a Prometheus text-format parser (prometheus_client's),
+    every family of it, and counts what this test did."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def generated():
+        fams = {f.name: f for f in text_string_to_metric_families(http.get("/metrics").text)}
+        for name in ["vllm:num_requests_running", "vllm:kv_cache_usage_perc", "vllm:time_to_first_token_seconds",
+                     "vllm:request_success", "tandem_model_info", "tandem_lora_slots_total"]:
+            assert name in fams, f"{name} missing from {sorted(fams)}"
+        assert fams["vllm:time_to_first_token_seconds"].type == "histogram"
+        return sum(s.value for s in fams["vllm:generation_tokens"].samples if s.name.endswith("_total"))
+
+    before = generated()
+    client.completions.create(model=model, prompt="one two", max_tokens=3, extra_body={"ignore_eos": True})
+    assert generated() - before == 3
+
+
 def test_models_list(client, model):
     page = client.models.list()
     ids = [m.id for m in page.data]
