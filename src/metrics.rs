@@ -73,27 +73,44 @@ impl Families {
     }
 
     fn histogram(&mut self, name: &str, help: &str, h: &Histogram) {
-        let s = h.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let mut acc = 0;
-        let buckets = h
-            .bounds
-            .iter()
-            .zip(&s.counts)
-            .map(|(&b, &c)| {
-                acc += c;
-                let mut bucket = proto::Bucket::default();
-                bucket.set_upper_bound(b);
-                bucket.set_cumulative_count(acc);
-                bucket
+        self.histograms(name, help, [(vec![], h)]);
+    }
+
+    /// A family of labelled histograms (one with none is left out of the scrape).
+    pub fn histograms<'a>(
+        &mut self,
+        name: &str,
+        help: &str,
+        items: impl IntoIterator<Item = (Vec<(&'a str, &'a str)>, &'a Histogram)>,
+    ) {
+        let metrics = items
+            .into_iter()
+            .map(|(labels, h)| {
+                let s = h.state.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                let mut acc = 0;
+                let buckets = h
+                    .bounds
+                    .iter()
+                    .zip(&s.counts)
+                    .map(|(&b, &c)| {
+                        acc += c;
+                        let mut bucket = proto::Bucket::default();
+                        bucket.set_upper_bound(b);
+                        bucket.set_cumulative_count(acc);
+                        bucket
+                    })
+                    .collect();
+                let mut ph = proto::Histogram::default();
+                ph.set_bucket(buckets);
+                ph.set_sample_count(s.count);
+                ph.set_sample_sum(s.sum);
+                let mut m = proto::Metric::default();
+                m.set_label(label_pairs(&labels));
+                m.set_histogram(ph);
+                m
             })
             .collect();
-        let mut ph = proto::Histogram::default();
-        ph.set_bucket(buckets);
-        ph.set_sample_count(s.count);
-        ph.set_sample_sum(s.sum);
-        let mut m = proto::Metric::default();
-        m.set_histogram(ph);
-        self.family(name, help, MetricType::HISTOGRAM, vec![m]);
+        self.family(name, help, MetricType::HISTOGRAM, metrics);
     }
 }
 
@@ -150,6 +167,12 @@ pub struct Histogram {
     state: Mutex<HistogramState>,
 }
 
+impl std::fmt::Debug for Histogram {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Histogram").field("count", &self.count()).finish()
+    }
+}
+
 #[derive(Default, Clone)]
 struct HistogramState {
     /// Non-cumulative counts per bucket, plus one for +Inf.
@@ -175,11 +198,11 @@ impl Histogram {
 }
 
 // vLLM's bucket bounds for these families.
-const TTFT_BUCKETS: &[f64] =
+pub const TTFT_BUCKETS: &[f64] =
     &[0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
 const ITL_BUCKETS: &[f64] =
     &[0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0];
-const E2E_BUCKETS: &[f64] =
+pub const E2E_BUCKETS: &[f64] =
     &[0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0];
 
 pub struct Metrics {

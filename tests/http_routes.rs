@@ -142,6 +142,36 @@ async fn routes_split_stick_change_and_survive_a_restart() {
     assert_eq!(started.unwrap() + dropped.unwrap(), 1.0, "{m}");
     assert_eq!(metric(&m, "tandem_routes"), Some(2.0));
 
+    // Per-target latency and errors: a request refused after the route chose
+    // its target (a bad temperature) counts against that target, and its
+    // response still names the target.
+    let u0_target = predicted(split_50_50.clone(), "user-0");
+    let r = reqwest::Client::new()
+        .post(s.url("/v1/completions"))
+        .json(&json!({"model": "chat", "user": "user-0", "prompt": [5], "temperature": -1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    assert_eq!(r.headers()["x-tandem-route-target"], u0_target.as_str());
+    let errors = format!("tandem_route_errors_total{{alias=\"chat\",target=\"{u0_target}\"}}");
+    let timed = "tandem_route_e2e_seconds_count{alias=\"chat\",target=\"a\"}";
+    let first = "tandem_route_first_byte_seconds_count{alias=\"chat\",target=\"a\"}";
+    // Recorded when each response body is dropped: poll briefly.
+    // Every response routed to `a` (the refused one too) is timed.
+    let routed = "tandem_route_requests_total{alias=\"chat\",target=\"a\"}";
+    let mut m = s.metrics().await;
+    for _ in 0..40 {
+        if metric(&m, &errors) == Some(1.0) && metric(&m, timed) == metric(&m, routed) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        m = s.metrics().await;
+    }
+    assert_eq!(metric(&m, &errors), Some(1.0), "{m}");
+    assert_eq!(metric(&m, timed), metric(&m, routed), "{m}");
+    assert_eq!(metric(&m, first), metric(&m, routed), "{m}");
+
     // Delete, then the alias is unknown.
     let r = reqwest::Client::new().delete(s.url("/admin/routes/tenant")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);

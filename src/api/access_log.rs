@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::body::Body;
-use axum::extract::Request;
+use axum::extract::{Request, State};
 use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::Response;
@@ -45,7 +45,8 @@ impl Tally {
 #[derive(Debug, Clone)]
 pub struct Served {
     pub model: String,
-    pub target: Option<String>,
+    /// (alias, target) when `model` was a route's alias.
+    pub route: Option<(String, String)>,
 }
 
 /// The API key's name (a response extension set by the auth layer).
@@ -63,7 +64,7 @@ fn request_id(req: &Request) -> String {
         .unwrap_or_else(|| crate::store::new_id("req-"))
 }
 
-pub async fn layer(mut req: Request, next: Next) -> Response {
+pub async fn layer(State(st): State<super::AppState>, mut req: Request, next: Next) -> Response {
     let id = request_id(&req);
     let (method, path) = (req.method().to_string(), req.uri().path().to_string());
     let tally = Tally(Arc::new(TokenTally::default()));
@@ -74,7 +75,9 @@ pub async fn layer(mut req: Request, next: Next) -> Response {
     if let Ok(v) = HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", v);
     }
-    let line = AccessLine {
+    let mut line = AccessLine {
+        state: st,
+        first_byte: None,
         id,
         method,
         status: response.status().as_u16(),
@@ -86,14 +89,20 @@ pub async fn layer(mut req: Request, next: Next) -> Response {
         start,
     };
     let (parts, body) = response.into_parts();
+    // The line is written (and routed responses timed) when the stream is dropped.
     let stream = body.into_data_stream().map(move |chunk| {
-        let _logged_when_dropped = &line;
+        // Through the whole `line`: a closure naming only the (Copy) field
+        // would capture a copy of it and leave `line` to drop right here.
+        let line = &mut line;
+        line.first_byte.get_or_insert_with(Instant::now);
         chunk
     });
     Response::from_parts(parts, Body::from_stream(stream))
 }
 
 struct AccessLine {
+    state: super::AppState,
+    first_byte: Option<Instant>,
     id: String,
     method: String,
     path: String,
@@ -109,7 +118,12 @@ impl Drop for AccessLine {
     fn drop(&mut self) {
         let latency_ms = self.start.elapsed().as_secs_f64() * 1e3;
         let model = self.served.as_ref().map_or("", |s| s.model.as_str());
-        let target = self.served.as_ref().and_then(|s| s.target.as_deref()).unwrap_or("");
+        let target = self.served.as_ref().and_then(|s| s.route.as_ref()).map_or("", |(_, t)| t.as_str());
+        if let Some((alias, t)) = self.served.as_ref().and_then(|s| s.route.as_ref()) {
+            let first = self.first_byte.map(|f| f.duration_since(self.start).as_secs_f64());
+            let failed = !(200..300).contains(&self.status);
+            self.state.routes.observe(alias, t, first, latency_ms / 1e3, failed);
+        }
         let key = self.key.as_deref().unwrap_or("");
         let (prompt, completion) =
             (self.tally.0.prompt.load(Ordering::Relaxed), self.tally.0.completion.load(Ordering::Relaxed));

@@ -48,12 +48,28 @@ pub async fn create(
     let model =
         models::resolve(&st, req.model.as_deref(), req.adapter_id.as_deref(), req.adapter_source.as_deref(), key)
             .await?;
+    let (route, served) = (model.route.clone(), model.name.clone());
+    // A failure after a route chose the target counts against that target.
+    let response =
+        respond(&st, ready, req, model, caller, tally.map(|t| t.0)).await.unwrap_or_else(IntoResponse::into_response);
+    Ok(models::tag_response(&served, route.as_ref(), response))
+}
+
+/// The request once its model is resolved.
+async fn respond(
+    st: &AppState,
+    ready: &super::Ready,
+    req: ChatCompletionRequest,
+    model: models::Resolved,
+    caller: Option<crate::auth::Caller>,
+    tally: Option<super::access_log::Tally>,
+) -> Result<Response, ApiError> {
     let logprobs = params::chat_logprobs(req.logprobs, req.top_logprobs)?;
     let max_tokens = req.max_completion_tokens.or(req.max_tokens);
     let mut params = params::validate(&req.shared(), max_tokens, logprobs, ready.engine.info())?;
     params.adapter = model.target.adapter();
     params.meter = caller;
-    params.tally = tally.map(|t| t.0);
+    params.tally = tally;
     let messages = prepare_messages(&req.messages)?;
 
     let tok = &ready.tokenizer;
@@ -73,8 +89,7 @@ pub async fn create(
 
     let prompts = [prompt];
     let choices = generate::start_choices(ready, &params, &prompts, "messages")?;
-    super::routes::start_shadow(&st, &params, &prompts, &model).await;
-    let (route, served) = (model.route.clone(), model.name.clone());
+    super::routes::start_shadow(st, &params, &prompts, &model).await;
     let id = response_id("chatcmpl");
     let created = unix_now();
     if params.stream {
@@ -92,8 +107,7 @@ pub async fn create(
             tally: UsageTally::default(),
         };
         let deadline = sse::deadline(st.request_timeout());
-        let response = sse::respond(generate::merge(choices), renderer, deadline, st.server.request_timeout_s);
-        return Ok(models::tag_response(&served, route.as_ref(), response));
+        return Ok(sse::respond(generate::merge(choices), renderer, deadline, st.server.request_timeout_s));
     }
     let done = generate::collect_within(choices, st.request_timeout()).await?;
     let mut tally = UsageTally::default();
@@ -118,7 +132,7 @@ pub async fn create(
         choices,
         usage: tally.usage(),
     };
-    Ok(models::tag_response(&served, route.as_ref(), Json(resp).into_response()))
+    Ok(Json(resp).into_response())
 }
 
 /// The request's messages checked and normalised for the chat template

@@ -91,6 +91,22 @@ pub async fn create(
     let model =
         models::resolve(&st, req.model.as_deref(), req.adapter_id.as_deref(), req.adapter_source.as_deref(), key)
             .await?;
+    let (route, served) = (model.route.clone(), model.name.clone());
+    // A failure after a route chose the target counts against that target.
+    let response =
+        respond(&st, ready, req, model, caller, tally.map(|t| t.0)).await.unwrap_or_else(IntoResponse::into_response);
+    Ok(models::tag_response(&served, route.as_ref(), response))
+}
+
+/// The request once its model is resolved.
+async fn respond(
+    st: &AppState,
+    ready: &super::Ready,
+    req: CompletionRequest,
+    model: models::Resolved,
+    caller: Option<crate::auth::Caller>,
+    tally: Option<super::access_log::Tally>,
+) -> Result<Response, ApiError> {
     if req.suffix.as_deref().is_some_and(|s| !s.is_empty()) {
         return Err(ApiError::invalid_param("suffix", "suffix is not supported"));
     }
@@ -99,7 +115,7 @@ pub async fn create(
     let mut params = params::validate(&req.shared(), req.max_tokens, logprobs, ready.engine.info())?;
     params.adapter = model.target.adapter();
     params.meter = caller;
-    params.tally = tally.map(|t| t.0);
+    params.tally = tally;
     if echo {
         // The echoed prompt carries logprobs too (the first token's are null).
         params.prompt_logprobs = logprobs;
@@ -121,8 +137,7 @@ pub async fn create(
     }
 
     let choices = generate::start_choices(ready, &params, &prompts, "prompt")?;
-    super::routes::start_shadow(&st, &params, &prompts, &model).await;
-    let (route, served) = (model.route.clone(), model.name.clone());
+    super::routes::start_shadow(st, &params, &prompts, &model).await;
     let id = response_id("cmpl");
     let created = unix_now();
     let echo_texts: Vec<String> = if echo { prompt_texts } else { vec![String::new(); prompts.len()] };
@@ -143,8 +158,7 @@ pub async fn create(
             tally: UsageTally::default(),
         };
         let deadline = sse::deadline(st.request_timeout());
-        let response = sse::respond(generate::merge(choices), renderer, deadline, st.server.request_timeout_s);
-        return Ok(models::tag_response(&served, route.as_ref(), response));
+        return Ok(sse::respond(generate::merge(choices), renderer, deadline, st.server.request_timeout_s));
     }
     let done = generate::collect_within(choices, st.request_timeout()).await?;
     let mut tally = UsageTally::default();
@@ -177,7 +191,7 @@ pub async fn create(
         .collect();
     let resp =
         CompletionResponse { id, object: "text_completion", created, model: model.name, choices, usage: tally.usage() };
-    Ok(models::tag_response(&served, route.as_ref(), Json(resp).into_response()))
+    Ok(Json(resp).into_response())
 }
 
 struct CompletionChunks {

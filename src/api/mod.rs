@@ -180,8 +180,8 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state.clone())
         .merge(uploads)
-        .layer(axum::middleware::from_fn_with_state(state, auth::layer))
-        .layer(axum::middleware::from_fn(access_log::layer))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::layer))
+        .layer(axum::middleware::from_fn_with_state(state, access_log::layer))
 }
 
 #[derive(Debug, thiserror::Error)]

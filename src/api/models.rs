@@ -89,9 +89,10 @@ pub fn tag_response(
     route: Option<&RouteChoice>,
     mut response: axum::response::Response,
 ) -> axum::response::Response {
-    response
-        .extensions_mut()
-        .insert(super::access_log::Served { model: model.to_string(), target: route.map(|r| r.target.clone()) });
+    response.extensions_mut().insert(super::access_log::Served {
+        model: model.to_string(),
+        route: route.map(|r| (r.alias.clone(), r.target.clone())),
+    });
     if let Some(r) = route {
         let h = response.headers_mut();
         for (name, value) in [(ROUTE_ALIAS_HEADER, &r.alias), (ROUTE_TARGET_HEADER, &r.target)] {

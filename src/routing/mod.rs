@@ -218,7 +218,20 @@ pub struct Routes {
     requests: Mutex<BTreeMap<(String, String), u64>>,
     /// Per (alias, shadow target): shadow copies started and dropped.
     shadows: Mutex<BTreeMap<(String, String), (u64, u64)>>,
+    /// Per (alias, target): latencies and errors of the routed responses.
+    outcomes: Mutex<BTreeMap<(String, String), Arc<TargetStats>>>,
     changes: AtomicU64,
+}
+
+/// What the routed responses of one target looked like.
+#[derive(Debug)]
+pub struct TargetStats {
+    /// Arrival to the first byte of the response body (for a stream, about the first token).
+    first_byte: crate::metrics::Histogram,
+    /// Arrival to the end of the response body.
+    e2e: crate::metrics::Histogram,
+    /// Responses with a non-2xx status.
+    errors: AtomicU64,
 }
 
 impl Routes {
@@ -272,6 +285,30 @@ impl Routes {
         *m.entry((alias.to_string(), target.to_string())).or_default() += 1;
     }
 
+    /// Records one routed response: seconds to its first body byte (if any),
+    /// to its end, and whether it failed (a non-2xx status).
+    pub fn observe(&self, alias: &str, target: &str, first_byte_s: Option<f64>, e2e_s: f64, failed: bool) {
+        let stats = {
+            let mut m = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
+            m.entry((alias.to_string(), target.to_string()))
+                .or_insert_with(|| {
+                    Arc::new(TargetStats {
+                        first_byte: crate::metrics::Histogram::new(crate::metrics::TTFT_BUCKETS),
+                        e2e: crate::metrics::Histogram::new(crate::metrics::E2E_BUCKETS),
+                        errors: AtomicU64::new(0),
+                    })
+                })
+                .clone()
+        };
+        if let Some(t) = first_byte_s {
+            stats.first_byte.observe(t);
+        }
+        stats.e2e.observe(e2e_s);
+        if failed {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Counts a shadow copy of a request: started, or dropped under load.
     pub fn count_shadow(&self, alias: &str, target: &str, dropped: bool) {
         let mut m = self.shadows.lock().unwrap_or_else(|e| e.into_inner());
@@ -305,6 +342,26 @@ impl Routes {
                     (vec![("alias", alias.as_str()), ("target", target.as_str()), ("outcome", outcome)], n as f64)
                 })
             }),
+        );
+        let outcomes = self.outcomes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        fn labels((alias, target): &(String, String)) -> Vec<(&str, &str)> {
+            vec![("alias", alias.as_str()), ("target", target.as_str())]
+        }
+        f.histograms(
+            "tandem_route_first_byte_seconds",
+            "Arrival to the first byte of a routed response (for a stream, about its first token), per target.",
+            outcomes.iter().map(|(k, s)| (labels(k), &s.first_byte)),
+        );
+        f.histograms(
+            "tandem_route_e2e_seconds",
+            "Arrival to the end of a routed response, per target.",
+            outcomes.iter().map(|(k, s)| (labels(k), &s.e2e)),
+        );
+        f.labelled(
+            "tandem_route_errors_total",
+            "Routed responses with a non-2xx status, per target.",
+            true,
+            outcomes.iter().map(|(k, s)| (labels(k), s.errors.load(Ordering::Relaxed) as f64)),
         );
         f.gauge("tandem_routes", "Routes (aliases) in the table.", self.snapshot().len() as f64);
         f.counter(
