@@ -15,7 +15,7 @@ use super::generate::{self, ChoiceEvent};
 use super::protocol::CompletionRequest;
 use super::responses::{response_id, unix_now, CompletionChoice, CompletionLogprobs, CompletionResponse, UsageTally};
 use super::sse::{self, ChunkHeader, ChunkRenderer};
-use super::{json, models, params, AppState};
+use super::{models, params, AppState};
 use crate::tokenizer::Tokenizer;
 
 /// One prompt as the client gave it.
@@ -83,19 +83,7 @@ pub async fn create(
     headers: axum::http::HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Response, ApiError> {
-    let caller = caller.map(|c| c.0);
-    let body = body?;
-    let ready = st.ready()?;
-    let req: CompletionRequest = json::parse(&body)?;
-    let key = models::RouteKey { user: req.user.as_deref(), headers: &headers, caller: caller.as_ref() };
-    let model =
-        models::resolve(&st, req.model.as_deref(), req.adapter_id.as_deref(), req.adapter_source.as_deref(), key)
-            .await?;
-    let (route, served) = (model.route.clone(), model.name.clone());
-    // A failure after a route chose the target counts against that target.
-    let response =
-        respond(&st, ready, req, model, caller, tally.map(|t| t.0)).await.unwrap_or_else(IntoResponse::into_response);
-    Ok(models::tag_response(&served, route.as_ref(), response))
+    super::endpoint::handle::<CompletionRequest>(st, caller, tally, headers, body, respond).await
 }
 
 /// The request once its model is resolved.

@@ -18,6 +18,7 @@ pub mod adapters;
 pub mod auth;
 pub mod chat;
 pub mod completions;
+pub mod endpoint;
 pub mod error;
 pub mod files;
 pub mod fine_tuning;

@@ -170,6 +170,17 @@ macro_rules! generation_request {
             pub adapter_source: Option<String>,
         }
 
+        impl crate::api::endpoint::ModelRequest for $name {
+            fn model_fields(&self) -> crate::api::endpoint::ModelFields<'_> {
+                crate::api::endpoint::ModelFields {
+                    model: self.model.as_deref(),
+                    adapter_id: self.adapter_id.as_deref(),
+                    adapter_source: self.adapter_source.as_deref(),
+                    user: self.user.as_deref(),
+                }
+            }
+        }
+
         impl $name {
             /// The fields both endpoints share, for `params::validate`.
             pub fn shared(&self) -> crate::api::params::Shared<'_> {
