@@ -141,6 +141,21 @@ async fn routes_split_stick_change_and_survive_a_restart() {
     let dropped = metric(&m, "tandem_route_shadow_requests_total{alias=\"tenant\",target=\"a\",outcome=\"dropped\"}");
     assert_eq!(started.unwrap() + dropped.unwrap(), 1.0, "{m}");
     assert_eq!(metric(&m, "tandem_routes"), Some(2.0));
+    // A shadow that ran is timed and its tokens counted, beside the primary's.
+    if started == Some(1.0) {
+        let timed = "tandem_route_shadow_e2e_seconds_count{alias=\"tenant\",target=\"a\"}";
+        let mut m = s.metrics().await;
+        for _ in 0..100 {
+            if metric(&m, timed) == Some(1.0) {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            m = s.metrics().await;
+        }
+        assert_eq!(metric(&m, timed), Some(1.0), "{m}");
+        let tokens = metric(&m, "tandem_route_shadow_completion_tokens_total{alias=\"tenant\",target=\"a\"}");
+        assert!(tokens.unwrap() >= 1.0, "{m}");
+    }
 
     // Per-target latency and errors: a request refused after the route chose
     // its target (a bad temperature) counts against that target, and its
@@ -171,6 +186,8 @@ async fn routes_split_stick_change_and_survive_a_restart() {
     assert_eq!(metric(&m, &errors), Some(1.0), "{m}");
     assert_eq!(metric(&m, timed), metric(&m, routed), "{m}");
     assert_eq!(metric(&m, first), metric(&m, routed), "{m}");
+    let tokens = metric(&m, "tandem_route_completion_tokens_total{alias=\"chat\",target=\"a\"}").unwrap();
+    assert!(tokens >= routed_to_a, "one token per successful request to a: {tokens}");
 
     // Delete, then the alias is unknown.
     let r = reqwest::Client::new().delete(s.url("/admin/routes/tenant")).send().await.unwrap();

@@ -119,14 +119,14 @@ impl Drop for AccessLine {
         let latency_ms = self.start.elapsed().as_secs_f64() * 1e3;
         let model = self.served.as_ref().map_or("", |s| s.model.as_str());
         let target = self.served.as_ref().and_then(|s| s.route.as_ref()).map_or("", |(_, t)| t.as_str());
-        if let Some((alias, t)) = self.served.as_ref().and_then(|s| s.route.as_ref()) {
-            let first = self.first_byte.map(|f| f.duration_since(self.start).as_secs_f64());
-            let failed = !(200..300).contains(&self.status);
-            self.state.routes.observe(alias, t, first, latency_ms / 1e3, failed);
-        }
         let key = self.key.as_deref().unwrap_or("");
         let (prompt, completion) =
             (self.tally.0.prompt.load(Ordering::Relaxed), self.tally.0.completion.load(Ordering::Relaxed));
+        if let Some((alias, t)) = self.served.as_ref().and_then(|s| s.route.as_ref()) {
+            let first = self.first_byte.map(|f| f.duration_since(self.start).as_secs_f64());
+            let failed = !(200..300).contains(&self.status);
+            self.state.routes.observe(alias, t, first, latency_ms / 1e3, completion, failed);
+        }
         macro_rules! line {
             ($level:ident) => {
                 tracing::$level!(

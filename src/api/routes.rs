@@ -149,8 +149,13 @@ pub async fn start_shadow(st: &AppState, params: &GenParams, prompts: &[Vec<u32>
         Ok(choices) => {
             st.routes.count_shadow(&choice.alias, shadow, false);
             let timeout = st.request_timeout();
+            let (st, alias, shadow) = (st.clone(), choice.alias.clone(), shadow.clone());
+            let start = std::time::Instant::now();
             tokio::spawn(async move {
-                let _ = generate::collect_within(choices, timeout).await;
+                // Its latency and length, beside the primary's per-target figures.
+                let done = generate::collect_within(choices, timeout).await;
+                let tokens = done.as_ref().map_or(0, |d| d.iter().map(|c| c.outcome.completion_tokens as u64).sum());
+                st.routes.observe_shadow(&alias, &shadow, start.elapsed().as_secs_f64(), tokens, done.is_err());
             });
         }
         Err(_) => st.routes.count_shadow(&choice.alias, shadow, true),

@@ -220,6 +220,8 @@ pub struct Routes {
     shadows: Mutex<BTreeMap<(String, String), (u64, u64)>>,
     /// Per (alias, target): latencies and errors of the routed responses.
     outcomes: Mutex<BTreeMap<(String, String), Arc<TargetStats>>>,
+    /// Per (alias, shadow target): the same for the shadow copies.
+    shadow_outcomes: Mutex<BTreeMap<(String, String), Arc<TargetStats>>>,
     changes: AtomicU64,
 }
 
@@ -230,8 +232,26 @@ pub struct TargetStats {
     first_byte: crate::metrics::Histogram,
     /// Arrival to the end of the response body.
     e2e: crate::metrics::Histogram,
-    /// Responses with a non-2xx status.
+    /// Responses with a non-2xx status (shadows: that failed).
     errors: AtomicU64,
+    /// Tokens generated.
+    tokens: AtomicU64,
+}
+
+impl TargetStats {
+    fn new() -> Arc<Self> {
+        Arc::new(Self {
+            first_byte: crate::metrics::Histogram::new(crate::metrics::TTFT_BUCKETS),
+            e2e: crate::metrics::Histogram::new(crate::metrics::E2E_BUCKETS),
+            errors: AtomicU64::new(0),
+            tokens: AtomicU64::new(0),
+        })
+    }
+}
+
+fn stats_for(map: &Mutex<BTreeMap<(String, String), Arc<TargetStats>>>, alias: &str, target: &str) -> Arc<TargetStats> {
+    let mut m = map.lock().unwrap_or_else(|e| e.into_inner());
+    m.entry((alias.to_string(), target.to_string())).or_insert_with(TargetStats::new).clone()
 }
 
 impl Routes {
@@ -286,24 +306,24 @@ impl Routes {
     }
 
     /// Records one routed response: seconds to its first body byte (if any),
-    /// to its end, and whether it failed (a non-2xx status).
-    pub fn observe(&self, alias: &str, target: &str, first_byte_s: Option<f64>, e2e_s: f64, failed: bool) {
-        let stats = {
-            let mut m = self.outcomes.lock().unwrap_or_else(|e| e.into_inner());
-            m.entry((alias.to_string(), target.to_string()))
-                .or_insert_with(|| {
-                    Arc::new(TargetStats {
-                        first_byte: crate::metrics::Histogram::new(crate::metrics::TTFT_BUCKETS),
-                        e2e: crate::metrics::Histogram::new(crate::metrics::E2E_BUCKETS),
-                        errors: AtomicU64::new(0),
-                    })
-                })
-                .clone()
-        };
+    /// to its end, tokens generated, and whether it failed (a non-2xx status).
+    pub fn observe(&self, alias: &str, target: &str, first_byte_s: Option<f64>, e2e_s: f64, tokens: u64, failed: bool) {
+        let stats = stats_for(&self.outcomes, alias, target);
         if let Some(t) = first_byte_s {
             stats.first_byte.observe(t);
         }
         stats.e2e.observe(e2e_s);
+        stats.tokens.fetch_add(tokens, Ordering::Relaxed);
+        if failed {
+            stats.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Records one finished shadow copy: its duration, tokens, and failure.
+    pub fn observe_shadow(&self, alias: &str, target: &str, e2e_s: f64, tokens: u64, failed: bool) {
+        let stats = stats_for(&self.shadow_outcomes, alias, target);
+        stats.e2e.observe(e2e_s);
+        stats.tokens.fetch_add(tokens, Ordering::Relaxed);
         if failed {
             stats.errors.fetch_add(1, Ordering::Relaxed);
         }
@@ -362,6 +382,30 @@ impl Routes {
             "Routed responses with a non-2xx status, per target.",
             true,
             outcomes.iter().map(|(k, s)| (labels(k), s.errors.load(Ordering::Relaxed) as f64)),
+        );
+        f.labelled(
+            "tandem_route_completion_tokens_total",
+            "Tokens generated for routed requests, per target.",
+            true,
+            outcomes.iter().map(|(k, s)| (labels(k), s.tokens.load(Ordering::Relaxed) as f64)),
+        );
+        let shadow = self.shadow_outcomes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        f.histograms(
+            "tandem_route_shadow_e2e_seconds",
+            "Duration of a finished shadow copy, per shadow target (compare tandem_route_e2e_seconds).",
+            shadow.iter().map(|(k, s)| (labels(k), &s.e2e)),
+        );
+        f.labelled(
+            "tandem_route_shadow_completion_tokens_total",
+            "Tokens the shadow copies generated, per shadow target (compare tandem_route_completion_tokens_total).",
+            true,
+            shadow.iter().map(|(k, s)| (labels(k), s.tokens.load(Ordering::Relaxed) as f64)),
+        );
+        f.labelled(
+            "tandem_route_shadow_errors_total",
+            "Shadow copies that failed, per shadow target.",
+            true,
+            shadow.iter().map(|(k, s)| (labels(k), s.errors.load(Ordering::Relaxed) as f64)),
         );
         f.gauge("tandem_routes", "Routes (aliases) in the table.", self.snapshot().len() as f64);
         f.counter(
