@@ -40,17 +40,25 @@ fn source(dir: &Path) -> (WeightSource, ModelConfig) {
     (WeightSource::QuantizedSafetensors(Arc::new(SafetensorsModel::open_dir(dir).unwrap()), quant), cfg)
 }
 
-/// The weight's values in natural input order, `[rows, cols]`.
+/// The weight's values in natural input order, `[rows, cols]`, spelled out
+/// here independently of `HostWeight::dequantize_natural` (checked equal).
 fn natural(w: &HostWeight) -> Vec<f32> {
     let mut stored = vec![0f32; w.rows * w.cols];
     dequantize(w.kind, w.bytes.as_slice(), &mut stored).unwrap();
-    let Some(perm) = &w.input_perm else { return stored };
-    let mut out = vec![0f32; stored.len()];
-    for r in 0..w.rows {
-        for (j, &k) in perm.iter().enumerate() {
-            out[r * w.cols + k as usize] = stored[r * w.cols + j];
+    let out = match &w.input_perm {
+        None => stored,
+        Some(perm) => {
+            let mut out = vec![0f32; stored.len()];
+            for r in 0..w.rows {
+                for (j, &k) in perm.iter().enumerate() {
+                    out[r * w.cols + k as usize] = stored[r * w.cols + j];
+                }
+            }
+            out
         }
-    }
+    };
+    let lib = w.dequantize_natural().unwrap();
+    assert!(out.iter().zip(&lib).all(|(a, b)| a.to_bits() == b.to_bits()), "{}: dequantize_natural differs", w.name);
     out
 }
 
@@ -143,6 +151,63 @@ fn logits_greedy_and_lora_match_the_reference_stack() {
         eprintln!("{name}: LoRA logits max relative error {err:.2e}");
         assert!(err <= TOL, "{name}: LoRA logits max relative error {err:e}");
     }
+}
+
+/// `tandem merge` and `tandem quantize` read a quantised base as the server
+/// loads it (act-order put back in natural order): the merged model computes
+/// what peft computes on the quantised base with the adapter, and NF4 written
+/// from it equals `--quantize nf4` on loading it.
+#[test]
+fn merge_and_quantize_read_quantised_bases_in_natural_order() {
+    use tandem::export::{quantize_checkpoint, ExportFormat};
+    use tandem::merge::{merge, MergeDtype, MergeOptions};
+    let be = CpuBackend::new(2).unwrap();
+    for (name, _) in FORMATS {
+        let d = dir(name);
+        let golden = read_json(&d.join("golden.json"));
+        let adapter_dir = fixture(&format!("tiny/lora/{}", golden["lora_adapter"].as_str().unwrap()));
+        let tmp = tempfile::tempdir().unwrap();
+
+        let merged = tmp.path().join("merged");
+        let opts = MergeOptions { dtype: Some(MergeDtype::F32) };
+        merge(d.to_str().unwrap(), &adapter_dir, &merged, &opts).unwrap_or_else(|e| panic!("{name}: {}", chain(&e)));
+        let m = load_hf_dir(&be, &merged).unwrap().model;
+        let ids16 = ids(&golden["input_ids"]);
+        let err = max_rel_err(&all_logits(&be, &m, &ids16), &logits_rows(&golden, "lora_logits"));
+        eprintln!("{name}: merged logits vs peft's unmerged LoRA, max relative error {err:.2e}");
+        assert!(err <= TOL, "{name}: merged logits max relative error {err:e}");
+
+        let nf4 = tmp.path().join("nf4");
+        quantize_checkpoint(d.to_str().unwrap(), ExportFormat::Nf4, &nf4)
+            .unwrap_or_else(|e| panic!("{name}: {}", chain(&e)));
+        let (written, cfg) = source(&nf4);
+        let on_load = WeightSource::Requantized(Box::new(source(&d).0), QuantizeTarget::Nf4);
+        for t in [TensorName::Q(0), TensorName::Down(cfg.num_layers - 1), TensorName::O(1)] {
+            let (a, b) = (written.require(t, &cfg).unwrap(), on_load.require(t, &cfg).unwrap());
+            assert_eq!((a.kind, b.kind), (WeightKind::Nf4, WeightKind::Nf4), "{name} {t:?}");
+            let (a, b) = (a.dequantize_natural().unwrap(), b.dequantize_natural().unwrap());
+            assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()), "{name} {t:?}: written NF4 differs");
+        }
+    }
+}
+
+/// `--quantize` on an act-order base quantises the weight's natural rows, so
+/// the result multiplies inputs in their natural order.
+#[test]
+fn requantising_an_act_order_base_keeps_its_inputs_in_place() {
+    let d = dir("gptq-g64-asym-act-v1");
+    let (src, cfg) = source(&d);
+    let w = src.require(TensorName::Down(0), &cfg).unwrap();
+    assert!(w.input_perm.is_some(), "the fixture is act-order");
+    let natural_vals = natural(&w);
+    let requantized = WeightSource::Requantized(Box::new(source(&d).0), QuantizeTarget::Int8);
+    let q = requantized.require(TensorName::Down(0), &cfg).unwrap();
+    assert!(q.input_perm.is_none());
+    let got = q.dequantize_natural().unwrap();
+    // int8 with a per-group absmax scale: within half a step of each value.
+    let max = natural_vals.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let worst = got.iter().zip(&natural_vals).map(|(g, v)| (g - v).abs()).fold(0f32, f32::max);
+    assert!(worst <= max / 127.0, "requantised act-order weight is off by {worst} (max value {max})");
 }
 
 // ---- malformed checkpoints ----

@@ -78,6 +78,44 @@ impl HostWeight {
         Self { name, kind, rows, cols, bytes, input_perm: None }
     }
 
+    /// Rows `rows` of the weight as f32 `[rows.len(), cols]` in natural input
+    /// order (act-order rows are put back), rows dequantised in parallel. What
+    /// every reader of a weight's values outside the kernels uses (merge,
+    /// export, `--quantize`), so none of them can forget the permutation.
+    pub fn dequantize_rows(&self, rows: Range<usize>, out: &mut [f32]) -> Result<(), String> {
+        use rayon::prelude::*;
+        // Sizes and the permutation are checked once here, so the loop below
+        // can neither read past a row nor write past `out`.
+        self.validate().map_err(|e| e.to_string())?;
+        let cols = self.cols;
+        let rb = self.kind.row_bytes(cols).unwrap_or(0);
+        if rows.end > self.rows || out.len() != rows.len() * cols {
+            return Err(format!("rows {rows:?} of a [{}, {cols}] weight into {} values", self.rows, out.len()));
+        }
+        let bytes = self.bytes.as_slice();
+        let perm = self.input_perm.as_deref();
+        out.par_chunks_mut(cols).zip(bytes[rows.start * rb..rows.end * rb].par_chunks(rb)).try_for_each_init(
+            || perm.map(|_| vec![0f32; cols]),
+            |stored, (row, b)| match (stored, perm) {
+                (Some(stored), Some(perm)) => {
+                    crate::quant::ggml::dequantize(self.kind, b, stored).map_err(|e| e.to_string())?;
+                    for (&k, &v) in perm.iter().zip(stored.iter()) {
+                        row[k as usize] = v;
+                    }
+                    Ok(())
+                }
+                _ => crate::quant::ggml::dequantize(self.kind, b, row).map_err(|e| e.to_string()),
+            },
+        )
+    }
+
+    /// The whole weight as f32 `[rows, cols]` in natural input order.
+    pub fn dequantize_natural(&self) -> Result<Vec<f32>, String> {
+        let mut out = vec![0f32; self.rows * self.cols];
+        self.dequantize_rows(0..self.rows, &mut out)?;
+        Ok(out)
+    }
+
     /// Checks that the byte length matches kind and shape.
     pub fn validate(&self) -> Result<(), BackendError> {
         let bad = |reason: String| BackendError::BadWeight { name: self.name.clone(), reason };

@@ -8,6 +8,7 @@ use std::io::Write;
 use rayon::prelude::*;
 
 use crate::loader::gguf::{GgufFile, GgufValue};
+use crate::model::TensorName;
 use crate::quant::ggml::WeightKind;
 use crate::quant::on_load::{quantize, QuantizeTarget};
 
@@ -15,19 +16,7 @@ use super::ExportError;
 
 /// The projections of a llama-family GGUF (`blk.N.attn_q.weight`, ...).
 fn is_projection(name: &str) -> bool {
-    let Some(rest) = name.strip_prefix("blk.") else { return false };
-    let Some((layer, tail)) = rest.split_once('.') else { return false };
-    layer.parse::<usize>().is_ok()
-        && matches!(
-            tail,
-            "attn_q.weight"
-                | "attn_k.weight"
-                | "attn_v.weight"
-                | "attn_output.weight"
-                | "ffn_gate.weight"
-                | "ffn_up.weight"
-                | "ffn_down.weight"
-        )
+    TensorName::from_gguf(name).is_some_and(TensorName::is_projection)
 }
 
 /// llama.cpp's `llama_ftype` for the file's dominant kind (`general.file_type`).
@@ -46,6 +35,8 @@ pub(super) struct OutTensor {
     pub dims: Vec<u64>,
     pub kind: WeightKind,
     pub data: Vec<u8>,
+    /// A projection quantised to the target (else copied as it was).
+    pub requantized: bool,
 }
 
 /// The output's tensors, in the source's order.
@@ -54,14 +45,15 @@ pub(super) fn requantize(src: &GgufFile, target: QuantizeTarget) -> Result<Vec<O
         .par_iter()
         .map(|t| {
             let data = src.tensor_data(t);
-            let (kind, data) = if is_projection(&t.name) && t.dims.len() == 2 {
+            let requantized = is_projection(&t.name) && t.dims.len() == 2;
+            let (kind, data) = if requantized {
                 let (cols, rows) = (t.dims[0] as usize, t.dims[1] as usize);
                 quantize(target, t.ty, data, rows, cols)
                     .map_err(|reason| ExportError::Refused(format!("tensor '{}': {reason}", t.name)))?
             } else {
                 (t.ty, data.to_vec())
             };
-            Ok(OutTensor { name: t.name.clone(), dims: t.dims.clone(), kind, data })
+            Ok(OutTensor { name: t.name.clone(), dims: t.dims.clone(), kind, data, requantized })
         })
         .collect()
 }

@@ -27,7 +27,7 @@ use crate::loader::hub::{resolve_model, ModelSource};
 use crate::loader::safetensors::{serialize_with_metadata, StDtype};
 use crate::merge::{self, files, io_err, MergeDtype, Planned, Values};
 use crate::model::{ModelConfig, WeightSource};
-use crate::quant::ggml::{dequantize, WeightKind};
+use crate::quant::ggml::WeightKind;
 use crate::quant::on_load::QuantizeTarget;
 
 use hf::{HfQuant, Named};
@@ -129,11 +129,7 @@ fn write_gguf(spec: &str, path: &Path, format: ExportFormat, out: &Path) -> Resu
         .map_err(|e| ExportError::Model { spec: spec.into(), source: crate::model::ModelError::from(e) })?;
     let target = target_of(format);
     let tensors = gguf::requantize(&src, target)?;
-    let quantized = tensors
-        .iter()
-        .zip(&src.tensors)
-        .filter(|(t, s)| t.kind != s.ty || t.data.as_slice() != src.tensor_data(s))
-        .count();
+    let quantized = tensors.iter().filter(|t| t.requantized).count();
     let weights_bytes = publish_file(out, |w| gguf::write(&src, target, &tensors, w))?;
     Ok(ExportReport {
         out: out.to_path_buf(),
@@ -186,13 +182,23 @@ fn publish_file(
     })
 }
 
-/// The largest of 128, 64 and 32 that divides every projection's inputs:
-/// GPTQ's config holds one group size for the whole model.
+/// GPTQ's config holds one group size for the whole model: the one
+/// `--quantize int4` would pick for a layer with as many inputs as the
+/// greatest common divisor of every projection's.
 fn gptq_group(c: &ModelConfig) -> Result<usize, ExportError> {
     let inputs = [c.hidden_size, c.intermediate_size, c.num_heads * c.head_dim];
-    [128, 64, 32].into_iter().find(|g| inputs.iter().all(|i| i.is_multiple_of(*g))).ok_or_else(|| {
+    let gcd = inputs.iter().fold(0, |a, &b| gcd(a, b));
+    crate::quant::on_load::group_for(gcd).ok_or_else(|| {
         ExportError::Refused(format!("GPTQ needs layer inputs that are multiples of 32; this model has {inputs:?}"))
     })
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 {
+        a
+    } else {
+        gcd(b, a % b)
+    }
 }
 
 fn write_hf(spec: &str, format: ExportFormat, out: &Path) -> Result<ExportReport, ExportError> {
@@ -253,21 +259,10 @@ fn planned_tensors(
         Values::Zeros => vec![0f32; n],
         Values::Weight(name) => {
             let w = src.require(name, c).map_err(|e| bad(e.to_string()))?;
-            let mut stored = vec![0f32; n];
-            dequantize(w.kind, w.bytes.as_slice(), &mut stored).map_err(|e| bad(e.to_string()))?;
-            let vals = match &w.input_perm {
-                // Act-order rows hold their inputs permuted: back to the natural order.
-                Some(perm) => {
-                    let mut natural = vec![0f32; n];
-                    for (row_in, row_out) in stored.chunks_exact(cols).zip(natural.chunks_exact_mut(cols)) {
-                        for (j, &v) in row_in.iter().enumerate() {
-                            row_out[perm[j] as usize] = v;
-                        }
-                    }
-                    natural
-                }
-                None => stored,
-            };
+            if (w.rows, w.cols) != (rows, cols) {
+                return Err(bad(format!("shape [{}, {}] changed since it was checked", w.rows, w.cols)));
+            }
+            let vals = w.dequantize_natural().map_err(bad)?;
             if name.is_projection() {
                 let prefix = p.hf_name.strip_suffix(".weight").unwrap_or(&p.hf_name);
                 return hf::projection(quant, prefix, &vals, rows, cols, dtype.torch_name()).map_err(bad);

@@ -228,7 +228,13 @@ pub(crate) fn open_base(spec: &str) -> Result<(Base, ModelConfig, WeightSource),
             let text = std::fs::read_to_string(&cfg_path).map_err(|e| bad(e.to_string()))?;
             let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
             let config = ModelConfig::from_hf_json(&json)?;
-            let src = WeightSource::Safetensors(Arc::new(SafetensorsModel::open_dir(&dir)?));
+            let st = Arc::new(SafetensorsModel::open_dir(&dir)?);
+            // A GPTQ / AWQ / bitsandbytes base reads as the loader reads it:
+            // its projections dequantised, act-order put back.
+            let src = match crate::model::hf_quantization(&dir, &json)? {
+                Some(q) => WeightSource::QuantizedSafetensors(st, q),
+                None => WeightSource::Safetensors(st),
+            };
             Ok((Base::Hf { dir, json }, config, src))
         }
     }
@@ -341,6 +347,10 @@ fn check_nothing_dropped(base: &Base, c: &ModelConfig, src: &WeightSource, plan:
     let names: Vec<String> = match (base, src) {
         (Base::Gguf { file, .. }, _) => file.tensors.iter().map(|t| t.name.clone()).collect(),
         (Base::Hf { .. }, WeightSource::Safetensors(m)) => m.names().into_iter().map(str::to_string).collect(),
+        // Each packed tensor counts as the weight it stands for.
+        (Base::Hf { .. }, WeightSource::QuantizedSafetensors(m, _)) => {
+            m.names().into_iter().map(quantized_part_of).collect()
+        }
         _ => Vec::new(),
     };
     let skippable = |n: &str| {
@@ -355,6 +365,21 @@ fn check_nothing_dropped(base: &Base, c: &ModelConfig, src: &WeightSource, plan:
         )));
     }
     Ok(())
+}
+
+/// The weight a quantised checkpoint's tensor is part of: GPTQ/AWQ's
+/// `{p}.qweight|qzeros|scales|g_idx` and bitsandbytes' `{p}.weight.absmax`
+/// (and its other `weight.*` state) are all `{p}.weight`.
+fn quantized_part_of(name: &str) -> String {
+    if let Some(i) = name.find(".weight.") {
+        return name[..i + ".weight".len()].to_string();
+    }
+    for suffix in [".qweight", ".qzeros", ".scales", ".g_idx"] {
+        if let Some(prefix) = name.strip_suffix(suffix) {
+            return format!("{prefix}.weight");
+        }
+    }
+    name.to_string()
 }
 
 /// The base's float dtype when all its matrices share one, else bf16.

@@ -12,7 +12,6 @@ use serde_json::json;
 use crate::loader::safetensors::StDtype;
 use crate::lora::PeftMatrix;
 use crate::model::{ModelConfig, WeightSource};
-use crate::quant::ggml::dequantize;
 
 use super::{io_err, MergeDtype, MergeError, Planned, Values};
 
@@ -106,21 +105,13 @@ fn write_tensor(
     if (weight.rows, weight.cols) != (rows, cols) {
         return Err(TensorError::Bad(format!("shape [{}, {}] changed since it was checked", weight.rows, weight.cols)));
     }
-    let rb = weight.kind.row_bytes(cols).ok_or_else(|| TensorError::Bad("rows are not whole blocks".into()))?;
-    let bytes = weight.bytes.as_slice();
-    if bytes.len() != rb * rows {
-        return Err(TensorError::Bad(format!("{} bytes for {rows} rows of {rb}", bytes.len())));
-    }
     let chunk_rows = (CHUNK_ELEMENTS / cols).clamp(1, rows);
     let mut vals = vec![0f32; chunk_rows * cols];
     let mut out = vec![0u8; chunk_rows * cols * size];
     for r0 in (0..rows).step_by(chunk_rows) {
         let r1 = (r0 + chunk_rows).min(rows);
         let (vals, out) = (&mut vals[..(r1 - r0) * cols], &mut out[..(r1 - r0) * cols * size]);
-        vals.par_chunks_mut(cols)
-            .zip(bytes[r0 * rb..r1 * rb].par_chunks(rb))
-            .try_for_each(|(v, b)| dequantize(weight.kind, b, v))
-            .map_err(|e| TensorError::Bad(e.to_string()))?;
+        weight.dequantize_rows(r0..r1, vals).map_err(TensorError::Bad)?;
         if let Some(m) = p.lora {
             add_delta(vals, r0, cols, m);
         }

@@ -93,6 +93,22 @@ impl TensorName {
     }
 }
 
+impl TensorName {
+    /// The tensor a llama-family GGUF name stands for (the inverse of
+    /// [`TensorName::gguf`]), or `None` for a name tandem does not model.
+    pub fn from_gguf(name: &str) -> Option<TensorName> {
+        use TensorName::*;
+        let global = [Embed, FinalNorm, LmHead];
+        if let Some(n) = global.into_iter().find(|n| n.gguf() == name) {
+            return Some(n);
+        }
+        let layer: usize = name.strip_prefix("blk.")?.split_once('.')?.0.parse().ok()?;
+        let per_layer: [fn(usize) -> TensorName; 12] =
+            [AttnNorm, FfnNorm, Q, K, V, O, QBias, KBias, VBias, Gate, Up, Down];
+        per_layer.into_iter().map(|f| f(layer)).find(|n| n.gguf() == name)
+    }
+}
+
 /// A model file (or directory) that can hand out weights by [`TensorName`].
 pub enum WeightSource {
     Gguf(Arc<GgufFile>),
@@ -137,9 +153,11 @@ impl WeightSource {
                 if !name.is_projection() || *target == QuantizeTarget::None {
                     return Ok(Some(w));
                 }
+                let bad = |reason| WeightError::Bad { name: w.name.clone(), reason };
+                // Natural order: an act-order GPTQ weight's rows are stored permuted.
+                let vals = w.dequantize_natural().map_err(bad)?;
                 let (kind, bytes) =
-                    crate::quant::on_load::quantize(*target, w.kind, w.bytes.as_slice(), w.rows, w.cols)
-                        .map_err(|reason| WeightError::Bad { name: w.name.clone(), reason })?;
+                    crate::quant::on_load::quantize_values(*target, w.kind, &vals, w.rows, w.cols).map_err(bad)?;
                 Ok(Some(HostWeight::new(w.name, kind, w.rows, w.cols, WeightBytes::from_vec(bytes))))
             }
         }
@@ -233,4 +251,25 @@ fn st_weight(m: &SafetensorsModel, name: TensorName) -> Result<Option<HostWeight
     let range = file.tensor_range(&hname).ok_or_else(|| bad("no byte range".into()))?;
     let bytes = WeightBytes::new(file.mapped(), range).ok_or_else(|| bad("data lies outside the file".into()))?;
     Ok(Some(HostWeight::new(hname, kind, rows, cols, bytes)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::TensorName::{self, *};
+
+    #[test]
+    fn gguf_names_parse_back_to_the_tensor_they_name() {
+        let per_layer: [fn(usize) -> TensorName; 12] =
+            [AttnNorm, FfnNorm, Q, K, V, O, QBias, KBias, VBias, Gate, Up, Down];
+        let mut all = vec![Embed, FinalNorm, LmHead];
+        all.extend([0, 7, 31].iter().flat_map(|&i| per_layer.map(|f| f(i))));
+        for n in all {
+            assert_eq!(TensorName::from_gguf(&n.gguf()), Some(n), "{}", n.gguf());
+        }
+        for other in
+            ["rope_freqs.weight", "blk.x.attn_q.weight", "blk.0.attn_q.weightx", "blk.0", "blk..attn_q.weight", ""]
+        {
+            assert_eq!(TensorName::from_gguf(other), None, "{other:?}");
+        }
+    }
 }

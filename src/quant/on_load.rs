@@ -66,12 +66,12 @@ impl std::fmt::Display for QuantizeTarget {
 }
 
 /// The group size of the GPTQ-style targets for a layer of `cols` inputs.
-fn group_for(cols: usize) -> Option<usize> {
+pub(crate) fn group_for(cols: usize) -> Option<usize> {
     [128, 64, 32].into_iter().find(|g| cols.is_multiple_of(*g))
 }
 
-/// Quantises one `[rows, cols]` float weight (its bytes in `kind`) to
-/// `target`: the new kind and bytes.
+/// Quantises one `[rows, cols]` weight stored as `bytes` of `kind` (in
+/// natural input order) to `target`: the new kind and bytes.
 pub fn quantize(
     target: QuantizeTarget,
     kind: WeightKind,
@@ -79,32 +79,50 @@ pub fn quantize(
     rows: usize,
     cols: usize,
 ) -> Result<(WeightKind, Vec<u8>), String> {
-    if target != QuantizeTarget::None && !matches!(kind, WeightKind::F32 | WeightKind::F16 | WeightKind::BF16) {
+    if target == QuantizeTarget::None {
+        return Ok((kind, bytes.to_vec()));
+    }
+    let mut w = vec![0f32; rows * cols];
+    dequantize(kind, bytes, &mut w).map_err(|e| e.to_string())?;
+    quantize_values(target, kind, &w, rows, cols)
+}
+
+/// Quantises the `[rows, cols]` values `w` (natural input order), which were
+/// stored as `from`, to `target` (not `None`): the new kind and bytes.
+pub fn quantize_values(
+    target: QuantizeTarget,
+    from: WeightKind,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+) -> Result<(WeightKind, Vec<u8>), String> {
+    if !matches!(from, WeightKind::F32 | WeightKind::F16 | WeightKind::BF16) {
         static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
         if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
             tracing::warn!(
-                "--quantize {target} requantises weights that are already {kind:?} \
+                "--quantize {target} requantises weights that are already {from:?} \
                  (dequantised, then quantised again: both roundings count)"
             );
         }
     }
-    let mut w = vec![0f32; rows * cols];
-    dequantize(kind, bytes, &mut w).map_err(|e| e.to_string())?;
+    if w.len() != rows * cols {
+        return Err(format!("{} values for a [{rows}, {cols}] weight", w.len()));
+    }
     match target {
-        QuantizeTarget::None => Ok((kind, bytes.to_vec())),
-        QuantizeTarget::Nf4 => Ok((WeightKind::Nf4, bnb::quantize(WeightKind::Nf4, &w, cols)?)),
-        QuantizeTarget::Fp4 => Ok((WeightKind::Fp4, bnb::quantize(WeightKind::Fp4, &w, cols)?)),
+        QuantizeTarget::None => Err("no quantisation target given".into()),
+        QuantizeTarget::Nf4 => Ok((WeightKind::Nf4, bnb::quantize(WeightKind::Nf4, w, cols)?)),
+        QuantizeTarget::Fp4 => Ok((WeightKind::Fp4, bnb::quantize(WeightKind::Fp4, w, cols)?)),
         QuantizeTarget::Int4 | QuantizeTarget::Int8 => {
             let bits = if target == QuantizeTarget::Int4 { 4 } else { 8 };
             let group = group_for(cols).ok_or_else(|| format!("{cols} inputs is not a multiple of 32"))?;
-            let r = gptq::quantize_rtn(bits, &w, rows, cols, group)?.rewrite()?;
+            let r = gptq::quantize_rtn(bits, w, rows, cols, group)?.rewrite()?;
             Ok((r.kind, r.bytes))
         }
-        QuantizeTarget::Q8_0 => Ok((WeightKind::Q8_0, gguf_quantize::quantize_q8_0(&w, cols)?)),
+        QuantizeTarget::Q8_0 => Ok((WeightKind::Q8_0, gguf_quantize::quantize_q8_0(w, cols)?)),
         QuantizeTarget::Q4K if cols.is_multiple_of(gguf_quantize::QK_K) => {
-            Ok((WeightKind::Q4K, gguf_quantize::quantize_q4_k(&w, cols)?))
+            Ok((WeightKind::Q4K, gguf_quantize::quantize_q4_k(w, cols)?))
         }
-        QuantizeTarget::Q4K => Ok((WeightKind::Q5_0, gguf_quantize::quantize_q5_0(&w, cols)?)),
+        QuantizeTarget::Q4K => Ok((WeightKind::Q5_0, gguf_quantize::quantize_q5_0(w, cols)?)),
     }
 }
 
