@@ -243,3 +243,78 @@ async fn route_updates_under_64_streams_fail_no_request() {
         assert!(events.iter().all(|e| e.get("error").is_none()), "{events:?}");
     }
 }
+
+/// Shadow agreement: a shadow that is the primary's own model agrees on its
+/// first tokens for greedy requests; a sampled, unseeded request is not
+/// compared (it would differ by chance).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shadow_first_tokens_are_compared_with_the_primary() {
+    let data = tempfile::tempdir().unwrap();
+    let s = Server::start(&fixture(MODEL), &config(data.path())).await;
+    let mirror = json!({"targets": [{"model": "a", "weight": 1}], "shadow": {"model": "a", "fraction": 1.0, "compare_tokens": 4}});
+    let (st, v) = put_route(&s, "mirror", mirror).await;
+    assert_eq!(st, 200, "{v}");
+    assert_eq!(v["shadow"]["compare_tokens"], 4);
+    let complete = |body: Value| {
+        let url = s.url("/v1/completions");
+        async move {
+            let r = reqwest::Client::new().post(url).json(&body).send().await.unwrap();
+            assert_eq!(r.status().as_u16(), 200);
+            r.json::<Value>().await.unwrap()
+        }
+    };
+    let started = "tandem_route_shadow_requests_total{alias=\"mirror\",target=\"a\",outcome=\"started\"}";
+    let agreed = "tandem_route_shadow_comparisons_total{alias=\"mirror\",target=\"a\",outcome=\"agree\"}";
+    let disagreed = "tandem_route_shadow_comparisons_total{alias=\"mirror\",target=\"a\",outcome=\"disagree\"}";
+    let prefix = "tandem_route_shadow_common_prefix_tokens_total{alias=\"mirror\",target=\"a\"}";
+    // A shadow is dropped while requests wait, so ask until one has started.
+    let mut runs = 0.0;
+    for _ in 0..20 {
+        complete(
+            json!({"model": "mirror", "prompt": [5, 6, 7], "max_tokens": 6, "temperature": 0, "ignore_eos": true}),
+        )
+        .await;
+        runs = metric(&s.metrics().await, started).unwrap_or(0.0);
+        if runs >= 1.0 {
+            break;
+        }
+    }
+    assert!(runs >= 1.0, "no shadow copy started in 20 requests");
+    let mut m = s.metrics().await;
+    for _ in 0..100 {
+        if metric(&m, agreed).unwrap_or(0.0) + metric(&m, disagreed).unwrap_or(0.0) >= runs {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        m = s.metrics().await;
+    }
+    assert_eq!(metric(&m, agreed), Some(runs), "{m}");
+    assert_eq!(metric(&m, disagreed), Some(0.0), "{m}");
+    assert_eq!(metric(&m, prefix), Some(4.0 * runs), "4 tokens compared per run: {m}");
+
+    // Sampled without a seed: the shadow runs but nothing is compared.
+    let before = metric(&m, started).unwrap();
+    for _ in 0..20 {
+        complete(json!({"model": "mirror", "prompt": [5, 6, 7], "max_tokens": 6, "temperature": 1.0})).await;
+        if metric(&s.metrics().await, started).unwrap() > before {
+            break;
+        }
+    }
+    let shadow_runs = "tandem_route_shadow_e2e_seconds_count{alias=\"mirror\",target=\"a\"}";
+    let total = metric(&s.metrics().await, started).unwrap();
+    let mut m = s.metrics().await;
+    for _ in 0..100 {
+        if metric(&m, shadow_runs) >= Some(total) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        m = s.metrics().await;
+    }
+    assert!(total > before, "no sampled shadow started");
+    assert_eq!(metric(&m, shadow_runs), Some(total), "{m}");
+    assert_eq!(
+        metric(&m, agreed).unwrap() + metric(&m, disagreed).unwrap(),
+        runs,
+        "sampled runs are not compared: {m}"
+    );
+}

@@ -76,8 +76,8 @@ async fn respond(
     let prompt = tok.encode(&text, false).map_err(|e| ApiError::from_tokenizer(e, "messages"))?;
 
     let prompts = [prompt];
-    let choices = generate::start_choices(ready, &params, &prompts, "messages")?;
-    super::routes::start_shadow(st, &params, &prompts, &model).await;
+    let mut choices = generate::start_choices(ready, &params, &prompts, "messages")?;
+    super::routes::start_shadow(st, &params, &prompts, &model, &mut choices).await;
     let id = response_id("chatcmpl");
     let created = unix_now();
     if params.stream {

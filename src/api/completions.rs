@@ -124,8 +124,8 @@ async fn respond(
         prompt_texts.push(text);
     }
 
-    let choices = generate::start_choices(ready, &params, &prompts, "prompt")?;
-    super::routes::start_shadow(st, &params, &prompts, &model).await;
+    let mut choices = generate::start_choices(ready, &params, &prompts, "prompt")?;
+    super::routes::start_shadow(st, &params, &prompts, &model, &mut choices).await;
     let id = response_id("cmpl");
     let created = unix_now();
     let echo_texts: Vec<String> = if echo { prompt_texts } else { vec![String::new(); prompts.len()] };

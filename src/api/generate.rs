@@ -66,6 +66,16 @@ pub struct Choice {
     queue: VecDeque<Result<ChoiceEvent, ApiError>>,
     meter: Option<crate::auth::Caller>,
     tally: Option<super::access_log::Tally>,
+    /// Set by [`Choice::tap_first_tokens`].
+    first_tokens: Option<FirstTokens>,
+}
+
+/// The first `n` token ids of a choice, sent once there are `n` or the
+/// choice finishes; an aborted choice drops the sender unsent.
+struct FirstTokens {
+    n: usize,
+    ids: Vec<u32>,
+    tx: tokio::sync::oneshot::Sender<Vec<u32>>,
 }
 
 impl Drop for Choice {
@@ -94,6 +104,23 @@ impl Choice {
             queue: VecDeque::new(),
             meter: spec.meter,
             tally: spec.tally,
+            first_tokens: None,
+        }
+    }
+
+    /// The first `n` token ids this choice generates (all of them if it
+    /// finishes with fewer); the receiver fails if the choice is aborted first.
+    pub fn tap_first_tokens(&mut self, n: usize) -> tokio::sync::oneshot::Receiver<Vec<u32>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.first_tokens = Some(FirstTokens { n, ids: Vec::with_capacity(n), tx });
+        rx
+    }
+
+    fn send_first_tokens_if(&mut self, finished: bool) {
+        if self.first_tokens.as_ref().is_some_and(|f| finished || f.ids.len() >= f.n) {
+            let f = self.first_tokens.take().expect("checked above");
+            // The receiver may be gone (the shadow failed): nothing to compare then.
+            let _ = f.tx.send(f.ids);
         }
     }
 
@@ -114,6 +141,10 @@ impl Choice {
                 }
                 Some(EngineEvent::Token(t)) => {
                     self.generated += 1;
+                    if let Some(f) = &mut self.first_tokens {
+                        f.ids.push(t.id);
+                    }
+                    self.send_first_tokens_if(false);
                     match self.decoder.push_token(t.id) {
                         Ok(step) => self.on_text(step, vec![t], None),
                         Err(e) => self.fail(ApiError::internal(format!("detokenizing: {e}"))),
@@ -161,6 +192,7 @@ impl Choice {
         };
         // Dropping the stream aborts the engine request (a no-op once it finished).
         self.stream = None;
+        self.send_first_tokens_if(true);
         self.queue.push_back(Ok(ChoiceEvent::Done { index: self.index, outcome }));
     }
 

@@ -72,8 +72,8 @@ pub struct Resolved {
 pub struct RouteChoice {
     pub alias: String,
     pub target: String,
-    /// A background copy of the request to this model, when drawn.
-    pub shadow: Option<String>,
+    /// A background copy of the request to this shadow, when drawn.
+    pub shadow: Option<crate::routing::Shadow>,
 }
 
 /// Response headers naming the route and the target a request went to.
@@ -234,7 +234,7 @@ pub async fn resolve(
     resolved.route = Some(RouteChoice {
         alias: m.to_string(),
         target: target.model.clone(),
-        shadow: route.shadowed(rand::random::<f64>()).map(|s| s.model.clone()),
+        shadow: route.shadowed(rand::random::<f64>()).cloned(),
     });
     Ok(resolved)
 }

@@ -4,7 +4,7 @@
 use axum::Json;
 use utoipa::OpenApi;
 
-use super::{adapters, chat, completions, error, files, fine_tuning, health, models, protocol, responses, sse};
+use super::{adapters, chat, completions, error, files, fine_tuning, health, models, protocol, responses, routes, sse};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -31,7 +31,11 @@ use super::{adapters, chat, completions, error, files, fine_tuning, health, mode
         fine_tuning::checkpoints,
         health::health,
         health::version,
-        health::metrics
+        health::metrics,
+        routes::list,
+        routes::retrieve,
+        routes::put,
+        routes::delete
     ),
     components(schemas(
         protocol::ChatCompletionRequest,
@@ -65,6 +69,12 @@ use super::{adapters, chat, completions, error, files, fine_tuning, health, mode
         crate::train::jobs::spec::Supervised,
         crate::train::jobs::spec::Hyperparameters,
         crate::train::jobs::spec::Extras,
+        routes::RouteView,
+        routes::RouteList,
+        routes::RouteDeleted,
+        crate::routing::RouteSpec,
+        crate::routing::RouteTarget,
+        crate::routing::Shadow,
     ))
 )]
 pub struct ApiDoc;
@@ -80,7 +90,9 @@ mod tests {
     #[test]
     fn document_lists_the_endpoints_and_request_fields() {
         let v = serde_json::to_value(ApiDoc::openapi()).unwrap();
-        for p in ["/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"] {
+        for p in
+            ["/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics", "/admin/routes/{alias}"]
+        {
             assert!(v["paths"][p].is_object(), "{p}");
         }
         let chat = &v["components"]["schemas"]["ChatCompletionRequest"]["properties"];
@@ -89,5 +101,12 @@ mod tests {
         }
         let req = &v["components"]["schemas"]["ChatCompletionRequest"]["required"];
         assert_eq!(req, &serde_json::json!(["messages"]));
+        let put = &v["paths"]["/admin/routes/{alias}"]["put"];
+        assert_eq!(
+            put["requestBody"]["content"]["application/json"]["schema"]["$ref"],
+            "#/components/schemas/RouteSpec"
+        );
+        let shadow = &v["components"]["schemas"]["Shadow"]["properties"];
+        assert!(shadow["compare_tokens"].is_object(), "{shadow}");
     }
 }

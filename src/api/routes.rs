@@ -9,7 +9,6 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::Json;
 use serde::Serialize;
-use serde_json::{json, Value};
 
 use super::error::ApiError;
 use super::models::{self, Resolved};
@@ -17,24 +16,50 @@ use super::params::GenParams;
 use super::{generate, json, AppState};
 use crate::routing::{Route, RouteSpec};
 
-#[derive(Serialize)]
+/// A route: its alias and its spec's fields (spelled out, not flattened:
+/// the spec refuses unknown fields, which a flattened schema would inherit).
+#[derive(Serialize, utoipa::ToSchema)]
 pub struct RouteView {
     pub alias: String,
-    #[serde(flatten)]
-    pub spec: RouteSpec,
+    pub targets: Vec<crate::routing::RouteTarget>,
+    pub sticky_by: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<crate::routing::Shadow>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct RouteList {
+    /// Always `list`.
+    pub object: &'static str,
+    pub data: Vec<RouteView>,
+}
+
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct RouteDeleted {
+    /// Always `route`.
+    pub object: &'static str,
+    pub alias: String,
+    pub deleted: bool,
 }
 
 fn view(r: &Route) -> RouteView {
-    RouteView { alias: r.alias.clone(), spec: r.spec() }
+    let RouteSpec { targets, sticky_by, shadow } = r.spec();
+    RouteView { alias: r.alias.clone(), targets, sticky_by, shadow }
 }
 
 /// Every route.
-pub async fn list(State(st): State<AppState>) -> Json<Value> {
+#[utoipa::path(get, path = "/admin/routes", tag = "admin",
+    responses((status = 200, body = RouteList), (status = 401, body = super::error::ErrorResponse),
+        (status = 403, body = super::error::ErrorResponse)))]
+pub async fn list(State(st): State<AppState>) -> Json<RouteList> {
     let table = st.routes.snapshot();
-    let data: Vec<RouteView> = table.iter().map(|r| view(r)).collect();
-    Json(json!({"object": "list", "data": data}))
+    Json(RouteList { object: "list", data: table.iter().map(|r| view(r)).collect() })
 }
 
+#[utoipa::path(get, path = "/admin/routes/{alias}", tag = "admin",
+    params(("alias" = String, Path, description = "The name clients put in `model`")),
+    responses((status = 200, body = RouteView), (status = 401, body = super::error::ErrorResponse),
+        (status = 403, body = super::error::ErrorResponse), (status = 404, body = super::error::ErrorResponse)))]
 pub async fn retrieve(State(st): State<AppState>, Path(alias): Path<String>) -> Result<Json<RouteView>, ApiError> {
     let table = st.routes.snapshot();
     table.get(&alias).map(|r| Json(view(r))).ok_or_else(|| no_route(&alias))
@@ -45,6 +70,14 @@ fn no_route(alias: &str) -> ApiError {
 }
 
 /// Creates or replaces a route: 200 with the route as stored.
+#[utoipa::path(put, path = "/admin/routes/{alias}", tag = "admin",
+    params(("alias" = String, Path, description = "The name clients put in `model`")),
+    request_body = RouteSpec,
+    responses((status = 200, description = "The route as stored", body = RouteView),
+        (status = 400, description = "Invalid spec, unknown target or shadow, alias loop", body = super::error::ErrorResponse),
+        (status = 401, body = super::error::ErrorResponse), (status = 403, body = super::error::ErrorResponse),
+        (status = 404, body = super::error::ErrorResponse),
+        (status = 413, body = super::error::ErrorResponse), (status = 503, body = super::error::ErrorResponse)))]
 pub async fn put(
     State(st): State<AppState>,
     Path(alias): Path<String>,
@@ -71,7 +104,11 @@ pub async fn put(
     Ok(Json(stored))
 }
 
-pub async fn delete(State(st): State<AppState>, Path(alias): Path<String>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(delete, path = "/admin/routes/{alias}", tag = "admin",
+    params(("alias" = String, Path, description = "The name clients put in `model`")),
+    responses((status = 200, body = RouteDeleted), (status = 401, body = super::error::ErrorResponse),
+        (status = 403, body = super::error::ErrorResponse), (status = 404, body = super::error::ErrorResponse)))]
+pub async fn delete(State(st): State<AppState>, Path(alias): Path<String>) -> Result<Json<RouteDeleted>, ApiError> {
     let store = st.store().ok().cloned();
     let (st2, alias2) = (st.clone(), alias.clone());
     let existed = tokio::task::spawn_blocking(move || {
@@ -86,7 +123,7 @@ pub async fn delete(State(st): State<AppState>, Path(alias): Path<String>) -> Re
     if !existed {
         return Err(no_route(&alias));
     }
-    Ok(Json(json!({"object": "route", "alias": alias, "deleted": true})))
+    Ok(Json(RouteDeleted { object: "route", alias, deleted: true }))
 }
 
 /// Targets and shadow must be models this server serves; the alias must not
@@ -125,39 +162,60 @@ fn check_models(st: &AppState, route: &Route) -> Result<(), ApiError> {
 /// Sends a copy of a routed request to the route's shadow target in the
 /// background, its output discarded, unless the engine already has requests
 /// waiting: shadow traffic is dropped first under load and never delays the
-/// primary (which was submitted before this).
-pub async fn start_shadow(st: &AppState, params: &GenParams, prompts: &[Vec<u32>], model: &Resolved) {
+/// primary (whose `choices` were submitted before this). For a greedy or
+/// seeded request, the shadow's first tokens are compared with those of the
+/// primary's first choice once both have them.
+pub async fn start_shadow(
+    st: &AppState,
+    params: &GenParams,
+    prompts: &[Vec<u32>],
+    model: &Resolved,
+    primary: &mut [generate::Choice],
+) {
     let Some(choice) = &model.route else { return };
     let Some(shadow) = &choice.shadow else { return };
+    let name = &shadow.model;
     let Ok(ready) = st.ready() else { return };
     if ready.engine.metrics().requests_waiting.get() > 0.0 {
-        st.routes.count_shadow(&choice.alias, shadow, true);
+        st.routes.count_shadow(&choice.alias, name, true);
         return;
     }
-    let Ok(target) = models::resolve_name(st, shadow).await else {
-        st.routes.count_shadow(&choice.alias, shadow, true);
+    let Ok(target) = models::resolve_name(st, name).await else {
+        st.routes.count_shadow(&choice.alias, name, true);
         return;
     };
     let mut p = params.clone();
     p.adapter = target.target.adapter();
     // The server's own traffic: not charged to the caller's key.
     p.meter = None;
+    p.tally = None;
     p.stream = false;
     p.logprobs = None;
     p.prompt_logprobs = None;
-    match generate::start_choices(ready, &p, prompts, "prompt") {
-        Ok(choices) => {
-            st.routes.count_shadow(&choice.alias, shadow, false);
-            let timeout = st.request_timeout();
-            let (st, alias, shadow) = (st.clone(), choice.alias.clone(), shadow.clone());
-            let start = std::time::Instant::now();
-            tokio::spawn(async move {
-                // Its latency and length, beside the primary's per-target figures.
-                let done = generate::collect_within(choices, timeout).await;
-                let tokens = done.as_ref().map_or(0, |d| d.iter().map(|c| c.outcome.completion_tokens as u64).sum());
-                st.routes.observe_shadow(&alias, &shadow, start.elapsed().as_secs_f64(), tokens, done.is_err());
-            });
+    let choices = match generate::start_choices(ready, &p, prompts, "prompt") {
+        Ok(c) => c,
+        Err(_) => return st.routes.count_shadow(&choice.alias, name, true),
+    };
+    st.routes.count_shadow(&choice.alias, name, false);
+    let deterministic = params.sampling.temperature == 0.0 || params.sampling.seed.is_some();
+    let compare = shadow.compare_tokens as usize;
+    let primary_first =
+        (deterministic && compare > 0).then(|| primary.first_mut().map(|c| c.tap_first_tokens(compare))).flatten();
+    let timeout = st.request_timeout();
+    let (st, alias, name) = (st.clone(), choice.alias.clone(), name.clone());
+    let start = std::time::Instant::now();
+    tokio::spawn(async move {
+        // Its latency and length, beside the primary's per-target figures.
+        let done = generate::collect_within(choices, timeout).await;
+        let tokens = done.as_ref().map_or(0, |d| d.iter().map(|c| c.outcome.completion_tokens as u64).sum());
+        st.routes.observe_shadow(&alias, &name, start.elapsed().as_secs_f64(), tokens, done.is_err());
+        // The primary's first tokens arrive once it has them; an aborted
+        // primary (its client went away) sends none, and nothing is compared.
+        if let (Ok(done), Some(rx)) = (done, primary_first) {
+            if let (Some(first), Ok(primary_ids)) = (done.first(), rx.await) {
+                let shadow_ids: Vec<u32> = first.tokens.iter().map(|t| t.id).collect();
+                st.routes.compare_shadow(&alias, &name, &primary_ids, &shadow_ids, compare);
+            }
         }
-        Err(_) => st.routes.count_shadow(&choice.alias, shadow, true),
-    }
+    });
 }

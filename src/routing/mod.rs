@@ -20,20 +20,46 @@ use std::sync::{Arc, Mutex, RwLock};
 use serde::{Deserialize, Serialize};
 
 /// One weighted target of a route.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteTarget {
     pub model: String,
+    #[schema(minimum = 1)]
     pub weight: u32,
 }
 
 /// A copy of a fraction of the route's requests sent to another model in the
 /// background, its output discarded.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Shadow {
     pub model: String,
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
     pub fraction: f64,
+    /// How many leading tokens of the shadow's output are compared with the
+    /// primary's (greedy or seeded requests only: sampled ones would differ
+    /// by chance); 0 turns the comparison off.
+    #[serde(default = "default_compare_tokens")]
+    #[schema(default = 16, maximum = 4096)]
+    pub compare_tokens: u32,
+}
+
+fn default_compare_tokens() -> u32 {
+    DEFAULT_COMPARE_TOKENS
+}
+
+/// Leading tokens compared between a shadow and its primary by default.
+pub const DEFAULT_COMPARE_TOKENS: u32 = 16;
+/// The most a route may ask to compare.
+pub const MAX_COMPARE_TOKENS: u32 = 4096;
+
+/// How a shadow's first tokens compare with its primary's: whether the first
+/// `n` (or all, when an output is shorter) are equal, and how many leading
+/// tokens the two share (at most `n`).
+pub fn first_tokens_agree(primary: &[u32], shadow: &[u32], n: usize) -> (bool, usize) {
+    let (p, s) = (&primary[..primary.len().min(n)], &shadow[..shadow.len().min(n)]);
+    let common = p.iter().zip(s).take_while(|(a, b)| a == b).count();
+    (p == s, common)
 }
 
 /// What keys stickiness: the request's OpenAI `user` field, or a header.
@@ -67,11 +93,14 @@ fn is_header_name(s: &str) -> bool {
 }
 
 /// A route as the admin API and the config spell it (the alias is the key).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteSpec {
+    #[schema(min_items = 1, max_items = 64)]
     pub targets: Vec<RouteTarget>,
+    /// `user` (the request's `user` field) or `header:NAME`.
     #[serde(default = "default_sticky")]
+    #[schema(default = "user")]
     pub sticky_by: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shadow: Option<Shadow>,
@@ -124,6 +153,12 @@ impl Route {
             }
             if s.model == alias {
                 return Err("shadow.model cannot be the route's own alias".into());
+            }
+            if s.compare_tokens > MAX_COMPARE_TOKENS {
+                return Err(format!(
+                    "shadow.compare_tokens must be at most {MAX_COMPARE_TOKENS}, got {}",
+                    s.compare_tokens
+                ));
             }
         }
         Ok(Self {
@@ -222,6 +257,8 @@ pub struct Routes {
     outcomes: Mutex<BTreeMap<(String, String), Arc<TargetStats>>>,
     /// Per (alias, shadow target): the same for the shadow copies.
     shadow_outcomes: Mutex<BTreeMap<(String, String), Arc<TargetStats>>>,
+    /// Per (alias, shadow target): first-token comparisons with the primary.
+    agreement: Mutex<BTreeMap<(String, String), Agreement>>,
     changes: AtomicU64,
 }
 
@@ -238,7 +275,27 @@ pub struct TargetStats {
     tokens: AtomicU64,
 }
 
+/// Comparisons of shadows' first tokens with their primaries'.
+#[derive(Debug, Default, Clone, Copy)]
+struct Agreement {
+    agreed: u64,
+    disagreed: u64,
+    /// Leading tokens shared, summed over comparisons.
+    common_prefix_tokens: u64,
+}
+
 impl TargetStats {
+    fn record(&self, first_byte_s: Option<f64>, e2e_s: f64, tokens: u64, failed: bool) {
+        if let Some(t) = first_byte_s {
+            self.first_byte.observe(t);
+        }
+        self.e2e.observe(e2e_s);
+        self.tokens.fetch_add(tokens, Ordering::Relaxed);
+        if failed {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     fn new() -> Arc<Self> {
         Arc::new(Self {
             first_byte: crate::metrics::Histogram::new(crate::metrics::TTFT_BUCKETS),
@@ -308,25 +365,26 @@ impl Routes {
     /// Records one routed response: seconds to its first body byte (if any),
     /// to its end, tokens generated, and whether it failed (a non-2xx status).
     pub fn observe(&self, alias: &str, target: &str, first_byte_s: Option<f64>, e2e_s: f64, tokens: u64, failed: bool) {
-        let stats = stats_for(&self.outcomes, alias, target);
-        if let Some(t) = first_byte_s {
-            stats.first_byte.observe(t);
-        }
-        stats.e2e.observe(e2e_s);
-        stats.tokens.fetch_add(tokens, Ordering::Relaxed);
-        if failed {
-            stats.errors.fetch_add(1, Ordering::Relaxed);
-        }
+        stats_for(&self.outcomes, alias, target).record(first_byte_s, e2e_s, tokens, failed);
     }
 
     /// Records one finished shadow copy: its duration, tokens, and failure.
     pub fn observe_shadow(&self, alias: &str, target: &str, e2e_s: f64, tokens: u64, failed: bool) {
-        let stats = stats_for(&self.shadow_outcomes, alias, target);
-        stats.e2e.observe(e2e_s);
-        stats.tokens.fetch_add(tokens, Ordering::Relaxed);
-        if failed {
-            stats.errors.fetch_add(1, Ordering::Relaxed);
+        stats_for(&self.shadow_outcomes, alias, target).record(None, e2e_s, tokens, failed);
+    }
+
+    /// Records how the first `n` tokens of a shadow copy compare with its
+    /// primary's ([`first_tokens_agree`]).
+    pub fn compare_shadow(&self, alias: &str, target: &str, primary: &[u32], shadow: &[u32], n: usize) {
+        let (agreed, common) = first_tokens_agree(primary, shadow, n);
+        let mut m = self.agreement.lock().unwrap_or_else(|e| e.into_inner());
+        let a = m.entry((alias.to_string(), target.to_string())).or_default();
+        if agreed {
+            a.agreed += 1;
+        } else {
+            a.disagreed += 1;
         }
+        a.common_prefix_tokens += common as u64;
     }
 
     /// Counts a shadow copy of a request: started, or dropped under load.
@@ -407,6 +465,25 @@ impl Routes {
             true,
             shadow.iter().map(|(k, s)| (labels(k), s.errors.load(Ordering::Relaxed) as f64)),
         );
+        let agreement = self.agreement.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        f.labelled(
+            "tandem_route_shadow_comparisons_total",
+            "Shadow copies whose first tokens (shadow.compare_tokens) were compared with the primary's, by outcome \
+             (agree: all equal; disagree). Greedy or seeded requests only.",
+            true,
+            agreement.iter().flat_map(|((alias, target), a)| {
+                [("agree", a.agreed), ("disagree", a.disagreed)].map(|(outcome, n)| {
+                    (vec![("alias", alias.as_str()), ("target", target.as_str()), ("outcome", outcome)], n as f64)
+                })
+            }),
+        );
+        f.labelled(
+            "tandem_route_shadow_common_prefix_tokens_total",
+            "Leading tokens a shadow copy shared with its primary (at most shadow.compare_tokens), summed over \
+             comparisons: divided by tandem_route_shadow_comparisons_total, the mean shared prefix.",
+            true,
+            agreement.iter().map(|(k, a)| (labels(k), a.common_prefix_tokens as f64)),
+        );
         f.gauge("tandem_routes", "Routes (aliases) in the table.", self.snapshot().len() as f64);
         f.counter(
             "tandem_route_changes_total",
@@ -482,7 +559,7 @@ mod tests {
         let spec = |targets: &[(&str, u32)], sticky: &str, shadow: Option<f64>| RouteSpec {
             targets: targets.iter().map(|(m, w)| RouteTarget { model: m.to_string(), weight: *w }).collect(),
             sticky_by: sticky.into(),
-            shadow: shadow.map(|fraction| Shadow { model: "s".into(), fraction }),
+            shadow: shadow.map(|fraction| Shadow { model: "s".into(), fraction, compare_tokens: 16 }),
         };
         for (alias, s, want) in [
             ("chat", spec(&[], "user", None), "1 to 64 targets"),
@@ -503,6 +580,38 @@ mod tests {
             assert!(e.contains(want), "{alias:?}: {e}");
         }
         assert_eq!(StickyBy::parse("header:X-Tenant").unwrap(), StickyBy::Header("x-tenant".into()));
+        let mut s = spec(&[("a", 1)], "user", Some(0.5));
+        s.shadow.as_mut().unwrap().compare_tokens = MAX_COMPARE_TOKENS + 1;
+        assert!(Route::new("chat", s).unwrap_err().contains("compare_tokens"));
+        // Specs stored before compare_tokens existed read with the default.
+        let old: RouteSpec =
+            serde_json::from_str(r#"{"targets":[{"model":"a","weight":1}],"shadow":{"model":"s","fraction":0.5}}"#)
+                .unwrap();
+        assert_eq!(old.shadow.unwrap().compare_tokens, DEFAULT_COMPARE_TOKENS);
+    }
+
+    #[test]
+    fn shadow_first_tokens_are_compared_up_to_n() {
+        assert_eq!(first_tokens_agree(&[1, 2, 3, 4], &[1, 2, 3, 9], 3), (true, 3));
+        assert_eq!(first_tokens_agree(&[1, 2, 3, 4], &[1, 2, 3, 9], 4), (false, 3));
+        assert_eq!(first_tokens_agree(&[5, 2], &[1, 2], 8), (false, 0));
+        // A shorter output agrees only when the other stops at the same place.
+        assert_eq!(first_tokens_agree(&[1, 2], &[1, 2], 8), (true, 2));
+        assert_eq!(first_tokens_agree(&[1, 2], &[1, 2, 3], 8), (false, 2));
+        assert_eq!(first_tokens_agree(&[], &[], 8), (true, 0));
+        let routes = Routes::default();
+        routes.compare_shadow("chat", "ft:new", &[1, 2, 3], &[1, 2, 3], 16);
+        routes.compare_shadow("chat", "ft:new", &[1, 2, 3], &[1, 7, 3], 16);
+        let mut f = crate::metrics::Families::default();
+        routes.collect_metrics(&mut f);
+        let text = crate::metrics::expose(f).unwrap();
+        for line in [
+            "tandem_route_shadow_comparisons_total{alias=\"chat\",target=\"ft:new\",outcome=\"agree\"} 1",
+            "tandem_route_shadow_comparisons_total{alias=\"chat\",target=\"ft:new\",outcome=\"disagree\"} 1",
+            "tandem_route_shadow_common_prefix_tokens_total{alias=\"chat\",target=\"ft:new\"} 4",
+        ] {
+            assert!(text.contains(line), "{line} in\n{text}");
+        }
     }
 
     proptest::proptest! {

@@ -17,6 +17,10 @@ asking for 30,000 tokens would take a quarter of an hour there, so:
   other field is looked at (schemathesis warned exactly that). Unknown models are
   tested in test_openai_client.py; non-string models still go out as generated.
 
+Route specs (`PUT /admin/routes/{alias}`) get none of the rules above (they
+have no tokens to bound); their string target and shadow `model`s become the
+served model, so valid routes are created too, not only refused ones.
+
 Everything else (types, unknown fields, strings, nulls, negative cases) reaches
 the server unchanged.
 """
@@ -34,10 +38,23 @@ def _int(v):
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _route_spec(body):
+    for t in body.get("targets") or []:
+        if isinstance(t, dict) and MODEL_ID and isinstance(t.get("model"), str):
+            t["model"] = MODEL_ID
+    shadow = body.get("shadow")
+    if isinstance(shadow, dict) and MODEL_ID and isinstance(shadow.get("model"), str):
+        shadow["model"] = MODEL_ID
+    return body
+
+
 @schemathesis.hook
 def map_body(context, body):
     if not isinstance(body, dict):
         return body
+    operation = getattr(context, "operation", None)
+    if operation is not None and str(getattr(operation, "path", "")).startswith("/admin/routes"):
+        return _route_spec(body)
     if MODEL_ID and isinstance(body.get("model"), str):
         body["model"] = MODEL_ID
     if body.get("max_tokens") is None and body.get("max_completion_tokens") is None:
