@@ -3,7 +3,8 @@
 # fetches the default model, builds once with optimisation, runs every test.
 # Needs: a Rust toolchain (cargo), python3 with pip and venv (model download,
 # NVRTC, HTTP client tests), g++ (the CUDA kernel emulator test), apt or a
-# prometheus binary on PATH (the scrape test).
+# prometheus binary on PATH (the scrape test); cargo-fuzz is installed by
+# scripts/fuzz.sh when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,3 +27,6 @@ TANDEM_CPU_ISA=scalar cargo test --release --locked --test model_tiny --test lor
 tests/py/run.sh
 # A real Prometheus scrapes the server; PromQL must see the requests we made.
 tests/prometheus/run.sh
+# Every fuzz target for a fixed time from its committed seeds; a crash fails
+# the run with its reproducer (the build is the long part: ~8 min on 2 cores).
+scripts/fuzz.sh "${TANDEM_FUZZ_SECONDS:-15}"

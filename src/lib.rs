@@ -15,6 +15,8 @@ pub mod bench;
 pub mod config;
 pub mod engine;
 pub mod export;
+#[doc(hidden)]
+pub mod fuzz_harness;
 pub mod kv;
 pub mod loader;
 pub mod logging;

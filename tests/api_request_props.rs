@@ -13,17 +13,7 @@ use tandem::api::protocol::{ChatCompletionRequest, CompletionRequest};
 use tandem::engine::EngineInfo;
 
 fn info() -> EngineInfo {
-    EngineInfo {
-        max_model_len: 256,
-        vocab_size: 256,
-        eos_token_ids: vec![2],
-        block_size: 16,
-        num_blocks: 64,
-        max_num_seqs: 8,
-        max_num_batched_tokens: 64,
-        max_waiting: 8,
-        max_loras: 0,
-    }
+    tandem::fuzz_harness::small_engine_info()
 }
 
 /// Arbitrary JSON, a few levels deep.

@@ -1,14 +1,12 @@
-//! Any bytes as a training file: `parse_jsonl` returns a dataset or an error,
-//! never panics, and what it accepts keeps its invariants. The tokenizer is the
-//! tiny fixture's (ChatML template, `<|im_end|>` eos), so no model is needed.
-//! The first byte picks the options (max_seq_len, overflow); the rest is the file.
+//! Any bytes as a training file (first byte: options). The harness is
+//! `tandem::fuzz_harness::train_jsonl` (shared with tests/fuzz_seeds.rs, which
+//! checks the seeds in fuzz/seeds/train_jsonl reach its success path); the
+//! tokenizer is the tiny fixture's (ChatML template), so no model is needed.
 #![no_main]
 
 use std::sync::OnceLock;
 
-use libfuzzer_sys::fuzz_target;
 use tandem::tokenizer::Tokenizer;
-use tandem::train::data::{parse_jsonl, DataOptions, Overflow};
 
 fn tokenizer() -> &'static Tokenizer {
     static TOK: OnceLock<Tokenizer> = OnceLock::new();
@@ -18,18 +16,6 @@ fn tokenizer() -> &'static Tokenizer {
     })
 }
 
-fuzz_target!(|data: &[u8]| {
-    let Some((&knob, file)) = data.split_first() else { return };
-    let opts = DataOptions {
-        max_seq_len: usize::from(knob & 0x7f) * 4,
-        overflow: if knob & 0x80 == 0 { Overflow::Truncate } else { Overflow::Refuse },
-        max_issues: 8,
-    };
-    if let Ok(ds) = parse_jsonl(file, tokenizer(), &opts) {
-        for ex in &ds.examples {
-            assert_eq!(ex.tokens.len(), ex.targets.len());
-            assert!(ex.tokens.len() <= opts.max_seq_len);
-            assert!(!ex.targets[0] && ex.targets.contains(&true));
-        }
-    }
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    tandem::fuzz_harness::train_jsonl(data, tokenizer());
 });
