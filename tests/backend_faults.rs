@@ -32,6 +32,8 @@ struct Faulty {
 struct Trigger {
     ops: Arc<AtomicUsize>,
     fail_at: Arc<AtomicUsize>,
+    /// Op number at which the backend panics (a bug, not a device error).
+    panic_at: Arc<AtomicUsize>,
 }
 
 impl Trigger {
@@ -39,11 +41,16 @@ impl Trigger {
     fn fail_in(&self, n: usize) {
         self.fail_at.store(self.ops.load(Ordering::SeqCst) + n, Ordering::SeqCst);
     }
+    /// Panics at the `n`-th op from now.
+    fn panic_in(&self, n: usize) {
+        self.panic_at.store(self.ops.load(Ordering::SeqCst) + n, Ordering::SeqCst);
+    }
 }
 
 impl Faulty {
     fn new() -> Self {
-        let trigger = Trigger { ops: Arc::new(AtomicUsize::new(0)), fail_at: Arc::new(AtomicUsize::new(usize::MAX)) };
+        let never = || Arc::new(AtomicUsize::new(usize::MAX));
+        let trigger = Trigger { ops: Arc::new(AtomicUsize::new(0)), fail_at: never(), panic_at: never() };
         Self { inner: CpuBackend::new(2).unwrap(), trigger }
     }
     fn fail_in(&self, n: usize) {
@@ -54,6 +61,9 @@ impl Faulty {
         let i = ops.fetch_add(1, Ordering::SeqCst);
         if i == fail_at.load(Ordering::SeqCst) {
             return Err(BackendError::Device("injected failure".into()));
+        }
+        if i == self.trigger.panic_at.load(Ordering::SeqCst) {
+            panic!("injected panic in the engine thread");
         }
         Ok(())
     }
@@ -387,4 +397,39 @@ fn a_failed_optimiser_update_stops_the_run_for_a_resume() {
     assert!(matches!(err, TrainError::Broken(_)), "{err}");
     let again = t.step(&be, &loaded.model).expect_err("a broken run takes no more steps");
     assert!(again.to_string().contains("resume from the last checkpoint"), "{again}");
+}
+
+/// A bug that kills the engine thread (a panic, not a device error): the
+/// request in flight ends without finishing, the handle reports the engine
+/// dead (what `/health` answers 503 on), and new requests are refused with
+/// `EngineStopped` (503) instead of hanging.
+#[tokio::test]
+async fn an_engine_thread_that_dies_is_reported_and_refuses_new_work() {
+    use tandem::engine::{spawn_engine, EngineEvent, SubmitError};
+    let be = Faulty::new();
+    let trigger = be.trigger.clone();
+    let model = load_model(&be, &model_path()).unwrap().model;
+    let engine = spawn_engine(be, model, common::engine_config(16, 64, 64)).unwrap();
+    let run = |prompt: &'static [u32]| {
+        let mut stream = engine.submit(common::greedy(prompt, 4)).unwrap();
+        async move {
+            let mut finished = false;
+            while let Some(ev) = stream.next().await {
+                finished |= matches!(ev, EngineEvent::Finished(_));
+            }
+            finished
+        }
+    };
+    assert!(run(&[5, 17, 42]).await, "a healthy engine finishes requests");
+    assert!(engine.is_alive());
+
+    trigger.panic_in(20);
+    let finished = tokio::time::timeout(std::time::Duration::from_secs(20), run(&[5, 17, 42])).await;
+    assert_eq!(finished, Ok(false), "the request in flight ends (unfinished) when the engine dies");
+    let start = std::time::Instant::now();
+    while engine.is_alive() && start.elapsed() < std::time::Duration::from_secs(10) {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(!engine.is_alive(), "the engine's death is detected");
+    assert!(matches!(engine.submit(common::greedy(&[5], 2)), Err(SubmitError::EngineStopped)));
 }
