@@ -279,3 +279,54 @@ pub fn route_and_key_config(data: &[u8]) -> bool {
         true
     }
 }
+
+/// A `multipart/form-data` upload body (boundary `XyZ`), fed to multer (the
+/// parser axum's `Multipart` wraps) in chunks of the size the first byte
+/// picks, the `file` field's chunks going through the fine-tune JSONL check
+/// as `POST /v1/files` does. Never panics, and the check's verdict does not
+/// depend on how the body was cut. Accepted: every field read, one a file.
+pub fn multipart_upload(data: &[u8]) -> bool {
+    use crate::api::upload_check::JsonlCheck;
+    use axum::body::Bytes;
+    use futures::FutureExt;
+    let Some((&cut, body)) = data.split_first() else { return false };
+    let size = usize::from(cut % 64) + 1;
+    let chunks: Vec<Result<Bytes, std::convert::Infallible>> =
+        body.chunks(size).map(|c| Ok(Bytes::copy_from_slice(c))).collect();
+    let mut form = multer::Multipart::new(futures::stream::iter(chunks), "XyZ");
+    // The body is all in memory: every future is ready at once.
+    let ready = "an in-memory body never waits";
+    let mut saw_file = false;
+    loop {
+        let field = match form.next_field().now_or_never().expect(ready) {
+            Ok(Some(f)) => f,
+            Ok(None) => return saw_file,
+            Err(_) => return false,
+        };
+        match field.name() {
+            Some("file") => {
+                let mut field = field;
+                let (mut streamed, mut whole) = (JsonlCheck::default(), Vec::new());
+                loop {
+                    match field.chunk().now_or_never().expect(ready) {
+                        Ok(Some(c)) => {
+                            streamed.push(&c);
+                            whole.extend_from_slice(&c);
+                        }
+                        Ok(None) => break,
+                        Err(_) => return false,
+                    }
+                }
+                let mut at_once = JsonlCheck::default();
+                at_once.push(&whole);
+                assert_eq!(streamed.finish(), at_once.finish(), "the verdict depends on the chunking");
+                saw_file = true;
+            }
+            _ => {
+                if field.text().now_or_never().expect(ready).is_err() {
+                    return false;
+                }
+            }
+        }
+    }
+}

@@ -69,4 +69,5 @@ fn every_fuzz_target_starts_on_its_success_path() {
     check("train_jsonl", |d| h::train_jsonl(d, &tok));
     check("quant_checkpoint", h::quant_checkpoint);
     check("route_and_key_config", h::route_and_key_config);
+    check("multipart_upload", h::multipart_upload);
 }

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, ErrorResponse};
+use super::upload_check::JsonlCheck;
 use super::AppState;
 use crate::store::{new_id, unix_now, FileRecord, Store, StoreError};
 
@@ -113,13 +114,8 @@ struct Sink {
     file: std::fs::File,
     bytes: u64,
     hash: sha2::Sha256,
-    /// JSONL checking (fine-tune files): the unfinished line, its number, the first problem.
-    check_jsonl: bool,
-    line: Vec<u8>,
-    line_no: usize,
-    /// Non-blank lines seen.
-    examples: usize,
-    problem: Option<String>,
+    /// Set for fine-tune files.
+    jsonl: Option<JsonlCheck>,
 }
 
 impl Sink {
@@ -128,44 +124,16 @@ impl Sink {
         self.file.write_all(chunk)?;
         self.hash.update(chunk);
         self.bytes += chunk.len() as u64;
-        if self.check_jsonl && self.problem.is_none() {
-            for part in chunk.split_inclusive(|&b| b == b'\n') {
-                self.line.extend_from_slice(part);
-                if part.ends_with(b"\n") {
-                    self.end_line();
-                }
-            }
+        if let Some(check) = &mut self.jsonl {
+            check.push(chunk);
         }
         Ok(())
     }
 
-    fn end_line(&mut self) {
-        self.line_no += 1;
-        let mut line = std::mem::take(&mut self.line);
-        if self.line_no == 1 && line.starts_with(b"\xEF\xBB\xBF") {
-            line.drain(..3);
-        }
-        if self.problem.is_some() || line.iter().all(u8::is_ascii_whitespace) {
-            return;
-        }
-        self.examples += 1;
-        match serde_json::from_slice::<serde_json::Value>(&line) {
-            Ok(v) if v.is_object() => {}
-            Ok(_) => self.problem = Some(format!("line {}: expected a JSON object", self.line_no)),
-            Err(e) => self.problem = Some(format!("line {}: not valid JSON ({e})", self.line_no)),
-        }
-    }
-
     /// Syncs the file; the JSONL problem, if any.
     fn finish(&mut self) -> std::io::Result<Option<String>> {
-        if self.check_jsonl && !self.line.is_empty() {
-            self.end_line();
-        }
-        if self.check_jsonl && self.problem.is_none() && self.examples == 0 {
-            self.problem = Some("the file is empty; a fine-tune file holds one JSON example per line".into());
-        }
         self.file.sync_all()?;
-        Ok(self.problem.take())
+        Ok(self.jsonl.take().and_then(JsonlCheck::finish))
     }
 }
 
@@ -224,11 +192,7 @@ pub async fn upload(
                     file,
                     bytes: 0,
                     hash: sha2::Sha256::new(),
-                    check_jsonl,
-                    line: Vec::new(),
-                    line_no: 0,
-                    examples: 0,
-                    problem: None,
+                    jsonl: check_jsonl.then(JsonlCheck::default),
                 };
                 upload = Some((sink, filename));
                 let mut field = field;
@@ -274,7 +238,7 @@ pub async fn upload(
         return Err(ApiError::invalid_param("file", "file: field required"));
     };
     if purpose != "fine-tune" {
-        sink.check_jsonl = false;
+        sink.jsonl = None;
     }
     let id = new_id("file-");
     let rec = blocking(move || -> Result<FileRecord, ApiError> {
@@ -427,11 +391,7 @@ mod tests {
             path,
             bytes: 0,
             hash: sha2::Sha256::new(),
-            check_jsonl: true,
-            line: Vec::new(),
-            line_no: 0,
-            examples: 0,
-            problem: None,
+            jsonl: Some(JsonlCheck::default()),
         }
     }
 

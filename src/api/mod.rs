@@ -33,6 +33,7 @@ pub mod responses;
 pub mod routes;
 pub mod sse;
 pub mod text;
+pub mod upload_check;
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
