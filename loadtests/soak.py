@@ -175,6 +175,7 @@ async def main_async(args) -> int:
         await asyncio.sleep(args.settle)
         base_p = proc(args.pid)
 
+        log_offset = os.path.getsize(args.server_log) if args.server_log else 0
         t = Tally()
         peak = dict(base_p)
         stop_at = time.monotonic() + args.duration
@@ -198,12 +199,24 @@ async def main_async(args) -> int:
         end_m = await wait_idle(client, args.url)
         end_p = proc(args.pid)
 
+    # The server's own time to each 429 (its access log's latency_ms): what the
+    # client measures adds its event loop's lag, which on a loaded 2-core
+    # machine is most of it.
+    server_429_ms = []
+    if args.server_log:
+        with open(args.server_log, "rb") as f:
+            f.seek(log_offset)
+            for line in f.read().decode(errors="replace").splitlines():
+                if "status=429" in line and "latency_ms=" in line:
+                    server_429_ms.append(float(line.split("latency_ms=")[1].split()[0]))
+    refusal_p99_s = pct(server_429_ms, 0.99) / 1e3 if server_429_ms else pct(t.refusal_s, 0.99)
     checks = [
         ("no failures (5xx, other statuses, connection errors, streams cut short)", not t.failures),
         ("every admitted request completed or was aborted by its client", t.admitted == t.completed + t.aborted),
         ("some requests admitted, some refused (the queue was saturated)", t.admitted > 0 and t.refused > 0),
         ("every 429 carries Retry-After", t.refused_without_retry_after == 0),
-        (f"p99 time to a 429 under {args.max_refusal_s} s", pct(t.refusal_s, 0.99) < args.max_refusal_s),
+        (f"p99 time to a 429 under {args.max_refusal_s} s ({'server' if server_429_ms else 'client'} side)",
+         refusal_p99_s < args.max_refusal_s),
         ("KV blocks back to baseline", end_m.get("tandem_kv_blocks_used", 0) <= base_m.get("tandem_kv_blocks_used", 0)),
         ("adapter slot pins back to 0", end_m.get("tandem_lora_slots_pinned", 0) == 0),
         ("requests running/waiting back to 0",
@@ -224,8 +237,10 @@ async def main_async(args) -> int:
         f"| admitted (200) | {t.admitted} ({', '.join(f'{m}: {n}' for m, n in sorted(t.by_model.items()))}) |",
         f"| completed / aborted by the client | {t.completed} / {t.aborted} |",
         f"| refused (429) | {t.refused} |",
-        f"| time to a 429, p50 / p99 / max | {pct(t.refusal_s, .5) * 1e3:.1f} / {pct(t.refusal_s, .99) * 1e3:.1f} / "
-        f"{(max(t.refusal_s) if t.refusal_s else float('nan')) * 1e3:.1f} ms |",
+        f"| time to a 429 in the server (access log), p50 / p99 / max | {pct(server_429_ms, .5):.1f} / "
+        f"{pct(server_429_ms, .99):.1f} / {max(server_429_ms, default=float('nan')):.1f} ms |",
+        f"| time to a 429 at the client (with its own lag), p50 / p99 / max | {pct(t.refusal_s, .5) * 1e3:.1f} / "
+        f"{pct(t.refusal_s, .99) * 1e3:.1f} / {max(t.refusal_s, default=float('nan')) * 1e3:.1f} ms |",
         f"| completed e2e, p50 / p99 | {pct(t.e2e_s, .5):.2f} / {pct(t.e2e_s, .99):.2f} s |",
         f"| tokens generated (completed streams) | {t.tokens} ({t.tokens / wall:.1f} tok/s) |",
         f"| failures | {len(t.failures)} |",
@@ -265,6 +280,7 @@ def main() -> int:
     p.add_argument("--settle", type=float, default=12, help="idle seconds before baseline and end figures")
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--report", default="")
+    p.add_argument("--server-log", default="", help="the server's log (access lines give its own time to a 429)")
     return asyncio.run(main_async(p.parse_args()))
 
 

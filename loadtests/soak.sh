@@ -42,7 +42,7 @@ until curl -sf "$URL/health" >/dev/null; do sleep 0.5; done
 BASE_ID=$(curl -s "$URL/v1/models" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["data"][0]["id"])')
 rc=0
 "$PY" loadtests/soak.py --url "$URL" --pid "$SERVER" --models "$BASE_ID,a,b" \
-    --clients "$CLIENTS" --duration "$DURATION" --report "$OUT/report.md" || rc=1
+    --clients "$CLIENTS" --duration "$DURATION" --report "$OUT/report.md" --server-log "$OUT/server.log" || rc=1
 kill -TERM "$SERVER"
 t0=$SECONDS
 while kill -0 "$SERVER" 2>/dev/null && ((SECONDS - t0 < 30)); do sleep 0.2; done

@@ -27,6 +27,9 @@ TANDEM_CPU_ISA=scalar cargo test --release --locked --test model_tiny --test lor
 tests/py/run.sh
 # A real Prometheus scrapes the server; PromQL must see the requests we made.
 tests/prometheus/run.sh
+# Overload: 200 streaming clients against a bounded queue for 40 s, mixed base
+# and adapter traffic, some disconnecting: no 5xx, quick 429s, nothing leaks.
+loadtests/soak.sh --short
 # Every fuzz target for a fixed time from its committed seeds; a crash fails
 # the run with its reproducer (the build is the long part: ~8 min on 2 cores).
 scripts/fuzz.sh "${TANDEM_FUZZ_SECONDS:-15}"

@@ -61,7 +61,7 @@ fn check_against_expected(f: &GgufFile) {
     let want_tensors = expected["tensors"].as_array().unwrap();
     assert_eq!(f.tensors.len(), want_tensors.len());
     let mapped = f.mapped();
-    let all = (*mapped).as_ref();
+    let all = mapped.bytes();
     for (t, w) in f.tensors.iter().zip(want_tensors) {
         assert_eq!(t.name, w["name"].as_str().unwrap());
         let dims: Vec<u64> = w["ne"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap()).collect();

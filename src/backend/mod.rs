@@ -34,17 +34,32 @@ pub enum BackendError {
 
 pub type BackendResult<T> = Result<T, BackendError>;
 
+/// Where loaded bytes live: an owned buffer, or a read-only file mapping
+/// whose resident pages can be handed back once they have been read.
+pub trait ByteStore: Send + Sync {
+    fn bytes(&self) -> &[u8];
+    /// Lets the OS drop the resident pages of `range` (a file mapping reads
+    /// them again on the next access). A no-op for owned buffers.
+    fn release_pages(&self, _range: Range<usize>) {}
+}
+
+impl ByteStore for Vec<u8> {
+    fn bytes(&self) -> &[u8] {
+        self
+    }
+}
+
 /// Bytes of a weight as loaded: usually a range of a memory-mapped file (no copy),
 /// or an owned buffer when loading had to rearrange the data.
 #[derive(Clone)]
 pub struct WeightBytes {
-    owner: Arc<dyn AsRef<[u8]> + Send + Sync>,
+    owner: Arc<dyn ByteStore>,
     range: Range<usize>,
 }
 
 impl WeightBytes {
-    pub fn new(owner: Arc<dyn AsRef<[u8]> + Send + Sync>, range: Range<usize>) -> Option<Self> {
-        let len = owner.as_ref().as_ref().len();
+    pub fn new(owner: Arc<dyn ByteStore>, range: Range<usize>) -> Option<Self> {
+        let len = owner.bytes().len();
         (range.start <= range.end && range.end <= len).then_some(Self { owner, range })
     }
     pub fn from_vec(v: Vec<u8>) -> Self {
@@ -52,7 +67,12 @@ impl WeightBytes {
         Self { owner: Arc::new(v), range: 0..len }
     }
     pub fn as_slice(&self) -> &[u8] {
-        &self.owner.as_ref().as_ref()[self.range.clone()]
+        &self.owner.bytes()[self.range.clone()]
+    }
+    /// Hands these bytes' resident file pages back to the OS (after they were
+    /// quantised into a copy, say); they are read again if ever used.
+    pub fn release_pages(&self) {
+        self.owner.release_pages(self.range.clone());
     }
 }
 

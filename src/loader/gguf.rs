@@ -240,7 +240,7 @@ impl GgufFile {
     }
 
     fn parse(bytes: SharedBytes) -> Result<Self, GgufError> {
-        let buf = (*bytes).as_ref();
+        let buf = bytes.bytes();
         let mut r = Reader { buf, pos: 0, values_left: MAX_METADATA_VALUES };
         let magic = r.array::<4>("magic")?;
         if &magic != MAGIC {
@@ -339,7 +339,7 @@ impl GgufFile {
     }
 
     fn bytes(&self) -> &[u8] {
-        (*self.bytes).as_ref()
+        self.bytes.bytes()
     }
 
     pub fn get(&self, key: &str) -> Option<&GgufValue> {

@@ -236,7 +236,7 @@ impl SafetensorsFile {
     }
 
     fn parse(bytes: SharedBytes) -> Result<Self, SafetensorsError> {
-        let buf = (*bytes).as_ref();
+        let buf = bytes.bytes();
         // Hugging Face's crate decides what is a valid file (header length,
         // JSON schema, offsets contiguous from 0 and covering the data exactly,
         // byte counts equal to dtype × shape); `explain_refusal` only names
@@ -301,7 +301,7 @@ impl SafetensorsFile {
     }
 
     fn bytes(&self) -> &[u8] {
-        (*self.bytes).as_ref()
+        self.bytes.bytes()
     }
 }
 

@@ -158,6 +158,8 @@ impl WeightSource {
                 let vals = w.dequantize_natural().map_err(bad)?;
                 let (kind, bytes) =
                     crate::quant::on_load::quantize_values(*target, w.kind, &vals, w.rows, w.cols).map_err(bad)?;
+                // The source's pages were read once; only the quantised copy is kept.
+                w.bytes.release_pages();
                 Ok(Some(HostWeight::new(w.name, kind, w.rows, w.cols, WeightBytes::from_vec(bytes))))
             }
         }
