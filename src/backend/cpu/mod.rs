@@ -365,9 +365,22 @@ impl Backend for CpuBackend {
             .checked_mul(spec.block_size)
             .and_then(|s| s.checked_mul(spec.kv_heads * spec.head_dim))
             .ok_or_else(|| BackendError::OutOfMemory("KV cache size overflows".into()))?;
-        // vec![0.0; n] is calloc: pages become resident only when a block is written.
-        let k = (0..spec.num_layers).map(|_| vec![0f32; per_layer]).collect();
-        let v = (0..spec.num_layers).map(|_| vec![0f32; per_layer]).collect();
+        // vec![0.0; n] is calloc, whose pages become resident only when first
+        // written; the block pool hands out least-recently-used blocks, so under
+        // traffic every block is soon written and RSS would creep up to the
+        // whole cache. Touching one value per page now makes the footprint
+        // known at start (as vLLM and llama.cpp do) and flat afterwards.
+        let touched = || {
+            let mut buf = vec![0f32; per_layer];
+            for x in buf.iter_mut().step_by(1024) {
+                // SAFETY: `x` is a valid, aligned element of `buf`; volatile so
+                // the store of the value it already holds is not optimised away.
+                unsafe { std::ptr::write_volatile(x, 0.0) };
+            }
+            buf
+        };
+        let k = (0..spec.num_layers).map(|_| touched()).collect();
+        let v = (0..spec.num_layers).map(|_| touched()).collect();
         Ok(CpuKvCache { spec, k, v })
     }
 
