@@ -446,8 +446,11 @@ async fn disconnect_mid_stream_aborts_and_frees_kv_blocks() {
     loop {
         let m = s.metrics().await;
         let running = metric(&m, "vllm:num_requests_running").unwrap();
+        // Between one choice finishing and the next being admitted, nothing
+        // runs and no block is held while the rest still wait: wait for those too.
+        let waiting = metric(&m, "vllm:num_requests_waiting").unwrap();
         let used = metric(&m, "tandem_kv_blocks_used").unwrap();
-        if running == 0.0 && used == 0.0 {
+        if running == 0.0 && waiting == 0.0 && used == 0.0 {
             assert!(aborted(&m) > before, "the requests were aborted, not finished:\n{m}");
             break;
         }
