@@ -103,10 +103,14 @@ impl TensorName {
             return Some(n);
         }
         let layer: usize = name.strip_prefix("blk.")?.split_once('.')?.0.parse().ok()?;
-        let per_layer: [fn(usize) -> TensorName; 12] =
-            [AttnNorm, FfnNorm, Q, K, V, O, QBias, KBias, VBias, Gate, Up, Down];
-        per_layer.into_iter().map(|f| f(layer)).find(|n| n.gguf() == name)
+        Self::PER_LAYER.into_iter().map(|f| f(layer)).find(|n| n.gguf() == name)
     }
+
+    /// Every per-layer tensor, by layer index.
+    pub const PER_LAYER: [fn(usize) -> TensorName; 12] = {
+        use TensorName::*;
+        [AttnNorm, FfnNorm, Q, K, V, O, QBias, KBias, VBias, Gate, Up, Down]
+    };
 }
 
 /// A model file (or directory) that can hand out weights by [`TensorName`].
@@ -261,10 +265,8 @@ mod tests {
 
     #[test]
     fn gguf_names_parse_back_to_the_tensor_they_name() {
-        let per_layer: [fn(usize) -> TensorName; 12] =
-            [AttnNorm, FfnNorm, Q, K, V, O, QBias, KBias, VBias, Gate, Up, Down];
         let mut all = vec![Embed, FinalNorm, LmHead];
-        all.extend([0, 7, 31].iter().flat_map(|&i| per_layer.map(|f| f(i))));
+        all.extend([0, 7, 31].iter().flat_map(|&i| TensorName::PER_LAYER.map(|f| f(i))));
         for n in all {
             assert_eq!(TensorName::from_gguf(&n.gguf()), Some(n), "{}", n.gguf());
         }
