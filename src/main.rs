@@ -582,7 +582,10 @@ fn load_routes(
     for (alias, spec, from) in specs {
         let route =
             tandem::routing::Route::new(&alias, spec).map_err(|e| anyhow::anyhow!("route '{alias}' ({from}): {e}"))?;
-        state.routes.put(route, |_| Ok(())).map_err(|e| anyhow::anyhow!("route '{alias}' ({from}): {e}"))?;
+        state
+            .routes
+            .put(route, |_| Ok::<_, std::convert::Infallible>(()))
+            .map_err(|e| anyhow::anyhow!("route '{alias}' ({from}): {e}"))?;
     }
     let n = state.routes.snapshot().len();
     if n > 0 {
@@ -607,10 +610,21 @@ fn serve<B: OpenBackend>(cfg: Config, spec: String) -> Result<()> {
             None
         } else {
             let dir = PathBuf::from(&cfg.store.data_dir);
-            let store = tandem::store::Store::open(&dir)
-                .with_context(|| format!("opening the data directory {}", dir.display()))?;
-            tracing::info!("data directory {} (files, fine-tuning jobs)", dir.display());
-            Some(Arc::new(store))
+            match tandem::store::Store::open(&dir) {
+                Ok(store) => {
+                    tracing::info!("data directory {} (files, fine-tuning jobs)", dir.display());
+                    Some(Arc::new(store))
+                }
+                // Inference does not need it: serve, and let what does need it say why.
+                Err(e) => {
+                    tracing::error!(
+                        "the data directory {} is unusable ({e}): serving without files, fine-tuning and route changes",
+                        dir.display()
+                    );
+                    state = state.with_unusable_store(&dir, &e);
+                    None
+                }
+            }
         };
         if let Some(s) = &store {
             state = state.with_store(s.clone(), cfg.store.max_upload_mib.saturating_mul(1 << 20));

@@ -111,6 +111,22 @@ impl ApiError {
         )
     }
 
+    /// The data directory could not take a write (full, read-only): 507, with
+    /// the operator's remedy first and the failing path and OS error after.
+    pub fn storage(fault: crate::store::StorageFault, detail: impl std::fmt::Display) -> Self {
+        Self::new(StatusCode::INSUFFICIENT_STORAGE, "storage_error", format!("{} ({detail})", fault.describe()))
+    }
+
+    /// The data directory could not be opened for another reason (permissions,
+    /// a corrupt database): 503 without `Retry-After`, as retrying will not help.
+    pub fn data_dir_unusable(detail: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "service_unavailable",
+            format!("the data directory is unusable: {detail}"),
+        )
+    }
+
     /// The engine failed this request (the server goes on serving others).
     pub fn internal(message: impl Into<String>) -> Self {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal_error", message)

@@ -20,7 +20,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::error::{ApiError, ErrorResponse};
 use super::upload_check::JsonlCheck;
 use super::AppState;
-use crate::store::{new_id, unix_now, FileRecord, Store, StoreError};
+use crate::store::{new_id, unix_now, FileRecord, StorageFault, Store, StoreError};
 
 /// Purposes a client may upload with.
 const PURPOSES: [&str; 4] = ["fine-tune", "assistants", "batch", "user_data"];
@@ -87,8 +87,20 @@ pub struct ListFilesQuery {
     pub purpose: Option<String>,
 }
 
+/// 507 when the data directory is full or read-only, else 500.
 pub(super) fn store_error(e: StoreError) -> ApiError {
-    ApiError::internal(format!("the data store failed: {e}"))
+    match e.fault() {
+        Some(fault) => ApiError::storage(fault, &e),
+        None => ApiError::internal(format!("the data store failed: {e}")),
+    }
+}
+
+/// `store_error` for a blob write (`doing` says which).
+fn write_error(doing: &str, e: std::io::Error) -> ApiError {
+    match StorageFault::of_io(&e) {
+        Some(fault) => ApiError::storage(fault, format_args!("{doing}: {e}")),
+        None => ApiError::internal(format!("{doing}: {e}")),
+    }
 }
 
 pub(super) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T, ApiError> {
@@ -146,6 +158,8 @@ impl Sink {
         (status = 400, body = ErrorResponse),
         (status = 404, description = "The files API is off (no data directory)", body = ErrorResponse),
         (status = 413, body = ErrorResponse),
+        (status = 503, description = "The data directory could not be opened at start", body = ErrorResponse),
+        (status = 507, description = "The data directory is full or read-only", body = ErrorResponse),
     )
 )]
 pub async fn upload(
@@ -184,7 +198,7 @@ pub async fn upload(
                 let filename = field.file_name().unwrap_or("upload").to_string();
                 let path = store.partial_upload_path();
                 let file = std::fs::File::create(&path)
-                    .map_err(|e| ApiError::internal(format!("creating {}: {e}", path.display())))?;
+                    .map_err(|e| write_error(&format!("creating {}", path.display()), e))?;
                 let check_jsonl = purpose.as_deref().is_none_or(|p| p == "fine-tune");
                 use sha2::Digest;
                 let sink = Sink {
@@ -211,7 +225,7 @@ pub async fn upload(
                     sink = sink_back;
                     upload = Some((sink, name));
                     if let Err(e) = res {
-                        return Err(fail(&upload, ApiError::internal(format!("writing the upload: {e}"))));
+                        return Err(fail(&upload, write_error("writing the upload", e)));
                     }
                 }
             }
@@ -243,7 +257,7 @@ pub async fn upload(
     let id = new_id("file-");
     let rec = blocking(move || -> Result<FileRecord, ApiError> {
         use sha2::Digest;
-        let problem = sink.finish().map_err(|e| ApiError::internal(format!("writing the upload: {e}")));
+        let problem = sink.finish().map_err(|e| write_error("writing the upload", e));
         let cleanup = |e: ApiError| {
             let _ = std::fs::remove_file(&sink.path);
             e

@@ -76,10 +76,11 @@ fn jobs_error(e: JobsError) -> ApiError {
 }
 
 fn manager(st: &AppState) -> Result<Arc<JobManager>, ApiError> {
-    st.ready()?
-        .jobs
-        .clone()
-        .ok_or_else(|| ApiError::not_found("fine-tuning is off on this server: start it with --data-dir"))
+    st.ready()?.jobs.clone().ok_or_else(|| match st.store() {
+        // Configured but unusable: say why rather than "off".
+        Err(e) if e.status != axum::http::StatusCode::NOT_FOUND => e,
+        _ => ApiError::not_found("fine-tuning is off on this server: start it with --data-dir"),
+    })
 }
 
 /// `after`, `limit` and `metadata[k]=v` from a raw query string.
@@ -148,7 +149,8 @@ fn serde_urlencoded_pairs(s: &str) -> Result<Vec<(String, String)>, ApiError> {
     post,
     path = "/v1/fine_tuning/jobs",
     request_body = JobRequest,
-    responses((status = 200, body = Job), (status = 400, body = ErrorResponse), (status = 404, body = ErrorResponse), (status = 503, body = ErrorResponse))
+    responses((status = 200, body = Job), (status = 400, body = ErrorResponse), (status = 404, body = ErrorResponse), (status = 503, body = ErrorResponse),
+        (status = 507, description = "The data directory is full or read-only", body = ErrorResponse))
 )]
 pub async fn create(State(st): State<AppState>, body: Result<Bytes, BytesRejection>) -> Result<Json<Job>, ApiError> {
     let body = body?;

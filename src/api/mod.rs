@@ -62,6 +62,17 @@ pub struct Ready {
     pub jobs: Option<Arc<crate::train::jobs::JobManager>>,
 }
 
+/// The data directory as the server found it at start.
+enum DataDir {
+    Open {
+        store: Arc<crate::store::Store>,
+        max_upload_bytes: usize,
+    },
+    /// It could not be opened (read-only, full, unreadable): what needs it
+    /// answers this error; everything else serves.
+    Unusable(ApiError),
+}
+
 /// Shared by every handler; cheap to clone.
 #[derive(Clone)]
 pub struct AppState(Arc<Inner>);
@@ -71,9 +82,9 @@ pub struct Inner {
     pub server: ServerSection,
     pub created: u64,
     ready: OnceLock<Ready>,
-    /// Uploaded files and job records, and the upload size limit (unset: the
-    /// files and fine-tuning APIs are off).
-    store: OnceLock<(Arc<crate::store::Store>, usize)>,
+    /// Uploaded files, job records and stored routes (unset: no data
+    /// directory, so the files and fine-tuning APIs are off).
+    store: OnceLock<DataDir>,
     /// Aliases clients may name in `model`, split between targets.
     pub routes: crate::routing::Routes,
     /// API keys (unset: an open server).
@@ -102,16 +113,41 @@ impl AppState {
 
     /// Turns on the files API over `store`, with uploads up to `max_upload_bytes`.
     pub fn with_store(self, store: Arc<crate::store::Store>, max_upload_bytes: usize) -> Self {
-        let _ = self.store.set((store, max_upload_bytes));
+        let _ = self.store.set(DataDir::Open { store, max_upload_bytes });
         self
     }
 
-    /// The data store, or 404 when the server has none.
+    /// A data directory that failed to open at start: the files, fine-tuning
+    /// and route-changing APIs answer why (507 when it is full or read-only,
+    /// else 503) until it is fixed and the server restarted.
+    pub fn with_unusable_store(self, dir: &std::path::Path, e: &crate::store::StoreError) -> Self {
+        let detail = format!("opening {} at start: {e}; restart the server once it is fixed", dir.display());
+        let err = match e.fault() {
+            Some(fault) => ApiError::storage(fault, detail),
+            None => ApiError::data_dir_unusable(detail),
+        };
+        let _ = self.store.set(DataDir::Unusable(err));
+        self
+    }
+
+    /// The data store; 404 when the server has none, the start-up error when
+    /// it could not be opened.
     pub fn store(&self) -> Result<&Arc<crate::store::Store>, ApiError> {
-        self.store
-            .get()
-            .map(|(s, _)| s)
-            .ok_or_else(|| ApiError::not_found("the files API is off on this server: start it with --data-dir"))
+        match self.store.get() {
+            Some(DataDir::Open { store, .. }) => Ok(store),
+            Some(DataDir::Unusable(e)) => Err(e.clone()),
+            None => Err(ApiError::not_found("the files API is off on this server: start it with --data-dir")),
+        }
+    }
+
+    /// Where route changes are persisted: `None` without a data directory
+    /// (they live in memory), an error if it is configured but unusable (a
+    /// change that would silently not survive a restart is refused).
+    pub fn route_store(&self) -> Result<Option<Arc<crate::store::Store>>, ApiError> {
+        match self.store.get() {
+            None => Ok(None),
+            Some(_) => self.store().map(|s| Some(s.clone())),
+        }
     }
 
     /// Requires API keys from now on (before serving).
@@ -126,7 +162,10 @@ impl AppState {
     }
 
     pub fn max_upload_bytes(&self) -> usize {
-        self.store.get().map_or(0, |(_, n)| *n)
+        match self.store.get() {
+            Some(DataDir::Open { max_upload_bytes, .. }) => *max_upload_bytes,
+            _ => 0,
+        }
     }
 
     /// Marks the engine up; false if it already was.

@@ -11,10 +11,11 @@ use axum::Json;
 use serde::Serialize;
 
 use super::error::ApiError;
+use super::files::store_error;
 use super::models::{self, Resolved};
 use super::params::GenParams;
 use super::{generate, json, AppState};
-use crate::routing::{Route, RouteSpec};
+use crate::routing::{Route, RouteSpec, TableError};
 
 /// A route: its alias and its spec's fields (spelled out, not flattened:
 /// the spec refuses unknown fields, which a flattened schema would inherit).
@@ -77,7 +78,8 @@ fn no_route(alias: &str) -> ApiError {
         (status = 400, description = "Invalid spec, unknown target or shadow, alias loop", body = super::error::ErrorResponse),
         (status = 401, body = super::error::ErrorResponse), (status = 403, body = super::error::ErrorResponse),
         (status = 404, body = super::error::ErrorResponse),
-        (status = 413, body = super::error::ErrorResponse), (status = 503, body = super::error::ErrorResponse)))]
+        (status = 413, body = super::error::ErrorResponse), (status = 503, body = super::error::ErrorResponse),
+        (status = 507, description = "The data directory is full or read-only", body = super::error::ErrorResponse)))]
 pub async fn put(
     State(st): State<AppState>,
     Path(alias): Path<String>,
@@ -87,39 +89,42 @@ pub async fn put(
     let spec: RouteSpec = json::parse(&body)?;
     let route = Route::new(&alias, spec).map_err(|e| ApiError::invalid(format!("route `{alias}`: {e}")))?;
     check_models(&st, &route)?;
-    let store = st.store().ok().cloned();
+    let store = st.route_store()?;
     let stored = view(&route);
     let st2 = st.clone();
     tokio::task::spawn_blocking(move || {
         st2.routes.put(route, |r| match &store {
-            Some(s) => s
-                .put_route(&r.alias, &serde_json::to_value(r.spec()).expect("a spec serialises"))
-                .map_err(|e| e.to_string()),
+            Some(s) => s.put_route(&r.alias, &serde_json::to_value(r.spec()).expect("a spec serialises")),
             None => Ok(()),
         })
     })
     .await
     .map_err(|e| ApiError::internal(format!("route update failed: {e}")))?
-    .map_err(|e| ApiError::invalid(format!("route `{alias}`: {e}")))?;
+    .map_err(|e| match e {
+        TableError::Conflict(m) => ApiError::invalid(format!("route `{alias}`: {m}")),
+        TableError::Persist(e) => store_error(e),
+    })?;
     Ok(Json(stored))
 }
 
 #[utoipa::path(delete, path = "/admin/routes/{alias}", tag = "admin",
     params(("alias" = String, Path, description = "The name clients put in `model`")),
     responses((status = 200, body = RouteDeleted), (status = 401, body = super::error::ErrorResponse),
-        (status = 403, body = super::error::ErrorResponse), (status = 404, body = super::error::ErrorResponse)))]
+        (status = 403, body = super::error::ErrorResponse), (status = 404, body = super::error::ErrorResponse),
+        (status = 503, body = super::error::ErrorResponse),
+        (status = 507, description = "The data directory is full or read-only", body = super::error::ErrorResponse)))]
 pub async fn delete(State(st): State<AppState>, Path(alias): Path<String>) -> Result<Json<RouteDeleted>, ApiError> {
-    let store = st.store().ok().cloned();
+    let store = st.route_store()?;
     let (st2, alias2) = (st.clone(), alias.clone());
     let existed = tokio::task::spawn_blocking(move || {
         st2.routes.delete(&alias2, || match &store {
-            Some(s) => s.delete_route(&alias2).map(|_| ()).map_err(|e| e.to_string()),
+            Some(s) => s.delete_route(&alias2).map(|_| ()),
             None => Ok(()),
         })
     })
     .await
     .map_err(|e| ApiError::internal(format!("route delete failed: {e}")))?
-    .map_err(ApiError::internal)?;
+    .map_err(store_error)?;
     if !existed {
         return Err(no_route(&alias));
     }

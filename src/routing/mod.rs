@@ -311,6 +311,23 @@ fn stats_for(map: &Mutex<BTreeMap<(String, String), Arc<TargetStats>>>, alias: &
     m.entry((alias.to_string(), target.to_string())).or_insert_with(TargetStats::new).clone()
 }
 
+/// Why a route table change was refused: the route does not fit the table
+/// (the client's to fix), or persisting it failed (the store's error).
+#[derive(Debug, PartialEq)]
+pub enum TableError<E> {
+    Conflict(String),
+    Persist(E),
+}
+
+impl<E: std::fmt::Display> std::fmt::Display for TableError<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Conflict(m) => f.write_str(m),
+            Self::Persist(e) => write!(f, "storing it failed: {e}"),
+        }
+    }
+}
+
 impl Routes {
     pub fn snapshot(&self) -> Arc<RouteTable> {
         self.table.read().unwrap_or_else(|e| e.into_inner()).clone()
@@ -320,21 +337,26 @@ impl Routes {
     /// is an alias (routes do not chain), or if `persist` fails (then nothing
     /// changes). `persist` runs under the write lock, so the stored and the
     /// live tables change in the same order. Returns whether it replaced one.
-    pub fn put(&self, route: Route, persist: impl FnOnce(&Route) -> Result<(), String>) -> Result<bool, String> {
+    pub fn put<E>(&self, route: Route, persist: impl FnOnce(&Route) -> Result<(), E>) -> Result<bool, TableError<E>> {
         let mut guard = self.table.write().unwrap_or_else(|e| e.into_inner());
         let names = route.targets.iter().map(|t| &t.model).chain(route.shadow.as_ref().map(|s| &s.model));
         for name in names {
             if guard.routes.contains_key(name) {
-                return Err(format!("{name} is an alias; a route targets models, not other aliases"));
+                return Err(TableError::Conflict(format!(
+                    "{name} is an alias; a route targets models, not other aliases"
+                )));
             }
         }
         let targets_alias = |r: &Route| {
             r.targets.iter().map(|t| &t.model).chain(r.shadow.as_ref().map(|s| &s.model)).any(|m| *m == route.alias)
         };
         if let Some(other) = guard.iter().find(|r| targets_alias(r)) {
-            return Err(format!("route {} targets {}, so it cannot become an alias", other.alias, route.alias));
+            return Err(TableError::Conflict(format!(
+                "route {} targets {}, so it cannot become an alias",
+                other.alias, route.alias
+            )));
         }
-        persist(&route)?;
+        persist(&route).map_err(TableError::Persist)?;
         let mut next = (**guard).clone();
         let replaced = next.routes.insert(route.alias.clone(), Arc::new(route)).is_some();
         *guard = Arc::new(next);
@@ -343,7 +365,7 @@ impl Routes {
     }
 
     /// Removes `alias` (after `persist` succeeds); whether it existed.
-    pub fn delete(&self, alias: &str, persist: impl FnOnce() -> Result<(), String>) -> Result<bool, String> {
+    pub fn delete<E>(&self, alias: &str, persist: impl FnOnce() -> Result<(), E>) -> Result<bool, E> {
         let mut guard = self.table.write().unwrap_or_else(|e| e.into_inner());
         if !guard.routes.contains_key(alias) {
             return Ok(false);
@@ -645,7 +667,7 @@ mod tests {
     fn the_table_refuses_chains_and_swaps_whole() {
         let routes = Routes::default();
         let old = routes.snapshot();
-        assert!(!routes.put(route(&[("base", 1)]), |_| Ok(())).unwrap());
+        assert!(!routes.put(route(&[("base", 1)]), |_| Ok::<_, String>(())).unwrap());
         assert!(old.is_empty(), "a snapshot taken before is untouched");
         let chained = Route::new(
             "other",
@@ -656,7 +678,7 @@ mod tests {
             },
         )
         .unwrap();
-        assert!(routes.put(chained, |_| Ok(())).unwrap_err().contains("is an alias"));
+        assert!(routes.put(chained, |_| Ok::<_, String>(())).unwrap_err().to_string().contains("is an alias"));
         // A target of an existing route cannot become an alias.
         let base_alias = Route::new(
             "base",
@@ -667,14 +689,23 @@ mod tests {
             },
         )
         .unwrap();
-        assert!(routes.put(base_alias, |_| Ok(())).unwrap_err().contains("cannot become an alias"));
+        assert!(routes
+            .put(base_alias, |_| Ok::<_, String>(()))
+            .unwrap_err()
+            .to_string()
+            .contains("cannot become an alias"));
         // A failed persist changes nothing.
-        assert!(routes.put(route(&[("base", 1), ("ft:x", 1)]), |_| Err("disk full".into())).is_err());
+        assert_eq!(
+            routes.put(route(&[("base", 1), ("ft:x", 1)]), |_| Err("disk full")),
+            Err(TableError::Persist("disk full"))
+        );
         assert_eq!(routes.snapshot().get("chat").unwrap().targets.len(), 1);
-        assert!(routes.put(route(&[("base", 1), ("ft:x", 1)]), |_| Ok(())).unwrap(), "replaced");
+        assert!(routes.put(route(&[("base", 1), ("ft:x", 1)]), |_| Ok::<_, String>(())).unwrap(), "replaced");
         assert_eq!(routes.snapshot().get("chat").unwrap().targets.len(), 2);
-        assert!(routes.delete("chat", || Err("read-only".into())).is_err());
-        assert!(routes.delete("chat", || Ok(())).unwrap() && !routes.delete("chat", || Ok(())).unwrap());
+        assert!(routes.delete("chat", || Err("read-only")).is_err());
+        assert!(
+            routes.delete("chat", || Ok::<_, ()>(())).unwrap() && !routes.delete("chat", || Ok::<_, ()>(())).unwrap()
+        );
         assert!(routes.snapshot().is_empty());
         routes.count("chat", "base");
         let mut f = crate::metrics::Families::default();

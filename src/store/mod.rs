@@ -32,6 +32,53 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// A write that failed because of the data directory itself, not the request
+/// or a bug: the operator has to free space or remount it. Serving goes on;
+/// only what needs the directory fails, with a message saying which.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageFault {
+    /// No space left (or the quota is used up).
+    Full,
+    /// Mounted read-only (or remounted so by the kernel after an error).
+    ReadOnly,
+}
+
+impl StorageFault {
+    pub fn of_io(e: &std::io::Error) -> Option<Self> {
+        use std::io::ErrorKind;
+        match e.kind() {
+            ErrorKind::StorageFull | ErrorKind::QuotaExceeded => Some(Self::Full),
+            ErrorKind::ReadOnlyFilesystem => Some(Self::ReadOnly),
+            _ => None,
+        }
+    }
+
+    /// What the operator reads: the fault and what to do about it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Full => "the data directory is full: free space in it (serving is unaffected)",
+            Self::ReadOnly => "the data directory is read-only: remount it read-write (serving is unaffected)",
+        }
+    }
+}
+
+impl StoreError {
+    /// Whether the data directory (full, read-only) is to blame.
+    pub fn fault(&self) -> Option<StorageFault> {
+        use rusqlite::ErrorCode;
+        match self {
+            Self::Io { source, .. } => StorageFault::of_io(source),
+            Self::Sql(e) => match e.sqlite_error_code() {
+                // SQLite turns ENOSPC into SQLITE_FULL.
+                Some(ErrorCode::DiskFull) => Some(StorageFault::Full),
+                Some(ErrorCode::ReadOnly) => Some(StorageFault::ReadOnly),
+                _ => None,
+            },
+            Self::Corrupt { .. } => None,
+        }
+    }
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> StoreError + '_ {
     move |source| StoreError::Io { path: path.to_owned(), source }
 }
@@ -124,6 +171,11 @@ impl Store {
         for d in [root.to_owned(), root.join("files"), root.join("jobs")] {
             std::fs::create_dir_all(&d).map_err(io(&d))?;
         }
+        // SQLite falls back to read-only on a read-only directory and then fails
+        // obscurely; a probe write names the real cause (full, read-only) first.
+        let probe = root.join(".write-probe");
+        std::fs::write(&probe, b"ok").map_err(io(&probe))?;
+        let _ = std::fs::remove_file(&probe);
         let db_path = root.join("tandem.sqlite3");
         let conn = Connection::open(&db_path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -398,6 +450,21 @@ mod tests {
             status: "processed".into(),
             sha256: "x".into(),
         }
+    }
+
+    #[test]
+    fn storage_faults_are_told_from_other_failures() {
+        let os = |n| StoreError::Io { path: "x".into(), source: std::io::Error::from_raw_os_error(n) };
+        // ENOSPC, EDQUOT, EROFS; ENOENT and EACCES are not the directory's state.
+        assert_eq!(os(28).fault(), Some(StorageFault::Full));
+        assert_eq!(os(122).fault(), Some(StorageFault::Full));
+        assert_eq!(os(30).fault(), Some(StorageFault::ReadOnly));
+        assert_eq!(os(2).fault(), None);
+        assert_eq!(os(13).fault(), None);
+        let sql = |code| StoreError::Sql(rusqlite::Error::SqliteFailure(rusqlite::ffi::Error::new(code), None));
+        assert_eq!(sql(rusqlite::ffi::SQLITE_FULL).fault(), Some(StorageFault::Full));
+        assert_eq!(sql(rusqlite::ffi::SQLITE_READONLY).fault(), Some(StorageFault::ReadOnly));
+        assert_eq!(sql(rusqlite::ffi::SQLITE_CONSTRAINT).fault(), None);
     }
 
     #[test]

@@ -104,9 +104,9 @@ pub enum TrainError {
     Config(String),
     #[error("{0}")]
     Memory(String),
-    #[error("the training step failed on the device")]
+    #[error("the training step failed on the device: {0}")]
     Backend(#[from] BackendError),
-    #[error("writing training output")]
+    #[error("writing training output: {0}")]
     Output(#[from] OutputError),
     #[error("cannot resume from {path}: {reason}")]
     Resume { path: String, reason: String },

@@ -21,10 +21,26 @@ impl Server {
     /// Starts `tandem serve --model <model> --port 0` with `config` (TOML, added to
     /// the defaults) and waits until `/health` is 200.
     pub async fn start(model: &Path, config: &str) -> Server {
+        Self::start_wrapped(model, config, &[]).await
+    }
+
+    /// `start` with the binary run by `wrapper` (a command and its arguments,
+    /// which must end by exec'ing the binary and arguments it is given, so the
+    /// child's pid is the server's).
+    pub async fn start_wrapped(model: &Path, config: &str, wrapper: &[&str]) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let cfg = dir.path().join("config.toml");
         std::fs::write(&cfg, config).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        let bin = env!("CARGO_BIN_EXE_tandem");
+        let mut cmd = match wrapper.split_first() {
+            None => Command::new(bin),
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(bin);
+                c
+            }
+        };
+        let mut child = cmd
             .env("TANDEM_THREADS", "2")
             .args(["--config", cfg.to_str().unwrap(), "serve", "--port", "0", "--model", model.to_str().unwrap()])
             .stdout(Stdio::null())

@@ -133,8 +133,21 @@ pub struct JobManager {
     cfg: JobsConfig,
     /// Serialises read-modify-write of job records.
     lock: Mutex<()>,
+    /// Job states that could not be saved because the data directory was
+    /// full or read-only: the truth the API shows (a job must not look
+    /// "running" forever because its failure could not be written) until a
+    /// save succeeds. Retried every few seconds; lost on a restart, which
+    /// then recovers the job from what is on disk.
+    unsaved: Mutex<BTreeMap<String, Job>>,
     /// The base model's files and hashes, computed once (for lineage).
     base_files: std::sync::OnceLock<Vec<LineageFile>>,
+}
+
+/// Whether a job change that the data directory cannot take may stand in memory.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Saving {
+    Required,
+    KeepIfUnsaved,
 }
 
 const STATUSES: [&str; 7] = ["validating_files", "queued", "running", "paused", "succeeded", "failed", "cancelled"];
@@ -156,13 +169,21 @@ impl JobManager {
             tokenizer,
             cfg,
             lock: Mutex::new(()),
+            unsaved: Mutex::new(BTreeMap::new()),
             base_files: std::sync::OnceLock::new(),
         });
         if let Some(rx) = events {
             let weak = Arc::downgrade(&m);
-            let _ = std::thread::Builder::new().name("tandem-jobs".into()).spawn(move || {
-                while let Ok(e) = rx.recv() {
-                    let Some(m) = weak.upgrade() else { return };
+            let _ = std::thread::Builder::new().name("tandem-jobs".into()).spawn(move || loop {
+                use std::sync::mpsc::RecvTimeoutError;
+                let event = match rx.recv_timeout(std::time::Duration::from_secs(2)) {
+                    Ok(e) => Some(e),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                };
+                let Some(m) = weak.upgrade() else { return };
+                m.save_unsaved();
+                if let Some(e) = event {
                     if let Err(err) = m.on_event(e) {
                         tracing::warn!("recording a training event failed: {err}");
                     }
@@ -192,6 +213,9 @@ impl JobManager {
     }
 
     pub fn job(&self, id: &str) -> Result<Job, JobsError> {
+        if let Some(j) = self.unsaved_state(id) {
+            return Ok(j);
+        }
         let v = self.store.job(id)?.ok_or_else(|| JobsError::NotFound(format!("fine-tuning job '{id}' not found")))?;
         serde_json::from_value(v).map_err(|e| StoreError::Corrupt { id: id.into(), reason: e.to_string() }.into())
     }
@@ -211,6 +235,7 @@ impl JobManager {
             for v in page.data {
                 let j: Job = serde_json::from_value(v)
                     .map_err(|e| StoreError::Corrupt { id: "job".into(), reason: e.to_string() })?;
+                let j = self.unsaved_state(&j.id).unwrap_or(j);
                 cursor = Some(j.id.clone());
                 let md = j.metadata.clone().unwrap_or_default();
                 if metadata.iter().all(|(k, v)| md.get(k) == Some(v)) {
@@ -226,9 +251,18 @@ impl JobManager {
         }
     }
 
-    /// Applies `f` to job `id` and saves it (one writer at a time).
+    /// Applies `f` to job `id` and saves it (one writer at a time). For a
+    /// client's action: if it cannot be saved it does not happen (a cancel
+    /// that a restart would undo must not be acknowledged).
     fn update(&self, id: &str, f: impl FnOnce(&mut Job) -> Result<(), JobsError>) -> Result<Job, JobsError> {
-        self.update_then(id, f, || {})
+        self.apply(id, f, || {}, Saving::Required)
+    }
+
+    /// [`JobManager::update`] for what has already happened (the engine's
+    /// events, a failed validation): if the data directory cannot take it,
+    /// it is kept in memory and retried (see `unsaved`).
+    fn record(&self, id: &str, f: impl FnOnce(&mut Job) -> Result<(), JobsError>) -> Result<Job, JobsError> {
+        self.apply(id, f, || {}, Saving::KeepIfUnsaved)
     }
 
     /// [`JobManager::update`], then `then` while still holding the lock: engine
@@ -240,18 +274,61 @@ impl JobManager {
         f: impl FnOnce(&mut Job) -> Result<(), JobsError>,
         then: impl FnOnce(),
     ) -> Result<Job, JobsError> {
+        self.apply(id, f, then, Saving::Required)
+    }
+
+    fn apply(
+        &self,
+        id: &str,
+        f: impl FnOnce(&mut Job) -> Result<(), JobsError>,
+        then: impl FnOnce(),
+        saving: Saving,
+    ) -> Result<Job, JobsError> {
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut job = self.job(id)?;
         f(&mut job)?;
-        self.save(&job)?;
+        self.save(&job, saving)?;
         then();
         Ok(job)
     }
 
-    fn save(&self, job: &Job) -> Result<(), JobsError> {
-        self.store.put_job(&job.id, &job.status, &serde_json::to_value(job).expect("a job serialises"))?;
+    fn save(&self, job: &Job, saving: Saving) -> Result<(), JobsError> {
+        let mut unsaved = self.unsaved.lock().unwrap_or_else(|e| e.into_inner());
+        match self.store.put_job(&job.id, &job.status, &serde_json::to_value(job).expect("a job serialises")) {
+            Ok(()) => {
+                unsaved.remove(&job.id);
+            }
+            Err(e) if saving == Saving::KeepIfUnsaved && e.fault().is_some() => {
+                tracing::error!(
+                    "job {} is {} but could not be saved ({e}); kept in memory, retried",
+                    job.id,
+                    job.status
+                );
+                unsaved.insert(job.id.clone(), job.clone());
+            }
+            Err(e) => return Err(e.into()),
+        }
+        drop(unsaved);
         self.count_states();
         Ok(())
+    }
+
+    fn unsaved_state(&self, id: &str) -> Option<Job> {
+        self.unsaved.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+    }
+
+    /// Retries saving what `save` had to keep in memory.
+    fn save_unsaved(&self) {
+        let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let pending: Vec<Job> = self.unsaved.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
+        for job in pending {
+            let body = serde_json::to_value(&job).expect("a job serialises");
+            if self.store.put_job(&job.id, &job.status, &body).is_ok() {
+                self.unsaved.lock().unwrap_or_else(|e| e.into_inner()).remove(&job.id);
+                tracing::info!("job {} saved ({}) now that the data directory takes writes", job.id, job.status);
+                self.count_states();
+            }
+        }
     }
 
     fn count_states(&self) {
@@ -343,7 +420,7 @@ impl JobManager {
         };
         {
             let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-            self.save(&job)?;
+            self.save(&job, Saving::Required)?;
         }
         self.event(&job.id, "info", "message", format!("Created fine-tuning job: {}", job.id), Value::Null);
         self.event(&job.id, "info", "message", format!("Validating training file: {}", job.training_file), Value::Null);
@@ -388,7 +465,7 @@ impl JobManager {
             Ok(p) => p,
             Err(err) => {
                 self.event(id, "error", "message", err.message.clone(), Value::Null);
-                self.update(id, |j| {
+                self.record(id, |j| {
                     if !j.is_final() {
                         j.status = "failed".into();
                         j.finished_at = Some(unix_now());
@@ -423,7 +500,7 @@ impl JobManager {
         let fresh = resume_from.is_none();
         let setup = JobSetup { job: id.into(), config, train, valid, out_dir, resume_from, lineage };
         let mut sent = true;
-        let job = self.update_then(
+        let job = self.apply(
             id,
             |j| {
                 if j.status != "validating_files" && j.status != "queued" {
@@ -438,6 +515,8 @@ impl JobManager {
                 Ok(())
             },
             || sent = self.engine.train(TrainCommand::Start(Box::new(setup))),
+            // Validated: queue it even if the directory cannot record that now.
+            Saving::KeepIfUnsaved,
         );
         if job.is_err() {
             return Ok(()); // cancelled or paused meanwhile
@@ -453,7 +532,7 @@ impl JobManager {
 
     fn fail(&self, id: &str, code: &str, message: String) -> Result<(), JobsError> {
         self.event(id, "error", "message", message.clone(), Value::Null);
-        self.update(id, |j| {
+        self.record(id, |j| {
             if !j.is_final() {
                 j.status = "failed".into();
                 j.finished_at = Some(unix_now());
@@ -574,7 +653,7 @@ impl JobManager {
     fn on_event(&self, e: TrainEvent) -> Result<(), JobsError> {
         match e {
             TrainEvent::Started { job, step, tokens, total_steps, memory_bytes, saved_layers } => {
-                self.update(&job, |j| {
+                self.record(&job, |j| {
                     j.trained_tokens = Some(tokens);
                     if j.status == "queued" {
                         j.status = "running".into();
@@ -609,7 +688,7 @@ impl JobManager {
             }
             TrainEvent::Step { job, report: r } => {
                 let tokens_per_second = if r.seconds > 0.0 { r.tokens as f64 / r.seconds } else { 0.0 };
-                self.update(&job, |j| {
+                self.record(&job, |j| {
                     j.tandem.step = r.step;
                     j.trained_tokens = Some(j.trained_tokens.unwrap_or(0) + r.tokens as u64);
                     if let Some(since) = j.tandem.running_since {
@@ -662,7 +741,7 @@ impl JobManager {
                 let name = self.model_name(&j);
                 self.serve(&name, &adapter_dir);
                 let results = self.write_results(&job)?;
-                self.update(&job, |j| {
+                self.record(&job, |j| {
                     if j.status == "cancelled" {
                         return Ok(());
                     }
@@ -725,12 +804,15 @@ impl JobManager {
         }
         let id = new_id("file-");
         let part = self.store.partial_upload_path();
-        let io = |e: std::io::Error| StoreError::Io { path: part.clone(), source: e };
-        {
+        let write = || -> std::io::Result<()> {
             use std::io::Write;
-            let mut f = std::fs::File::create(&part).map_err(io)?;
-            f.write_all(csv.as_bytes()).map_err(io)?;
-            f.sync_all().map_err(io)?;
+            let mut f = std::fs::File::create(&part)?;
+            f.write_all(csv.as_bytes())?;
+            f.sync_all()
+        };
+        if let Err(source) = write() {
+            let _ = std::fs::remove_file(&part);
+            return Err(StoreError::Io { path: part, source }.into());
         }
         use sha2::{Digest, Sha256};
         let rec = FileRecord {
