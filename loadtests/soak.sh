@@ -4,11 +4,12 @@
 # then SIGTERM (exit 0 within 30 s). Report: target/soak/report.md.
 #   loadtests/soak.sh            1,000 clients for 300 s (docs/reliability.md)
 #   loadtests/soak.sh --short    200 clients for 40 s (CI)
+#   CLIENTS=N DURATION=S loadtests/soak.sh   other sizes
 # Needs target/release/tandem and the default model (scripts/get-default-model.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-models/qwen2.5-coder-0.5b-instruct-q4_k_m.gguf}
-CLIENTS=1000 DURATION=300
+CLIENTS=${CLIENTS:-1000} DURATION=${DURATION:-300}
 if [[ ${1:-} == --short ]]; then CLIENTS=200 DURATION=40; fi
 OUT=target/soak
 VENV=${TANDEM_PY_VENV:-target/py-venv}

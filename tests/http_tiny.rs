@@ -502,6 +502,57 @@ async fn chat_without_a_template_is_a_clear_400() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_queue_sheds_requests_before_reading_them() {
+    let s = Server::start(&fixture(MODEL), "[scheduler]\nmax_num_seqs = 1\nmax_waiting = 2\n").await;
+    let bad = |path: &'static str| {
+        let url = s.url(path);
+        async move { reqwest::Client::new().post(url).body("{not json").send().await.unwrap() }
+    };
+    // A body that is not even JSON, sent while the queue is full, is refused
+    // for the queue without being parsed: the 429 comes before any work on
+    // it. (The tiny model finishes a whole context in milliseconds, so the
+    // queue may drain between filling it and asking: then it is a 400, and
+    // the queue is filled again.)
+    let mut shed = std::collections::BTreeSet::new();
+    for _ in 0..50 {
+        // One long choice running, then two waiting: the queue is full.
+        let mut held = Vec::new();
+        for n in [1, 2] {
+            let body = json!({"prompt": [5, 6, 7], "n": n, "max_tokens": 250, "ignore_eos": true, "stream": true});
+            let r = reqwest::Client::new().post(s.url("/v1/completions")).json(&body).send().await.unwrap();
+            let mut stream = r.bytes_stream();
+            if n == 1 {
+                let _ = stream.next().await;
+            }
+            held.push(stream);
+        }
+        for path in ["/v1/completions", "/v1/chat/completions"] {
+            let r = bad(path).await;
+            match r.status().as_u16() {
+                429 => {
+                    assert!(r.headers().contains_key("retry-after"), "{path}");
+                    let v: Value = r.json().await.unwrap();
+                    assert_error(429, &v, 429, None);
+                    shed.insert(path);
+                }
+                400 => {}
+                other => panic!("{path}: {other}"),
+            }
+        }
+        if shed.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(shed.len(), 2, "a full queue never refused an unparsed body: {shed:?}");
+    // With room again, the same body gets the 400 it deserves.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while bad("/v1/completions").await.status() != 400 {
+        assert!(Instant::now() < deadline, "the queue never drained");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_queue_is_429_with_retry_after() {
     // One running and two waiting at most: eight choices cannot all be queued.
     let s = Server::start(&fixture(MODEL), "[scheduler]\nmax_num_seqs = 1\nmax_waiting = 2\n").await;

@@ -29,6 +29,21 @@ pub trait ModelRequest: serde::de::DeserializeOwned {
     fn model_fields(&self) -> ModelFields<'_>;
 }
 
+/// Middleware of the generation endpoints: a 429 at once, before the body is
+/// read, parsed or tokenised, when the engine's waiting queue is full.
+pub async fn shed_when_full(
+    axum::extract::State(st): axum::extract::State<AppState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Ok(ready) = st.ready() {
+        if let Err(e) = ready.engine.check_capacity() {
+            return ApiError::from_submit(e, "prompt", false).into_response();
+        }
+    }
+    next.run(req).await
+}
+
 /// Parses `body` as `R`, resolves its model and runs `respond` with it.
 pub async fn handle<R: ModelRequest>(
     st: AppState,

@@ -195,6 +195,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/files", post(files::upload).get(files::list))
         .layer(DefaultBodyLimit::max(state.max_upload_bytes().max(1)))
         .with_state(state.clone());
+    let shed = axum::middleware::from_fn_with_state(state.clone(), endpoint::shed_when_full);
     Router::new()
         .route("/v1/files/{file_id}", get(files::retrieve).delete(files::delete))
         .route("/v1/files/{file_id}/content", get(files::content))
@@ -211,8 +212,8 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(openapi::spec))
         .route("/v1/models", get(models::list))
         .route("/v1/models/{*model}", get(models::retrieve))
-        .route("/v1/completions", post(completions::create))
-        .route("/v1/chat/completions", post(chat::create))
+        .route("/v1/completions", post(completions::create).layer(shed.clone()))
+        .route("/v1/chat/completions", post(chat::create).layer(shed))
         .route("/admin/routes", get(routes::list))
         .route("/admin/routes/{alias}", get(routes::retrieve).put(routes::put).delete(routes::delete))
         .route("/v1/load_lora_adapter", post(adapters::load))

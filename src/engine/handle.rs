@@ -175,6 +175,18 @@ impl EngineHandle {
     }
 
     /// Checks `req` against the engine's limits and queues it.
+    /// `QueueFull` when a request submitted now would be refused, so the HTTP
+    /// layer can shed load before reading a body or tokenising (under overload
+    /// that work, for requests that will be refused anyway, is what delays
+    /// the 429s). `submit` still decides.
+    pub fn check_capacity(&self) -> Result<(), SubmitError> {
+        let waiting = self.waiting.load(Ordering::SeqCst);
+        if waiting >= self.info.max_waiting {
+            return Err(SubmitError::QueueFull { waiting, retry_after_s: 1 });
+        }
+        Ok(())
+    }
+
     pub fn submit(&self, req: EngineRequest) -> Result<RequestStream, SubmitError> {
         let info = &self.info;
         if req.prompt.is_empty() {
