@@ -267,6 +267,20 @@ enum Cmd {
         #[arg(long)]
         chunks: Option<usize>,
     },
+    /// Print the configuration in effect (defaults, then --config, then the
+    /// environment) as TOML; with --reference, the table of every key, its
+    /// default and its environment variable (docs/operations.md).
+    Config {
+        #[arg(long)]
+        reference: bool,
+    },
+    /// Exit 0 if the server this configuration describes answers /health with
+    /// 200 (the container health check), 1 otherwise.
+    Health {
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 3)]
+        timeout: u64,
+    },
     /// Measure prefill and decode throughput.
     Bench {
         #[arg(long)]
@@ -295,6 +309,25 @@ fn main() {
 
 fn run() -> Result<()> {
     let cli = Cli::parse();
+    if let Cmd::Health { timeout } = cli.cmd {
+        let cfg = Config::load(cli.config.as_deref())?;
+        let t = std::time::Duration::from_secs(timeout.max(1));
+        match tandem::api::health::probe(&cfg.server.host, cfg.server.port, t) {
+            Ok(200) => return Ok(()),
+            Ok(code) => bail!("/health answered {code}"),
+            Err(e) => bail!("/health: {e}"),
+        }
+    }
+    if let Cmd::Config { reference } = cli.cmd {
+        if reference {
+            print!("{}", tandem::config::keys::markdown(&Config::keys()));
+        } else {
+            let merged = Config::merged(cli.config.as_deref(), &|name| std::env::var(name).ok())?;
+            Config::load(cli.config.as_deref())?; // the same checks serve makes
+            print!("{}", toml::to_string(&merged)?);
+        }
+        return Ok(());
+    }
     let mut cfg = Config::load(cli.config.as_deref())?;
     if let Some(f) = &cli.log_format {
         cfg.server.log_format = f.parse().map_err(anyhow::Error::msg)?;
@@ -477,7 +510,7 @@ fn run_on<B: OpenBackend>(cmd: Cmd, mut cfg: Config) -> Result<()> {
             let report = tandem::bench::train::run(&be, &loaded.model, &opts)?;
             print!("{report}");
         }
-        Cmd::Selftest { .. } | Cmd::Merge { .. } | Cmd::Quantize { .. } => {
+        Cmd::Selftest { .. } | Cmd::Merge { .. } | Cmd::Quantize { .. } | Cmd::Config { .. } | Cmd::Health { .. } => {
             unreachable!("handled before choosing a backend")
         }
     }

@@ -582,3 +582,25 @@ async fn a_full_queue_is_429_with_retry_after() {
         .and_then(|x| x.trim().parse::<f64>().ok());
     assert!(aborted.unwrap() >= 1.0, "{m}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn responses_are_counted_by_route_template_and_status() {
+    let s = Server::start(&fixture(MODEL), "").await;
+    let (st, _) = s.post("/v1/completions", &json!({"prompt": [5, 6], "max_tokens": 2})).await;
+    assert_eq!(st, 200);
+    let (st, _) = s.post("/v1/completions", &json!({"prompt": 5})).await;
+    assert_eq!(st, 400);
+    let (st, _) = s.get("/v1/models/no/such/model").await;
+    assert_eq!(st, 404);
+    let (st, _) = s.get("/no/such/path").await;
+    assert_eq!(st, 404);
+    let m = s.metrics().await;
+    let count = |labels: &str| metric(&m, &format!("tandem_http_responses_total{{{labels}}}"));
+    assert_eq!(count(r#"path="/v1/completions",method="POST",status="200""#), Some(1.0), "{m}");
+    assert_eq!(count(r#"path="/v1/completions",method="POST",status="400""#), Some(1.0), "{m}");
+    // Templates, not raw paths: a model name or a stray path adds no series.
+    assert_eq!(count(r#"path="/v1/models/{*model}",method="GET",status="404""#), Some(1.0), "{m}");
+    assert_eq!(count(r#"path="unmatched",method="GET",status="404""#), Some(1.0), "{m}");
+    assert!(!m.contains("/no/such/path") && !m.contains("no/such/model"), "{m}");
+    assert_eq!(metric(&m, "tandem_engine_alive"), Some(1.0), "{m}");
+}

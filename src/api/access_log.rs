@@ -64,9 +64,39 @@ fn request_id(req: &Request) -> String {
         .unwrap_or_else(|| crate::store::new_id("req-"))
 }
 
+/// Responses by route template (`/v1/files/{file_id}`, never the raw path:
+/// bounded cardinality; `unmatched` for unknown paths), method and status:
+/// `tandem_http_responses_total`, what error-rate alerts read.
+#[derive(Default)]
+pub struct ResponseCounts(std::sync::Mutex<std::collections::BTreeMap<(String, String, u16), u64>>);
+
+impl ResponseCounts {
+    fn count(&self, path: &str, method: &str, status: u16) {
+        let mut m = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        *m.entry((path.to_string(), method.to_string(), status)).or_default() += 1;
+    }
+
+    pub fn collect(&self, f: &mut crate::metrics::Families) {
+        let m = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let statuses: Vec<String> = m.keys().map(|(_, _, s)| s.to_string()).collect();
+        f.labelled(
+            "tandem_http_responses_total",
+            "HTTP responses by route template, method and status.",
+            true,
+            m.iter().zip(&statuses).map(|(((path, method, _), n), status)| {
+                (vec![("path", path.as_str()), ("method", method.as_str()), ("status", status.as_str())], *n as f64)
+            }),
+        );
+    }
+}
+
 pub async fn layer(State(st): State<super::AppState>, mut req: Request, next: Next) -> Response {
     let id = request_id(&req);
     let (method, path) = (req.method().to_string(), req.uri().path().to_string());
+    let template = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
     let tally = Tally(Arc::new(TokenTally::default()));
     req.extensions_mut().insert(tally.clone());
     let span = tracing::info_span!("request", request_id = %id);
@@ -75,6 +105,7 @@ pub async fn layer(State(st): State<super::AppState>, mut req: Request, next: Ne
     if let Ok(v) = HeaderValue::from_str(&id) {
         response.headers_mut().insert("x-request-id", v);
     }
+    st.responses.count(&template, &method, response.status().as_u16());
     let mut line = AccessLine {
         state: st,
         first_byte: None,

@@ -87,6 +87,8 @@ pub struct Inner {
     store: OnceLock<DataDir>,
     /// Aliases clients may name in `model`, split between targets.
     pub routes: crate::routing::Routes,
+    /// Responses by route, method and status (the access-log layer counts).
+    pub responses: access_log::ResponseCounts,
     /// API keys (unset: an open server).
     keys: OnceLock<crate::auth::Keys>,
 }
@@ -107,6 +109,7 @@ impl AppState {
             ready: OnceLock::new(),
             store: OnceLock::new(),
             routes: crate::routing::Routes::default(),
+            responses: Default::default(),
             keys: OnceLock::new(),
         }))
     }

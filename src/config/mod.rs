@@ -1,11 +1,14 @@
 //! One `Config`: the defaults in `config/default.toml`, then an optional TOML
-//! file, then `TANDEM_*` environment variables; command-line flags override last
-//! (in main).
+//! file, then environment variables (`TANDEM_<SECTION>_<KEY>` for every key,
+//! and a few short aliases: see `keys`); command-line flags override last (in
+//! main).
 
 use serde::Deserialize;
 use std::path::Path;
 
-const DEFAULTS: &str = include_str!("../config/default.toml");
+pub mod keys;
+
+const DEFAULTS: &str = include_str!("../../config/default.toml");
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
@@ -148,6 +151,21 @@ impl Config {
 
     /// Defaults, overlaid with `file` (if any), then the environment.
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigFileError> {
+        Self::load_with_env(file, &|name| std::env::var(name).ok())
+    }
+
+    /// [`Config::load`] reading variables through `env`.
+    pub fn load_with_env(file: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigFileError> {
+        let merged = Self::merged(file, env)?;
+        merged.try_into().map_err(|e: toml::de::Error| ConfigFileError::Parse {
+            path: file.map(|p| p.display().to_string()).unwrap_or_default(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// The defaults with `file` and the environment over them, as TOML (what
+    /// `tandem config` prints).
+    pub fn merged(file: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<toml::Value, ConfigFileError> {
         let mut merged: toml::Value = toml::from_str(DEFAULTS).expect("config/default.toml is valid");
         if let Some(path) = file {
             let p = path.display().to_string();
@@ -157,38 +175,13 @@ impl Config {
                 toml::from_str(&text).map_err(|e| ConfigFileError::Parse { path: p.clone(), reason: e.to_string() })?;
             overlay(&mut merged, over);
         }
-        let mut cfg: Config = merged.try_into().map_err(|e: toml::de::Error| ConfigFileError::Parse {
-            path: file.map(|p| p.display().to_string()).unwrap_or_default(),
-            reason: e.to_string(),
-        })?;
-        if let Ok(d) = std::env::var("TANDEM_DEVICE") {
-            cfg.device.name = d;
-        }
-        if let Ok(d) = std::env::var("TANDEM_DATA_DIR") {
-            cfg.store.data_dir = d;
-        }
-        if let Ok(m) = std::env::var("TANDEM_MODEL") {
-            cfg.model.path = m;
-        }
-        if let Ok(q) = std::env::var("TANDEM_QUANTIZE") {
-            cfg.model.quantize =
-                q.parse().map_err(|reason| ConfigFileError::Env { name: "TANDEM_QUANTIZE".into(), reason })?;
-        }
-        if let Ok(a) = std::env::var("TANDEM_ACTIVATIONS") {
-            cfg.cpu.activations =
-                a.parse().map_err(|reason| ConfigFileError::Env { name: "TANDEM_ACTIVATIONS".into(), reason })?;
-        }
-        if let Ok(f) = std::env::var("TANDEM_LOG_FORMAT") {
-            cfg.server.log_format =
-                f.parse().map_err(|reason| ConfigFileError::Env { name: "TANDEM_LOG_FORMAT".into(), reason })?;
-        }
-        if let Ok(t) = std::env::var("TANDEM_THREADS") {
-            cfg.cpu.threads = t.parse().map_err(|_| ConfigFileError::Env {
-                name: "TANDEM_THREADS".into(),
-                reason: format!("'{t}' is not a number"),
-            })?;
-        }
-        Ok(cfg)
+        keys::overlay_env(&mut merged, &Self::keys(), env)?;
+        Ok(merged)
+    }
+
+    /// Every settable key of the defaults (see [`keys`]).
+    pub fn keys() -> Vec<keys::Key> {
+        keys::keys(DEFAULTS)
     }
 }
 
@@ -223,5 +216,32 @@ mod tests {
         std::fs::write(&p, "[cpu]\nthreadz = 3\n").unwrap();
         let e = Config::load(Some(&p)).unwrap_err().to_string();
         assert!(e.contains("threadz"), "{e}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_aliases_the_long_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[scheduler]\nmax_num_seqs = 3\n[server]\nport = 1\n").unwrap();
+        let vars = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| pairs.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string())
+        };
+        let env = vars(&[
+            ("TANDEM_SCHEDULER_MAX_NUM_SEQS", "9"),
+            ("TANDEM_LORA_ALLOWED_ROOTS", "/a,/b"),
+            ("TANDEM_TRAIN_BUSY_SHARE", "1"),
+            ("TANDEM_CPU_THREADS", "5"),
+            ("TANDEM_THREADS", "6"),
+        ]);
+        let c = Config::load_with_env(Some(&p), &env).unwrap();
+        assert_eq!(c.scheduler.max_num_seqs, 9);
+        assert_eq!(c.server.port, 1, "the file where no variable is set");
+        assert_eq!(c.lora.allowed_roots, ["/a", "/b"]);
+        assert_eq!(c.train.busy_share, 1.0);
+        assert_eq!(c.cpu.threads, 6, "the short alias wins");
+        let e = Config::load_with_env(None, &vars(&[("TANDEM_SERVER_PORT", "http")])).unwrap_err().to_string();
+        assert!(e.contains("TANDEM_SERVER_PORT") && e.contains("not a valid integer"), "{e}");
+        let e = Config::load_with_env(None, &vars(&[("TANDEM_CPU_ACTIVATIONS", "int3")])).unwrap_err().to_string();
+        assert!(e.contains("int3"), "a bad value of the right type is refused by the section: {e}");
     }
 }
