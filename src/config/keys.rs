@@ -175,6 +175,27 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        /// Any variable value, for any key: a value of the key's type or a
+        /// message, never a panic; and the whole load then either succeeds or
+        /// names the variable.
+        #[test]
+        fn any_environment_value_is_typed_or_refused(key in 0usize..64, raw in ".{0,40}") {
+            let all = keys(super::super::DEFAULTS);
+            let k = &all[key % all.len()];
+            match k.parse(&raw) {
+                Ok(v) => proptest::prop_assert_eq!(v.type_str(), k.default.type_str()),
+                Err(m) => proptest::prop_assert!(m.contains(&raw)),
+            }
+            let name = k.env();
+            let env = |n: &str| (n == name).then(|| raw.clone());
+            if let Err(e) = super::super::Config::load_with_env(None, &env) {
+                let e = e.to_string();
+                proptest::prop_assert!(e.contains(&name) || e.contains(&k.key), "{e}");
+            }
+        }
+    }
+
     #[test]
     fn every_default_key_has_a_unique_variable_and_every_alias_a_key() {
         let k = keys(super::super::DEFAULTS);

@@ -174,7 +174,6 @@ impl EngineHandle {
         self.alive.load(Ordering::SeqCst)
     }
 
-    /// Checks `req` against the engine's limits and queues it.
     /// `QueueFull` when a request submitted now would be refused, so the HTTP
     /// layer can shed load before reading a body or tokenising (under overload
     /// that work, for requests that will be refused anyway, is what delays
@@ -187,7 +186,13 @@ impl EngineHandle {
         Ok(())
     }
 
+    /// Checks `req` against the engine's limits and queues it.
     pub fn submit(&self, req: EngineRequest) -> Result<RequestStream, SubmitError> {
+        // A dead engine's command channel may outlive it for a moment: refuse
+        // at once rather than queue work nothing will run.
+        if !self.is_alive() {
+            return Err(SubmitError::EngineStopped);
+        }
         let info = &self.info;
         if req.prompt.is_empty() {
             return Err(SubmitError::EmptyPrompt);
