@@ -139,7 +139,10 @@ def throughput_series(recs, bin_s=5.0):
 
 
 def header(title, args):
-    cmd = " ".join(["loadtests/scenarios.sh" if args.from_script else "loadtests/scenarios.py"] + sys.argv[1:])
+    argv = sys.argv[1:]
+    if args.from_script:  # the command the user typed: scenarios.sh adds the server's URL
+        argv = [a for i, a in enumerate(argv) if a != "--from-script" and "--url" not in argv[max(0, i - 1):i + 1]]
+    cmd = " ".join(["loadtests/scenarios.sh" if args.from_script else "loadtests/scenarios.py"] + argv)
     return (f"# {title}\n\nCommand: `{cmd}`  \nMachine: {cpu_name()}, {len(os.sched_getaffinity(0))} "
             f"cores (the load generator runs on the same machine)  \n"
             f"Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC  \nServer: {args.url}\n\n")
