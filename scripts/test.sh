@@ -35,6 +35,9 @@ loadtests/soak.sh --short
 # image's user; compose, Prometheus, Grafana and Kubernetes files validate, and
 # every metric they use is served.
 tests/deploy/run.sh
+# The GPU check's flow on the CPU: what runs on a lent GPU must fit the device's
+# limits (carried binary, file budget, verdict on stdout).
+tests/gpu-check/dry_run.sh
 # Every fuzz target for a fixed time from its committed seeds; a crash fails
 # the run with its reproducer (the build is the long part: ~8 min on 2 cores).
 scripts/fuzz.sh "${TANDEM_FUZZ_SECONDS:-15}"
