@@ -146,6 +146,13 @@ impl CudaBackend {
         let arch = format!("sm_{major}{minor}");
         let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let stream = ctx.new_stream().map_err(|e| err("creating a stream", &e))?;
+        match nvrtc::version() {
+            Ok((maj, min)) => tracing::info!(
+                "cuda:{ordinal}: {device_name} ({arch}); kernels compiled by NVRTC {maj}.{min} from {}",
+                libs::nvrtc().map_or_else(|| "the loader's path".to_string(), |p| p.display().to_string())
+            ),
+            Err(e) => tracing::warn!("cuda:{ordinal}: NVRTC: {e}"),
+        }
         let kernels = Kernels::load(&ctx, &arch)?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| err("cuBLAS", &e))?;
         Ok(Self {
