@@ -323,7 +323,7 @@ fn run() -> Result<()> {
             print!("{}", tandem::config::keys::markdown(&Config::keys()));
         } else {
             let merged = Config::merged(cli.config.as_deref(), &|name| std::env::var(name).ok())?;
-            Config::load(cli.config.as_deref())?; // the same checks serve makes
+            Config::from_merged(merged.clone(), cli.config.as_deref())?; // the same checks serve makes
             print!("{}", toml::to_string(&merged)?);
         }
         return Ok(());

@@ -76,10 +76,10 @@ fn jobs_error(e: JobsError) -> ApiError {
 }
 
 fn manager(st: &AppState) -> Result<Arc<JobManager>, ApiError> {
-    st.ready()?.jobs.clone().ok_or_else(|| match st.store() {
-        // Configured but unusable: say why rather than "off".
-        Err(e) if e.status != axum::http::StatusCode::NOT_FOUND => e,
-        _ => ApiError::not_found("fine-tuning is off on this server: start it with --data-dir"),
+    // Configured but unusable: say why rather than "off".
+    st.ready()?.jobs.clone().ok_or_else(|| {
+        st.data_dir_error()
+            .unwrap_or_else(|| ApiError::not_found("fine-tuning is off on this server: start it with --data-dir"))
     })
 }
 

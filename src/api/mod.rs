@@ -143,13 +143,22 @@ impl AppState {
         }
     }
 
+    /// Why a configured data directory is unusable (`None` when it is open or
+    /// there is none).
+    pub fn data_dir_error(&self) -> Option<ApiError> {
+        match self.store.get() {
+            Some(DataDir::Unusable(e)) => Some(e.clone()),
+            _ => None,
+        }
+    }
+
     /// Where route changes are persisted: `None` without a data directory
     /// (they live in memory), an error if it is configured but unusable (a
     /// change that would silently not survive a restart is refused).
     pub fn route_store(&self) -> Result<Option<Arc<crate::store::Store>>, ApiError> {
-        match self.store.get() {
-            None => Ok(None),
-            Some(_) => self.store().map(|s| Some(s.clone())),
+        match self.data_dir_error() {
+            Some(e) => Err(e),
+            None => Ok(self.store().ok().cloned()),
         }
     }
 

@@ -156,7 +156,11 @@ impl Config {
 
     /// [`Config::load`] reading variables through `env`.
     pub fn load_with_env(file: Option<&Path>, env: &dyn Fn(&str) -> Option<String>) -> Result<Self, ConfigFileError> {
-        let merged = Self::merged(file, env)?;
+        Self::from_merged(Self::merged(file, env)?, file)
+    }
+
+    /// The `Config` of a [`Config::merged`] value (`file` names it in errors).
+    pub fn from_merged(merged: toml::Value, file: Option<&Path>) -> Result<Self, ConfigFileError> {
         merged.try_into().map_err(|e: toml::de::Error| ConfigFileError::Parse {
             path: file.map(|p| p.display().to_string()).unwrap_or_default(),
             reason: e.to_string(),

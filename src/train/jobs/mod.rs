@@ -294,7 +294,7 @@ impl JobManager {
 
     fn save(&self, job: &Job, saving: Saving) -> Result<(), JobsError> {
         let mut unsaved = self.unsaved.lock().unwrap_or_else(|e| e.into_inner());
-        match self.store.put_job(&job.id, &job.status, &serde_json::to_value(job).expect("a job serialises")) {
+        match self.put(job) {
             Ok(()) => {
                 unsaved.remove(&job.id);
             }
@@ -313,17 +313,24 @@ impl JobManager {
         Ok(())
     }
 
+    fn put(&self, job: &Job) -> Result<(), StoreError> {
+        self.store.put_job(&job.id, &job.status, &serde_json::to_value(job).expect("a job serialises"))
+    }
+
     fn unsaved_state(&self, id: &str) -> Option<Job> {
         self.unsaved.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
     }
 
-    /// Retries saving what `save` had to keep in memory.
+    /// Retries saving what `save` had to keep in memory (called on every
+    /// training event: nothing to do, no lock taken, when all was saved).
     fn save_unsaved(&self) {
+        if self.unsaved.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+            return;
+        }
         let _g = self.lock.lock().unwrap_or_else(|e| e.into_inner());
         let pending: Vec<Job> = self.unsaved.lock().unwrap_or_else(|e| e.into_inner()).values().cloned().collect();
         for job in pending {
-            let body = serde_json::to_value(&job).expect("a job serialises");
-            if self.store.put_job(&job.id, &job.status, &body).is_ok() {
+            if self.put(&job).is_ok() {
                 self.unsaved.lock().unwrap_or_else(|e| e.into_inner()).remove(&job.id);
                 tracing::info!("job {} saved ({}) now that the data directory takes writes", job.id, job.status);
                 self.count_states();
