@@ -159,16 +159,6 @@ fn in_server_namespace(server: &Server, script: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-async fn upload(s: &Server, name: &str, bytes: Vec<u8>) -> (u16, Value) {
-    let form = reqwest::multipart::Form::new()
-        .text("purpose", "fine-tune")
-        .part("file", reqwest::multipart::Part::bytes(bytes).file_name(name.to_string()));
-    let r = reqwest::Client::new().post(s.url("/v1/files")).multipart(form).send().await.unwrap();
-    let status = r.status().as_u16();
-    let text = r.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}")))
-}
-
 async fn content(s: &Server, id: &str) -> Vec<u8> {
     let r = reqwest::get(s.url(&format!("/v1/files/{id}/content"))).await.unwrap();
     assert_eq!(r.status(), 200);
@@ -176,9 +166,7 @@ async fn content(s: &Server, id: &str) -> Vec<u8> {
 }
 
 async fn put_route(s: &Server, alias: &str, target: &str) -> (u16, Value) {
-    let body = json!({"targets": [{"model": target, "weight": 1}]});
-    let r = reqwest::Client::new().put(s.url(&format!("/admin/routes/{alias}"))).json(&body).send().await.unwrap();
-    (r.status().as_u16(), r.json().await.unwrap())
+    s.put(&format!("/admin/routes/{alias}"), &json!({"targets": [{"model": target, "weight": 1}]})).await
 }
 
 /// `n` lines of chat JSONL (about 80 bytes each).
@@ -211,7 +199,7 @@ async fn a_full_data_directory_fails_uploads_clearly_and_serving_goes_on() {
     let dir = data.path().display().to_string();
 
     let first = jsonl(20);
-    let (st, v) = upload(&s, "first.jsonl", first.clone()).await;
+    let (st, v) = s.upload("first.jsonl", first.clone(), "fine-tune").await;
     assert_eq!(st, 200, "{v}");
     let first_id = v["id"].as_str().unwrap().to_string();
     // A job saving a checkpoint every step.
@@ -255,7 +243,7 @@ async fn a_full_data_directory_fails_uploads_clearly_and_serving_goes_on() {
     let (st, v) = s.post("/v1/fine_tuning/jobs", &json!({"model": "hf-f32", "training_file": first_id})).await;
     assert_storage_error(st, &v, "a new job in a full directory", "full");
 
-    let (st, v) = upload(&s, "second.jsonl", jsonl(2000)).await;
+    let (st, v) = s.upload("second.jsonl", jsonl(2000), "fine-tune").await;
     assert_storage_error(st, &v, "an upload into a full directory", "full");
     let left = in_server_namespace(&s, &format!("ls -A {dir}/files"));
     assert_eq!(
@@ -275,7 +263,7 @@ async fn a_full_data_directory_fails_uploads_clearly_and_serving_goes_on() {
     // Space freed: the same upload works, without a restart.
     in_server_namespace(&s, &format!("rm {dir}/fill"));
     let second = jsonl(2000);
-    let (st, v) = upload(&s, "second.jsonl", second.clone()).await;
+    let (st, v) = s.upload("second.jsonl", second.clone(), "fine-tune").await;
     assert_eq!(st, 200, "{v}");
     assert_eq!(content(&s, v["id"].as_str().unwrap()).await, second);
     // And the job's failure, kept in memory meanwhile, reaches the disk.
@@ -297,7 +285,7 @@ async fn a_read_only_data_directory_at_start_serves_and_refuses_writes_clearly()
     // First a normal run stores a file and a route.
     let s = Server::start(&fixture(MODEL), &store_config(data.path())).await;
     let bytes = jsonl(20);
-    let (st, v) = upload(&s, "kept.jsonl", bytes.clone()).await;
+    let (st, v) = s.upload("kept.jsonl", bytes.clone(), "fine-tune").await;
     assert_eq!(st, 200, "{v}");
     let id = v["id"].as_str().unwrap().to_string();
     let (st, v) = put_route(&s, "chat", "hf-f32").await;
@@ -313,7 +301,7 @@ async fn a_read_only_data_directory_at_start_serves_and_refuses_writes_clearly()
     assert_eq!(st, 200, "{v}");
     let (st, v) = s.get("/v1/files").await;
     assert_storage_error(st, &v, "listing files", "read-only");
-    let (st, v) = upload(&s, "new.jsonl", jsonl(2)).await;
+    let (st, v) = s.upload("new.jsonl", jsonl(2), "fine-tune").await;
     assert_storage_error(st, &v, "an upload", "read-only");
     let (st, v) = put_route(&s, "other", "hf-f32").await;
     assert_storage_error(st, &v, "a route change that would not survive a restart", "read-only");
@@ -335,7 +323,7 @@ async fn kill_9_mid_stream_loses_nothing_acknowledged_and_leaves_nothing_half_wr
     let cfg = store_config(data.path()) + "[scheduler]\nmax_num_seqs = 1\n";
     let mut s = Server::start(&fixture(MODEL), &cfg).await;
     let bytes = jsonl(50);
-    let (st, v) = upload(&s, "train.jsonl", bytes.clone()).await;
+    let (st, v) = s.upload("train.jsonl", bytes.clone(), "fine-tune").await;
     assert_eq!(st, 200, "{v}");
     let id = v["id"].as_str().unwrap().to_string();
     let (st, v) = put_route(&s, "chat", "hf-f32").await;

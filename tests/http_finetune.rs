@@ -36,18 +36,8 @@ fn config(data: &Path, extra: &str) -> String {
     )
 }
 
-async fn upload(s: &Server, name: &str, bytes: Vec<u8>, purpose: &str) -> (u16, Value) {
-    let form = reqwest::multipart::Form::new()
-        .text("purpose", purpose.to_string())
-        .part("file", reqwest::multipart::Part::bytes(bytes).file_name(name.to_string()));
-    let r = reqwest::Client::new().post(s.url("/v1/files")).multipart(form).send().await.unwrap();
-    let status = r.status().as_u16();
-    let text = r.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}")))
-}
-
 async fn file_id(s: &Server, text: &str) -> String {
-    let (st, v) = upload(s, "train.jsonl", text.as_bytes().to_vec(), "fine-tune").await;
+    let (st, v) = s.upload("train.jsonl", text.as_bytes().to_vec(), "fine-tune").await;
     assert_eq!(st, 200, "{v}");
     v["id"].as_str().unwrap().to_string()
 }
@@ -182,7 +172,7 @@ async fn bad_input_gets_openai_errors_and_starts_nothing() {
     let data = tempfile::tempdir().unwrap();
     let s = Server::start(&fixture(MODEL), &config(data.path(), "")).await;
     let good = file_id(&s, &chats(3, 0)).await;
-    let (_, other) = upload(&s, "notes.txt", b"hello".to_vec(), "user_data").await;
+    let (_, other) = s.upload("notes.txt", b"hello".to_vec(), "user_data").await;
     let other = other["id"].as_str().unwrap().to_string();
 
     // Uploads.
@@ -201,7 +191,7 @@ async fn bad_input_gets_openai_errors_and_starts_nothing() {
         ("oversize upload", vec![b' '; 2 << 20], "fine-tune", 413, "limit"),
     ];
     for (what, bytes, purpose, status, needle) in cases {
-        let (st, v) = upload(&s, "x.jsonl", bytes, purpose).await;
+        let (st, v) = s.upload("x.jsonl", bytes, purpose).await;
         assert_eq!(st, status, "{what}: {v}");
         let msg = v["error"]["message"].as_str().unwrap_or_else(|| panic!("{what}: {v}"));
         assert!(msg.contains(needle), "{what}: {msg}");

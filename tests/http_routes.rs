@@ -40,8 +40,7 @@ async fn ask(s: &Server, model: &str, user: Option<&str>, headers: &[(&str, &str
 }
 
 async fn put_route(s: &Server, alias: &str, body: Value) -> (u16, Value) {
-    let r = reqwest::Client::new().put(s.url(&format!("/admin/routes/{alias}"))).json(&body).send().await.unwrap();
-    (r.status().as_u16(), r.json().await.unwrap())
+    s.put(&format!("/admin/routes/{alias}"), &body).await
 }
 
 fn predicted(spec: Value, user: &str) -> String {

@@ -118,11 +118,23 @@ impl Server {
     }
 
     pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let r = reqwest::Client::new().post(self.url(path)).json(body).send().await.unwrap();
-        let status = r.status().as_u16();
-        let text = r.text().await.unwrap();
-        let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {text}"));
-        (status, v)
+        json_answer(path, reqwest::Client::new().post(self.url(path)).json(body).send().await.unwrap()).await
+    }
+
+    pub async fn put(&self, path: &str, body: &Value) -> (u16, Value) {
+        json_answer(path, reqwest::Client::new().put(self.url(path)).json(body).send().await.unwrap()).await
+    }
+
+    /// `POST /v1/files`: `bytes` as file `name` with `purpose`.
+    pub async fn upload(&self, name: &str, bytes: Vec<u8>, purpose: &str) -> (u16, Value) {
+        let form = reqwest::multipart::Form::new()
+            .text("purpose", purpose.to_string())
+            .part("file", reqwest::multipart::Part::bytes(bytes).file_name(name.to_string()));
+        json_answer(
+            "/v1/files",
+            reqwest::Client::new().post(self.url("/v1/files")).multipart(form).send().await.unwrap(),
+        )
+        .await
     }
 
     /// A POST whose answer may be plain text (vLLM's adapter endpoints).
@@ -152,11 +164,7 @@ impl Server {
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let r = reqwest::get(self.url(path)).await.unwrap();
-        let status = r.status().as_u16();
-        let text = r.text().await.unwrap();
-        let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {text}"));
-        (status, v)
+        json_answer(path, reqwest::get(self.url(path)).await.unwrap()).await
     }
 
     pub fn pid(&self) -> u32 {
@@ -189,6 +197,14 @@ impl Drop for Server {
             eprintln!("--- tandem serve stderr ---\n{}", self.stderr());
         }
     }
+}
+
+/// A response's status and its body as JSON (which it must be).
+async fn json_answer(path: &str, r: reqwest::Response) -> (u16, Value) {
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {text}"));
+    (status, v)
 }
 
 pub fn parse_sse(text: &str) -> (Vec<Value>, bool) {
