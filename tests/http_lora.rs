@@ -109,11 +109,16 @@ async fn adapters_by_every_name_form_with_peft_tokens() {
     let one = reqwest::get(s.url("/v1/models/a")).await.unwrap().json::<Value>().await.unwrap();
     assert_eq!(one["parent"], "hf-f32");
 
-    let m = s.metrics().await;
-    assert!(
-        m.contains("vllm:lora_requests_info{max_lora=\"2\",running_lora_adapters=\"\",waiting_lora_adapters=\"\"}"),
-        "{m}"
-    );
+    // The engine refreshes its gauges after the step that ended the last
+    // request, which can be a moment after its client had the answer.
+    let idle = "vllm:lora_requests_info{max_lora=\"2\",running_lora_adapters=\"\",waiting_lora_adapters=\"\"}";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut m = s.metrics().await;
+    while !m.contains(idle) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        m = s.metrics().await;
+    }
+    assert!(m.contains(idle), "{m}");
     assert_eq!(metric(&m, "tandem_lora_requests_total{adapter=\"a\"}"), Some(3.0), "{m}");
     assert_eq!(metric(&m, "tandem_lora_generation_tokens_total{adapter=\"a\"}"), Some(36.0), "{m}");
     assert_eq!(metric(&m, "tandem_lora_slots_total"), Some(2.0));
