@@ -47,10 +47,14 @@ async fn json_access_lines_carry_the_request_id_and_never_the_prompt() {
     let refused_id = r.headers()["x-request-id"].to_str().unwrap().to_string();
 
     // The access lines are written when each body ends: give them a moment.
+    // Wait for these three ids, not a count: the start-up readiness probe
+    // writes an access line of its own.
+    let ids = ["client-req-42", streamed_id.as_str(), refused_id.as_str()];
     let mut lines: Vec<Value> = Vec::new();
-    for _ in 0..40 {
+    for _ in 0..100 {
         lines = s.stderr().lines().filter_map(|l| serde_json::from_str::<Value>(l).ok()).collect();
-        if lines.iter().filter(|l| l["target"] == "tandem::access").count() >= 3 {
+        let logged = |id: &str| lines.iter().any(|l| l["target"] == "tandem::access" && l["request_id"] == id);
+        if ids.iter().all(|id| logged(id)) {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
