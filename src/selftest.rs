@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 
 use tandem::backend::cpu::{CpuBackend, Isa};
 use tandem::backend::cuda::{CudaBackend, CudaOptions};
+use tandem::backend::fault_inject::{FaultInjecting, InjectedFault};
 use tandem::backend::selftest::{self, Check, Report};
 use tandem::backend::Backend;
 use tandem::config::Config;
@@ -29,6 +30,7 @@ pub fn run(cfg: &Config, device: Device, model: Option<String>, e2e_tokens: usiz
             failures += ops(&dev, &reference, seed, |_| {});
             if let Some((spec, want)) = &reference_tokens {
                 failures += e2e("cpu scalar", dev, cfg, spec, want, true)?;
+                failures += faults("cpu", CpuBackend::new(cfg.cpu.threads)?, cfg, spec)?;
             }
         }
         Device::Cuda(i) => {
@@ -41,6 +43,7 @@ pub fn run(cfg: &Config, device: Device, model: Option<String>, e2e_tokens: usiz
                 // Strict: with every GEMM in f32 the device must give the CPU's tokens.
                 let precise = CudaBackend::with_options(i, CudaOptions { f32_gemm: true })?;
                 failures += e2e("cuda f32 GEMMs", precise, cfg, spec, want, true)?;
+                failures += faults("cuda", CudaBackend::new(i)?, cfg, spec)?;
             }
         }
     }
@@ -115,6 +118,70 @@ fn e2e<B: OpenBackend>(label: &str, be: B, cfg: &Config, spec: &str, want: &[u32
     Ok(usize::from(strict && !ok))
 }
 
+/// Fault containment on a real device: a step that fails half-way through
+/// its forward fails its request, and the next request gets exactly the
+/// tokens of a clean run (nothing half-written is left to read); a lost
+/// device fails everything and refuses later steps. Returns the failures.
+fn faults<B: Backend>(label: &str, be: B, cfg: &Config, spec: &str) -> Result<usize> {
+    const TOKENS: usize = 8;
+    let be = FaultInjecting::new(be);
+    let trigger = be.trigger();
+    let loaded = load_model(&be, spec).with_context(|| format!("loading {spec}"))?;
+    let layers = loaded.model.config.num_layers;
+    let mut cfg = cfg.clone();
+    cfg.cache.num_blocks = 256;
+    let mut engine = EngineCore::new(be, loaded.model, &EngineConfig::from_config(&cfg, vec![]))?;
+    let prompt: Vec<u32> = (1..24).collect();
+    let run = |engine: &mut EngineCore<FaultInjecting<B>>| {
+        engine.add_request(0, greedy_request(prompt.clone(), TOKENS));
+        let (mut tokens, mut failed) = (vec![], None);
+        while engine.has_work() {
+            for ev in engine.step().1 {
+                match ev {
+                    StepEvent::Token(_, t) => tokens.push(t.id),
+                    StepEvent::Failed(_, why) => failed = Some(why),
+                    _ => {}
+                }
+            }
+        }
+        (tokens, failed)
+    };
+    let (clean, _) = run(&mut engine);
+    // Part-way through the prefill's forward (a dozen or more ops per layer).
+    trigger.arm(layers * 4, InjectedFault::Failed);
+    let (_, failed) = run(&mut engine);
+    let (again, _) = run(&mut engine);
+    let contained = failed.as_deref().is_some_and(|w| w.contains("injected failure")) && again == clean;
+    trigger.arm(layers * 4, InjectedFault::Lost);
+    let (_, lost) = run(&mut engine);
+    let (_, after) = run(&mut engine);
+    let stopped = lost.as_deref().is_some_and(|w| w.contains("the device is lost"))
+        && engine.device_lost().is_some()
+        && after.is_some();
+    let verdict = |ok: bool| if ok { "ok" } else { "FAIL" };
+    println!(
+        "faults {label}: a failed step fails its request and the next gets the clean tokens: {}; \
+         a lost device fails every request and stops: {}",
+        verdict(contained),
+        verdict(stopped)
+    );
+    if !contained {
+        println!("  clean: {clean:?}\n  after the failure: {again:?} (the failed request: {failed:?})");
+    }
+    Ok(usize::from(!contained) + usize::from(!stopped))
+}
+
+fn greedy_request(prompt: Vec<u32>, n: usize) -> EngineRequest {
+    EngineRequest {
+        prompt,
+        sampling: SamplingParams { temperature: 0.0, ..Default::default() },
+        stopping: StoppingParams { max_tokens: n, min_tokens: 0, stop_token_ids: vec![], ignore_eos: true },
+        logprobs: None,
+        prompt_logprobs: None,
+        adapter: None,
+    }
+}
+
 fn greedy<B: OpenBackend>(be: B, cfg: &Config, spec: &str, n: usize) -> Result<Vec<u32>> {
     let loaded = load_model(&be, spec).with_context(|| format!("loading {spec}"))?;
     let prompt = match &loaded.tokenizer {
@@ -125,17 +192,7 @@ fn greedy<B: OpenBackend>(be: B, cfg: &Config, spec: &str, n: usize) -> Result<V
     cfg.cache.num_blocks = be.kv_blocks(&loaded.model.config, &cfg)?.min(1024);
     let engine_cfg = EngineConfig::from_config(&cfg, vec![]);
     let mut engine = EngineCore::new(be, loaded.model, &engine_cfg)?;
-    engine.add_request(
-        0,
-        EngineRequest {
-            prompt,
-            sampling: SamplingParams { temperature: 0.0, ..Default::default() },
-            stopping: StoppingParams { max_tokens: n, min_tokens: 0, stop_token_ids: vec![], ignore_eos: true },
-            logprobs: None,
-            prompt_logprobs: None,
-            adapter: None,
-        },
-    );
+    engine.add_request(0, greedy_request(prompt, n));
     let mut out = vec![];
     while engine.has_work() {
         for ev in engine.step().1 {

@@ -1,17 +1,18 @@
 //! A device op that fails (out of memory, a failed launch) is an error where
 //! it happens, never a panic: serving fails that step's requests and goes on,
 //! and a training step returns the error, drops its partial gradients and can
-//! be taken again. The CPU backend cannot fail on its own, so a wrapper fails
-//! the op after a chosen number of ops.
+//! be taken again. A lost device (its context gone) fails every request and
+//! stops the engine, which then refuses new work. The CPU backend cannot fail
+//! on its own, so `backend::fault_inject` fails the op a test arms.
 
 mod common;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::time::Duration;
 
-use tandem::backend::cpu::{CpuBackend, CpuKvCache, CpuTensor, CpuWeight};
-use tandem::backend::*;
-use tandem::engine::{EngineCore, StepEvent};
+use tandem::backend::cpu::CpuBackend;
+use tandem::backend::fault_inject::{FaultInjecting, FaultTrigger, InjectedFault};
+use tandem::backend::BackendError;
+use tandem::engine::{spawn_engine, EngineCore, EngineEvent, EngineHandle, StepEvent, SubmitError};
 use tandem::lora::LoraTarget;
 use tandem::model::load_model;
 use tandem::train::batch::Batching;
@@ -20,239 +21,22 @@ use tandem::train::lora::{LoraSpec, TrainableLora};
 use tandem::train::optim::OptimConfig;
 use tandem::train::trainer::{TrainConfig, TrainError, Trainer};
 
-/// The CPU backend, with op number `fail_at` (counting every op) failing.
-struct Faulty {
-    inner: CpuBackend,
-    trigger: Trigger,
+/// The CPU backend, failing where a test arms it.
+type Faulty = FaultInjecting<CpuBackend>;
+
+fn faulty() -> Faulty {
+    FaultInjecting::new(CpuBackend::new(2).unwrap())
 }
 
-/// A handle on a [`Faulty`] backend's op counter that outlives handing the
-/// backend to an engine.
-#[derive(Clone)]
-struct Trigger {
-    ops: Arc<AtomicUsize>,
-    fail_at: Arc<AtomicUsize>,
-    /// Op number at which the backend panics (a bug, not a device error).
-    panic_at: Arc<AtomicUsize>,
-}
-
-impl Trigger {
-    /// Fails the `n`-th op from now.
-    fn fail_in(&self, n: usize) {
-        self.fail_at.store(self.ops.load(Ordering::SeqCst) + n, Ordering::SeqCst);
-    }
-    /// Panics at the `n`-th op from now.
-    fn panic_in(&self, n: usize) {
-        self.panic_at.store(self.ops.load(Ordering::SeqCst) + n, Ordering::SeqCst);
-    }
-}
-
-impl Faulty {
-    fn new() -> Self {
-        let never = || Arc::new(AtomicUsize::new(usize::MAX));
-        let trigger = Trigger { ops: Arc::new(AtomicUsize::new(0)), fail_at: never(), panic_at: never() };
-        Self { inner: CpuBackend::new(2).unwrap(), trigger }
-    }
-    fn fail_in(&self, n: usize) {
-        self.trigger.fail_in(n)
-    }
-    fn tick(&self) -> BackendResult<()> {
-        let (ops, fail_at) = (&self.trigger.ops, &self.trigger.fail_at);
-        let i = ops.fetch_add(1, Ordering::SeqCst);
-        if i == fail_at.load(Ordering::SeqCst) {
-            return Err(BackendError::Device("injected failure".into()));
-        }
-        if i == self.trigger.panic_at.load(Ordering::SeqCst) {
-            panic!("injected panic in the engine thread");
-        }
-        Ok(())
-    }
-}
-
-impl Backend for Faulty {
-    type Weight = CpuWeight;
-    type Tensor = CpuTensor;
-    type KvCache = CpuKvCache;
-    type LoraWeight = Arc<LoraMatrix>;
-
-    fn name(&self) -> String {
-        "faulty cpu".into()
-    }
-    fn load_weight(&self, w: HostWeight) -> BackendResult<CpuWeight> {
-        self.inner.load_weight(w)
-    }
-    fn weight_shape(&self, w: &CpuWeight) -> (usize, usize) {
-        self.inner.weight_shape(w)
-    }
-    fn zeros(&self, rows: usize, cols: usize) -> BackendResult<CpuTensor> {
-        self.tick()?;
-        self.inner.zeros(rows, cols)
-    }
-    fn upload(&self, data: &[f32], rows: usize, cols: usize) -> BackendResult<CpuTensor> {
-        self.tick()?;
-        self.inner.upload(data, rows, cols)
-    }
-    fn download(&self, t: &CpuTensor) -> BackendResult<Vec<f32>> {
-        self.tick()?;
-        self.inner.download(t)
-    }
-    fn shape(&self, t: &CpuTensor) -> (usize, usize) {
-        self.inner.shape(t)
-    }
-    fn embedding(&self, table: &CpuWeight, ids: &[u32], out: &mut CpuTensor) -> BackendResult<()> {
-        self.tick()?;
-        self.inner.embedding(table, ids, out)
-    }
-    fn rms_norm(&self, x: &CpuTensor, w: &CpuWeight, eps: f32, out: &mut CpuTensor) -> BackendResult<()> {
-        self.tick()?;
-        self.inner.rms_norm(x, w, eps, out)
-    }
-    fn add_assign(&self, x: &mut CpuTensor, y: &CpuTensor) -> BackendResult<()> {
-        self.tick()?;
-        self.inner.add_assign(x, y)
-    }
-    fn matmul_many(&self, x: &CpuTensor, jobs: &mut [MatmulJob<'_, Self>]) -> BackendResult<()> {
-        self.tick()?;
-        let mut inner: Vec<MatmulJob<'_, CpuBackend>> =
-            jobs.iter_mut().map(|j| MatmulJob { w: j.w, bias: j.bias, out: &mut *j.out }).collect();
-        self.inner.matmul_many(x, &mut inner)
-    }
-    fn rope(&self, x: &mut CpuTensor, heads: usize, d: usize, pos: &[u32], t: &RopeTable) -> BackendResult<()> {
-        self.tick()?;
-        self.inner.rope(x, heads, d, pos, t)
-    }
-    fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor, out: &mut CpuTensor) -> BackendResult<()> {
-        self.tick()?;
-        self.inner.silu_mul(gate, up, out)
-    }
-    fn gather_rows(&self, x: &CpuTensor, rows: &[usize]) -> BackendResult<CpuTensor> {
-        self.tick()?;
-        self.inner.gather_rows(x, rows)
-    }
-    fn load_lora(&self, m: &Arc<LoraMatrix>) -> BackendResult<Arc<LoraMatrix>> {
-        self.inner.load_lora(m)
-    }
-    fn lora_add(&self, x: &CpuTensor, segments: &[LoraSegment<'_, Self>], out: &mut CpuTensor) -> BackendResult<()> {
-        self.tick()?;
-        let inner: Vec<LoraSegment<'_, CpuBackend>> =
-            segments.iter().map(|s| LoraSegment { rows: s.rows.clone(), w: s.w }).collect();
-        self.inner.lora_add(x, &inner, out)
-    }
-    fn alloc_kv(&self, spec: KvCacheSpec) -> BackendResult<CpuKvCache> {
-        self.inner.alloc_kv(spec)
-    }
-    fn write_kv(&self, c: &mut CpuKvCache, l: usize, k: &CpuTensor, v: &CpuTensor, s: &[u32]) -> BackendResult<()> {
-        self.tick()?;
-        self.inner.write_kv(c, l, k, v, s)
-    }
-    fn paged_attention(
-        &self,
-        c: &CpuKvCache,
-        l: usize,
-        q: &CpuTensor,
-        m: &AttentionMeta<'_>,
-        out: &mut CpuTensor,
-    ) -> BackendResult<()> {
-        self.tick()?;
-        self.inner.paged_attention(c, l, q, m, out)
-    }
-    fn matmul_input_grad(&self, jobs: &[(&CpuTensor, &CpuWeight)], dx: &mut CpuTensor, acc: bool) -> BackendResult<()> {
-        self.tick()?;
-        self.inner.matmul_input_grad(jobs, dx, acc)
-    }
-    fn gemm(
-        &self,
-        a: &CpuTensor,
-        ta: bool,
-        b: &CpuTensor,
-        tb: bool,
-        alpha: f32,
-        beta: f32,
-        c: &mut CpuTensor,
-    ) -> BackendResult<()> {
-        self.tick()?;
-        self.inner.gemm(a, ta, b, tb, alpha, beta, c)
-    }
-    fn rms_norm_backward(
-        &self,
-        x: &CpuTensor,
-        w: &CpuWeight,
-        eps: f32,
-        dy: &CpuTensor,
-        dx: &mut CpuTensor,
-    ) -> BackendResult<()> {
-        self.tick()?;
-        self.inner.rms_norm_backward(x, w, eps, dy, dx)
-    }
-    fn rope_backward(&self, x: &mut CpuTensor, h: usize, d: usize, p: &[u32], t: &RopeTable) -> BackendResult<()> {
-        self.tick()?;
-        self.inner.rope_backward(x, h, d, p, t)
-    }
-    fn silu_mul_backward(
-        &self,
-        g: &CpuTensor,
-        u: &CpuTensor,
-        d: &CpuTensor,
-        dg: &mut CpuTensor,
-        du: &mut CpuTensor,
-    ) -> BackendResult<()> {
-        self.tick()?;
-        self.inner.silu_mul_backward(g, u, d, dg, du)
-    }
-    fn attention_backward(
-        &self,
-        q: &CpuTensor,
-        k: &CpuTensor,
-        v: &CpuTensor,
-        out: &CpuTensor,
-        dout: &CpuTensor,
-        meta: &AttentionMeta<'_>,
-        dq: &mut CpuTensor,
-        dk: &mut CpuTensor,
-        dv: &mut CpuTensor,
-    ) -> BackendResult<()> {
-        self.tick()?;
-        self.inner.attention_backward(q, k, v, out, dout, meta, dq, dk, dv)
-    }
-    fn cross_entropy(&self, l: &mut CpuTensor, labels: &[u32], s: Option<f32>) -> BackendResult<CrossEntropySums> {
-        self.tick()?;
-        self.inner.cross_entropy(l, labels, s)
-    }
-    fn add_rows(&self, src: &CpuTensor, rows: &[usize], dst: &mut CpuTensor) -> BackendResult<()> {
-        self.tick()?;
-        self.inner.add_rows(src, rows, dst)
-    }
-    fn dropout(&self, x: &CpuTensor, p: f32, seed: u64, out: &mut CpuTensor) -> BackendResult<()> {
-        self.tick()?;
-        self.inner.dropout(x, p, seed, out)
-    }
-    fn copy(&self, x: &CpuTensor) -> BackendResult<CpuTensor> {
-        self.tick()?;
-        self.inner.copy(x)
-    }
-    fn fill(&self, x: &mut CpuTensor, v: f32) -> BackendResult<()> {
-        self.tick()?;
-        self.inner.fill(x, v)
-    }
-    fn scale(&self, x: &mut CpuTensor, s: f32) -> BackendResult<()> {
-        self.tick()?;
-        self.inner.scale(x, s)
-    }
-    fn sum_squares(&self, x: &CpuTensor) -> BackendResult<f64> {
-        self.tick()?;
-        self.inner.sum_squares(x)
-    }
-    fn adamw(
-        &self,
-        p: &mut CpuTensor,
-        g: &CpuTensor,
-        m: &mut CpuTensor,
-        v: &mut CpuTensor,
-        hp: &AdamWStep,
-    ) -> BackendResult<()> {
-        self.tick()?;
-        self.inner.adamw(p, g, m, v, hp)
-    }
+/// (request, reason) of each failure among a step's events.
+fn failures(events: &[StepEvent]) -> Vec<(u64, String)> {
+    events
+        .iter()
+        .filter_map(|ev| match ev {
+            StepEvent::Failed(id, why) => Some((*id, why.clone())),
+            _ => None,
+        })
+        .collect()
 }
 
 fn model_path() -> String {
@@ -263,7 +47,7 @@ fn model_path() -> String {
 fn a_failed_serving_step_fails_its_requests_and_the_engine_goes_on() {
     let prompts: [&[u32]; 2] = [&[5, 17, 42, 9, 11], &[3, 3, 8]];
     // The tokens each request gets on a healthy engine.
-    let clean = Faulty::new();
+    let clean = faulty();
     let model = load_model(&clean, &model_path()).unwrap().model;
     let mut e = EngineCore::new(clean, model, &common::engine_config(16, 64, 64)).unwrap();
     let want: Vec<Vec<u32>> = e
@@ -272,8 +56,8 @@ fn a_failed_serving_step_fails_its_requests_and_the_engine_goes_on() {
         .map(|(t, _)| common::token_ids(&t))
         .collect();
 
-    let be = Faulty::new();
-    let trigger = be.trigger.clone();
+    let be = faulty();
+    let trigger = be.trigger();
     let model = load_model(&be, &model_path()).unwrap().model;
     let mut e = EngineCore::new(be, model, &common::engine_config(16, 64, 64)).unwrap();
     e.add_request(1, common::greedy(prompts[0], 6));
@@ -282,15 +66,9 @@ fn a_failed_serving_step_fails_its_requests_and_the_engine_goes_on() {
     assert!(first.iter().all(|ev| !matches!(ev, StepEvent::Failed(..))));
     // The next step's forward fails part-way: both requests fail with the
     // device's reason, nothing panics, and their blocks are freed.
-    trigger.fail_in(20);
+    trigger.arm(21, InjectedFault::Failed);
     let (_, events) = e.step();
-    let failed: Vec<_> = events
-        .iter()
-        .filter_map(|ev| match ev {
-            StepEvent::Failed(id, why) => Some((*id, why.clone())),
-            _ => None,
-        })
-        .collect();
+    let failed = failures(&events);
     assert_eq!(failed.iter().map(|f| f.0).collect::<Vec<_>>(), vec![1, 2], "{events:?}");
     assert!(failed[0].1.contains("injected failure"), "{}", failed[0].1);
     assert!(!e.has_work());
@@ -306,7 +84,7 @@ fn a_failed_serving_step_fails_its_requests_and_the_engine_goes_on() {
 
 #[test]
 fn a_failed_training_step_is_an_error_and_the_step_can_be_taken_again() {
-    let be = Faulty::new();
+    let be = faulty();
     let loaded = load_model(&be, &model_path()).unwrap();
     let tok = loaded.tokenizer.clone().unwrap();
     let text: String = (0..4)
@@ -327,14 +105,14 @@ fn a_failed_training_step_is_an_error_and_the_step_can_be_taken_again() {
         memory_budget: None,
         logits_chunk_bytes: 1 << 20,
     };
-    let ops = || be.trigger.ops.load(Ordering::SeqCst);
+    let ops = || be.trigger().ops();
     // Fails the forward or backward of the first step (the step is retried).
     let run = |fail: Option<usize>| {
         let lora = TrainableLora::init(&be, &loaded.model.config, &cfg.lora, cfg.seed).unwrap();
         let mut t = Trainer::new(&loaded.model, cfg.clone(), data.clone(), None, lora).unwrap();
         let mut failures = 0;
         if let Some(n) = fail {
-            be.fail_in(n);
+            be.trigger().arm(n + 1, InjectedFault::Failed);
             let err = t.step(&be, &loaded.model).expect_err("the injected failure surfaces");
             assert!(matches!(err, TrainError::Backend(BackendError::Device(_))), "{err}");
             assert_eq!(t.state().step, 0, "a failed step does not count");
@@ -365,7 +143,7 @@ fn a_failed_training_step_is_an_error_and_the_step_can_be_taken_again() {
 
 #[test]
 fn a_failed_optimiser_update_stops_the_run_for_a_resume() {
-    let be = Faulty::new();
+    let be = faulty();
     let loaded = load_model(&be, &model_path()).unwrap();
     let tok = loaded.tokenizer.clone().unwrap();
     let text =
@@ -387,12 +165,12 @@ fn a_failed_optimiser_update_stops_the_run_for_a_resume() {
     };
     let lora = TrainableLora::init(&be, &loaded.model.config, &cfg.lora, cfg.seed).unwrap();
     let mut t = Trainer::new(&loaded.model, cfg, data, None, lora).unwrap();
-    let before = be.trigger.ops.load(Ordering::SeqCst);
+    let before = be.trigger().ops();
     t.step(&be, &loaded.model).unwrap();
-    let per_step = be.trigger.ops.load(Ordering::SeqCst) - before;
+    let per_step = be.trigger().ops() - before;
     // The last ops of a step are the AdamW updates (then zeroing gradients):
     // fail one of the updates.
-    be.fail_in(per_step - 30);
+    be.trigger().arm(per_step - 29, InjectedFault::Failed);
     let err = t.step(&be, &loaded.model).expect_err("the injected failure surfaces");
     assert!(matches!(err, TrainError::Broken(_)), "{err}");
     let again = t.step(&be, &loaded.model).expect_err("a broken run takes no more steps");
@@ -405,31 +183,83 @@ fn a_failed_optimiser_update_stops_the_run_for_a_resume() {
 /// `EngineStopped` (503) instead of hanging.
 #[tokio::test]
 async fn an_engine_thread_that_dies_is_reported_and_refuses_new_work() {
-    use tandem::engine::{spawn_engine, EngineEvent, SubmitError};
-    let be = Faulty::new();
-    let trigger = be.trigger.clone();
-    let model = load_model(&be, &model_path()).unwrap().model;
-    let engine = spawn_engine(be, model, common::engine_config(16, 64, 64)).unwrap();
-    let run = |prompt: &'static [u32]| {
-        let mut stream = engine.submit(common::greedy(prompt, 4)).unwrap();
-        async move {
-            let mut finished = false;
-            while let Some(ev) = stream.next().await {
-                finished |= matches!(ev, EngineEvent::Finished(_));
-            }
-            finished
-        }
-    };
-    assert!(run(&[5, 17, 42]).await, "a healthy engine finishes requests");
+    let (engine, trigger) = spawn_faulty();
+    assert!(matches!(last_event(&engine, &[5, 17, 42]).await, Some(EngineEvent::Finished(_))));
     assert!(engine.is_alive());
 
-    trigger.panic_in(20);
-    let finished = tokio::time::timeout(std::time::Duration::from_secs(20), run(&[5, 17, 42])).await;
-    assert_eq!(finished, Ok(false), "the request in flight ends (unfinished) when the engine dies");
+    trigger.arm(21, InjectedFault::Panic);
+    let last = tokio::time::timeout(Duration::from_secs(20), last_event(&engine, &[5, 17, 42])).await.unwrap();
+    assert!(
+        !matches!(last, Some(EngineEvent::Finished(_))),
+        "the request in flight ends unfinished when the engine dies: {last:?}"
+    );
+    assert_dead_and_refusing(&engine).await;
+}
+
+fn spawn_faulty() -> (EngineHandle, FaultTrigger) {
+    let be = faulty();
+    let trigger = be.trigger();
+    let model = load_model(&be, &model_path()).unwrap().model;
+    (spawn_engine(be, model, common::engine_config(16, 64, 64)).unwrap(), trigger)
+}
+
+/// The last event of a greedy request's stream (`None`: it ended without one).
+async fn last_event(engine: &EngineHandle, prompt: &[u32]) -> Option<EngineEvent> {
+    let mut stream = engine.submit(common::greedy(prompt, 4)).unwrap();
+    let mut last = None;
+    while let Some(ev) = stream.next().await {
+        last = Some(ev);
+    }
+    last
+}
+
+/// The engine is reported dead (what `/health` answers 503 on) and refuses
+/// new requests at once instead of hanging.
+async fn assert_dead_and_refusing(engine: &EngineHandle) {
     let start = std::time::Instant::now();
-    while engine.is_alive() && start.elapsed() < std::time::Duration::from_secs(10) {
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    while engine.is_alive() && start.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(!engine.is_alive(), "the engine's death is detected");
     assert!(matches!(engine.submit(common::greedy(&[5], 2)), Err(SubmitError::EngineStopped)));
+}
+
+/// A lost device (a kernel fault, the GPU gone): the step's requests and the
+/// ones still waiting fail with the reason, the engine thread stops (what
+/// `/health` answers 503 on) and new requests are refused at once.
+#[tokio::test]
+async fn a_lost_device_fails_every_request_and_stops_the_engine() {
+    // The core alone: every request fails, not only the step's, and so does
+    // any later step.
+    let be = faulty();
+    let trigger = be.trigger();
+    let model = load_model(&be, &model_path()).unwrap().model;
+    let mut e = EngineCore::new(be, model, &common::engine_config(16, 64, 64)).unwrap();
+    // max_num_seqs 1 keeps the second request waiting, outside the failed step.
+    e.set_max_num_seqs(1);
+    e.add_request(1, common::greedy(&[5, 17, 42], 6));
+    e.add_request(2, common::greedy(&[3, 3, 8], 6));
+    let (_, first) = e.step();
+    assert!(first.iter().all(|ev| !matches!(ev, StepEvent::Failed(..))));
+    trigger.arm(5, InjectedFault::Lost);
+    let (_, events) = e.step();
+    let failed = failures(&events);
+    assert_eq!(failed.iter().map(|f| f.0).collect::<Vec<_>>(), vec![1, 2], "{events:?}");
+    assert!(failed.iter().all(|f| f.1.contains("the device is lost")), "{failed:?}");
+    assert!(e.device_lost().is_some());
+    assert_eq!(e.scheduler().kv().pool().num_used(), 0);
+    e.add_request(3, common::greedy(&[1, 2], 2));
+    let (_, later) = e.step();
+    assert!(matches!(&later[..], [StepEvent::Failed(3, _)]), "{later:?}");
+
+    // The engine thread: the stream in flight ends with the reason, the
+    // engine is reported dead, and new work is refused.
+    let (engine, trigger) = spawn_faulty();
+    assert!(matches!(last_event(&engine, &[5, 17, 42]).await, Some(EngineEvent::Finished(_))));
+    trigger.arm(30, InjectedFault::Lost);
+    match tokio::time::timeout(Duration::from_secs(20), last_event(&engine, &[5, 17, 42])).await.unwrap() {
+        Some(EngineEvent::Failed(why)) => assert!(why.contains("the device is lost"), "{why}"),
+        other => panic!("the request in flight fails with the reason, got {other:?}"),
+    }
+    assert_dead_and_refusing(&engine).await;
 }

@@ -8,6 +8,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod fault_inject;
 mod lora_matrix;
 pub mod selftest;
 
@@ -28,8 +29,20 @@ pub enum BackendError {
     /// was computed in the op is lost.
     #[error("device error: {0}")]
     Device(String),
+    /// The device can run nothing more: its context is gone (a kernel fault,
+    /// an uncorrectable ECC error, the GPU fell off the bus). Unlike
+    /// [`BackendError::Device`], which fails one step, this ends the engine.
+    #[error("the device is lost: {0}")]
+    DeviceLost(String),
     #[error("{0}")]
     Invalid(String),
+}
+
+impl BackendError {
+    /// Whether nothing more can run on this device (see [`BackendError::DeviceLost`]).
+    pub fn is_device_lost(&self) -> bool {
+        matches!(self, BackendError::DeviceLost(_))
+    }
 }
 
 pub type BackendResult<T> = Result<T, BackendError>;

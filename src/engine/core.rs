@@ -2,7 +2,7 @@
 //! synchronous and knows no channels, so tests and `tandem generate` drive it
 //! directly; the engine thread (`engine_loop`) wraps it for serving.
 
-use crate::backend::Backend;
+use crate::backend::{Backend, BackendError};
 use crate::kv::KvCacheManager;
 
 use super::handle::{
@@ -28,6 +28,10 @@ pub struct EngineCore<B: Backend> {
     runner: ModelRunner<B>,
     scheduler: Scheduler,
     info: EngineInfo,
+    /// Set when the device reported itself lost: nothing more can run, and
+    /// the owner of this core must stop (the engine thread exits, `/health`
+    /// turns 503).
+    device_lost: Option<String>,
 }
 
 impl<B: Backend> EngineCore<B> {
@@ -67,7 +71,7 @@ impl<B: Backend> EngineCore<B> {
             kv,
             cfg.max_loras,
         );
-        Ok(Self { runner, scheduler, info })
+        Ok(Self { runner, scheduler, info, device_lost: None })
     }
 
     pub fn info(&self) -> &EngineInfo {
@@ -83,6 +87,18 @@ impl<B: Backend> EngineCore<B> {
     }
     pub fn has_work(&self) -> bool {
         self.scheduler.has_work()
+    }
+    /// Why the device is lost, once a step found it so (see [`BackendError::DeviceLost`]).
+    pub fn device_lost(&self) -> Option<&str> {
+        self.device_lost.as_deref()
+    }
+
+    /// The device is lost: every request fails with `why`, and so does every
+    /// later step.
+    fn lose_device(&mut self, why: String) -> Vec<StepEvent> {
+        let events = self.scheduler.abort_all().into_iter().map(|id| StepEvent::Failed(id, why.clone())).collect();
+        self.device_lost = Some(why);
+        events
     }
 
     /// The backend and model, lent to training between serving steps.
@@ -102,21 +118,29 @@ impl<B: Backend> EngineCore<B> {
 
     /// Schedules, runs and samples one step.
     pub fn step(&mut self) -> (SchedulerOutput, Vec<StepEvent>) {
+        if let Some(why) = self.device_lost.clone() {
+            return (SchedulerOutput::default(), self.lose_device(why));
+        }
         let mut out = self.scheduler.schedule();
         let mut failed = Vec::new();
         let mut bad_slots = Vec::new();
         for &slot in &out.lora_loads {
             let loaded = match self.scheduler.slots().adapter(slot) {
-                Some(a) => {
-                    self.runner.load_adapter(slot, a).map_err(|e| format!("loading LoRA adapter '{}': {e}", a.name))
-                }
-                None => Err("the adapter slot is empty".into()),
+                Some(a) => self.runner.load_adapter(slot, a).map_err(|e| {
+                    let why = format!("loading LoRA adapter '{}': {e}", a.name);
+                    (e.is_device_lost(), why)
+                }),
+                None => Err((false, "the adapter slot is empty".into())),
             };
             // Parsing checked the adapter against this model, so the CPU cannot
             // fail here; a device backend can run out of memory.
-            if let Err(e) = loaded {
-                bad_slots.push(slot);
-                failed.push(e);
+            match loaded {
+                Ok(()) => {}
+                Err((true, why)) => return (out, self.lose_device(why)),
+                Err((false, why)) => {
+                    bad_slots.push(slot);
+                    failed.push(why);
+                }
             }
         }
         let mut failed_events = Vec::new();
@@ -158,6 +182,11 @@ impl<B: Backend> EngineCore<B> {
         drop(chunks);
         let logits = match result {
             Ok(logits) => logits,
+            Err(e @ BackendError::DeviceLost(_)) => {
+                let lost = self.lose_device(format!("the model step failed: {e}"));
+                failed_events.extend(lost);
+                return (out, failed_events);
+            }
             Err(e) => {
                 // The step's sequences may have half-written KV: they fail, the
                 // engine goes on with the rest.

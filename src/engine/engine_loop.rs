@@ -72,6 +72,9 @@ impl<B: Backend> EngineLoop<B> {
                 if !shutting_down && self.training.has_work() {
                     let (be, model) = self.core.device();
                     self.training.turn(be, model, false, Duration::ZERO);
+                    if self.stop_if_device_lost(&mut clients) {
+                        return;
+                    }
                 }
                 continue;
             }
@@ -141,13 +144,38 @@ impl<B: Backend> EngineLoop<B> {
             }
             self.metrics.generation_tokens.add(generated as f64);
             self.update_gauges();
+            if self.stop_if_device_lost(&mut clients) {
+                return;
+            }
             if !shutting_down && self.training.has_work() {
                 let served = started.elapsed();
                 let busy = self.core.has_work();
                 let (be, model) = self.core.device();
                 self.training.turn(be, model, busy, served);
+                if self.stop_if_device_lost(&mut clients) {
+                    return;
+                }
             }
         }
+    }
+
+    /// A lost device ends the engine: every client still waiting is told why,
+    /// and the thread returns (the alive flag drops, `/health` answers 503).
+    /// Requests the core knew of have already failed with the same reason.
+    fn stop_if_device_lost(&mut self, clients: &mut HashMap<RequestId, Client>) -> bool {
+        let Some(why) = self.core.device_lost().or(self.training.device_lost()).map(str::to_string) else {
+            return false;
+        };
+        tracing::error!("{why}; the engine stops, restart the server to serve again");
+        for (id, c) in clients.drain() {
+            if !c.admitted {
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
+            }
+            self.core.abort(id);
+            let _ = c.events.send(EngineEvent::Failed(why.clone()));
+        }
+        self.update_gauges();
+        true
     }
 
     fn apply(&mut self, c: Command, clients: &mut HashMap<RequestId, Client>, shutting_down: &mut bool) {

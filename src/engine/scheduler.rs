@@ -144,6 +144,16 @@ impl Scheduler {
         Some(req)
     }
 
+    /// Drops every request (the device is lost); returns their ids.
+    pub fn abort_all(&mut self) -> Vec<RequestId> {
+        let mut ids: Vec<RequestId> = self.requests.keys().copied().collect();
+        ids.sort_unstable();
+        for &id in &ids {
+            self.abort(id);
+        }
+        ids
+    }
+
     pub fn schedule(&mut self) -> SchedulerOutput {
         let mut out = SchedulerOutput::default();
         let mut budget = self.cfg.max_num_batched_tokens.max(1);

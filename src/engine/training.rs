@@ -148,6 +148,8 @@ pub struct CoServing<B: Backend> {
     slice_s: f64,
     /// Serving steps since the last turn.
     steps_since_turn: u32,
+    /// Set when a training step found the device lost (the engine must stop).
+    device_lost: Option<String>,
 }
 
 impl<B: Backend> CoServing<B> {
@@ -161,6 +163,7 @@ impl<B: Backend> CoServing<B> {
             train_s: 0.0,
             slice_s: 0.0,
             steps_since_turn: 0,
+            device_lost: None,
         }
     }
 
@@ -326,9 +329,24 @@ impl<B: Backend> CoServing<B> {
                     }
                 }
                 Ok(Progress::Done) => self.finish_head(be),
-                Err(e) => self.fail_head(e.to_string()),
+                Err(e) => {
+                    if let crate::train::trainer::TrainError::Backend(b @ crate::backend::BackendError::DeviceLost(_)) =
+                        &e
+                    {
+                        self.device_lost = Some(format!("a training step failed: {b}"));
+                    }
+                    self.fail_head(e.to_string());
+                    if self.device_lost.is_some() {
+                        return;
+                    }
+                }
             }
         }
+    }
+
+    /// Why the device is lost, once a training step found it so.
+    pub fn device_lost(&self) -> Option<&str> {
+        self.device_lost.as_deref()
     }
 
     fn fail_head(&mut self, error: String) {

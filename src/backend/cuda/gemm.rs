@@ -244,6 +244,6 @@ fn blas(
             cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
     };
-    super::ck(r, "cublasGemmEx")?;
+    r.map_err(|e| BackendError::Device(format!("cublasGemmEx: {e:?}")))?;
     Ok(())
 }

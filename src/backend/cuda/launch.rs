@@ -138,7 +138,7 @@ impl Kernels {
         // in ops.rs are written against kernels/*.cu, and the emulator test
         // checks the same lists), and every address is a live allocation of the
         // size the kernel indexes.
-        unsafe { b.launch(cfg) }.map_err(|e| BackendError::Device(format!("launch of {name}: {e:?}")))?;
+        unsafe { b.launch(cfg) }.map_err(|e| super::errors::driver_error(e, &format!("launch of {name}")))?;
         Ok(())
     }
 }

@@ -10,6 +10,7 @@
 //! One context and one stream per backend (so per engine); every op is queued
 //! on that stream in order, and only downloads wait for the device.
 
+pub mod errors;
 mod gemm;
 pub mod launch;
 pub mod libs;
@@ -104,9 +105,10 @@ pub struct CudaBackend {
     rope_freq: Mutex<Option<(Vec<f32>, CudaSlice<f32>)>>,
 }
 
-/// A failed CUDA call as a device error naming what failed.
-fn ck<T, E: std::fmt::Debug>(r: Result<T, E>, what: &str) -> Result<T, BackendError> {
-    r.map_err(|e| BackendError::Device(format!("CUDA {what}: {e:?}")))
+/// A failed driver call as a backend error naming what failed (a lost
+/// context, out of memory, or a device error: see [`errors::driver_error`]).
+fn ck<T>(r: Result<T, cudarc::driver::DriverError>, what: &str) -> Result<T, BackendError> {
+    r.map_err(|e| errors::driver_error(e, what))
 }
 
 /// A lock whose holder panicked: the device state it guarded is unknown.
@@ -216,7 +218,7 @@ impl CudaBackend {
     fn alloc_zeros<T: DeviceRepr + ValidAsZeroBits>(&self, n: usize) -> Result<CudaSlice<T>, BackendError> {
         self.stream
             .alloc_zeros::<T>(n.max(1))
-            .map_err(|e| BackendError::OutOfMemory(format!("{} bytes of device memory: {e:?}", n * size_of::<T>())))
+            .map_err(|e| errors::driver_error(e, &format!("allocating {} bytes", n * size_of::<T>())))
     }
 
     /// Greedy sampling and log-probability normaliser on the device: per row of
@@ -272,7 +274,7 @@ impl Backend for CudaBackend {
         let data = self
             .stream
             .clone_htod(w.bytes.as_slice())
-            .map_err(|e| BackendError::OutOfMemory(format!("weight '{}': {e:?}", w.name)))?;
+            .map_err(|e| errors::driver_error(e, &format!("uploading weight '{}'", w.name)))?;
         Ok(CudaWeight { name: w.name, kind: w.kind, rows: w.rows, cols: w.cols, row_bytes, data, vector })
     }
 
@@ -330,7 +332,7 @@ impl Backend for CudaBackend {
                 LoraValues::F32(x) => x.iter().flat_map(|f| f.to_le_bytes()).collect(),
                 LoraValues::Bf16(x) => x.iter().flat_map(|h| h.to_bits().to_le_bytes()).collect(),
             };
-            self.stream.clone_htod(&host).map_err(|e| BackendError::OutOfMemory(format!("LoRA slot: {e:?}")))
+            self.stream.clone_htod(&host).map_err(|e| errors::driver_error(e, "uploading a LoRA slot"))
         };
         Ok(CudaLora {
             rank: m.rank,
@@ -365,7 +367,7 @@ impl Backend for CudaBackend {
         let alloc = || {
             self.stream
                 .alloc_zeros::<f32>(per_layer.max(1))
-                .map_err(|e| BackendError::OutOfMemory(format!("KV cache: {e:?}")))
+                .map_err(|e| errors::driver_error(e, "allocating the KV cache"))
         };
         let mut k = Vec::with_capacity(spec.num_layers);
         let mut v = Vec::with_capacity(spec.num_layers);
