@@ -17,6 +17,12 @@
 // them together hides memory latency that one key at a time would serialise.
 #define ATTN_UNROLL 4
 
+// The cache holds f32 (attention_partial) or bf16 (attention_partial_bf16, as
+// kv.cu's write_kv_bf16 stores it): one body, templated on the element type,
+// reads it through this; everything after the load is f32 either way.
+__device__ __forceinline__ float kv_load(const float* p, int i) { return p[i]; }
+__device__ __forceinline__ float kv_load(const u16* p, int i) { return bf16_to_f32(p[i]); }
+
 // launch: grid (tokens, num_heads, max_partitions), block 128.
 // Block (t, h, p) covers keys [first + p*partition_size,
 // min(ctx, first + (p+1)*partition_size)) of token t for query head h, in four
@@ -29,10 +35,12 @@
 // partition_size > 1024, num_heads not a multiple of kv_heads) writes
 // {-inf, 0} and zeros, so attention_reduce outputs zeros for it. The token
 // count is not a parameter: the grid's x must be it.
-extern "C" __global__ void attention_partial(const float* q, const float* kcache, const float* vcache,
-                                             const u32* block_tables, const int* tok_meta, float* part_acc,
-                                             float* part_ml, int num_heads, int kv_heads, int head_dim,
-                                             int block_size, float scale, int partition_size, int max_partitions) {
+template <typename T>
+__device__ __forceinline__ void attention_partial_body(const float* q, const T* kcache, const T* vcache,
+                                                       const u32* block_tables, const int* tok_meta, float* part_acc,
+                                                       float* part_ml, int num_heads, int kv_heads, int head_dim,
+                                                       int block_size, float scale, int partition_size,
+                                                       int max_partitions) {
     __shared__ float s_p[ATTN_MAX_PARTITION];  // scores, then exp(score - max)
     __shared__ u32 s_slot[ATTN_MAX_PARTITION];
     __shared__ float s_acc[ATTN_WARPS][ATTN_MAX_DIM];
@@ -89,10 +97,10 @@ extern "C" __global__ void attention_partial(const float* q, const float* kcache
         for (int u = 0; u < ATTN_UNROLL; ++u) {
             d[u] = 0.0f;
             if (j0 + u >= n) continue;
-            const float* kr = kcache + (long long)s_slot[j0 + u] * width + head_off;
+            const T* kr = kcache + (long long)s_slot[j0 + u] * width + head_off;
             for (int k = 0; k < ATTN_DIMS_PER_LANE; ++k) {
                 const int i = lane + WARP * k;
-                if (i < head_dim) d[u] += qr[k] * kr[i];
+                if (i < head_dim) d[u] += qr[k] * kv_load(kr, i);
             }
         }
         for (int u = 0; u < ATTN_UNROLL; ++u) d[u] = warp_sum(d[u]);
@@ -121,10 +129,10 @@ extern "C" __global__ void attention_partial(const float* q, const float* kcache
         for (int u = 0; u < ATTN_UNROLL; ++u) {
             if (j0 + u >= n) break;
             const float p = s_p[j0 + u];
-            const float* vr = vcache + (long long)s_slot[j0 + u] * width + head_off;
+            const T* vr = vcache + (long long)s_slot[j0 + u] * width + head_off;
             for (int k = 0; k < ATTN_DIMS_PER_LANE; ++k) {
                 const int i = lane + WARP * k;
-                if (i < head_dim) acc[k] += p * vr[i];
+                if (i < head_dim) acc[k] += p * kv_load(vr, i);
             }
         }
     }
@@ -142,6 +150,26 @@ extern "C" __global__ void attention_partial(const float* q, const float* kcache
         ml_out[0] = m;
         ml_out[1] = l;
     }
+}
+
+// launch: as above, over an f32 cache.
+extern "C" __global__ void attention_partial(const float* q, const float* kcache, const float* vcache,
+                                             const u32* block_tables, const int* tok_meta, float* part_acc,
+                                             float* part_ml, int num_heads, int kv_heads, int head_dim,
+                                             int block_size, float scale, int partition_size, int max_partitions) {
+    attention_partial_body(q, kcache, vcache, block_tables, tok_meta, part_acc, part_ml, num_heads, kv_heads,
+                           head_dim, block_size, scale, partition_size, max_partitions);
+}
+
+// launch: as attention_partial, over a bf16 cache (keys and values widened to
+// f32 as they are read). Its partials go to the same attention_reduce.
+extern "C" __global__ void attention_partial_bf16(const float* q, const u16* kcache, const u16* vcache,
+                                                  const u32* block_tables, const int* tok_meta, float* part_acc,
+                                                  float* part_ml, int num_heads, int kv_heads, int head_dim,
+                                                  int block_size, float scale, int partition_size,
+                                                  int max_partitions) {
+    attention_partial_body(q, kcache, vcache, block_tables, tok_meta, part_acc, part_ml, num_heads, kv_heads,
+                           head_dim, block_size, scale, partition_size, max_partitions);
 }
 
 // launch: grid (tokens, num_heads), block 128. Block (t, h) merges the

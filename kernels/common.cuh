@@ -2,7 +2,10 @@
 // this text to each kernels/<module>.cu and compiles the result with NVRTC,
 // which has no CUDA headers here; the CPU emulator (kernels/emu/) compiles the
 // same text with g++ after its shim. Hence: no #include, and only the device
-// features docs/architecture.md lists (no intrinsics, no atomics, one shuffle).
+// features docs/architecture.md lists (no intrinsics, no atomics, one shuffle,
+// and one tensor-core instruction: mma_bf16_16816 below, for quant.cu's mmq_*
+// kernels, which run batches of 9..64 rows against packed quantised weights;
+// the emulator has a warp-collective model of it).
 
 typedef unsigned char u8;
 typedef unsigned short u16;
@@ -63,6 +66,68 @@ __device__ __forceinline__ float warp_sum(float v) {
 __device__ __forceinline__ float warp_max(float v) {
     for (int m = 16; m > 0; m >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, m));
     return v;
+}
+
+// ---- tensor cores ----
+
+// Two bf16 (rounded as f32_to_bf16) in one 32-bit register, `lo` in the low
+// half: the element order of an mma fragment register ("low to high").
+__device__ __forceinline__ u32 pack_bf16x2(float lo, float hi) {
+    return (u32)f32_to_bf16(lo) | ((u32)f32_to_bf16(hi) << 16);
+}
+
+// D += A·B for one warp: mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32,
+// A 16x16 (row-major), B 16x8 (column-major), both bf16; D 16x8 f32. Every lane
+// of the warp must call it, with the same (converged) control flow: the
+// emulator treats it as a warp barrier, like a shuffle.
+//
+// Fragment layout, from the PTX ISA, section "Matrix Fragments for
+// mma.m16n8k16 with floating point type" (Figures 79, 81 and 83; 9.7.14.5.8 /
+// 9.7.15.5.8 depending on the ISA version), for .bf16 A/B and .f32 C/D. With
+// g = lane >> 2 (groupID) and t = lane & 3 (threadID_in_group), and each
+// register holding its two bf16 elements low half first (lower index low):
+//   a[0] = A[g    ][2t, 2t+1]      a[1] = A[g + 8][2t, 2t+1]
+//   a[2] = A[g    ][2t+8, 2t+9]    a[3] = A[g + 8][2t+8, 2t+9]
+//   b[0] = B[2t, 2t+1][g]          b[1] = B[2t+8, 2t+9][g]
+//   d[0], d[1] = D[g][2t], D[g][2t+1]    d[2], d[3] = D[g+8][2t], D[g+8][2t+1]
+// (The same mapping as llama.cpp's ggml-cuda/mma.cuh get_i/get_j for its
+// tile<16,8,nv_bfloat162> A, tile<8,8,nv_bfloat162> B and tile<16,8,float> C,
+// and as MLIR's NVGPU m16n8k16 Lhs/Rhs/Res index tables.)
+//
+// Tensor cores need sm_80 (bf16); for older devices, where the backend never
+// launches an mmq kernel but the module must still compile, a slow shuffle
+// version computes the same sums.
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+#ifdef __CUDACC_RTC__
+#if __CUDA_ARCH__ >= 800
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+    // Lane 4g'+j holds A rows g', g'+8 at k = 2j, 2j+1, 2j+8, 2j+9 and column
+    // n = g' of B at the same k: fetch this lane's rows and columns from them.
+    const int lane = (int)threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int j = 0; j < 4; ++j) {
+        u32 ar[4];
+        for (int r = 0; r < 4; ++r) ar[r] = __shfl_sync(0xffffffffu, a[r], 4 * g + j);
+        for (int c = 0; c < 2; ++c) {
+            const u32 b0 = __shfl_sync(0xffffffffu, b[0], 4 * (2 * t + c) + j);
+            const u32 b1 = __shfl_sync(0xffffffffu, b[1], 4 * (2 * t + c) + j);
+            for (int h = 0; h < 2; ++h) {  // h: row g, then g + 8
+                const u32 lo = ar[h], hi = ar[h + 2];
+                s[2 * h + c] += u32_as_f32(lo << 16) * u32_as_f32(b0 << 16) +
+                                u32_as_f32(lo & 0xffff0000u) * u32_as_f32(b0 & 0xffff0000u) +
+                                u32_as_f32(hi << 16) * u32_as_f32(b1 << 16) +
+                                u32_as_f32(hi & 0xffff0000u) * u32_as_f32(b1 & 0xffff0000u);
+            }
+        }
+    }
+    for (int i = 0; i < 4; ++i) d[i] += s[i];
+#endif
+#else
+    emu::mma_bf16_16816(d, a, b);
+#endif
 }
 
 // Block-wide reductions returning the result to every thread. `scratch` is a

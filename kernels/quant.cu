@@ -1,5 +1,6 @@
-// GGUF weight kernels: gemv against quantised rows, and dequantisation to bf16
-// (for the prefill GEMM) or to f32 rows (embedding lookup).
+// GGUF weight kernels: gemv against quantised rows (batches of up to 8 rows),
+// mmq on tensor cores against quantised rows (9..64 rows), and dequantisation
+// to bf16 (for the prefill GEMM) or to f32 rows (embedding lookup).
 //
 // Weights are row-major [rows(out), cols(in)], each row a whole number of ggml
 // blocks, rows `row_bytes` apart. Reference: src/quant/ggml.rs `dequantize`; the
@@ -9,7 +10,7 @@
 // alignment give more). Every block size and every field offset used below is
 // even, so all u16 loads are then 2-aligned; f32 weights are read as floats.
 //
-// One decoder per kind serves all three entry points, so they cannot drift apart:
+// One decoder per kind serves all four entry points, so they cannot drift apart:
 // a kind splits each block into LPB "slices" of 8 values, one slice per thread
 // (or lane): NRUN runs of RUN consecutive values, RSTRIDE apart, starting at
 // element base(li) of the block; each run has one scale dl (and, for K kinds,
@@ -215,6 +216,16 @@ struct KBF16 {
     __device__ static __forceinline__ float ld(const u8* row, int k) { return bf16_to_f32(((const u16*)row)[k]); }
 };
 
+// Value k of run t of a decoded slice, exactly as src/quant/ggml.rs computes it:
+// (dl*q) - ml, each op rounded (dequant_row and mmq both store this).
+template <class K>
+__device__ __forceinline__ float q_val(const float (&q)[8], const float (&dl)[K::NRUN], const float (&ml)[K::NRUN], int t,
+                                       int k) {
+    float v = q_mul(dl[t], q[t * K::RUN + k]);
+    if constexpr (K::HAS_MIN) v = v - ml[t];
+    return v;
+}
+
 // ---- gemv ----
 
 // Adds this lane's share of W[row] · x[b] to acc[b] for b < NB; x rows are
@@ -301,6 +312,126 @@ __device__ __forceinline__ void gemv(const u8* __restrict__ w, const float* __re
     }
 }
 
+// ---- mmq: small-batch GEMM on tensor cores ----
+
+// out[b, r] = Σ_k bf16(x[b, k]) · bf16(W[r, k]) (+ bias[r]) with the weight
+// decoded from its packed rows into shared memory a K-chunk at a time: the
+// weight values are dequant_bf16's bit for bit and the activations
+// f32_to_bf16_kernel's, so this equals the dequant + cuBLAS path up to the
+// order of the f32 sums, without a bf16 copy of the weight in global memory.
+//
+// Tile: 64 weight rows x 64 activation rows. Warp w owns weight rows
+// [16w, 16w+16) of the tile (mma A, 16x16 per k-step) against up to 8 n-tiles
+// of 8 activation rows (mma B); its 8x4 accumulators stay in registers. Per
+// K-chunk of MMQ_KC = 128 values (16 slices of 8 per row, so every kind's chunk
+// is whole blocks, or whole 128-value halves of a 256-block): each thread
+// decodes 8 slices (16 consecutive threads cover one row's chunk, 8 rows per
+// pass), the block loads the 64 x 128 activations as pairs (64 consecutive
+// threads per row), a barrier, then each warp runs 8 k-steps x (n-tiles with a
+// live row) mma's, and a barrier before the tiles are overwritten. Rows are
+// MMQ_LDW = 68 words apart: the fragment loads (lanes g*68 + t words) hit 32
+// distinct banks. Weight rows past `rows` and activation rows past `batch` are
+// zeros in the tiles and never stored; k-steps past `cols` (a last chunk
+// shorter than 128) are skipped.
+#define MMQ_ROWS 64
+#define MMQ_BATCH 64
+#define MMQ_KC 128
+#define MMQ_LDW (MMQ_KC / 2 + 4)
+
+// Two consecutive f32 as one 8-byte load (x must be 8-byte aligned; every
+// offset used is even).
+__device__ __forceinline__ void mmq_ld2(const float* p, float& lo, float& hi) {
+    const unsigned long long v = *(const unsigned long long*)p;
+    lo = u32_as_f32((u32)v);
+    hi = u32_as_f32((u32)(v >> 32));
+}
+
+template <class K>
+__device__ __forceinline__ void mmq(const u8* __restrict__ w, const float* __restrict__ x, const float* __restrict__ bias,
+                                    float* __restrict__ out, int rows, int cols, int row_bytes, int batch) {
+    static_assert(!K::PLAIN && MMQ_KC * K::LPB % K::QK == 0 && (K::QK <= MMQ_KC || K::QK % MMQ_KC == 0), "chunking");
+    static_assert(K::RUN % 2 == 0 && K::RSTRIDE % 2 == 0, "runs of bf16 pairs");
+    __shared__ u32 s_w[MMQ_ROWS * MMQ_LDW];   // bf16 pairs: weight row, k
+    __shared__ u32 s_x[MMQ_BATCH * MMQ_LDW];  // bf16 pairs: activation row, k
+    const int tid = (int)threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+    const int r0 = (int)blockIdx.x * MMQ_ROWS;
+    const int s = tid & 15, rr = tid >> 4;  // decode: slice s of the chunk, rows rr + 8i
+    for (int b0 = (int)blockIdx.y * MMQ_BATCH; b0 < batch; b0 += (int)gridDim.y * MMQ_BATCH) {
+        const int nb = batch - b0 < MMQ_BATCH ? batch - b0 : MMQ_BATCH;
+        const int ntiles = (nb + 7) / 8;
+        float acc[8][4];
+        Q_UNROLL
+        for (int n = 0; n < 8; ++n) {
+            Q_UNROLL
+            for (int i = 0; i < 4; ++i) acc[n][i] = 0.0f;
+        }
+        for (int k0 = 0; k0 < cols; k0 += MMQ_KC) {
+            const int kn = cols - k0 < MMQ_KC ? cols - k0 : MMQ_KC;  // a multiple of 32
+            if (s < kn / 8) {
+                const int gs = k0 / 8 + s, blk = gs / K::LPB, li = gs % K::LPB;
+                u32* dst = s_w + rr * MMQ_LDW + (blk * K::QK + K::base(li) - k0) / 2;
+                const u8* src = w + (long long)(r0 + rr) * row_bytes + (long long)blk * K::BYTES;
+                Q_UNROLL
+                for (int i = 0; i < MMQ_ROWS / 8; ++i) {
+                    float q[8], dl[K::NRUN], ml[K::NRUN];
+                    if (r0 + rr + 8 * i < rows) {
+                        K::decode(src + (long long)(8 * i) * row_bytes, li, q, dl, ml);
+                    } else {
+                        Q_UNROLL
+                        for (int k = 0; k < 8; ++k) q[k] = 0.0f;
+                        Q_UNROLL
+                        for (int k = 0; k < K::NRUN; ++k) dl[k] = ml[k] = 0.0f;
+                    }
+                    Q_UNROLL
+                    for (int tr = 0; tr < K::NRUN; ++tr) {
+                        Q_UNROLL
+                        for (int k = 0; k < K::RUN; k += 2) {
+                            dst[8 * i * MMQ_LDW + (tr * K::RSTRIDE + k) / 2] =
+                                pack_bf16x2(q_val<K>(q, dl, ml, tr, k), q_val<K>(q, dl, ml, tr, k + 1));
+                        }
+                    }
+                }
+            }
+            Q_UNROLL4
+            for (int i = 0; i < MMQ_BATCH * MMQ_KC / 2 / 128; ++i) {
+                const int p = tid + 128 * i, row = p / (MMQ_KC / 2), pc = p % (MMQ_KC / 2);
+                float lo = 0.0f, hi = 0.0f;
+                if (row < nb && 2 * pc < kn) mmq_ld2(x + (long long)(b0 + row) * cols + k0 + 2 * pc, lo, hi);
+                s_x[row * MMQ_LDW + pc] = pack_bf16x2(lo, hi);
+            }
+            __syncthreads();
+            const u32* sa = s_w + (warp * 16 + g) * MMQ_LDW + t;
+            const u32* sb = s_x + g * MMQ_LDW + t;
+            Q_UNROLL
+            for (int ks = 0; ks < MMQ_KC / 16; ++ks) {
+                if (ks * 16 < kn) {
+                    const u32 a[4] = {sa[8 * ks], sa[8 * MMQ_LDW + 8 * ks], sa[8 * ks + 4], sa[8 * MMQ_LDW + 8 * ks + 4]};
+                    Q_UNROLL
+                    for (int n = 0; n < 8; ++n) {
+                        if (n < ntiles) {
+                            const u32 bf[2] = {sb[8 * n * MMQ_LDW + 8 * ks], sb[8 * n * MMQ_LDW + 8 * ks + 4]};
+                            mma_bf16_16816(acc[n], a, bf);
+                        }
+                    }
+                }
+            }
+            __syncthreads();
+        }
+        Q_UNROLL
+        for (int n = 0; n < 8; ++n) {
+            Q_UNROLL
+            for (int i = 0; i < 4; ++i) {
+                const int r = r0 + warp * 16 + g + (i >= 2 ? 8 : 0), b = b0 + 8 * n + 2 * t + (i & 1);
+                if (r < rows && b < batch) {
+                    float v = acc[n][i];
+                    if (bias != nullptr) v += bias[r];
+                    out[(long long)b * rows + r] = v;
+                }
+            }
+        }
+    }
+}
+
 // ---- dequantisation ----
 
 __device__ __forceinline__ void q_store(float* p, float v) { *p = v; }
@@ -323,11 +454,7 @@ __device__ __forceinline__ void dequant_row(const u8* __restrict__ row, int cols
             Q_UNROLL
             for (int t = 0; t < K::NRUN; ++t) {
                 Q_UNROLL
-                for (int k = 0; k < K::RUN; ++k) {
-                    float v = q_mul(dl[t], q[t * K::RUN + k]);
-                    if constexpr (K::HAS_MIN) v = v - ml[t];
-                    q_store(o + t * K::RSTRIDE + k, v);
-                }
+                for (int k = 0; k < K::RUN; ++k) q_store(o + t * K::RSTRIDE + k, q_val<K>(q, dl, ml, t, k));
             }
         }
     }
@@ -357,6 +484,11 @@ __device__ __forceinline__ void dequant_rows(const u8* __restrict__ w, const u32
 
 // ---- entry points ----
 // gemv_K:         launch: grid (ceil(rows/4)), block 128 (one warp per row)
+// mmq_K:          launch: grid (ceil(rows/64), ceil(batch/64)), block 128 (4 warps);
+//                 block (bx, by) computes out rows [64by, 64by+64) x weight rows
+//                 [64bx, 64bx+64) (a smaller grid.y loops over the batch, each
+//                 pass decoding the weight tile again); quantised kinds only,
+//                 sm_80+ (tensor cores); x 8-byte aligned
 // dequant_bf16_K: launch: grid (rows), block 256
 // dequant_rows_K: launch: grid (n), block 256
 
@@ -377,6 +509,15 @@ extern "C" __global__ void gemv_q5_k(GEMV_ARGS) { gemv<KQ5K>(w, x, bias, out, ro
 extern "C" __global__ void gemv_q6_k(GEMV_ARGS) { gemv<KQ6K>(w, x, bias, out, rows, cols, row_bytes, batch); }
 extern "C" __global__ void gemv_nf4(GEMV_ARGS) { gemv<KNF4>(w, x, bias, out, rows, cols, row_bytes, batch); }
 extern "C" __global__ void gemv_fp4(GEMV_ARGS) { gemv<KFP4>(w, x, bias, out, rows, cols, row_bytes, batch); }
+
+extern "C" __global__ void mmq_q4_0(GEMV_ARGS) { mmq<KQ4_0>(w, x, bias, out, rows, cols, row_bytes, batch); }
+extern "C" __global__ void mmq_q5_0(GEMV_ARGS) { mmq<KQ5_0>(w, x, bias, out, rows, cols, row_bytes, batch); }
+extern "C" __global__ void mmq_q8_0(GEMV_ARGS) { mmq<KQ8_0>(w, x, bias, out, rows, cols, row_bytes, batch); }
+extern "C" __global__ void mmq_q4_k(GEMV_ARGS) { mmq<KQ4K>(w, x, bias, out, rows, cols, row_bytes, batch); }
+extern "C" __global__ void mmq_q5_k(GEMV_ARGS) { mmq<KQ5K>(w, x, bias, out, rows, cols, row_bytes, batch); }
+extern "C" __global__ void mmq_q6_k(GEMV_ARGS) { mmq<KQ6K>(w, x, bias, out, rows, cols, row_bytes, batch); }
+extern "C" __global__ void mmq_nf4(GEMV_ARGS) { mmq<KNF4>(w, x, bias, out, rows, cols, row_bytes, batch); }
+extern "C" __global__ void mmq_fp4(GEMV_ARGS) { mmq<KFP4>(w, x, bias, out, rows, cols, row_bytes, batch); }
 
 extern "C" __global__ void dequant_bf16_f32(BF16_ARGS) { dequant_bf16<KF32>(w, out, rows, cols, row_bytes); }
 extern "C" __global__ void dequant_bf16_f16(BF16_ARGS) { dequant_bf16<KF16>(w, out, rows, cols, row_bytes); }

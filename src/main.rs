@@ -751,7 +751,12 @@ fn tempfile_dir() -> Result<PathBuf> {
 }
 
 fn runner_config(cfg: &Config) -> RunnerConfig {
-    RunnerConfig { block_size: cfg.cache.block_size, num_blocks: cfg.cache.num_blocks, max_loras: cfg.lora.max_loras }
+    RunnerConfig {
+        block_size: cfg.cache.block_size,
+        num_blocks: cfg.cache.num_blocks,
+        max_loras: cfg.lora.max_loras,
+        kv_dtype: cfg.cache.kv_cache_dtype,
+    }
 }
 
 fn registry_config(cfg: &Config) -> RegistryConfig {

@@ -14,7 +14,7 @@ use std::sync::{Arc, OnceLock};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use tandem::backend::cpu::{CpuBackend, CpuTensor, CpuWeight};
+use tandem::backend::cpu::{CpuBackend, CpuKvCache, CpuTensor, CpuWeight};
 use tandem::backend::{
     AttentionMeta, Backend, HostWeight, KvCacheSpec, LoraSegment, MatmulJob, RopeStyle, RopeTable, SeqAttention,
     WeightBytes,
@@ -364,62 +364,130 @@ fn ops_conversions_and_argmax() {
 
 // ---- kv.cu + attention.cu ----
 
-#[test]
-fn attention_write_kv_and_split_k() {
-    let Some(emu) = emulator() else { return };
-    let be = CpuBackend::new(1).unwrap();
-    let mut rng = StdRng::seed_from_u64(4);
-    let (nh, kvh, d, bs, num_blocks, psize) = (4usize, 2usize, 64usize, 16usize, 16usize, 32usize);
-    let width = kvh * d;
-    // Sequences: (context length, new tokens); row 4 of q belongs to none (ctx 0).
-    let seqs = [(70usize, 3usize), (5, 1), (40, 1)];
-    let mut free: Vec<u32> = (0..num_blocks as u32).collect();
-    for i in (1..free.len()).rev() {
-        free.swap(i, rng.gen_range(0..=i));
-    }
-    let tables: Vec<Vec<BlockId>> =
-        seqs.iter().map(|&(ctx, _)| (0..ctx.div_ceil(bs)).map(|_| BlockId(free.pop().unwrap())).collect()).collect();
+/// The paged-attention setup the f32 and bf16 cache tests share: three
+/// sequences over shuffled (so non-contiguous) blocks, GQA (4 query heads on 2
+/// KV heads), keys in up to 3 partitions of 32, and 6 query rows, of which row
+/// 4 belongs to no sequence (ctx 0).
+struct PagedScene {
+    nh: usize,
+    kvh: usize,
+    d: usize,
+    bs: usize,
+    num_blocks: usize,
+    psize: usize,
+    /// (context length, new tokens) per sequence, and its rows of `q`.
+    seqs: [(usize, usize); 3],
+    row_ranges: [std::ops::Range<usize>; 3],
+    tables: Vec<Vec<BlockId>>,
+    /// Every position of every sequence, in order: one write_kv fills the cache.
+    slots: Vec<u32>,
+    /// Key and value rows for `slots`, [slots.len(), kvh * d].
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// [rows, nh * d].
+    q: Vec<f32>,
+    rows: usize,
+}
 
-    // Every position of every sequence goes to the cache in one write_kv.
-    let slots: Vec<u32> = seqs
-        .iter()
-        .zip(&tables)
-        .flat_map(|(&(ctx, _), t)| (0..ctx).map(|p| tandem::kv::slot(t, p, bs).unwrap()))
-        .collect();
-    let n = slots.len();
-    let k = rand_vec(&mut rng, n * width, -1.0, 1.0);
-    let v = rand_vec(&mut rng, n * width, -1.0, 1.0);
-    let spec = KvCacheSpec { num_layers: 1, num_blocks, block_size: bs, kv_heads: kvh, head_dim: d };
-    let mut cache = be.alloc_kv(spec).unwrap();
-    be.write_kv(&mut cache, 0, &tensor(&k, n, width), &tensor(&v, n, width), &slots).unwrap();
-    let zeros = vec![0f32; num_blocks * bs * width];
-    let mut a = [buf!(&k), buf!(&v), buf!(&zeros), buf!(&zeros), buf!(&slots), Arg::I(n as i32), Arg::I(width as i32)];
-    launch(emu, "write_kv", [n as u32, 1, 1], B256, &mut a);
-    exact("write_kv keys", &f32s(&a[2]), &cache.k[0]);
-    exact("write_kv values", &f32s(&a[3]), &cache.v[0]);
-    let (kcache, vcache) = (take(&mut a[2]), take(&mut a[3]));
-
-    let rows = 6;
-    let q = rand_vec(&mut rng, rows * nh * d, -2.0, 2.0);
-    let flat_tables: Vec<u32> = tables.iter().flatten().map(|b| b.0).collect();
-    let row_ranges = [0..3, 3..4, 5..6];
-    let scale = 1.0 / (d as f32).sqrt();
-    for window in [None, Some(45usize)] {
-        let metas: Vec<SeqAttention> = seqs
+impl PagedScene {
+    fn new(rng: &mut StdRng) -> Self {
+        let (nh, kvh, d, bs, num_blocks, psize) = (4usize, 2usize, 64usize, 16usize, 16usize, 32usize);
+        let width = kvh * d;
+        let seqs = [(70usize, 3usize), (5, 1), (40, 1)];
+        let mut free: Vec<u32> = (0..num_blocks as u32).collect();
+        for i in (1..free.len()).rev() {
+            free.swap(i, rng.gen_range(0..=i));
+        }
+        let tables: Vec<Vec<BlockId>> = seqs
+            .iter()
+            .map(|&(ctx, _)| (0..ctx.div_ceil(bs)).map(|_| BlockId(free.pop().unwrap())).collect())
+            .collect();
+        let slots: Vec<u32> = seqs
             .iter()
             .zip(&tables)
-            .zip(&row_ranges)
+            .flat_map(|(&(ctx, _), t)| (0..ctx).map(|p| tandem::kv::slot(t, p, bs).unwrap()))
+            .collect();
+        let n = slots.len();
+        let k = rand_vec(rng, n * width, -1.0, 1.0);
+        let v = rand_vec(rng, n * width, -1.0, 1.0);
+        let rows = 6;
+        let q = rand_vec(rng, rows * nh * d, -2.0, 2.0);
+        let row_ranges = [0..3, 3..4, 5..6];
+        PagedScene { nh, kvh, d, bs, num_blocks, psize, seqs, row_ranges, tables, slots, k, v, q, rows }
+    }
+
+    fn width(&self) -> usize {
+        self.kvh * self.d
+    }
+
+    /// The CPU backend's one-layer cache after writing `k`, `v` at `slots`.
+    fn cpu_cache(&self, be: &CpuBackend, k: &[f32], v: &[f32]) -> CpuKvCache {
+        let (n, width) = (self.slots.len(), self.width());
+        let spec = KvCacheSpec {
+            num_layers: 1,
+            num_blocks: self.num_blocks,
+            block_size: self.bs,
+            kv_heads: self.kvh,
+            head_dim: self.d,
+            dtype: tandem::backend::KvDtype::F32,
+        };
+        let mut cache = be.alloc_kv(spec).unwrap();
+        be.write_kv(&mut cache, 0, &tensor(k, n, width), &tensor(v, n, width), &self.slots).unwrap();
+        cache
+    }
+
+    /// Runs `kernel` (write_kv or write_kv_bf16: `elem` bytes a value) over
+    /// zeroed caches; returns the key and value caches.
+    fn emu_write_kv(&self, emu: &Path, kernel: &str, elem: usize) -> (Arg, Arg) {
+        let (n, width) = (self.slots.len(), self.width());
+        let zeros = vec![0u8; self.num_blocks * self.bs * width * elem];
+        let a = [buf!(&self.k), buf!(&self.v), Arg::B(zeros.clone()), Arg::B(zeros), buf!(&self.slots)];
+        let mut a: Vec<Arg> = a.into_iter().chain(ints([n, width])).collect();
+        launch(emu, kernel, [n as u32, 1, 1], B256, &mut a);
+        (take(&mut a[2]), take(&mut a[3]))
+    }
+
+    /// The CPU backend's paged attention over `cache`.
+    fn cpu_attention(&self, be: &CpuBackend, cache: &CpuKvCache, window: Option<usize>) -> Vec<f32> {
+        let metas: Vec<SeqAttention> = self
+            .seqs
+            .iter()
+            .zip(&self.tables)
+            .zip(&self.row_ranges)
             .map(|((&(ctx, _), t), r)| SeqAttention { rows: r.clone(), context_len: ctx, block_table: t })
             .collect();
-        let meta =
-            AttentionMeta { seqs: &metas, num_heads: nh, kv_heads: kvh, head_dim: d, scale, sliding_window: window };
-        let mut want = be.zeros(rows, nh * d).unwrap();
-        be.paged_attention(&cache, 0, &tensor(&q, rows, nh * d), &meta, &mut want).unwrap();
+        let (nh, d) = (self.nh, self.d);
+        let scale = 1.0 / (d as f32).sqrt();
+        let meta = AttentionMeta {
+            seqs: &metas,
+            num_heads: nh,
+            kv_heads: self.kvh,
+            head_dim: d,
+            scale,
+            sliding_window: window,
+        };
+        let mut want = be.zeros(self.rows, nh * d).unwrap();
+        be.paged_attention(cache, 0, &tensor(&self.q, self.rows, nh * d), &meta, &mut want).unwrap();
+        std::mem::take(&mut want.data)
+    }
 
+    /// `partial` (attention_partial or attention_partial_bf16) over the cache
+    /// bytes `kcache`, `vcache`, with one always-empty partition past every
+    /// token's keys (checked to say so), then attention_reduce. Returns the
+    /// output and the partition count.
+    fn emu_attention(
+        &self,
+        emu: &Path,
+        partial: &str,
+        kcache: &Arg,
+        vcache: &Arg,
+        window: Option<usize>,
+    ) -> (Vec<f32>, usize) {
+        let (rows, nh, d, psize) = (self.rows, self.nh, self.d, self.psize);
         let mut tok_meta = vec![0i32; rows * 3];
         let mut table_off = 0;
         let mut max_parts = 0;
-        for ((&(ctx, new), t), r) in seqs.iter().zip(&tables).zip(&row_ranges) {
+        for ((&(ctx, new), t), r) in self.seqs.iter().zip(&self.tables).zip(&self.row_ranges) {
             for (i, row) in r.clone().enumerate() {
                 let c = ctx - new + i + 1;
                 let first = window.map_or(0, |w| c.saturating_sub(w));
@@ -430,29 +498,92 @@ fn attention_write_kv_and_split_k() {
         }
         let max_parts = max_parts + 1; // one always-empty partition too
         let parts = rows * nh * max_parts;
+        let flat_tables: Vec<u32> = self.tables.iter().flatten().map(|b| b.0).collect();
+        let scale = 1.0 / (d as f32).sqrt();
         let mut a = vec![
-            buf!(&q),
-            Arg::B(bytes(&kcache).to_vec()),
-            Arg::B(bytes(&vcache).to_vec()),
+            buf!(&self.q),
+            Arg::B(bytes(kcache).to_vec()),
+            Arg::B(bytes(vcache).to_vec()),
             buf!(&flat_tables),
             buf!(&tok_meta),
             nan_buf(parts * d),
             nan_buf(parts * 2),
         ];
-        a.extend(ints([nh, kvh, d, bs]));
+        a.extend(ints([nh, self.kvh, d, self.bs]));
         a.extend([Arg::F(scale), Arg::I(psize as i32), Arg::I(max_parts as i32)]);
-        launch(emu, "attention_partial", [rows as u32, nh as u32, max_parts as u32], B128, &mut a);
+        launch(emu, partial, [rows as u32, nh as u32, max_parts as u32], B128, &mut a);
         // The last partition is past every token's keys: it must say so ({-inf, 0}, zeros).
         let (acc, ml) = (f32s(&a[5]), f32s(&a[6]));
         for row in (max_parts - 1..parts).step_by(max_parts) {
             let empty = ml[2 * row] == f32::NEG_INFINITY && ml[2 * row + 1] == 0.0;
-            assert!(empty && acc[row * d..(row + 1) * d].iter().all(|&v| v == 0.0), "empty partition {row}");
+            assert!(empty && acc[row * d..(row + 1) * d].iter().all(|&v| v == 0.0), "{partial}: empty partition {row}");
         }
         let mut r = vec![take(&mut a[5]), take(&mut a[6]), nan_buf(rows * nh * d)];
         r.extend(ints([nh, d, max_parts]));
         launch(emu, "attention_reduce", [rows as u32, nh as u32, 1], B128, &mut r);
-        let what = format!("paged attention (window {window:?}, {max_parts} partitions)");
-        check(&what, &f32s(&r[2]), &want.data, &row_scale(&want.data, d), 1e-5);
+        (f32s(&r[2]), max_parts)
+    }
+}
+
+#[test]
+fn attention_write_kv_and_split_k() {
+    let Some(emu) = emulator() else { return };
+    let be = CpuBackend::new(1).unwrap();
+    let s = PagedScene::new(&mut StdRng::seed_from_u64(4));
+    let cache = s.cpu_cache(&be, &s.k, &s.v);
+    let (kcache, vcache) = s.emu_write_kv(emu, "write_kv", 4);
+    exact("write_kv keys", &f32s(&kcache), &cache.k[0]);
+    exact("write_kv values", &f32s(&vcache), &cache.v[0]);
+    for window in [None, Some(45usize)] {
+        let want = s.cpu_attention(&be, &cache, window);
+        let (got, parts) = s.emu_attention(emu, "attention_partial", &kcache, &vcache, window);
+        let what = format!("paged attention (window {window:?}, {parts} partitions)");
+        check(&what, &got, &want, &row_scale(&want, s.d), 1e-5);
+    }
+}
+
+/// The bf16 cache: write_kv_bf16 stores each value rounded to nearest even,
+/// and attention_partial_bf16 over it equals the CPU's attention over an f32
+/// cache of those rounded values up to summation order (the f32 test's
+/// tolerance), and the unrounded attention within bf16's precision.
+#[test]
+fn attention_bf16_cache() {
+    let Some(emu) = emulator() else { return };
+    let be = CpuBackend::new(1).unwrap();
+    let mut s = PagedScene::new(&mut StdRng::seed_from_u64(9));
+    // Exact rounding ties (to even: down, then up), either sign, and values
+    // that round up a binade.
+    let ties = [0x3f80_8000u32, 0x3f81_8000, 0xbf80_8000, 0xbf81_8000, 0x3f7f_ffff, 0xbf7f_c000];
+    for (i, &b) in ties.iter().enumerate() {
+        s.k[i] = f32::from_bits(b);
+        s.v[ties.len() - 1 - i] = f32::from_bits(b);
+    }
+    let exact_cache = s.cpu_cache(&be, &s.k, &s.v);
+    let (kcache, vcache) = s.emu_write_kv(emu, "write_kv_bf16", 2);
+    for (what, got, want) in [("keys", &kcache, &exact_cache.k[0]), ("values", &vcache, &exact_cache.v[0])] {
+        // Unwritten slots are 0 in both.
+        let want: Vec<u16> = want.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
+        let got = u16s(got);
+        let bad = got.iter().zip(&want).position(|(g, w)| g != w);
+        assert!(
+            bad.is_none(),
+            "write_kv_bf16 {what}[{0}]: got {1:#06x}, want {2:#06x}",
+            bad.unwrap(),
+            got[bad.unwrap()],
+            want[bad.unwrap()]
+        );
+        println!("write_kv_bf16 {what}: exact");
+    }
+
+    let round = |x: &[f32]| x.iter().map(|&x| bf16::from_f32(x).to_f32()).collect::<Vec<f32>>();
+    let rounded_cache = s.cpu_cache(&be, &round(&s.k), &round(&s.v));
+    for window in [None, Some(45usize)] {
+        let (got, parts) = s.emu_attention(emu, "attention_partial_bf16", &kcache, &vcache, window);
+        let want = s.cpu_attention(&be, &rounded_cache, window);
+        let what = format!("paged attention, bf16 cache (window {window:?}, {parts} partitions)");
+        check(&what, &got, &want, &row_scale(&want, s.d), 1e-5);
+        let unrounded = s.cpu_attention(&be, &exact_cache, window);
+        check(&format!("{what} vs an unrounded f32 cache"), &got, &unrounded, &row_scale(&unrounded, s.d), 1e-2);
     }
 }
 
@@ -622,7 +753,10 @@ fn quant_dequant_every_kind() {
     }
 }
 
-// ---- train.cu (after the helpers above: macros are in scope only below them) ----
+// ---- train.cu, and quant.cu's mmq (after the helpers above: macros are in scope only below them) ----
 
 #[path = "cuda_kernels_emu/train.rs"]
 mod train;
+
+#[path = "cuda_kernels_emu/mmq.rs"]
+mod mmq;

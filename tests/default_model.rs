@@ -128,7 +128,7 @@ fn default_model_int8_perplexity_stays_within_half_a_percent_of_f32() {
         let be = CpuBackend::new(0).unwrap().with_activations(mode);
         let loaded = load_gguf(&be, &path).unwrap();
         let tokens = loaded.tokenizer.as_ref().unwrap().encode(&text, true).unwrap();
-        let cfg = RunnerConfig { block_size: 16, num_blocks: 64, max_loras: 0 };
+        let cfg = RunnerConfig { block_size: 16, num_blocks: 64, ..RunnerConfig::default() };
         let mut runner = ModelRunner::new(be, loaded.model, cfg).unwrap();
         let report = run(&mut runner, &tokens, None, &opts).unwrap();
         assert_eq!(report.scored, 2 * 255, "llama-perplexity scores ctx/2 - 1 tokens per window");

@@ -4,10 +4,11 @@
 // Model: one launch = the blocks of the grid run one after another; the threads
 // of a block are real std::threads running concurrently, so `__shared__` can be
 // `static` (one block owns it at a time) and `__syncthreads` is a barrier. The
-// same std::threads are reused for every block of a launch. Warp shuffles meet
-// at a per-warp barrier. Misuse that a GPU would silently tolerate or hang on
-// (a thread leaving the kernel while others wait in __syncthreads, a partial-mask
-// shuffle, a deadlock) aborts with a message instead.
+// same std::threads are reused for every block of a launch. Warp shuffles and
+// the tensor-core mma meet at a per-warp barrier. Misuse that a GPU would
+// silently tolerate or hang on (a thread leaving the kernel while others wait
+// in __syncthreads, a partial-mask shuffle, a deadlock) aborts with a message
+// instead.
 #pragma once
 
 #include <math.h>
@@ -81,6 +82,8 @@ enum State : int { RUNNING = 0, IN_SYNCTHREADS = 1, IN_SHUFFLE = 2, FINISHED = 3
 struct Warp {
   unsigned lanes = 32;
   uint64_t slot[32] = {};
+  uint32_t mma_a[32][4] = {};  // each lane's mma fragments (mma_bf16_16816)
+  uint32_t mma_b[32][2] = {};
   std::unique_ptr<std::barrier<>> bar;
 };
 
@@ -141,6 +144,52 @@ inline T shfl_xor(unsigned mask, T v, int lane_mask, int width) {
   return out;
 }
 
+inline float bf16_bits_to_f32(uint32_t h) {
+  uint32_t u = (h & 0xffffu) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 for one warp (common.cuh's
+// mma_bf16_16816): every lane publishes its fragments, the warp meets, each lane
+// rebuilds the whole A (16x16) and B (16x8) from all 32 lanes by the PTX ISA's
+// formulas (section "Matrix Fragments for mma.m16n8k16 with floating point
+// type"; common.cuh spells out the mapping) and computes its own four outputs
+// of D = A·B + C: f32 sums of the (exact) bf16 products in k order, then + C.
+// The second meeting keeps a fast lane's next mma from overwriting fragments a
+// slow lane has yet to read.
+inline void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  Warp& w = g_block.warps[t_linear / 32];
+  if (w.lanes != 32) die("mma.sync in a warp of fewer than 32 threads");
+  const unsigned lane = t_linear % 32;
+  g_block.state[t_linear].store(IN_SHUFFLE, std::memory_order_relaxed);
+  std::memcpy(w.mma_a[lane], a, sizeof a);
+  std::memcpy(w.mma_b[lane], b, sizeof b);
+  w.bar->arrive_and_wait();
+  float A[16][16], B[16][8];
+  for (unsigned l = 0; l < 32; l++) {
+    const unsigned g = l >> 2, t = l & 3;  // groupID, threadID_in_group
+    for (unsigned i = 0; i < 8; i++) {     // a_i: register i/2, half i%2
+      const unsigned row = g + ((i & 2) ? 8 : 0), col = 2 * t + (i & 1) + (i >= 4 ? 8 : 0);
+      A[row][col] = bf16_bits_to_f32(w.mma_a[l][i / 2] >> (16 * (i & 1)));
+    }
+    for (unsigned i = 0; i < 4; i++) {  // b_i: register i/2, half i%2
+      const unsigned k = 2 * t + (i & 1) + (i >= 2 ? 8 : 0), n = g;
+      B[k][n] = bf16_bits_to_f32(w.mma_b[l][i / 2] >> (16 * (i & 1)));
+    }
+  }
+  w.bar->arrive_and_wait();
+  g_block.state[t_linear].store(RUNNING, std::memory_order_relaxed);
+  const unsigned g = lane >> 2, t = lane & 3;
+  for (unsigned i = 0; i < 4; i++) {  // c_i / d_i
+    const unsigned row = g + (i >= 2 ? 8 : 0), col = 2 * t + (i & 1);
+    float s = 0.0f;
+    for (unsigned k = 0; k < 16; k++) s += A[row][k] * B[k][col];
+    d[i] += s;
+  }
+}
+
 }  // namespace emu
 
 inline void __syncthreads() { emu::block_barrier(emu::IN_SYNCTHREADS); }
@@ -165,7 +214,7 @@ inline void start_watchdog(double seconds) {
         for (unsigned i = 0; i < g_block.threads; i++) n[g_block.state[i].load() & 3]++;
         std::fprintf(stderr,
                      "kernel-emu: no progress after %.0f s (deadlock?): %u threads running, %u in "
-                     "__syncthreads, %u in __shfl_xor_sync, %u returned from the kernel\n",
+                     "__syncthreads, %u in __shfl_xor_sync or mma, %u returned from the kernel\n",
                      seconds, n[RUNNING], n[IN_SYNCTHREADS], n[IN_SHUFFLE], n[FINISHED]);
         std::fflush(stderr);
         std::_Exit(4);

@@ -230,7 +230,10 @@ std::map<std::string, Runner> kernels() {
     K(emu_ops, f32_to_f16_kernel, const float*, u16*, long long),
     K(emu_ops, argmax_logsumexp, const float*, int, int, u32*, float*, float*),
     K(emu_kv, write_kv, const float*, const float*, float*, float*, const u32*, int, int),
+    K(emu_kv, write_kv_bf16, const float*, const float*, u16*, u16*, const u32*, int, int),
     K(emu_attention, attention_partial, const float*, const float*, const float*, const u32*, const int*,
+      float*, float*, int, int, int, int, float, int, int),
+    K(emu_attention, attention_partial_bf16, const float*, const u16*, const u16*, const u32*, const int*,
       float*, float*, int, int, int, int, float, int, int),
     K(emu_attention, attention_reduce, const float*, const float*, float*, int, int, int),
     K(emu_lora, lora_shrink_f32, const float*, const int*, const u64*, const int*, float*, int, int, int),
@@ -244,6 +247,9 @@ std::map<std::string, Runner> kernels() {
     QUANT(f32), QUANT(f16), QUANT(bf16), QUANT(q4_0), QUANT(q5_0), QUANT(q8_0),
     QUANT(q4_k), QUANT(q5_k), QUANT(q6_k), QUANT(nf4), QUANT(fp4),
 #undef QUANT
+#define MMQ(kind) K(emu_quant, mmq_##kind, const u8*, const float*, const float*, float*, int, int, int, int)
+    MMQ(q4_0), MMQ(q5_0), MMQ(q8_0), MMQ(q4_k), MMQ(q5_k), MMQ(q6_k), MMQ(nf4), MMQ(fp4),
+#undef MMQ
     K(emu_train, rms_norm_backward, const float*, const float*, const float*, float*, int, int, float),
     K(emu_train, silu_mul_backward, const float*, const float*, const float*, float*, float*, long long),
     K(emu_train, cross_entropy, float*, const u32*, int, int, int, float, float*, u32*),

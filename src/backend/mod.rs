@@ -196,6 +196,36 @@ pub struct KvCacheSpec {
     pub block_size: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    pub dtype: KvDtype,
+}
+
+impl KvCacheSpec {
+    /// Bytes of one block: keys and values of every layer.
+    pub fn block_bytes(&self) -> usize {
+        2 * self.num_layers * self.block_size * self.kv_heads * self.head_dim * self.dtype.bytes()
+    }
+}
+
+/// What the KV cache stores (`cache.kv_cache_dtype`). bf16 halves the cache's
+/// memory and the attention's reads; keys and values are rounded once, when
+/// written (CUDA only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KvDtype {
+    /// f32, as computed ("auto": the activations' type).
+    #[default]
+    #[serde(alias = "auto")]
+    F32,
+    Bf16,
+}
+
+impl KvDtype {
+    pub fn bytes(self) -> usize {
+        match self {
+            KvDtype::F32 => 4,
+            KvDtype::Bf16 => 2,
+        }
+    }
 }
 
 /// Index of a KV block in the backend's cache (block 0 is the null block that

@@ -15,10 +15,10 @@ use std::sync::Arc;
 
 use super::cpu::CpuBackend;
 use super::{
-    AttentionMeta, Backend, HostWeight, KvCacheSpec, LoraSegment, MatmulJob, RopeStyle, RopeTable, SeqAttention,
-    WeightBytes,
+    AttentionMeta, Backend, HostWeight, KvCacheSpec, KvDtype, LoraSegment, MatmulJob, RopeStyle, RopeTable,
+    SeqAttention, WeightBytes,
 };
-use crate::backend::{BackendResult, BlockId};
+use crate::backend::{BackendError, BackendResult, BlockId};
 use crate::backend::{LoraDtype, LoraMatrix, LoraValues};
 use crate::quant::ggml::WeightKind;
 use crate::quant::random::{random_weight_bytes, Rng};
@@ -209,7 +209,9 @@ fn matmuls<B: Backend>(dev: &B, cpu: &CpuBackend, rng: &mut Rng, r: &mut Report)
         let bb: Vec<u8> = bias.iter().flat_map(|v| v.to_le_bytes()).collect();
         let db = dev.load_weight(host_weight(WeightKind::F32, 1, rows, bb.clone()))?;
         let cb = cpu.load_weight(host_weight(WeightKind::F32, 1, rows, bb))?;
-        for m in [1usize, 3, 8, 9, 40] {
+        // 1..8: GEMV; 9..64: the packed tensor-core GEMM on quantised kinds
+        // (CUDA sm_80+); 65: bf16 expansion + cuBLAS.
+        for m in [1usize, 3, 8, 9, 40, 64, 65] {
             let x = randn(rng, m * cols, 1.0);
             let (dx, cx) = (dev.upload(&x, m, cols)?, cpu.upload(&x, m, cols)?);
             let with_bias = m % 2 == 1;
@@ -271,12 +273,29 @@ fn loras<B: Backend>(dev: &B, cpu: &CpuBackend, rng: &mut Rng, r: &mut Report) -
 
 /// KV writes then paged attention: prefill chunks and decodes in one batch,
 /// GQA, blocks out of order, a sliding window, and contexts long enough for
-/// several split-K partitions.
+/// several split-K partitions; with an f32 cache, and with a bf16 one where
+/// the device has it (checked against the CPU on the bf16-rounded keys and
+/// values, and against the f32 cache within bf16 rounding).
 fn attention<B: Backend>(dev: &B, cpu: &CpuBackend, rng: &mut Rng, r: &mut Report) -> BackendResult<()> {
-    for (nh, kvh, d, window) in [(14, 2, 64, None), (8, 8, 128, None), (4, 2, 64, Some(100))] {
-        let spec = KvCacheSpec { num_layers: 2, num_blocks: 64, block_size: 16, kv_heads: kvh, head_dim: d };
-        let mut dkv = dev.alloc_kv(spec)?;
-        let mut ckv = cpu.alloc_kv(spec)?;
+    let cases = [(14, 2, 64, None), (8, 8, 128, None), (4, 2, 64, Some(100))];
+    for (dtype, (nh, kvh, d, window)) in
+        [KvDtype::F32, KvDtype::Bf16].into_iter().flat_map(|t| cases.into_iter().map(move |c| (t, c)))
+    {
+        let spec = KvCacheSpec { num_layers: 2, num_blocks: 64, block_size: 16, kv_heads: kvh, head_dim: d, dtype };
+        let mut dkv = match dev.alloc_kv(spec) {
+            // The CPU backend has only the f32 cache.
+            Err(BackendError::Invalid(_)) if dtype == KvDtype::Bf16 => continue,
+            other => other?,
+        };
+        let cpu_spec = KvCacheSpec { dtype: KvDtype::F32, ..spec };
+        let mut ckv = cpu.alloc_kv(cpu_spec)?;
+        let mut exact = cpu.alloc_kv(cpu_spec)?;
+        let round = |x: Vec<f32>| -> Vec<f32> {
+            match dtype {
+                KvDtype::F32 => x,
+                KvDtype::Bf16 => x.into_iter().map(|v| half::bf16::from_f32(v).to_f32()).collect(),
+            }
+        };
         // Sequence 0: 600 tokens in blocks 40..2 (descending); sequence 1: 37 tokens.
         let t0: Vec<BlockId> = (0..38).map(|i| BlockId(40 - i)).collect();
         let t1: Vec<BlockId> = (0..3).map(|i| BlockId(50 + i)).collect();
@@ -289,8 +308,10 @@ fn attention<B: Backend>(dev: &B, cpu: &CpuBackend, rng: &mut Rng, r: &mut Repor
             let k = randn(rng, len * kvh * d, 1.0);
             let v = randn(rng, len * kvh * d, 1.0);
             let (dk, dv) = (dev.upload(&k, len, kvh * d)?, dev.upload(&v, len, kvh * d)?);
-            let (ck, cv) = (cpu.upload(&k, len, kvh * d)?, cpu.upload(&v, len, kvh * d)?);
             dev.write_kv(&mut dkv, layer, &dk, &dv, &slots)?;
+            let (ek, ev) = (cpu.upload(&k, len, kvh * d)?, cpu.upload(&v, len, kvh * d)?);
+            cpu.write_kv(&mut exact, layer, &ek, &ev, &slots)?;
+            let (ck, cv) = (cpu.upload(&round(k), len, kvh * d)?, cpu.upload(&round(v), len, kvh * d)?);
             cpu.write_kv(&mut ckv, layer, &ck, &cv, &slots)?;
         }
         // Queries: the last 5 tokens of sequence 0 (a prefill chunk), one row
@@ -313,7 +334,12 @@ fn attention<B: Backend>(dev: &B, cpu: &CpuBackend, rng: &mut Rng, r: &mut Repor
         let got = poisoned(dev, rows, nh * d, |o| dev.paged_attention(&dkv, layer, &dq, &meta, o))?;
         let want = poisoned(cpu, rows, nh * d, |o| cpu.paged_attention(&ckv, layer, &cq, &meta, o))?;
         let w = window.map_or(String::new(), |w| format!(" window {w}"));
-        r.push(format!("kv+attention h{nh}/{kvh} d{d} ctx 600,37{w}"), &got, &want, TOL_F32_REDUCE);
+        let t = if dtype == KvDtype::Bf16 { " bf16 cache" } else { "" };
+        r.push(format!("kv+attention h{nh}/{kvh} d{d} ctx 600,37{w}{t}"), &got, &want, TOL_F32_REDUCE);
+        if dtype == KvDtype::Bf16 {
+            let f32_cache = poisoned(cpu, rows, nh * d, |o| cpu.paged_attention(&exact, layer, &cq, &meta, o))?;
+            r.push(format!("  bf16 cache vs f32 cache h{nh}/{kvh} d{d}{w}"), &got, &f32_cache, TOL_BF16);
+        }
     }
     Ok(())
 }
@@ -331,10 +357,11 @@ mod tests {
         let scalar = CpuBackend::with_isa(2, Isa::Scalar).unwrap();
         let report = run(&scalar, &simd, 1);
         eprintln!("{report}");
-        // 94 inference checks and 78 training ones (a device with a
-        // both-transposed gemm, which the CPU lacks, runs 6 more): a section
-        // that stops at a failing op would report one check instead of its own.
-        assert_eq!(report.checks.len(), 172, "{report}");
+        // 116 inference checks and 78 training ones (a device runs 6 more
+        // with a bf16 KV cache, and 6 with a both-transposed gemm, which the
+        // CPU lacks): a section that stops at a failing op would report one
+        // check instead of its own.
+        assert_eq!(report.checks.len(), 194, "{report}");
         assert_eq!(report.failures(), 0, "{report}");
     }
 

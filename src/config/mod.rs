@@ -109,6 +109,7 @@ pub struct CacheSection {
     pub block_size: usize,
     pub num_blocks: usize,
     pub enable_prefix_caching: bool,
+    pub kv_cache_dtype: crate::backend::KvDtype,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]

@@ -59,7 +59,12 @@ impl<B: Backend> EngineCore<B> {
         let runner = ModelRunner::new(
             backend,
             model,
-            RunnerConfig { block_size: cfg.block_size, num_blocks: cfg.num_blocks, max_loras: cfg.max_loras },
+            RunnerConfig {
+                block_size: cfg.block_size,
+                num_blocks: cfg.num_blocks,
+                max_loras: cfg.max_loras,
+                kv_dtype: cfg.kv_dtype,
+            },
         )?;
         let kv = KvCacheManager::new(cfg.num_blocks, cfg.block_size, cfg.enable_prefix_caching);
         let scheduler = Scheduler::new(

@@ -67,6 +67,7 @@ impl OpenBackend for CudaBackend {
             block_size: cfg.cache.block_size,
             kv_heads: m.num_kv_heads,
             head_dim: m.head_dim,
+            dtype: cfg.cache.kv_cache_dtype,
         };
         let n = self.kv_blocks_that_fit(spec, cfg.device.gpu_memory_utilization, reserve)?;
         if n == 0 {

@@ -16,11 +16,12 @@ pub struct RunnerConfig {
     pub num_blocks: usize,
     /// LoRA adapter slots.
     pub max_loras: usize,
+    pub kv_dtype: crate::backend::KvDtype,
 }
 
 impl Default for RunnerConfig {
     fn default() -> Self {
-        Self { block_size: 16, num_blocks: 4096, max_loras: 0 }
+        Self { block_size: 16, num_blocks: 4096, max_loras: 0, kv_dtype: crate::backend::KvDtype::F32 }
     }
 }
 
@@ -95,6 +96,7 @@ impl<B: Backend> ModelRunner<B> {
             block_size: cfg.block_size,
             kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
+            dtype: cfg.kv_dtype,
         };
         let kv = backend.alloc_kv(spec)?;
         let lora_slots = (0..cfg.max_loras).map(|_| None).collect();

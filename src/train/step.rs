@@ -94,6 +94,8 @@ impl<B: Backend> TrainKv<B> {
                 block_size: BLOCK,
                 kv_heads: c.num_kv_heads,
                 head_dim: c.head_dim,
+                // Training reads its own keys and values back in f32.
+                dtype: crate::backend::KvDtype::F32,
             };
             self.cache = Some(be.alloc_kv(spec)?);
             self.blocks = need;

@@ -66,6 +66,7 @@ pub fn all_logits_with(
             block_size: bs,
             kv_heads: c.num_kv_heads,
             head_dim: c.head_dim,
+            dtype: Default::default(),
         })
         .unwrap();
     // Blocks 1.. in reverse order, so a block table that is not the identity is exercised.
@@ -109,6 +110,7 @@ pub fn engine_config(block_size: usize, num_blocks: usize, max_num_batched_token
         block_size,
         num_blocks,
         enable_prefix_caching: true,
+        kv_dtype: Default::default(),
         max_num_batched_tokens,
         max_num_seqs: 64,
         max_waiting: 1024,

@@ -19,7 +19,7 @@ mod train_ops;
 use std::sync::Arc;
 
 use super::{
-    AdamWStep, AttentionMeta, Backend, BackendError, BackendResult, CrossEntropySums, HostWeight, KvCacheSpec,
+    AdamWStep, AttentionMeta, Backend, BackendError, BackendResult, CrossEntropySums, HostWeight, KvCacheSpec, KvDtype,
     LoraMatrix, LoraSegment, MatmulJob, RopeTable, WeightBytes,
 };
 use crate::quant::ggml::WeightKind;
@@ -360,6 +360,13 @@ impl Backend for CpuBackend {
     }
 
     fn alloc_kv(&self, spec: KvCacheSpec) -> BackendResult<CpuKvCache> {
+        if spec.dtype != KvDtype::F32 {
+            return Err(BackendError::Invalid(
+                "cache.kv_cache_dtype = \"bf16\" is supported by the CUDA backend only; the CPU cache is f32 \
+                 (use \"auto\")"
+                    .into(),
+            ));
+        }
         let per_layer = spec
             .num_blocks
             .checked_mul(spec.block_size)

@@ -1,5 +1,5 @@
 use super::*;
-use crate::backend::{Backend, HostWeight, WeightBytes};
+use crate::backend::{Backend, HostWeight, KvDtype, WeightBytes};
 use crate::quant::ggml::{dequantize, WeightKind};
 use rand::{Rng, SeedableRng};
 
@@ -276,7 +276,14 @@ fn attention_objective(
     let rows: usize = lens.iter().sum();
     let bs = 4;
     let blocks: usize = lens.iter().map(|l| l.div_ceil(bs)).sum();
-    let spec = KvCacheSpec { num_layers: 1, num_blocks: blocks + 1, block_size: bs, kv_heads: kvh, head_dim: d };
+    let spec = KvCacheSpec {
+        num_layers: 1,
+        num_blocks: blocks + 1,
+        block_size: bs,
+        kv_heads: kvh,
+        head_dim: d,
+        dtype: KvDtype::F32,
+    };
     let mut kv = be.alloc_kv(spec).unwrap();
     let mut tables = Vec::new();
     let mut next = 1u32;

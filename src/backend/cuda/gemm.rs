@@ -3,7 +3,10 @@
 //!
 //! Small batches (≤ [`GEMV_MAX_ROWS`] rows, i.e. decode) are memory-bound: a
 //! GEMV kernel per kind reads each weight byte once, dequantising in registers,
-//! with f32 activations. Larger batches are compute-bound and go to cuBLAS on
+//! with f32 activations. Up to [`MMQ_MAX_ROWS`] rows a quantised weight stays
+//! packed too: `mmq_<kind>` decodes it tile by tile into shared memory and runs
+//! tensor-core products (sm_80+; [`gemm_path`] decides). Larger batches are
+//! compute-bound and go to cuBLAS on
 //! tensor cores: activations are rounded to bf16 (f16 for f16 weights), and a
 //! quantised weight is first expanded to a bf16 scratch matrix, whose cost the
 //! batch amortises. f32 weights use a plain f32 GEMM.
@@ -11,7 +14,7 @@
 //! Every cuBLAS call goes through [`blas`] with the row-major → column-major
 //! mapping of `plan::blas_gemm` (unit-tested there without a GPU).
 
-use super::launch::{kind_suffix, KArg};
+use super::launch::{is_block_quantized, KArg, Kernel};
 use super::plan::{blas_gemm, BlasGemm};
 use super::{grow, ops, train_ops, CudaBackend, CudaTensor, CudaWeight, Scratch};
 use crate::backend::{BackendError, BackendResult, MatmulJob};
@@ -22,16 +25,47 @@ const F32: cudaDataType_t = cudaDataType_t::CUDA_R_32F;
 
 /// The most activation rows the GEMV kernels take (kernels/quant.cu).
 pub const GEMV_MAX_ROWS: usize = 8;
+/// The most activation rows the tensor-core `mmq` kernels take for a
+/// quantised weight; above it the bf16 expansion + cuBLAS amortises.
+pub const MMQ_MAX_ROWS: usize = 64;
+
+/// How one weight's product is computed for a batch of `rows`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GemmPath {
+    /// `gemv_<kind>`: f32 activations, weights decoded in registers.
+    Gemv,
+    /// `mmq_<kind>`: packed weights decoded to bf16 tiles in shared memory,
+    /// tensor-core products (sm_80+).
+    Mmq,
+    /// cuBLAS on the weight as stored (f32, f16, bf16) or expanded.
+    Blas,
+}
+
+/// The path for a `rows`-row batch against a `kind` weight.
+pub fn gemm_path(rows: usize, kind: WeightKind, tensor_cores: bool, f32_gemm: bool) -> GemmPath {
+    if rows <= GEMV_MAX_ROWS {
+        GemmPath::Gemv
+    } else if rows <= MMQ_MAX_ROWS && tensor_cores && !f32_gemm && is_block_quantized(kind) {
+        GemmPath::Mmq
+    } else {
+        GemmPath::Blas
+    }
+}
 
 pub fn matmul_many(be: &CudaBackend, x: &CudaTensor, jobs: &mut [MatmulJob<'_, CudaBackend>]) -> BackendResult<()> {
     for j in jobs.iter() {
         assert_eq!(j.w.cols, x.cols, "weight '{}' input features", j.w.name);
         assert_eq!((j.out.rows, j.out.cols), (x.rows, j.w.rows), "weight '{}' output shape", j.w.name);
     }
-    if x.rows <= GEMV_MAX_ROWS {
-        for j in jobs.iter_mut() {
-            gemv(be, x, j.w, j.bias, j.out)?;
+    let path = |w: &CudaWeight| gemm_path(x.rows, w.kind, be.tensor_cores, be.options.f32_gemm);
+    for j in jobs.iter_mut() {
+        match path(j.w) {
+            GemmPath::Gemv => gemv(be, x, j.w, j.bias, j.out, Kernel::Gemv(j.w.kind))?,
+            GemmPath::Mmq => mmq(be, x, j.w, j.bias, j.out)?,
+            GemmPath::Blas => {}
         }
+    }
+    if jobs.iter().all(|j| path(j.w) != GemmPath::Blas) {
         return Ok(());
     }
     let mut scratch = be.scratch.lock().map_err(|_| super::poisoned())?;
@@ -39,7 +73,7 @@ pub fn matmul_many(be: &CudaBackend, x: &CudaTensor, jobs: &mut [MatmulJob<'_, C
     let x_f32 = (be.ptr(&x.data), F32);
     // The 16-bit copy of x is made once and shared by every job that needs it.
     let mut x_half: Option<bool> = None;
-    for j in jobs.iter_mut() {
+    for j in jobs.iter_mut().filter(|j| path(j.w) == GemmPath::Blas) {
         let w = j.w;
         // out[m, n] = x[m, k] · W[n, k]ᵀ.
         let g = blas_gemm((x.rows, x.cols), false, (w.rows, w.cols), true);
@@ -74,18 +108,26 @@ pub fn matmul_many(be: &CudaBackend, x: &CudaTensor, jobs: &mut [MatmulJob<'_, C
     Ok(())
 }
 
+/// `out = x · Wᵀ (+ bias)` by a kernel with the GEMV argument list:
+/// `gemv_<kind>` (grid: 4 weight rows per block) or `mmq_<kind>` (grid: 64
+/// weight rows x 64 batch rows per block).
 fn gemv(
     be: &CudaBackend,
     x: &CudaTensor,
     w: &CudaWeight,
     bias: Option<&CudaWeight>,
     out: &mut CudaTensor,
+    kernel: Kernel,
 ) -> BackendResult<()> {
     let bias_ptr = bias.map_or(0, |b| be.ptr(ops::vector(b)));
+    let grid = match kernel {
+        Kernel::Mmq(_) => ((w.rows as u32).div_ceil(64), (x.rows as u32).div_ceil(64), 1),
+        _ => ((w.rows as u32).div_ceil(4), 1, 1),
+    };
     be.kernels.launch(
         &be.stream,
-        &format!("gemv_{}", kind_suffix(w.kind)),
-        ((w.rows as u32).div_ceil(4), 1, 1),
+        kernel,
+        grid,
         128,
         &[
             KArg::Ptr(be.ptr(&w.data)),
@@ -99,6 +141,16 @@ fn gemv(
         ],
     )?;
     Ok(())
+}
+
+fn mmq(
+    be: &CudaBackend,
+    x: &CudaTensor,
+    w: &CudaWeight,
+    bias: Option<&CudaWeight>,
+    out: &mut CudaTensor,
+) -> BackendResult<()> {
+    gemv(be, x, w, bias, out, Kernel::Mmq(w.kind))
 }
 
 /// The whole of `w` expanded to f32 in the scratch (by the embedding kernel,
@@ -246,4 +298,25 @@ fn blas(
     };
     r.map_err(|e| BackendError::Device(format!("cublasGemmEx: {e:?}")))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn batch_size_and_kind_choose_the_product() {
+        use GemmPath::*;
+        let q = WeightKind::Q4K;
+        assert_eq!(gemm_path(1, q, true, false), Gemv);
+        assert_eq!(gemm_path(8, q, true, false), Gemv);
+        assert_eq!(gemm_path(9, q, true, false), Mmq);
+        assert_eq!(gemm_path(64, WeightKind::Nf4, true, false), Mmq);
+        assert_eq!(gemm_path(65, q, true, false), Blas);
+        // Plain kinds go to cuBLAS as stored; no tensor cores or the exact
+        // f32 mode keep the bf16 expansion / f32 GEMM.
+        assert_eq!(gemm_path(16, WeightKind::BF16, true, false), Blas);
+        assert_eq!(gemm_path(16, q, false, false), Blas);
+        assert_eq!(gemm_path(16, q, true, true), Blas);
+    }
 }

@@ -17,6 +17,7 @@ pub mod libs;
 pub mod nvrtc;
 mod ops;
 pub mod plan;
+mod step_meta;
 mod train_ops;
 
 use std::sync::{Arc, Mutex};
@@ -51,11 +52,12 @@ pub struct CudaTensor {
     cols: usize,
 }
 
-/// Per layer, keys and values for every slot: `[slots, kv_heads * head_dim]` f32.
+/// Per layer, keys and values for every slot: `[slots, kv_heads * head_dim]`
+/// of `spec.dtype` (f32, or bf16 as u16 bits).
 pub struct CudaKvCache {
     spec: KvCacheSpec,
-    k: Vec<CudaSlice<f32>>,
-    v: Vec<CudaSlice<f32>>,
+    k: Vec<CudaSlice<u8>>,
+    v: Vec<CudaSlice<u8>>,
 }
 
 /// One adapted projection in device memory (`a` `[rank, in]`, `bt` `[rank, out]`,
@@ -96,11 +98,15 @@ pub struct CudaBackend {
     options: CudaOptions,
     device_name: String,
     arch: String,
+    /// bf16 `mma.sync` (sm_80 and later): the `mmq` kernels run.
+    tensor_cores: bool,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: Mutex<CudaBlas>,
     kernels: Kernels,
     scratch: Mutex<Scratch>,
+    /// This step's metadata on the device (see `step_meta.rs`).
+    meta: Mutex<step_meta::StepMeta>,
     /// The rope table last uploaded (models use one table for their lifetime).
     rope_freq: Mutex<Option<(Vec<f32>, CudaSlice<f32>)>>,
 }
@@ -148,6 +154,9 @@ impl CudaBackend {
         let arch = format!("sm_{major}{minor}");
         let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let stream = ctx.new_stream().map_err(|e| err("creating a stream", &e))?;
+        if ctx.has_async_alloc() {
+            keep_freed_memory_pooled(&ctx).map_err(|e| err("setting the memory pool's release threshold", &e))?;
+        }
         match nvrtc::version() {
             Ok((maj, min)) => tracing::info!(
                 "cuda:{ordinal}: {device_name} ({arch}); kernels compiled by NVRTC {maj}.{min} from {}",
@@ -162,11 +171,13 @@ impl CudaBackend {
             options,
             device_name,
             arch,
+            tensor_cores: major >= 8,
             ctx,
             stream,
             blas: Mutex::new(blas),
             kernels,
             scratch: Mutex::new(Scratch::default()),
+            meta: Mutex::new(step_meta::StepMeta::default()),
             rope_freq: Mutex::new(None),
         })
     }
@@ -194,8 +205,7 @@ impl CudaBackend {
         let used = total - free;
         let budget = (total as f64 * utilization) as usize;
         let left = budget.saturating_sub(used).saturating_sub(reserve);
-        let per_block = 2 * spec.num_layers * spec.block_size * spec.kv_heads * spec.head_dim * 4;
-        Ok(left / per_block.max(1))
+        Ok(left / spec.block_bytes().max(1))
     }
 
     /// Waits until every queued op has finished.
@@ -225,6 +235,28 @@ impl CudaBackend {
     /// `logits`, (argmax, max, logsumexp). Only 12 bytes per row cross PCIe.
     pub fn argmax_logsumexp(&self, logits: &CudaTensor) -> Result<Vec<(u32, f32, f32)>, BackendError> {
         ops::argmax_logsumexp(self, logits)
+    }
+}
+
+/// cudarc allocates with `cuMemAllocAsync` from the device's default pool,
+/// whose release threshold is 0: every synchronize would hand freed blocks
+/// back to the driver, and the next step's temporaries would map them again.
+/// With no threshold the pool keeps what it has (freed blocks are reused by
+/// later allocations of this process; `cuMemGetInfo` counts them as used).
+fn keep_freed_memory_pooled(ctx: &CudaContext) -> Result<(), cudarc::driver::DriverError> {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let mut threshold = u64::MAX;
+    // SAFETY: `pool` receives the device's default pool (owned by the driver,
+    // never freed by us); the attribute takes a pointer to a u64.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
+        sys::cuMemPoolSetAttribute(
+            pool,
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()
     }
 }
 
@@ -354,7 +386,8 @@ impl Backend for CudaBackend {
             .checked_mul(spec.block_size)
             .and_then(|s| s.checked_mul(spec.kv_heads * spec.head_dim))
             .ok_or_else(|| BackendError::OutOfMemory("KV cache size overflows".into()))?;
-        let need = per_layer as u128 * 8 * spec.num_layers as u128;
+        let layer_bytes = per_layer * spec.dtype.bytes();
+        let need = layer_bytes as u128 * 2 * spec.num_layers as u128;
         let (free, _) = self.memory_info()?;
         if need > free as u128 {
             return Err(BackendError::OutOfMemory(format!(
@@ -366,7 +399,7 @@ impl Backend for CudaBackend {
         }
         let alloc = || {
             self.stream
-                .alloc_zeros::<f32>(per_layer.max(1))
+                .alloc_zeros::<u8>(layer_bytes.max(4))
                 .map_err(|e| errors::driver_error(e, "allocating the KV cache"))
         };
         let mut k = Vec::with_capacity(spec.num_layers);

@@ -2,10 +2,10 @@
 //! kernel's comment in `kernels/*.cu` documents and passing its exact
 //! argument list.
 
-use super::launch::{kind_suffix, KArg};
+use super::launch::{KArg, Kernel};
 use super::plan::{attention_plan, lora_row_segments, ATTENTION_PARTITION};
 use super::{grow, CudaBackend, CudaKvCache, CudaTensor, CudaWeight};
-use crate::backend::{AttentionMeta, BackendResult, LoraSegment, RopeStyle, RopeTable};
+use crate::backend::{AttentionMeta, BackendResult, KvDtype, LoraSegment, RopeStyle, RopeTable};
 
 use KArg::{Ptr, F32, I32, I64};
 
@@ -21,8 +21,8 @@ pub(super) fn vector(w: &CudaWeight) -> &cudarc::driver::CudaSlice<f32> {
 
 pub fn embedding(be: &CudaBackend, table: &CudaWeight, ids: &[u32], out: &mut CudaTensor) -> BackendResult<()> {
     assert_eq!((out.rows, out.cols), (ids.len(), table.cols));
-    let d_ids = be.upload_vec(ids)?;
-    dequant_rows(be, table, be.ptr(&d_ids), ids.len(), be.ptr(&out.data))?;
+    let d_ids = be.meta.lock().map_err(|_| super::poisoned())?.token_ids.put(be, ids)?;
+    dequant_rows(be, table, d_ids, ids.len(), be.ptr(&out.data))?;
     Ok(())
 }
 
@@ -31,7 +31,7 @@ pub fn embedding(be: &CudaBackend, table: &CudaWeight, ids: &[u32], out: &mut Cu
 pub fn dequant_rows(be: &CudaBackend, w: &CudaWeight, ids: u64, n: usize, out: u64) -> BackendResult<()> {
     be.kernels.launch(
         &be.stream,
-        &format!("dequant_rows_{}", kind_suffix(w.kind)),
+        Kernel::DequantRows(w.kind),
         (n as u32, 1, 1),
         256,
         &[
@@ -51,7 +51,7 @@ pub fn dequant_rows(be: &CudaBackend, w: &CudaWeight, ids: u64, n: usize, out: u
 pub fn dequant_bf16(be: &CudaBackend, w: &CudaWeight, out: u64) -> BackendResult<()> {
     be.kernels.launch(
         &be.stream,
-        &format!("dequant_bf16_{}", kind_suffix(w.kind)),
+        Kernel::DequantBf16(w.kind),
         (w.rows as u32, 1, 1),
         256,
         &[Ptr(be.ptr(&w.data)), Ptr(out), I32(w.rows as i32), I32(w.cols as i32), I32(w.row_bytes as i32)],
@@ -64,7 +64,7 @@ pub fn rms_norm(be: &CudaBackend, x: &CudaTensor, w: &CudaWeight, eps: f32, out:
     assert_eq!(w.cols, x.cols);
     be.kernels.launch(
         &be.stream,
-        "rms_norm",
+        Kernel::RmsNorm,
         (x.rows as u32, 1, 1),
         256,
         &[
@@ -84,7 +84,7 @@ pub fn add_assign(be: &CudaBackend, x: &mut CudaTensor, y: &CudaTensor) -> Backe
     assert_eq!(n, y.rows * y.cols);
     be.kernels.launch(
         &be.stream,
-        "add_assign",
+        Kernel::AddAssign,
         elementwise_grid(n),
         ELEMWISE_BLOCK,
         &[Ptr(be.ptr(&x.data)), Ptr(be.ptr(&y.data)), I64(n as i64)],
@@ -96,7 +96,7 @@ pub fn add_bias(be: &CudaBackend, out: &mut CudaTensor, bias: &CudaWeight) -> Ba
     assert_eq!(bias.cols, out.cols);
     be.kernels.launch(
         &be.stream,
-        "add_bias",
+        Kernel::AddBias,
         (out.rows as u32, (out.cols as u32).div_ceil(256), 1),
         256,
         &[Ptr(be.ptr(&out.data)), Ptr(be.ptr(vector(bias))), I32(out.rows as i32), I32(out.cols as i32)],
@@ -121,15 +121,15 @@ pub fn rope(
         *cached = Some((t.inv_freq.clone(), be.upload_vec(&t.inv_freq)?));
     }
     let freq = &cached.as_ref().expect("just set").1;
-    let pos = be.upload_vec(positions)?;
+    let pos = be.meta.lock().map_err(|_| super::poisoned())?.positions.put(be, positions)?;
     be.kernels.launch(
         &be.stream,
-        "rope",
+        Kernel::Rope,
         (x.rows as u32, heads as u32, 1),
         64,
         &[
             Ptr(be.ptr(&x.data)),
-            Ptr(be.ptr(&pos)),
+            Ptr(pos),
             Ptr(be.ptr(freq)),
             I32(x.rows as i32),
             I32(heads as i32),
@@ -147,7 +147,7 @@ pub fn silu_mul(be: &CudaBackend, gate: &CudaTensor, up: &CudaTensor, out: &mut 
     assert_eq!(n, out.rows * out.cols);
     be.kernels.launch(
         &be.stream,
-        "silu_mul",
+        Kernel::SiluMul,
         elementwise_grid(n),
         ELEMWISE_BLOCK,
         &[Ptr(be.ptr(&gate.data)), Ptr(be.ptr(&up.data)), Ptr(be.ptr(&out.data)), I64(n as i64)],
@@ -158,19 +158,13 @@ pub fn silu_mul(be: &CudaBackend, gate: &CudaTensor, up: &CudaTensor, out: &mut 
 pub fn gather_rows(be: &CudaBackend, x: &CudaTensor, rows: &[usize]) -> BackendResult<CudaTensor> {
     let out = CudaTensor { data: be.alloc_zeros(rows.len() * x.cols)?, rows: rows.len(), cols: x.cols };
     let idx: Vec<u32> = rows.iter().map(|&r| r as u32).collect();
-    let d_idx = be.upload_vec(&idx)?;
+    let d_idx = be.meta.lock().map_err(|_| super::poisoned())?.gather_rows.put(be, &idx)?;
     be.kernels.launch(
         &be.stream,
-        "gather_rows",
+        Kernel::GatherRows,
         (rows.len() as u32, 1, 1),
         256,
-        &[
-            Ptr(be.ptr(&x.data)),
-            Ptr(be.ptr(&d_idx)),
-            Ptr(be.ptr(&out.data)),
-            I32(rows.len() as i32),
-            I32(x.cols as i32),
-        ],
+        &[Ptr(be.ptr(&x.data)), Ptr(d_idx), Ptr(be.ptr(&out.data)), I32(rows.len() as i32), I32(x.cols as i32)],
     )?;
     Ok(out)
 }
@@ -178,10 +172,10 @@ pub fn gather_rows(be: &CudaBackend, x: &CudaTensor, rows: &[usize]) -> BackendR
 /// `x` converted to bf16 (or f16) into `dst` (the GEMM input for 16-bit weights).
 pub fn to_half(be: &CudaBackend, x: &CudaTensor, dst: &cudarc::driver::CudaSlice<u16>, f16: bool) -> BackendResult<()> {
     let n = x.rows * x.cols;
-    let name = if f16 { "f32_to_f16_kernel" } else { "f32_to_bf16_kernel" };
+    let kernel = if f16 { Kernel::F32ToF16 } else { Kernel::F32ToBf16 };
     be.kernels.launch(
         &be.stream,
-        name,
+        kernel,
         elementwise_grid(n),
         ELEMWISE_BLOCK,
         &[Ptr(be.ptr(&x.data)), Ptr(be.ptr(dst)), I64(n as i64)],
@@ -200,10 +194,14 @@ pub fn write_kv(
     let width = cache.spec.kv_heads * cache.spec.head_dim;
     assert_eq!((k.cols, v.cols), (width, width));
     assert_eq!(k.rows, slots.len());
-    let d_slots = be.upload_vec(slots)?;
+    let d_slots = be.meta.lock().map_err(|_| super::poisoned())?.kv_slots.put(be, slots)?;
+    let kernel = match cache.spec.dtype {
+        KvDtype::F32 => Kernel::WriteKv,
+        KvDtype::Bf16 => Kernel::WriteKvBf16,
+    };
     be.kernels.launch(
         &be.stream,
-        "write_kv",
+        kernel,
         (slots.len() as u32, 1, 1),
         256,
         &[
@@ -211,7 +209,7 @@ pub fn write_kv(
             Ptr(be.ptr(&v.data)),
             Ptr(be.ptr(&cache.k[layer])),
             Ptr(be.ptr(&cache.v[layer])),
-            Ptr(be.ptr(&d_slots)),
+            Ptr(d_slots),
             I32(slots.len() as i32),
             I32(width as i32),
         ],
@@ -232,24 +230,30 @@ pub fn paged_attention(
     assert_eq!((out.rows, out.cols), (q.rows, q.cols));
     assert!(d <= 256 && d % 2 == 0, "head_dim {d} is not supported by kernels/attention.cu");
     let plan = attention_plan(meta, q.rows, ATTENTION_PARTITION);
-    let tok_meta = be.upload_vec(&plan.tok_meta)?;
-    let tables = be.upload_vec(&plan.block_tables)?;
+    let (tok_meta, tables) = {
+        let mut m = be.meta.lock().map_err(|_| super::poisoned())?;
+        (m.attn_tokens.put(be, &plan.tok_meta)?, m.attn_tables.put(be, &plan.block_tables)?)
+    };
     let parts = plan.max_partitions;
     let mut scratch = be.scratch.lock().map_err(|_| super::poisoned())?;
     let cells = q.rows * nh * parts;
     let acc = be.ptr(grow(be, &mut scratch.attn_acc, cells * d)?);
     let ml = be.ptr(grow(be, &mut scratch.attn_ml, cells * 2)?);
+    let partial = match cache.spec.dtype {
+        KvDtype::F32 => Kernel::AttentionPartial,
+        KvDtype::Bf16 => Kernel::AttentionPartialBf16,
+    };
     be.kernels.launch(
         &be.stream,
-        "attention_partial",
+        partial,
         (q.rows as u32, nh as u32, parts as u32),
         128,
         &[
             Ptr(be.ptr(&q.data)),
             Ptr(be.ptr(&cache.k[layer])),
             Ptr(be.ptr(&cache.v[layer])),
-            Ptr(be.ptr(&tables)),
-            Ptr(be.ptr(&tok_meta)),
+            Ptr(tables),
+            Ptr(tok_meta),
             Ptr(acc),
             Ptr(ml),
             I32(nh as i32),
@@ -263,7 +267,7 @@ pub fn paged_attention(
     )?;
     be.kernels.launch(
         &be.stream,
-        "attention_reduce",
+        Kernel::AttentionReduce,
         (q.rows as u32, nh as u32, 1),
         128,
         &[Ptr(acc), Ptr(ml), Ptr(be.ptr(&out.data)), I32(nh as i32), I32(d as i32), I32(parts as i32)],
@@ -288,25 +292,31 @@ pub fn lora_add(
             assert_eq!((s.w.in_features, s.w.out_features), (x.cols, out.cols), "LoRA matrix shape");
         }
         let ranges: Vec<_> = segs.iter().map(|s| s.rows.clone()).collect();
-        let row_seg = be.upload_vec(&lora_row_segments(x.rows, &ranges))?;
+        let mut meta = be.meta.lock().map_err(|_| super::poisoned())?;
+        let row_seg = meta.lora_rows.put(be, &lora_row_segments(x.rows, &ranges))?;
         let seg_a: Vec<u64> = segs.iter().map(|s| be.ptr(&s.w.a)).collect();
         let seg_bt: Vec<u64> = segs.iter().map(|s| be.ptr(&s.w.bt)).collect();
         let seg_rank: Vec<i32> = segs.iter().map(|s| s.w.rank as i32).collect();
         let max_rank = segs.iter().map(|s| s.w.rank).max().unwrap_or(0);
-        let (d_a, d_bt, d_rank) = (be.upload_vec(&seg_a)?, be.upload_vec(&seg_bt)?, be.upload_vec(&seg_rank)?);
+        let [d_a, d_bt, d_rank] = meta.lora_table(be, &seg_a, &seg_bt, &seg_rank)?;
+        drop(meta);
         let mut scratch = be.scratch.lock().map_err(|_| super::poisoned())?;
         let t = be.ptr(grow(be, &mut scratch.lora_t, x.rows * max_rank)?);
-        let sfx = if bf16 { "bf16" } else { "f32" };
+        let (shrink, expand) = if bf16 {
+            (Kernel::LoraShrinkBf16, Kernel::LoraExpandBf16)
+        } else {
+            (Kernel::LoraShrinkF32, Kernel::LoraExpandF32)
+        };
         be.kernels.launch(
             &be.stream,
-            &format!("lora_shrink_{sfx}"),
+            shrink,
             (x.rows as u32, max_rank as u32, 1),
             128,
             &[
                 Ptr(be.ptr(&x.data)),
-                Ptr(be.ptr(&row_seg)),
-                Ptr(be.ptr(&d_a)),
-                Ptr(be.ptr(&d_rank)),
+                Ptr(row_seg),
+                Ptr(d_a),
+                Ptr(d_rank),
                 Ptr(t),
                 I32(x.rows as i32),
                 I32(x.cols as i32),
@@ -315,14 +325,14 @@ pub fn lora_add(
         )?;
         be.kernels.launch(
             &be.stream,
-            &format!("lora_expand_{sfx}"),
+            expand,
             (x.rows as u32, (out.cols as u32).div_ceil(256), 1),
             256,
             &[
                 Ptr(t),
-                Ptr(be.ptr(&row_seg)),
-                Ptr(be.ptr(&d_bt)),
-                Ptr(be.ptr(&d_rank)),
+                Ptr(row_seg),
+                Ptr(d_bt),
+                Ptr(d_rank),
                 Ptr(be.ptr(&out.data)),
                 I32(x.rows as i32),
                 I32(out.cols as i32),
@@ -340,7 +350,7 @@ pub fn argmax_logsumexp(be: &CudaBackend, logits: &CudaTensor) -> BackendResult<
     let lse = be.alloc_zeros::<f32>(rows)?;
     be.kernels.launch(
         &be.stream,
-        "argmax_logsumexp",
+        Kernel::ArgmaxLogsumexp,
         (rows as u32, 1, 1),
         256,
         &[

@@ -6,7 +6,7 @@
 
 use cudarc::driver::CudaSlice;
 
-use super::launch::KArg;
+use super::launch::{KArg, Kernel};
 use super::ops::vector;
 use super::plan::attention_grad_plan;
 use super::{CudaBackend, CudaTensor, CudaWeight};
@@ -42,7 +42,7 @@ pub fn rms_norm_backward(
     assert_eq!(w.cols, x.cols);
     be.kernels.launch(
         &be.stream,
-        "rms_norm_backward",
+        Kernel::RmsNormBackward,
         (x.rows as u32, 1, 1),
         BLOCK,
         &[
@@ -69,7 +69,7 @@ pub fn silu_mul_backward(
     assert!(len(up) == n && len(dout) == n && len(dgate) == n && len(dup) == n);
     be.kernels.launch(
         &be.stream,
-        "silu_mul_backward",
+        Kernel::SiluMulBackward,
         elementwise_grid(n),
         BLOCK,
         &[
@@ -104,7 +104,7 @@ pub fn cross_entropy(
     let correct = be.alloc_zeros::<u32>(rows)?;
     be.kernels.launch(
         &be.stream,
-        "cross_entropy",
+        Kernel::CrossEntropy,
         (rows as u32, 1, 1),
         BLOCK,
         &[
@@ -177,7 +177,7 @@ pub fn attention_backward(
     let stats = be.alloc_zeros::<f32>(rows * nh * 3)?;
     be.kernels.launch(
         &be.stream,
-        "attention_backward_dq",
+        Kernel::AttentionBackwardDq,
         (rows as u32, nh as u32, 1),
         128,
         &[
@@ -198,7 +198,7 @@ pub fn attention_backward(
     )?;
     be.kernels.launch(
         &be.stream,
-        "attention_backward_dkv",
+        Kernel::AttentionBackwardDkv,
         (rows as u32, kvh as u32, 1),
         128,
         &[
@@ -233,7 +233,7 @@ pub fn add_rows(be: &CudaBackend, src: &CudaTensor, rows: &[usize], dst: &mut Cu
     let d_idx = be.upload_vec(&idx)?;
     be.kernels.launch(
         &be.stream,
-        "add_rows",
+        Kernel::AddRows,
         (rows.len() as u32, 1, 1),
         BLOCK,
         &[
@@ -254,7 +254,7 @@ pub fn dropout(be: &CudaBackend, x: &CudaTensor, p: f32, seed: u64, out: &mut Cu
     let keep_scale = 1.0f32 / (1.0 - p);
     be.kernels.launch(
         &be.stream,
-        "dropout",
+        Kernel::Dropout,
         elementwise_grid(n),
         BLOCK,
         &[Ptr(be.ptr(&x.data)), Ptr(be.ptr(&out.data)), I64(n as i64), F32(p), F32(keep_scale), I64(seed as i64)],
@@ -266,7 +266,7 @@ pub fn copy(be: &CudaBackend, x: &CudaTensor) -> BackendResult<CudaTensor> {
     let out = CudaTensor { data: be.alloc_zeros(n)?, rows: x.rows, cols: x.cols };
     be.kernels.launch(
         &be.stream,
-        "copy_f32",
+        Kernel::CopyF32,
         elementwise_grid(n),
         BLOCK,
         &[Ptr(be.ptr(&x.data)), Ptr(be.ptr(&out.data)), I64(n as i64)],
@@ -278,7 +278,7 @@ pub fn fill(be: &CudaBackend, x: &mut CudaTensor, value: f32) -> BackendResult<(
     let n = len(x);
     be.kernels.launch(
         &be.stream,
-        "fill_f32",
+        Kernel::FillF32,
         elementwise_grid(n),
         BLOCK,
         &[Ptr(be.ptr(&x.data)), I64(n as i64), F32(value)],
@@ -289,7 +289,7 @@ pub fn scale(be: &CudaBackend, x: &mut CudaTensor, s: f32) -> BackendResult<()> 
     let n = len(x);
     be.kernels.launch(
         &be.stream,
-        "scale_f32",
+        Kernel::ScaleF32,
         elementwise_grid(n),
         BLOCK,
         &[Ptr(be.ptr(&x.data)), I64(n as i64), F32(s)],
@@ -307,7 +307,7 @@ pub fn sum_squares(be: &CudaBackend, x: &CudaTensor) -> BackendResult<f64> {
     let partial = be.alloc_zeros::<f32>(chunks)?;
     be.kernels.launch(
         &be.stream,
-        "sum_squares_partial",
+        Kernel::SumSquaresPartial,
         (chunks as u32, 1, 1),
         BLOCK,
         &[Ptr(be.ptr(&x.data)), I64(n as i64), Ptr(be.ptr(&partial))],
@@ -329,7 +329,7 @@ pub fn adamw(
     let s = hp.scalars();
     be.kernels.launch(
         &be.stream,
-        "adamw",
+        Kernel::AdamW,
         elementwise_grid(n),
         BLOCK,
         &[
