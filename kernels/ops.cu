@@ -108,6 +108,30 @@ extern "C" __global__ void gather_rows(const float* x, const u32* rows, float* o
     }
 }
 
+// GPTQ act-order weights store their inputs in another order: element j of a
+// row multiplies input perm[j]. Reference: CpuBackend::matmul_many and
+// matmul_input_grad (src/backend/cpu/mod.rs).
+// launch: grid (rows), block 256: block r writes out[r, j] = x[r, perm[j]].
+// Any grid works (blocks stride over rows); perm[j] < cols is the caller's.
+extern "C" __global__ void gather_cols(const float* x, const u32* perm, float* out, int rows, int cols) {
+    for (long long r = grid_block_index(); r < rows; r += grid_block_count()) {
+        const float* src = x + r * cols;
+        float* dst = out + r * cols;
+        for (int j = threadIdx.x; j < cols; j += blockDim.x) dst[j] = src[perm[j]];
+    }
+}
+
+// launch: grid (rows), block 256: block r adds src[r, j] to dst[r, perm[j]]
+// (the input gradient back in natural order). perm is a permutation, so no two
+// threads write the same element.
+extern "C" __global__ void scatter_add_cols(const float* src, const u32* perm, float* dst, int rows, int cols) {
+    for (long long r = grid_block_index(); r < rows; r += grid_block_count()) {
+        const float* s = src + r * cols;
+        float* d = dst + r * cols;
+        for (int j = threadIdx.x; j < cols; j += blockDim.x) d[perm[j]] += s[j];
+    }
+}
+
 // launch: grid (ceil(n/256)), block 256. Any grid works (grid-stride loop).
 extern "C" __global__ void f32_to_bf16_kernel(const float* x, u16* out, long long n) {
     const long long stride = grid_block_count() * blockDim.x;

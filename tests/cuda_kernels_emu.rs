@@ -312,6 +312,29 @@ fn ops_rope_silu_gather() {
     let mut a = [buf!(&x), buf!(&ids), nan_buf(pick.len() * cols), Arg::I(pick.len() as i32), Arg::I(cols as i32)];
     launch(emu, "gather_rows", [pick.len() as u32, 1, 1], B256, &mut a);
     exact("gather_rows", &f32s(&a[2]), &want.data);
+
+    // Act-order columns: gather into stored order, scatter-add back.
+    let cols = 300;
+    let x = rand_vec(&mut rng, rows * cols, -1.0, 1.0);
+    let mut perm: Vec<u32> = (0..cols as u32).collect();
+    for i in (1..cols).rev() {
+        perm.swap(i, rng.gen_range(0..=i));
+    }
+    let want: Vec<f32> =
+        (0..rows).flat_map(|r| perm.iter().map(|&p| x[r * cols + p as usize]).collect::<Vec<_>>()).collect();
+    let mut a = [buf!(&x), buf!(&perm), nan_buf(rows * cols), Arg::I(rows as i32), Arg::I(cols as i32)];
+    launch(emu, "gather_cols", [2, 1, 1], B256, &mut a);
+    exact("gather_cols", &f32s(&a[2]), &want);
+    let dst0 = rand_vec(&mut rng, rows * cols, -1.0, 1.0);
+    let mut want = dst0.clone();
+    for r in 0..rows {
+        for (j, &p) in perm.iter().enumerate() {
+            want[r * cols + p as usize] += x[r * cols + j];
+        }
+    }
+    let mut a = [buf!(&x), buf!(&perm), buf!(&dst0), Arg::I(rows as i32), Arg::I(cols as i32)];
+    launch(emu, "scatter_add_cols", [rows as u32, 1, 1], B256, &mut a);
+    exact("scatter_add_cols", &f32s(&a[2]), &want);
 }
 
 #[test]

@@ -226,6 +226,8 @@ std::map<std::string, Runner> kernels() {
     K(emu_ops, rope, float*, const u32*, const float*, int, int, int, int, float),
     K(emu_ops, silu_mul, const float*, const float*, float*, long long),
     K(emu_ops, gather_rows, const float*, const u32*, float*, int, int),
+    K(emu_ops, gather_cols, const float*, const u32*, float*, int, int),
+    K(emu_ops, scatter_add_cols, const float*, const u32*, float*, int, int),
     K(emu_ops, f32_to_bf16_kernel, const float*, u16*, long long),
     K(emu_ops, f32_to_f16_kernel, const float*, u16*, long long),
     K(emu_ops, argmax_logsumexp, const float*, int, int, u32*, float*, float*),

@@ -227,7 +227,56 @@ fn matmuls<B: Backend>(dev: &B, cpu: &CpuBackend, rng: &mut Rng, r: &mut Report)
             r.push(format!("matmul {kind:?} {m}x{cols}·{rows}{b}"), &got, &want, tol);
         }
     }
+    // GPTQ act-order: a weight stored in another input order, next to one in
+    // natural order in the same call, on every path (GEMV, mmq, cuBLAS).
+    let (rows, cols) = (37, 96);
+    let (dp, cp) = act_order_weight(dev, cpu, rng, rows, cols)?;
+    let bytes = random_weight_bytes(WeightKind::Q8_0, 20, cols, 0.05, rng);
+    let dn = dev.load_weight(host_weight(WeightKind::Q8_0, 20, cols, bytes.clone()))?;
+    let cn = cpu.load_weight(host_weight(WeightKind::Q8_0, 20, cols, bytes))?;
+    for m in [1usize, 9, 65] {
+        let x = randn(rng, m * cols, 1.0);
+        let (dx, cx) = (dev.upload(&x, m, cols)?, cpu.upload(&x, m, cols)?);
+        let got = {
+            let (mut a, mut b) =
+                (dev.upload(&vec![f32::NAN; m * rows], m, rows)?, dev.upload(&vec![f32::NAN; m * 20], m, 20)?);
+            dev.matmul_many(
+                &dx,
+                &mut [MatmulJob { w: &dp, bias: None, out: &mut a }, MatmulJob { w: &dn, bias: None, out: &mut b }],
+            )?;
+            [dev.download(&a)?, dev.download(&b)?].concat()
+        };
+        let want = {
+            let (mut a, mut b) = (cpu.zeros(m, rows)?, cpu.zeros(m, 20)?);
+            cpu.matmul_many(
+                &cx,
+                &mut [MatmulJob { w: &cp, bias: None, out: &mut a }, MatmulJob { w: &cn, bias: None, out: &mut b }],
+            )?;
+            [cpu.download(&a)?, cpu.download(&b)?].concat()
+        };
+        let tol = if m > 8 { TOL_BF16 } else { TOL_F32_REDUCE };
+        r.push(format!("matmul act-order Q4_0 + Q8_0 {m}x{cols}"), &got, &want, tol);
+    }
     Ok(())
+}
+
+/// A Q4_0 weight with a GPTQ act-order input permutation, on both backends.
+pub(super) fn act_order_weight<B: Backend>(
+    dev: &B,
+    cpu: &CpuBackend,
+    rng: &mut Rng,
+    rows: usize,
+    cols: usize,
+) -> BackendResult<(B::Weight, crate::backend::cpu::CpuWeight)> {
+    let bytes = random_weight_bytes(WeightKind::Q4_0, rows, cols, 0.05, rng);
+    let mut perm: Vec<u32> = (0..cols as u32).collect();
+    for i in (1..cols).rev() {
+        perm.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+    }
+    let perm: Arc<[u32]> = perm.into();
+    let mut h = host_weight(WeightKind::Q4_0, rows, cols, bytes);
+    h.input_perm = Some(perm);
+    Ok((dev.load_weight(h.clone())?, cpu.load_weight(h)?))
 }
 
 fn lora_matrix(rng: &mut Rng, rank: usize, inf: usize, outf: usize, dtype: LoraDtype) -> Arc<LoraMatrix> {
@@ -357,11 +406,11 @@ mod tests {
         let scalar = CpuBackend::with_isa(2, Isa::Scalar).unwrap();
         let report = run(&scalar, &simd, 1);
         eprintln!("{report}");
-        // 116 inference checks and 78 training ones (a device runs 6 more
+        // 119 inference checks and 79 training ones (a device runs 6 more
         // with a bf16 KV cache, and 6 with a both-transposed gemm, which the
         // CPU lacks): a section that stops at a failing op would report one
         // check instead of its own.
-        assert_eq!(report.checks.len(), 194, "{report}");
+        assert_eq!(report.checks.len(), 198, "{report}");
         assert_eq!(report.failures(), 0, "{report}");
     }
 

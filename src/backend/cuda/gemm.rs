@@ -57,6 +57,23 @@ pub fn matmul_many(be: &CudaBackend, x: &CudaTensor, jobs: &mut [MatmulJob<'_, C
         assert_eq!(j.w.cols, x.cols, "weight '{}' input features", j.w.name);
         assert_eq!((j.out.rows, j.out.cols), (x.rows, j.w.rows), "weight '{}' output shape", j.w.name);
     }
+    if jobs.iter().all(|j| j.w.input_perm.is_none()) {
+        return matmul_stored_order(be, x, jobs);
+    }
+    // Act-order weights each take their own gathered copy of the input; the
+    // rest share one call (as on the CPU).
+    let (permuted, natural): (Vec<_>, Vec<_>) = jobs.iter_mut().partition(|j| j.w.input_perm.is_some());
+    for j in permuted {
+        let xp = ops::gather_cols(be, x, j.w.input_perm.as_ref().expect("partitioned on it"))?;
+        matmul_stored_order(be, &xp, &mut [MatmulJob { w: j.w, bias: j.bias, out: &mut *j.out }])?;
+    }
+    let mut rest: Vec<MatmulJob<'_, CudaBackend>> =
+        natural.into_iter().map(|j| MatmulJob { w: j.w, bias: j.bias, out: &mut *j.out }).collect();
+    matmul_stored_order(be, x, &mut rest)
+}
+
+/// `matmul_many` with `x` already in each weight's stored input order.
+fn matmul_stored_order(be: &CudaBackend, x: &CudaTensor, jobs: &mut [MatmulJob<'_, CudaBackend>]) -> BackendResult<()> {
     let path = |w: &CudaWeight| gemm_path(x.rows, w.kind, be.tensor_cores, be.options.f32_gemm);
     for j in jobs.iter_mut() {
         match path(j.w) {
@@ -194,6 +211,26 @@ pub fn matmul_input_grad(
     if dx.rows == 0 || dx.cols == 0 {
         return Ok(());
     }
+    let (permuted, natural): (Vec<_>, Vec<_>) = jobs.iter().partition(|(_, w)| w.input_perm.is_some());
+    input_grad_stored_order(be, &natural, dx, accumulate)?;
+    // An act-order weight gives its gradient in stored input order; it is
+    // added back in natural order.
+    for job in permuted {
+        let mut part = CudaTensor { data: be.alloc_zeros(dx.rows * dx.cols)?, rows: dx.rows, cols: dx.cols };
+        input_grad_stored_order(be, &[job], &mut part, false)?;
+        ops::scatter_add_cols(be, &part, job.1.input_perm.as_ref().expect("partitioned on it"), dx)?;
+    }
+    Ok(())
+}
+
+/// `matmul_input_grad` for weights in natural input order (an empty list
+/// zeroes `dx` unless accumulating).
+fn input_grad_stored_order(
+    be: &CudaBackend,
+    jobs: &[(&CudaTensor, &CudaWeight)],
+    dx: &mut CudaTensor,
+    accumulate: bool,
+) -> BackendResult<()> {
     let mut scratch = be.scratch.lock().map_err(|_| super::poisoned())?;
     let out = be.ptr(&dx.data);
     let mut beta = if accumulate { 1.0 } else { 0.0 };

@@ -52,6 +52,8 @@ pub enum Kernel {
     Rope,
     SiluMul,
     GatherRows,
+    GatherCols,
+    ScatterAddCols,
     F32ToBf16,
     F32ToF16,
     ArgmaxLogsumexp,
@@ -89,7 +91,7 @@ pub enum Kernel {
 use Kernel as K;
 
 /// The kernels that take no weight kind: (kernel, entry point, module).
-const FIXED: [(Kernel, &str, KernelModule); 31] = [
+const FIXED: [(Kernel, &str, KernelModule); 33] = [
     (K::RmsNorm, "rms_norm", KernelModule::Ops),
     (K::AddRmsNorm, "add_rms_norm", KernelModule::Ops),
     (K::AddAssign, "add_assign", KernelModule::Ops),
@@ -97,6 +99,8 @@ const FIXED: [(Kernel, &str, KernelModule); 31] = [
     (K::Rope, "rope", KernelModule::Ops),
     (K::SiluMul, "silu_mul", KernelModule::Ops),
     (K::GatherRows, "gather_rows", KernelModule::Ops),
+    (K::GatherCols, "gather_cols", KernelModule::Ops),
+    (K::ScatterAddCols, "scatter_add_cols", KernelModule::Ops),
     (K::F32ToBf16, "f32_to_bf16_kernel", KernelModule::Ops),
     (K::F32ToF16, "f32_to_f16_kernel", KernelModule::Ops),
     (K::ArgmaxLogsumexp, "argmax_logsumexp", KernelModule::Ops),

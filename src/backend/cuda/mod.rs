@@ -43,6 +43,9 @@ pub struct CudaWeight {
     pub row_bytes: usize,
     data: CudaSlice<u8>,
     vector: Option<CudaSlice<f32>>,
+    /// GPTQ act-order: element j of a row multiplies input `input_perm[j]`
+    /// (inputs are gathered into that order before the product).
+    input_perm: Option<CudaSlice<u32>>,
 }
 
 /// f32 activations `[rows, cols]`, row-major, in device memory.
@@ -286,14 +289,7 @@ impl Backend for CudaBackend {
 
     fn load_weight(&self, w: HostWeight) -> BackendResult<CudaWeight> {
         w.validate()?;
-        if w.input_perm.is_some() {
-            return Err(BackendError::BadWeight {
-                name: w.name,
-                reason: "GPTQ act-order (desc_act) weights are not supported by the CUDA backend yet; \
-                         use the CPU backend or a checkpoint quantised without desc_act"
-                    .into(),
-            });
-        }
+        let input_perm = w.input_perm.as_deref().map(|p| self.upload_vec(p)).transpose()?;
         let row_bytes = w.kind.row_bytes(w.cols).unwrap_or(0);
         let vector = if w.rows == 1 {
             let mut v = vec![0f32; w.cols];
@@ -307,7 +303,7 @@ impl Backend for CudaBackend {
             .stream
             .clone_htod(w.bytes.as_slice())
             .map_err(|e| errors::driver_error(e, &format!("uploading weight '{}'", w.name)))?;
-        Ok(CudaWeight { name: w.name, kind: w.kind, rows: w.rows, cols: w.cols, row_bytes, data, vector })
+        Ok(CudaWeight { name: w.name, kind: w.kind, rows: w.rows, cols: w.cols, row_bytes, data, vector, input_perm })
     }
 
     fn weight_shape(&self, w: &CudaWeight) -> (usize, usize) {

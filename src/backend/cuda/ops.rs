@@ -169,6 +169,48 @@ pub fn gather_rows(be: &CudaBackend, x: &CudaTensor, rows: &[usize]) -> BackendR
     Ok(out)
 }
 
+/// `x`'s columns in `w`'s stored input order (GPTQ act-order): `out[r, j] =
+/// x[r, perm[j]]`.
+pub fn gather_cols(
+    be: &CudaBackend,
+    x: &CudaTensor,
+    perm: &cudarc::driver::CudaSlice<u32>,
+) -> BackendResult<CudaTensor> {
+    let out = CudaTensor { data: be.alloc_zeros(x.rows * x.cols)?, rows: x.rows, cols: x.cols };
+    be.kernels.launch(
+        &be.stream,
+        Kernel::GatherCols,
+        (x.rows as u32, 1, 1),
+        256,
+        &[Ptr(be.ptr(&x.data)), Ptr(be.ptr(perm)), Ptr(be.ptr(&out.data)), I32(x.rows as i32), I32(x.cols as i32)],
+    )?;
+    Ok(out)
+}
+
+/// `dst[r, perm[j]] += src[r, j]`: a gradient in stored input order added
+/// back in natural order.
+pub fn scatter_add_cols(
+    be: &CudaBackend,
+    src: &CudaTensor,
+    perm: &cudarc::driver::CudaSlice<u32>,
+    dst: &mut CudaTensor,
+) -> BackendResult<()> {
+    assert_eq!((src.rows, src.cols), (dst.rows, dst.cols));
+    be.kernels.launch(
+        &be.stream,
+        Kernel::ScatterAddCols,
+        (src.rows as u32, 1, 1),
+        256,
+        &[
+            Ptr(be.ptr(&src.data)),
+            Ptr(be.ptr(perm)),
+            Ptr(be.ptr(&dst.data)),
+            I32(src.rows as i32),
+            I32(src.cols as i32),
+        ],
+    )
+}
+
 /// `x` converted to bf16 (or f16) into `dst` (the GEMM input for 16-bit weights).
 pub fn to_half(be: &CudaBackend, x: &CudaTensor, dst: &cudarc::driver::CudaSlice<u16>, f16: bool) -> BackendResult<()> {
     let n = x.rows * x.cols;

@@ -60,6 +60,14 @@ pub(super) fn input_grads<B: Backend>(dev: &B, cpu: &CpuBackend, rng: &mut Rng, 
     let got = poisoned(dev, m, cols, |o| dev.matmul_input_grad(&[(&dy1, &dq), (&dy2, &df)], o, false))?;
     let want = poisoned(cpu, m, cols, |o| cpu.matmul_input_grad(&[(&cy1, &cq), (&cy2, &cf)], o, false))?;
     r.push(format!("matmul_input_grad Q4K+F32 {m}x(24+33)·{cols}"), &got, &want, TOL_BF16);
+    // GPTQ act-order: the gradient comes back in natural input order, added
+    // to a natural-order weight's.
+    let (dp, cp) = super::act_order_weight(dev, cpu, rng, 24, 96)?;
+    let (dn, cn) = weights(rng, WeightKind::Q8_0, 33, 96)?;
+    let (dy1, cy1) = (dev.upload(&y1, m, 24)?, cpu.upload(&y1, m, 24)?);
+    let got = poisoned(dev, m, 96, |o| dev.matmul_input_grad(&[(&dy1, &dp), (&dy2, &dn)], o, false))?;
+    let want = poisoned(cpu, m, 96, |o| cpu.matmul_input_grad(&[(&cy1, &cp), (&cy2, &cn)], o, false))?;
+    r.push(format!("matmul_input_grad act-order Q4_0+Q8_0 {m}x(24+33)·96"), &got, &want, TOL_BF16);
     // No jobs: the empty sum.
     let got = poisoned(dev, 3, 16, |o| dev.matmul_input_grad(&[], o, false))?;
     r.push("matmul_input_grad no jobs".into(), &got, &[0.0; 48], 0.0);
