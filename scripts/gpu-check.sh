@@ -16,9 +16,10 @@
 #   scripts/gpu-check.sh bench [OUT]     stage 2, under 6 minutes: tandem bench on
 #                                        random Llama-3-8B shapes in bf16 and each
 #                                        4-bit GGUF kind (decode at batch 1, 16, 64;
-#                                        prefill), transformers bf16 on the same GPU,
-#                                        the copy bandwidth and batch-1 decode's
-#                                        fraction of it
+#                                        prefill), q4_k with the bf16 KV cache,
+#                                        transformers bf16 on the same GPU, the copy
+#                                        bandwidth and batch-1 decode's fraction of
+#                                        it (timeouts: 3 x 70 + 50 + 90 s)
 #   scripts/gpu-check.sh all [OUT]       both, in one command (under 9 minutes)
 #
 # OUT defaults to $OUT (the device tool's folder). At most 4 files land there:
@@ -96,12 +97,19 @@ if [[ $STAGE == bench || $STAGE == all ]]; then
     : > "$OUT/bench.txt"
     for kind in $KINDS; do
         say "tandem bench random:$SHAPE:$kind"
-        { echo "## $kind"; timeout 80 "$BIN" bench --device "$DEV" --model "random:$SHAPE:$kind" --batch 1,16,64 \
+        { echo "## $kind"; timeout 70 "$BIN" bench --device "$DEV" --model "random:$SHAPE:$kind" --batch 1,16,64 \
             --prompt-len 512 --decode-steps "$STEPS" --reps 3 2>&1 || echo "(exit $?)"; } > "$OUT/bench-part.txt"
         cat "$OUT/bench-part.txt" >> "$OUT/bench.txt"
         cat "$OUT/bench-part.txt" >> "$SUMMARY"
     done
     rm -f "$OUT/bench-part.txt"
+    # The bf16 KV cache (CUDA only: the CPU refuses it) on the 4-bit kind at batch 64.
+    if [[ $DEV != cpu ]]; then
+        say "tandem bench random:$SHAPE:q4_k, cache.kv_cache_dtype = bf16"
+        { echo "## q4_k bf16-kv"; TANDEM_CACHE_KV_CACHE_DTYPE=bf16 timeout 50 "$BIN" bench --device "$DEV" \
+            --model "random:$SHAPE:q4_k" --batch 64 --prompt-len 512 --decode-steps "$STEPS" --reps 3 2>&1 \
+            || echo "(exit $?)"; } | tee -a "$OUT/bench.txt" >> "$SUMMARY"
+    fi
     say "transformers random:$SHAPE bf16"
     tdev=cuda; [[ $DEV == cpu ]] && tdev=cpu
     if "$PY" -c "import torch, transformers" 2>/dev/null; then
