@@ -2,7 +2,8 @@
 // this text to each kernels/<module>.cu and compiles the result with NVRTC,
 // which has no CUDA headers here; the CPU emulator (kernels/emu/) compiles the
 // same text with g++ after its shim. Hence: no #include, and only the device
-// features docs/architecture.md lists (no intrinsics, no atomics, one shuffle,
+// features docs/architecture.md lists (no intrinsics, no atomics, the full-mask
+// xor shuffle (and __shfl_sync in the mma fallback below, for pre-Ampere only),
 // and one tensor-core instruction: mma_bf16_16816 below, for quant.cu's mmq_*
 // kernels, which run batches of 9..64 rows against packed quantised weights;
 // the emulator has a warp-collective model of it).

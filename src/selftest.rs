@@ -15,6 +15,11 @@ use tandem::engine::{EngineConfig, EngineCore, EngineRequest, SamplingParams, St
 use tandem::model::load_model;
 
 pub fn run(cfg: &Config, device: Device, model: Option<String>, e2e_tokens: usize, seed: u64) -> Result<()> {
+    // The end-to-end runs compare tokens with the CPU's f32 cache (the bf16
+    // cache is checked op by op), so whatever the configuration says:
+    let mut cfg = cfg.clone();
+    cfg.cache.kv_cache_dtype = tandem::backend::KvDtype::F32;
+    let cfg = &cfg;
     let reference = CpuBackend::new(cfg.cpu.threads)?;
     let mut failures = 0;
     let spec = model.or_else(|| std::path::Path::new(&cfg.model.path).exists().then(|| cfg.model.path.clone()));

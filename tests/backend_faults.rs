@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tandem::backend::cpu::CpuBackend;
 use tandem::backend::fault_inject::{FaultInjecting, FaultTrigger, InjectedFault};
-use tandem::backend::BackendError;
+use tandem::backend::{Backend, BackendError};
 use tandem::engine::{spawn_engine, EngineCore, EngineEvent, EngineHandle, StepEvent, SubmitError};
 use tandem::lora::LoraTarget;
 use tandem::model::load_model;
@@ -247,6 +247,7 @@ async fn a_lost_device_fails_every_request_and_stops_the_engine() {
     assert_eq!(failed.iter().map(|f| f.0).collect::<Vec<_>>(), vec![1, 2], "{events:?}");
     assert!(failed.iter().all(|f| f.1.contains("the device is lost")), "{failed:?}");
     assert!(e.device_lost().is_some());
+    assert!(e.device().0.device_lost(), "the backend reports it too (for callers that wrap its errors)");
     assert_eq!(e.scheduler().kv().pool().num_used(), 0);
     e.add_request(3, common::greedy(&[1, 2], 2));
     let (_, later) = e.step();

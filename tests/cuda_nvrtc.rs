@@ -1,4 +1,5 @@
-//! Every CUDA kernel compiles with NVRTC for sm_80 (A100) and sm_90 (H100/H200),
+//! Every CUDA kernel compiles with NVRTC for sm_75 (T4: the pre-Ampere
+//! fallback of the tensor-core helper), sm_80 (A100) and sm_90 (H100/H200),
 //! without a warning (CI sets `CI`, so a warning fails), on a machine with no GPU.
 //!
 //! NVRTC comes from the PyPI wheel nvidia-cuda-nvrtc, which `.ci/run` installs
@@ -22,12 +23,12 @@ fn nvrtc_or_skip() -> bool {
 }
 
 #[test]
-fn nvrtc_compiles_every_kernel_for_sm80_and_sm90() {
+fn nvrtc_compiles_every_kernel_for_sm75_sm80_and_sm90() {
     if !nvrtc_or_skip() {
         return;
     }
     eprintln!("NVRTC {:?} from {:?}", version().unwrap(), libs::nvrtc());
-    for arch in ["sm_80", "sm_90"] {
+    for arch in ["sm_75", "sm_80", "sm_90"] {
         for m in KernelModule::ALL {
             let cubin =
                 compile_source(m.file_name(), &m.source(), arch, Warnings::Fail).unwrap_or_else(|e| panic!("{e}"));

@@ -100,6 +100,9 @@ impl<B: Backend> Backend for FaultInjecting<B> {
     fn exact_matmuls<R>(&self, f: impl FnOnce() -> R) -> R {
         self.inner.exact_matmuls(f)
     }
+    fn device_lost(&self) -> bool {
+        self.trigger.lost.load(Ordering::SeqCst) || self.inner.device_lost()
+    }
     fn load_weight(&self, w: HostWeight) -> BackendResult<B::Weight> {
         self.inner.load_weight(w)
     }

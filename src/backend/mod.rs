@@ -320,6 +320,13 @@ pub trait Backend: Send + Sync + 'static {
     {
         f()
     }
+    /// Whether the device has been lost (see [`BackendError::DeviceLost`]),
+    /// whichever op saw it: callers that turn errors into other errors (a
+    /// failed checkpoint, a broken optimiser step) ask this before deciding
+    /// that only their own work failed.
+    fn device_lost(&self) -> bool {
+        false
+    }
     fn load_weight(&self, w: HostWeight) -> BackendResult<Self::Weight>;
     /// (rows, cols) of a weight.
     fn weight_shape(&self, w: &Self::Weight) -> (usize, usize);

@@ -2,7 +2,7 @@
 //! synchronous and knows no channels, so tests and `tandem generate` drive it
 //! directly; the engine thread (`engine_loop`) wraps it for serving.
 
-use crate::backend::{Backend, BackendError};
+use crate::backend::Backend;
 use crate::kv::KvCacheManager;
 
 use super::handle::{
@@ -93,7 +93,7 @@ impl<B: Backend> EngineCore<B> {
     pub fn has_work(&self) -> bool {
         self.scheduler.has_work()
     }
-    /// Why the device is lost, once a step found it so (see [`BackendError::DeviceLost`]).
+    /// Why the device is lost, once a step found it so (see [`crate::backend::BackendError::DeviceLost`]).
     pub fn device_lost(&self) -> Option<&str> {
         self.device_lost.as_deref()
     }
@@ -141,8 +141,8 @@ impl<B: Backend> EngineCore<B> {
             // fail here; a device backend can run out of memory.
             match loaded {
                 Ok(()) => {}
-                Err((true, why)) => return (out, self.lose_device(why)),
-                Err((false, why)) => {
+                Err((lost, why)) if lost || self.runner.backend.device_lost() => return (out, self.lose_device(why)),
+                Err((_, why)) => {
                     bad_slots.push(slot);
                     failed.push(why);
                 }
@@ -187,7 +187,7 @@ impl<B: Backend> EngineCore<B> {
         drop(chunks);
         let logits = match result {
             Ok(logits) => logits,
-            Err(e @ BackendError::DeviceLost(_)) => {
+            Err(e) if e.is_device_lost() || self.runner.backend.device_lost() => {
                 let lost = self.lose_device(format!("the model step failed: {e}"));
                 failed_events.extend(lost);
                 return (out, failed_events);

@@ -163,8 +163,11 @@ impl<B: Backend> EngineLoop<B> {
     /// and the thread returns (the alive flag drops, `/health` answers 503).
     /// Requests the core knew of have already failed with the same reason.
     fn stop_if_device_lost(&mut self, clients: &mut HashMap<RequestId, Client>) -> bool {
-        let Some(why) = self.core.device_lost().or(self.training.device_lost()).map(str::to_string) else {
-            return false;
+        let why = match (self.core.device_lost(), self.training.device_lost()) {
+            (Some(why), _) | (None, Some(why)) => why.to_string(),
+            // Some other call (an adapter upload, a checkpoint) saw it first.
+            (None, None) if self.core.device().0.device_lost() => "the device is lost".to_string(),
+            (None, None) => return false,
         };
         tracing::error!("{why}; the engine stops, restart the server to serve again");
         for (id, c) in clients.drain() {

@@ -289,6 +289,10 @@ impl<B: Backend> CoServing<B> {
                         send(e);
                     }
                     Err(e) => {
+                        if let Some(why) = device_lost_reason(be, e.is_device_lost(), &e) {
+                            self.device_lost = Some(why);
+                            return;
+                        }
                         let job = j.setup.job.clone();
                         self.jobs.pop_front();
                         send(TrainEvent::Failed { job, error: e.to_string() });
@@ -324,21 +328,25 @@ impl<B: Backend> CoServing<B> {
                             Ok(()) => {
                                 send(TrainEvent::Checkpoint { job, step: report.step, dir, report: Some(report) })
                             }
-                            Err(e) => self.fail_head(format!("writing the step-{} checkpoint: {e}", report.step)),
+                            Err(e) => {
+                                if let Some(why) = device_lost_reason(be, e.is_device_lost(), &e) {
+                                    self.device_lost = Some(why);
+                                    return;
+                                }
+                                self.fail_head(format!("writing the step-{} checkpoint: {e}", report.step))
+                            }
                         }
                     }
                 }
                 Ok(Progress::Done) => self.finish_head(be),
                 Err(e) => {
-                    if let crate::train::trainer::TrainError::Backend(b @ crate::backend::BackendError::DeviceLost(_)) =
-                        &e
-                    {
-                        self.device_lost = Some(format!("a training step failed: {b}"));
-                    }
-                    self.fail_head(e.to_string());
-                    if self.device_lost.is_some() {
+                    // A broken optimiser step hides the device's error in
+                    // its message: the backend's own flag tells.
+                    if let Some(why) = device_lost_reason(be, e.is_device_lost(), &e) {
+                        self.device_lost = Some(why);
                         return;
                     }
+                    self.fail_head(e.to_string());
                 }
             }
         }
@@ -394,6 +402,15 @@ fn checkpoint_now<B: Backend>(be: &B, j: &ActiveJob<B>) -> Result<Option<(usize,
 
 /// The trainer for `s`: fresh, or resumed from its checkpoint (with the
 /// evaluation before the first step queued when there is validation data).
+/// Why training must stop, if the device is lost (`lost_error`: the error
+/// says so; otherwise the backend is asked, since a broken optimiser step or
+/// a failed checkpoint hides the device's error in its own). The job is then
+/// not failed: as at shutdown, it resumes from its last checkpoint when the
+/// server restarts.
+fn device_lost_reason<B: Backend>(be: &B, lost_error: bool, e: &dyn std::fmt::Display) -> Option<String> {
+    (lost_error || be.device_lost()).then(|| format!("the device is lost (a training step failed: {e})"))
+}
+
 fn start<B: Backend>(be: &B, model: &LlamaModel<B>, s: &JobSetup) -> Result<Trainer<B>, TrainError> {
     let (cfg, train, valid) = (s.config.clone(), s.train.clone(), s.valid.clone());
     let mut t = match &s.resume_from {

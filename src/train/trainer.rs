@@ -116,6 +116,13 @@ pub enum TrainError {
     Broken(String),
 }
 
+impl TrainError {
+    /// Whether the device is lost (nothing more can run on it).
+    pub fn is_device_lost(&self) -> bool {
+        matches!(self, TrainError::Backend(b) if b.is_device_lost())
+    }
+}
+
 /// Where the run is, saved in checkpoints.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct TrainState {

@@ -7,6 +7,8 @@
 //! Everything else (a refused launch, out of memory, a bad argument) fails the
 //! op that made it, and the engine goes on with the next step.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use cudarc::driver::sys::CUresult;
 use cudarc::driver::DriverError;
 
@@ -31,13 +33,28 @@ pub fn context_is_lost(code: CUresult) -> bool {
             | CUDA_ERROR_CONTEXT_IS_DESTROYED
             | CUDA_ERROR_DEINITIALIZED
             | CUDA_ERROR_EXTERNAL_DEVICE
+            | CUDA_ERROR_INVALID_ADDRESS_SPACE
+            // What a GPU that fell off the bus (an Xid) typically reports.
+            | CUDA_ERROR_UNKNOWN
     )
+}
+
+/// Set once any driver call has reported a lost context. Every backend of
+/// this process shares its device's primary context (cudarc retains it), so
+/// the loss is the process's, whichever call saw it first: a training step,
+/// a checkpoint's download or a serving step.
+static CONTEXT_LOST: AtomicBool = AtomicBool::new(false);
+
+/// Whether a driver call of this process has reported a lost context.
+pub fn context_lost_seen() -> bool {
+    CONTEXT_LOST.load(Ordering::SeqCst)
 }
 
 /// A failed driver call during `what`, typed by what it means for the engine.
 pub fn driver_error(e: DriverError, what: &str) -> BackendError {
     let code = e.0;
     if context_is_lost(code) {
+        CONTEXT_LOST.store(true, Ordering::SeqCst);
         BackendError::DeviceLost(format!("CUDA {what}: {code:?}"))
     } else if code == CUresult::CUDA_ERROR_OUT_OF_MEMORY {
         BackendError::OutOfMemory(format!("CUDA {what}: {code:?}"))

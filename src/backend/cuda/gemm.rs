@@ -77,8 +77,8 @@ fn matmul_stored_order(be: &CudaBackend, x: &CudaTensor, jobs: &mut [MatmulJob<'
     let path = |w: &CudaWeight| gemm_path(x.rows, w.kind, be.tensor_cores, be.options.f32_gemm);
     for j in jobs.iter_mut() {
         match path(j.w) {
-            GemmPath::Gemv => gemv(be, x, j.w, j.bias, j.out, Kernel::Gemv(j.w.kind))?,
-            GemmPath::Mmq => mmq(be, x, j.w, j.bias, j.out)?,
+            GemmPath::Gemv => launch_packed(be, x, j.w, j.bias, j.out, Kernel::Gemv(j.w.kind))?,
+            GemmPath::Mmq => launch_packed(be, x, j.w, j.bias, j.out, Kernel::Mmq(j.w.kind))?,
             GemmPath::Blas => {}
         }
     }
@@ -125,10 +125,10 @@ fn matmul_stored_order(be: &CudaBackend, x: &CudaTensor, jobs: &mut [MatmulJob<'
     Ok(())
 }
 
-/// `out = x · Wᵀ (+ bias)` by a kernel with the GEMV argument list:
-/// `gemv_<kind>` (grid: 4 weight rows per block) or `mmq_<kind>` (grid: 64
-/// weight rows x 64 batch rows per block).
-fn gemv(
+/// `out = x · Wᵀ (+ bias)` by a kernel that reads the weight as stored
+/// (both take the same arguments): `gemv_<kind>` (grid: 4 weight rows per
+/// block) or `mmq_<kind>` (grid: 64 weight rows x 64 batch rows per block).
+fn launch_packed(
     be: &CudaBackend,
     x: &CudaTensor,
     w: &CudaWeight,
@@ -158,16 +158,6 @@ fn gemv(
         ],
     )?;
     Ok(())
-}
-
-fn mmq(
-    be: &CudaBackend,
-    x: &CudaTensor,
-    w: &CudaWeight,
-    bias: Option<&CudaWeight>,
-    out: &mut CudaTensor,
-) -> BackendResult<()> {
-    gemv(be, x, w, bias, out, Kernel::Mmq(w.kind))
 }
 
 /// The whole of `w` expanded to f32 in the scratch (by the embedding kernel,
@@ -333,7 +323,12 @@ fn blas(
             cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
         )
     };
-    r.map_err(|e| BackendError::Device(format!("cublasGemmEx: {e:?}")))?;
+    r.map_err(|e| match e.0 {
+        cudarc::cublas::sys::cublasStatus_t::CUBLAS_STATUS_ALLOC_FAILED => {
+            BackendError::OutOfMemory(format!("cublasGemmEx: {e:?}"))
+        }
+        _ => BackendError::Device(format!("cublasGemmEx: {e:?}")),
+    })?;
     Ok(())
 }
 

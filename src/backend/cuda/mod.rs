@@ -158,7 +158,10 @@ impl CudaBackend {
         let device_name = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let stream = ctx.new_stream().map_err(|e| err("creating a stream", &e))?;
         if ctx.has_async_alloc() {
-            keep_freed_memory_pooled(&ctx).map_err(|e| err("setting the memory pool's release threshold", &e))?;
+            // Only a cost if it fails: freed memory goes back to the driver.
+            if let Err(e) = keep_freed_memory_pooled(&ctx) {
+                tracing::warn!("cuda:{ordinal}: the memory pool's release threshold stays 0: {e:?}");
+            }
         }
         match nvrtc::version() {
             Ok((maj, min)) => tracing::info!(
@@ -189,9 +192,12 @@ impl CudaBackend {
         &self.arch
     }
 
-    /// (free, total) device memory in bytes.
+    /// (free, total) device memory in bytes. Free counts what this process's
+    /// memory pool holds unused: the pool keeps freed blocks (see
+    /// [`keep_freed_memory_pooled`]) and the driver counts them as used.
     pub fn memory_info(&self) -> Result<(usize, usize), BackendError> {
-        self.ctx.mem_get_info().map_err(|e| BackendError::Invalid(format!("cuMemGetInfo: {e:?}")))
+        let (free, total) = self.ctx.mem_get_info().map_err(|e| errors::driver_error(e, "cuMemGetInfo"))?;
+        Ok((free + pool_idle_bytes(&self.ctx).unwrap_or(0), total))
     }
 
     /// How many KV blocks of `spec`'s shape fit once `utilization` of the
@@ -263,6 +269,22 @@ fn keep_freed_memory_pooled(ctx: &CudaContext) -> Result<(), cudarc::driver::Dri
     }
 }
 
+/// Bytes the device's default pool has reserved but not handed out.
+fn pool_idle_bytes(ctx: &CudaContext) -> Result<usize, cudarc::driver::DriverError> {
+    use cudarc::driver::sys;
+    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    let (mut reserved, mut used) = (0u64, 0u64);
+    // SAFETY: as in `keep_freed_memory_pooled`; both attributes are u64.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
+        let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT;
+        sys::cuMemPoolGetAttribute(pool, attr, (&mut reserved as *mut u64).cast()).result()?;
+        let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT;
+        sys::cuMemPoolGetAttribute(pool, attr, (&mut used as *mut u64).cast()).result()?;
+    }
+    Ok(reserved.saturating_sub(used) as usize)
+}
+
 /// Grows `slot` to hold at least `n` elements and returns it.
 fn grow<'a, T: DeviceRepr + ValidAsZeroBits>(
     be: &CudaBackend,
@@ -304,6 +326,10 @@ impl Backend for CudaBackend {
             .clone_htod(w.bytes.as_slice())
             .map_err(|e| errors::driver_error(e, &format!("uploading weight '{}'", w.name)))?;
         Ok(CudaWeight { name: w.name, kind: w.kind, rows: w.rows, cols: w.cols, row_bytes, data, vector, input_perm })
+    }
+
+    fn device_lost(&self) -> bool {
+        errors::context_lost_seen()
     }
 
     fn weight_shape(&self, w: &CudaWeight) -> (usize, usize) {

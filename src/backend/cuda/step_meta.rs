@@ -50,9 +50,13 @@ pub(super) struct StepMeta {
 
 impl<T: DeviceRepr + ValidAsZeroBits + Copy + PartialEq> MetaBuf<T> {
     /// The device address of `values`, copied into this buffer unless it
-    /// already holds exactly them.
+    /// already holds exactly them. The address is valid until the next `put`
+    /// on this buffer (kernels queued before it still read the old values).
     pub fn put(&mut self, be: &CudaBackend, values: &[T]) -> BackendResult<u64> {
         if self.dev.is_none() || self.host != values {
+            // Forget the old contents first: if growing or copying fails, the
+            // buffer must not pass for holding them on the next call.
+            self.host.clear();
             let dev = grow(be, &mut self.dev, values.len().max(1))?;
             if !values.is_empty() {
                 let mut dst = dev.slice_mut(..values.len());
