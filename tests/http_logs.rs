@@ -35,7 +35,8 @@ async fn json_access_lines_carry_the_request_id_and_never_the_prompt() {
     let r = client
         .post(s.url("/v1/completions"))
         .bearer_auth("sekrit-key-123")
-        .json(&json!({"model": "chat", "prompt": secret_prompt, "max_tokens": 3, "stream": true}))
+        // ignore_eos: a sampled end-of-sequence would end it with fewer tokens.
+        .json(&json!({"model": "chat", "prompt": secret_prompt, "max_tokens": 3, "stream": true, "ignore_eos": true}))
         .send()
         .await
         .unwrap();
