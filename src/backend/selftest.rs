@@ -237,27 +237,25 @@ fn matmuls<B: Backend>(dev: &B, cpu: &CpuBackend, rng: &mut Rng, r: &mut Report)
     for m in [1usize, 9, 65] {
         let x = randn(rng, m * cols, 1.0);
         let (dx, cx) = (dev.upload(&x, m, cols)?, cpu.upload(&x, m, cols)?);
-        let got = {
-            let (mut a, mut b) =
-                (dev.upload(&vec![f32::NAN; m * rows], m, rows)?, dev.upload(&vec![f32::NAN; m * 20], m, 20)?);
-            dev.matmul_many(
-                &dx,
-                &mut [MatmulJob { w: &dp, bias: None, out: &mut a }, MatmulJob { w: &dn, bias: None, out: &mut b }],
-            )?;
-            [dev.download(&a)?, dev.download(&b)?].concat()
-        };
-        let want = {
-            let (mut a, mut b) = (cpu.zeros(m, rows)?, cpu.zeros(m, 20)?);
-            cpu.matmul_many(
-                &cx,
-                &mut [MatmulJob { w: &cp, bias: None, out: &mut a }, MatmulJob { w: &cn, bias: None, out: &mut b }],
-            )?;
-            [cpu.download(&a)?, cpu.download(&b)?].concat()
-        };
+        let got = matmul_pair(dev, &dx, [(&dp, rows), (&dn, 20)])?;
+        let want = matmul_pair(cpu, &cx, [(&cp, rows), (&cn, 20)])?;
         let tol = if m > 8 { TOL_BF16 } else { TOL_F32_REDUCE };
         r.push(format!("matmul act-order Q4_0 + Q8_0 {m}x{cols}"), &got, &want, tol);
     }
     Ok(())
+}
+
+/// Both products of one `matmul_many` call (outputs NaN-poisoned first),
+/// concatenated.
+fn matmul_pair<B: Backend>(be: &B, x: &B::Tensor, jobs: [(&B::Weight, usize); 2]) -> BackendResult<Vec<f32>> {
+    let m = be.shape(x).0;
+    let [(w1, n1), (w2, n2)] = jobs;
+    let (mut a, mut b) = (be.upload(&vec![f32::NAN; m * n1], m, n1)?, be.upload(&vec![f32::NAN; m * n2], m, n2)?);
+    be.matmul_many(
+        x,
+        &mut [MatmulJob { w: w1, bias: None, out: &mut a }, MatmulJob { w: w2, bias: None, out: &mut b }],
+    )?;
+    Ok([be.download(&a)?, be.download(&b)?].concat())
 }
 
 /// A Q4_0 weight with a GPTQ act-order input permutation, on both backends.

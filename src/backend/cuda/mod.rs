@@ -253,16 +253,14 @@ impl CudaBackend {
 /// With no threshold the pool keeps what it has (freed blocks are reused by
 /// later allocations of this process; `cuMemGetInfo` counts them as used).
 fn keep_freed_memory_pooled(ctx: &CudaContext) -> Result<(), cudarc::driver::DriverError> {
-    use cudarc::driver::sys;
-    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    use cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD;
+    let pool = default_pool(ctx)?;
     let mut threshold = u64::MAX;
-    // SAFETY: `pool` receives the device's default pool (owned by the driver,
-    // never freed by us); the attribute takes a pointer to a u64.
+    // SAFETY: the attribute takes a pointer to a u64.
     unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
-        sys::cuMemPoolSetAttribute(
+        cudarc::driver::sys::cuMemPoolSetAttribute(
             pool,
-            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
             (&mut threshold as *mut u64).cast(),
         )
         .result()
@@ -271,18 +269,24 @@ fn keep_freed_memory_pooled(ctx: &CudaContext) -> Result<(), cudarc::driver::Dri
 
 /// Bytes the device's default pool has reserved but not handed out.
 fn pool_idle_bytes(ctx: &CudaContext) -> Result<usize, cudarc::driver::DriverError> {
-    use cudarc::driver::sys;
-    let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+    use cudarc::driver::sys::{self, CUmemPool_attribute::*};
+    let pool = default_pool(ctx)?;
     let (mut reserved, mut used) = (0u64, 0u64);
-    // SAFETY: as in `keep_freed_memory_pooled`; both attributes are u64.
+    // SAFETY: both attributes are u64.
     unsafe {
-        sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()?;
-        let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT;
-        sys::cuMemPoolGetAttribute(pool, attr, (&mut reserved as *mut u64).cast()).result()?;
-        let attr = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT;
-        sys::cuMemPoolGetAttribute(pool, attr, (&mut used as *mut u64).cast()).result()?;
+        sys::cuMemPoolGetAttribute(pool, CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT, (&mut reserved as *mut u64).cast())
+            .result()?;
+        sys::cuMemPoolGetAttribute(pool, CU_MEMPOOL_ATTR_USED_MEM_CURRENT, (&mut used as *mut u64).cast()).result()?;
     }
     Ok(reserved.saturating_sub(used) as usize)
+}
+
+/// The device's default memory pool (owned by the driver, never freed by us).
+fn default_pool(ctx: &CudaContext) -> Result<cudarc::driver::sys::CUmemoryPool, cudarc::driver::DriverError> {
+    let mut pool: cudarc::driver::sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: `pool` is a valid out-pointer for the handle.
+    unsafe { cudarc::driver::sys::cuDeviceGetDefaultMemPool(&mut pool, ctx.cu_device()).result()? };
+    Ok(pool)
 }
 
 /// Grows `slot` to hold at least `n` elements and returns it.
