@@ -201,6 +201,34 @@ struct KBnb4 {
 using KNF4 = KBnb4<false>;
 using KFP4 = KBnb4<true>;
 
+// Group-wise int4 (GPTQ/AWQ asymmetric, quant/ggml.rs Int4G*): one block per
+// group of G = 32, 64 or 128 inputs, 4 + G/2 bytes = f16 d, u8 zero z, a pad
+// byte, then G/32 Q4_0-style sub-blocks of 16 bytes. Value = d * (q - z), the
+// difference exact in f32 before the one rounded product, as the reference
+// (folding z into a per-run min would round twice). Slice li: sub-block li/4,
+// bytes 4(li%4).. of it, i.e. bytes 4 + 4li of the block.
+template <int G>
+struct KInt4G {
+    static constexpr bool PLAIN = false, HAS_MIN = false;
+    static constexpr int QK = G, BYTES = 4 + G / 2, LPB = G / 8, RUN = 4, NRUN = 2, RSTRIDE = 16;
+    __device__ static __forceinline__ int base(int li) { return 32 * (li >> 2) + 4 * (li & 3); }
+    __device__ static __forceinline__ void decode(const u8* b, int li, float (&q)[8], float (&dl)[NRUN], float (&)[NRUN]) {
+        const float d = q_f16(b);
+        const int z = (int)b[2];
+        const u32 qs = q_ld32(b + 4 + 4 * li);
+        Q_UNROLL
+        for (int k = 0; k < 4; ++k) {
+            q[k] = (float)((int)((qs >> (8 * k)) & 0xF) - z);
+            q[4 + k] = (float)((int)((qs >> (8 * k + 4)) & 0xF) - z);
+        }
+        dl[0] = d;
+        dl[1] = d;
+    }
+};
+using KInt4G128 = KInt4G<128>;
+using KInt4G64 = KInt4G<64>;
+using KInt4G32 = KInt4G<32>;
+
 // ---- plain kinds: element k of a row ----
 
 struct KF32 {
@@ -509,6 +537,9 @@ extern "C" __global__ void gemv_q5_k(GEMV_ARGS) { gemv<KQ5K>(w, x, bias, out, ro
 extern "C" __global__ void gemv_q6_k(GEMV_ARGS) { gemv<KQ6K>(w, x, bias, out, rows, cols, row_bytes, batch); }
 extern "C" __global__ void gemv_nf4(GEMV_ARGS) { gemv<KNF4>(w, x, bias, out, rows, cols, row_bytes, batch); }
 extern "C" __global__ void gemv_fp4(GEMV_ARGS) { gemv<KFP4>(w, x, bias, out, rows, cols, row_bytes, batch); }
+extern "C" __global__ void gemv_int4g128(GEMV_ARGS) { gemv<KInt4G128>(w, x, bias, out, rows, cols, row_bytes, batch); }
+extern "C" __global__ void gemv_int4g64(GEMV_ARGS) { gemv<KInt4G64>(w, x, bias, out, rows, cols, row_bytes, batch); }
+extern "C" __global__ void gemv_int4g32(GEMV_ARGS) { gemv<KInt4G32>(w, x, bias, out, rows, cols, row_bytes, batch); }
 
 extern "C" __global__ void mmq_q4_0(GEMV_ARGS) { mmq<KQ4_0>(w, x, bias, out, rows, cols, row_bytes, batch); }
 extern "C" __global__ void mmq_q5_0(GEMV_ARGS) { mmq<KQ5_0>(w, x, bias, out, rows, cols, row_bytes, batch); }
@@ -518,6 +549,9 @@ extern "C" __global__ void mmq_q5_k(GEMV_ARGS) { mmq<KQ5K>(w, x, bias, out, rows
 extern "C" __global__ void mmq_q6_k(GEMV_ARGS) { mmq<KQ6K>(w, x, bias, out, rows, cols, row_bytes, batch); }
 extern "C" __global__ void mmq_nf4(GEMV_ARGS) { mmq<KNF4>(w, x, bias, out, rows, cols, row_bytes, batch); }
 extern "C" __global__ void mmq_fp4(GEMV_ARGS) { mmq<KFP4>(w, x, bias, out, rows, cols, row_bytes, batch); }
+extern "C" __global__ void mmq_int4g128(GEMV_ARGS) { mmq<KInt4G128>(w, x, bias, out, rows, cols, row_bytes, batch); }
+extern "C" __global__ void mmq_int4g64(GEMV_ARGS) { mmq<KInt4G64>(w, x, bias, out, rows, cols, row_bytes, batch); }
+extern "C" __global__ void mmq_int4g32(GEMV_ARGS) { mmq<KInt4G32>(w, x, bias, out, rows, cols, row_bytes, batch); }
 
 extern "C" __global__ void dequant_bf16_f32(BF16_ARGS) { dequant_bf16<KF32>(w, out, rows, cols, row_bytes); }
 extern "C" __global__ void dequant_bf16_f16(BF16_ARGS) { dequant_bf16<KF16>(w, out, rows, cols, row_bytes); }
@@ -530,6 +564,9 @@ extern "C" __global__ void dequant_bf16_q5_k(BF16_ARGS) { dequant_bf16<KQ5K>(w, 
 extern "C" __global__ void dequant_bf16_q6_k(BF16_ARGS) { dequant_bf16<KQ6K>(w, out, rows, cols, row_bytes); }
 extern "C" __global__ void dequant_bf16_nf4(BF16_ARGS) { dequant_bf16<KNF4>(w, out, rows, cols, row_bytes); }
 extern "C" __global__ void dequant_bf16_fp4(BF16_ARGS) { dequant_bf16<KFP4>(w, out, rows, cols, row_bytes); }
+extern "C" __global__ void dequant_bf16_int4g128(BF16_ARGS) { dequant_bf16<KInt4G128>(w, out, rows, cols, row_bytes); }
+extern "C" __global__ void dequant_bf16_int4g64(BF16_ARGS) { dequant_bf16<KInt4G64>(w, out, rows, cols, row_bytes); }
+extern "C" __global__ void dequant_bf16_int4g32(BF16_ARGS) { dequant_bf16<KInt4G32>(w, out, rows, cols, row_bytes); }
 
 extern "C" __global__ void dequant_rows_f32(ROWS_ARGS) { dequant_rows<KF32>(w, ids, out, n, cols, row_bytes, table_rows); }
 extern "C" __global__ void dequant_rows_f16(ROWS_ARGS) { dequant_rows<KF16>(w, ids, out, n, cols, row_bytes, table_rows); }
@@ -542,3 +579,6 @@ extern "C" __global__ void dequant_rows_q5_k(ROWS_ARGS) { dequant_rows<KQ5K>(w, 
 extern "C" __global__ void dequant_rows_q6_k(ROWS_ARGS) { dequant_rows<KQ6K>(w, ids, out, n, cols, row_bytes, table_rows); }
 extern "C" __global__ void dequant_rows_nf4(ROWS_ARGS) { dequant_rows<KNF4>(w, ids, out, n, cols, row_bytes, table_rows); }
 extern "C" __global__ void dequant_rows_fp4(ROWS_ARGS) { dequant_rows<KFP4>(w, ids, out, n, cols, row_bytes, table_rows); }
+extern "C" __global__ void dequant_rows_int4g128(ROWS_ARGS) { dequant_rows<KInt4G128>(w, ids, out, n, cols, row_bytes, table_rows); }
+extern "C" __global__ void dequant_rows_int4g64(ROWS_ARGS) { dequant_rows<KInt4G64>(w, ids, out, n, cols, row_bytes, table_rows); }
+extern "C" __global__ void dequant_rows_int4g32(ROWS_ARGS) { dequant_rows<KInt4G32>(w, ids, out, n, cols, row_bytes, table_rows); }

@@ -681,7 +681,7 @@ fn lora_bgmv_two_segments() {
 
 // ---- quant.cu ----
 
-const KINDS: [(WeightKind, &str, usize); 11] = [
+const KINDS: [(WeightKind, &str, usize); 14] = [
     (WeightKind::F32, "f32", 80),
     (WeightKind::F16, "f16", 80),
     (WeightKind::BF16, "bf16", 80),
@@ -693,6 +693,11 @@ const KINDS: [(WeightKind, &str, usize); 11] = [
     (WeightKind::Q6K, "q6_k", 768),
     (WeightKind::Nf4, "nf4", 320),
     (WeightKind::Fp4, "fp4", 320),
+    // 3 groups of 128, 6 of 64, 12 of 32: every kind's warps end part-way
+    // through a pass over the row's blocks.
+    (WeightKind::Int4G128, "int4g128", 384),
+    (WeightKind::Int4G64, "int4g64", 384),
+    (WeightKind::Int4G32, "int4g32", 384),
 ];
 const QROWS: usize = 9;
 

@@ -20,10 +20,10 @@ use tandem::quant::on_load::QuantizeTarget;
 
 const FORMATS: [(&str, &[WeightKind]); 7] = [
     ("gptq-g32-sym-v1", &[WeightKind::Q4_0]),
-    ("gptq-g64-asym-act-v1", &[WeightKind::Q5_0]),
-    ("gptq-g32-asym-v2", &[WeightKind::Q5_0]),
+    ("gptq-g64-asym-act-v1", &[WeightKind::Int4G64]),
+    ("gptq-g32-asym-v2", &[WeightKind::Int4G32]),
     ("gptq-8bit-gall-sym", &[WeightKind::Q8_0]),
-    ("awq-g32", &[WeightKind::Q5_0]),
+    ("awq-g32", &[WeightKind::Int4G32]),
     ("bnb-nf4-dq", &[WeightKind::Nf4]),
     ("bnb-fp4", &[WeightKind::Fp4]),
 ];
@@ -461,7 +461,7 @@ fn quantize_int4_and_int8_on_load_stay_near_the_float_model() {
     for (target, kind, tol) in [
         (QuantizeTarget::Q8_0, WeightKind::Q8_0, 0.05),
         (QuantizeTarget::Int8, WeightKind::Q8_0, 0.05),
-        (QuantizeTarget::Int4, WeightKind::Q4_0, 0.5),
+        (QuantizeTarget::Int4, WeightKind::Int4G64, 0.5),
     ] {
         let (src, cfg) = requantized(&base, target);
         assert_eq!(src.require(TensorName::Up(0), &cfg).unwrap().kind, kind);

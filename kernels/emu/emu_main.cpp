@@ -248,9 +248,11 @@ std::map<std::string, Runner> kernels() {
     K(emu_quant, dequant_rows_##kind, const u8*, const u32*, float*, int, int, int, int)
     QUANT(f32), QUANT(f16), QUANT(bf16), QUANT(q4_0), QUANT(q5_0), QUANT(q8_0),
     QUANT(q4_k), QUANT(q5_k), QUANT(q6_k), QUANT(nf4), QUANT(fp4),
+    QUANT(int4g128), QUANT(int4g64), QUANT(int4g32),
 #undef QUANT
 #define MMQ(kind) K(emu_quant, mmq_##kind, const u8*, const float*, const float*, float*, int, int, int, int)
     MMQ(q4_0), MMQ(q5_0), MMQ(q8_0), MMQ(q4_k), MMQ(q5_k), MMQ(q6_k), MMQ(nf4), MMQ(fp4),
+    MMQ(int4g128), MMQ(int4g64), MMQ(int4g32),
 #undef MMQ
     K(emu_train, rms_norm_backward, const float*, const float*, const float*, float*, int, int, float),
     K(emu_train, silu_mul_backward, const float*, const float*, const float*, float*, float*, long long),

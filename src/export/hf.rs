@@ -41,7 +41,7 @@ pub(super) fn quantization_config(q: HfQuant, dtype: &str) -> Value {
             "method": "gptq",
             "pack_dtype": "int32",
             "quant_method": "gptq",
-            "sym": true,
+            "sym": false,
         }),
         HfQuant::Bnb(kind) => json!({
             "_load_in_4bit": true,
@@ -95,7 +95,7 @@ fn gptq_tensors(prefix: &str, w: &[f32], rows: usize, cols: usize, group: usize)
     if !rows.is_multiple_of(8) || !cols.is_multiple_of(8) {
         return Err(format!("GPTQ packs 8 codes per int32: [{rows}, {cols}] is not a multiple of 8 both ways"));
     }
-    let c = gptq::quantize_rtn(4, w, rows, cols, group)?;
+    let c = gptq::quantize_rtn(4, gptq::RtnGrid::Asymmetric, w, rows, cols, group)?;
     let mut qweight = vec![0u32; cols / 8 * rows];
     for n in 0..rows {
         for k in 0..cols {

@@ -32,9 +32,13 @@ pub fn parse(spec: &str) -> Option<Result<RandomModel, String>> {
         "q6_k" => WeightKind::Q6K,
         "nf4" => WeightKind::Nf4,
         "fp4" => WeightKind::Fp4,
+        "int4g128" => WeightKind::Int4G128,
+        "int4g64" => WeightKind::Int4G64,
+        "int4g32" => WeightKind::Int4G32,
         k => {
             return Some(Err(format!(
-                "unknown weight kind {k:?} (f32, f16, bf16, q4_0, q5_0, q8_0, q4_k, q5_k, q6_k, nf4, fp4)"
+                "unknown weight kind {k:?} (f32, f16, bf16, q4_0, q5_0, q8_0, q4_k, q5_k, q6_k, nf4, fp4, int4g128, \
+                 int4g64, int4g32)"
             )))
         }
     };

@@ -21,11 +21,22 @@ pub enum WeightKind {
     Nf4,
     /// bitsandbytes FP4, laid out as [`WeightKind::Nf4`].
     Fp4,
+    /// 4-bit integer codes with one f16 scale and one zero point per group of
+    /// 128 inputs (GPTQ/AWQ's asymmetric layout, one block per group):
+    /// f16 `d`, u8 zero `z` (0..=16), a zero byte, then 64 bytes of codes as
+    /// four Q4_0-style sub-blocks of 32 (byte j of a sub-block: element j in
+    /// the low nibble, j + 16 in the high). Value `d·(q − z)`. 68 bytes,
+    /// 4.25 bits per weight.
+    Int4G128,
+    /// [`WeightKind::Int4G128`] with groups of 64 (36 bytes, 4.5 bpw).
+    Int4G64,
+    /// [`WeightKind::Int4G128`] with groups of 32 (20 bytes, 5 bpw).
+    Int4G32,
 }
 
 impl WeightKind {
     /// Every kind tandem supports.
-    pub const ALL: [WeightKind; 11] = [
+    pub const ALL: [WeightKind; 14] = [
         Self::F32,
         Self::F16,
         Self::BF16,
@@ -37,6 +48,9 @@ impl WeightKind {
         Self::Q6K,
         Self::Nf4,
         Self::Fp4,
+        Self::Int4G128,
+        Self::Int4G64,
+        Self::Int4G32,
     ];
     /// Parse a GGUF `ggml_type` id; `None` for types tandem does not support.
     pub fn from_gguf_id(id: u32) -> Option<Self> {
@@ -65,8 +79,21 @@ impl WeightKind {
             Self::Q4K => 12,
             Self::Q5K => 13,
             Self::Q6K => 14,
-            Self::Nf4 | Self::Fp4 => return None,
+            Self::Nf4 | Self::Fp4 | Self::Int4G128 | Self::Int4G64 | Self::Int4G32 => return None,
         })
+    }
+    /// The group-wise int4 kind for groups of `group` inputs (32, 64, 128).
+    pub fn int4_group(group: usize) -> Option<Self> {
+        Some(match group {
+            32 => Self::Int4G32,
+            64 => Self::Int4G64,
+            128 => Self::Int4G128,
+            _ => return None,
+        })
+    }
+    /// Whether this is one of the group-wise int4 kinds.
+    pub fn is_int4_group(self) -> bool {
+        matches!(self, Self::Int4G128 | Self::Int4G64 | Self::Int4G32)
     }
     /// Elements per block.
     pub fn block_size(self) -> usize {
@@ -74,6 +101,9 @@ impl WeightKind {
             Self::F32 | Self::F16 | Self::BF16 => 1,
             Self::Q4_0 | Self::Q5_0 | Self::Q8_0 => 32,
             Self::Nf4 | Self::Fp4 => 64,
+            Self::Int4G32 => 32,
+            Self::Int4G64 => 64,
+            Self::Int4G128 => 128,
             Self::Q4K | Self::Q5K | Self::Q6K => 256,
         }
     }
@@ -89,6 +119,9 @@ impl WeightKind {
             Self::Q5K => 176,
             Self::Q6K => 210,
             Self::Nf4 | Self::Fp4 => 36,
+            Self::Int4G32 => 20,
+            Self::Int4G64 => 36,
+            Self::Int4G128 => 68,
         }
     }
     /// Bytes of one row of `n` elements; `None` if `n` is not a whole number of blocks.
@@ -165,6 +198,9 @@ pub fn dequantize(ty: WeightKind, data: &[u8], out: &mut [f32]) -> Result<(), De
         WeightKind::Q6K => blocks.zip(outs).for_each(|(b, y)| block_q6k(b, y)),
         WeightKind::Nf4 => blocks.zip(outs).for_each(|(b, y)| super::bnb::dequant_block(&super::bnb::NF4_CODE, b, y)),
         WeightKind::Fp4 => blocks.zip(outs).for_each(|(b, y)| super::bnb::dequant_block(&super::bnb::FP4_CODE, b, y)),
+        WeightKind::Int4G128 | WeightKind::Int4G64 | WeightKind::Int4G32 => {
+            blocks.zip(outs).for_each(|(b, y)| block_int4_group(b, y))
+        }
     }
     Ok(())
 }
@@ -175,6 +211,18 @@ fn block_q4_0(b: &[u8], y: &mut [f32]) {
     for j in 0..16 {
         y[j] = d * ((qs[j] & 0xF) as i32 - 8) as f32;
         y[j + 16] = d * ((qs[j] >> 4) as i32 - 8) as f32;
+    }
+}
+
+/// One group of a group-wise int4 kind (`y.len()` is the group).
+fn block_int4_group(b: &[u8], y: &mut [f32]) {
+    let d = f16_at(b, 0);
+    let z = i32::from(b[2]);
+    for (qs, y) in b[4..].chunks_exact(16).zip(y.chunks_exact_mut(32)) {
+        for j in 0..16 {
+            y[j] = d * ((qs[j] & 0xF) as i32 - z) as f32;
+            y[j + 16] = d * ((qs[j] >> 4) as i32 - z) as f32;
+        }
     }
 }
 

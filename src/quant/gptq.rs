@@ -2,19 +2,21 @@
 //!
 //! Both formats store unsigned integer codes `q` with a scale `s` and a zero
 //! `z` per (group of input rows, output column): `W[n,k] = s·(q − z)`. Once
-//! unpacked ([`GroupCodes`]), every 32 consecutive inputs of a row share one
-//! (s, z) when the group size is a multiple of 32, so a block of 32 codes maps
-//! onto a GGUF block that dequantises to exactly the same f32 values:
-//! - symmetric 4-bit (z = 8 everywhere): Q4_0, code q, `d·(q − 8)`;
-//! - any other 4-bit: Q5_0, code `q − z + 16` (0..31), `d·(code − 16)`;
+//! unpacked ([`GroupCodes`]), the inputs of a group (in stored order) share
+//! one (s, z), so the codes map onto blocks that dequantise to exactly the
+//! same f32 values:
+//! - 4-bit: the group-wise int4 kinds, one block per group of 128, 64 or 32
+//!   (the largest whose aligned runs each lie in one group: a file's group of
+//!   128, or 64/32 for smaller groups, or for group −1 the largest dividing
+//!   the inputs), code q, zero z, `d·(q − z)`; 4.25 / 4.5 / 5 bits per weight
+//!   against the file's 4.16 / 4.31 / 4.63. Where only runs of 32 fit and the
+//!   layer is symmetric (z = 8 everywhere), Q4_0 (4.5 bpw) instead;
 //! - 8-bit with every `q − z` in -128..127: Q8_0, `d·(q − z)`;
 //!
 //! with `d = s` (exact when the file's scale is f16, or a bf16 value inside
 //! f16's range, which is every scale seen in practice). Anything that does not
-//! fit (a scale outside f16, 8-bit zeros far off centre) keeps exact f32 rows.
-//! So the kernels of the GGUF kinds (CPU tiles, CUDA GEMV) serve these formats
-//! with no code of their own; the price is memory: 4.5 (Q4_0) or 5.5 (Q5_0)
-//! bits per weight against the file's 4.16 at group 128.
+//! fit (a scale outside f16, 8-bit zeros far off centre, 4-bit zeros outside
+//! 0..=16) keeps exact f32 rows.
 //!
 //! `desc_act` checkpoints give each input row its group through `g_idx`. The
 //! rows are then reordered so that each group's rows are adjacent (the stable
@@ -192,49 +194,56 @@ impl GroupCodes {
             Some(p) => p.iter().map(|&k| k as usize).collect(),
             None => (0..self.k_in).collect(),
         };
-        // Every block of 32 (in the new order) must lie in one group.
-        for block in order.chunks_exact(32) {
-            let g = self.g_idx[block[0]];
-            if block.iter().any(|&k| self.g_idx[k] != g) {
-                return Err("groups are not whole multiples of 32 input rows".into());
-            }
-        }
+        // The longest aligned runs (in the new order) that each lie in one group.
+        let run_fits = |len: usize| {
+            self.k_in.is_multiple_of(len)
+                && order.chunks_exact(len).all(|run| run.iter().all(|&k| self.g_idx[k] == self.g_idx[run[0]]))
+        };
+        let Some(run) = [128, 64, 32].into_iter().find(|&len| run_fits(len)) else {
+            return Err("groups are not whole multiples of 32 input rows".into());
+        };
         let f16_exact = self.s.iter().all(|&s| half::f16::from_f32(s).to_f32() == s);
         let z_range = self.z.iter().fold((i32::MAX, i32::MIN), |(lo, hi), &z| (lo.min(z), hi.max(z)));
         let kind = match self.bits {
             _ if !f16_exact => WeightKind::F32,
-            4 if z_range == (8, 8) => WeightKind::Q4_0,
-            4 if z_range.0 >= 0 && z_range.1 <= 16 => WeightKind::Q5_0,
+            4 if run == 32 && z_range == (8, 8) => WeightKind::Q4_0,
+            4 if z_range.0 >= 0 && z_range.1 <= 16 => WeightKind::int4_group(run).ok_or("group run")?,
             8 if z_range == (128, 128) => WeightKind::Q8_0,
             8 if self.fits_q8() => WeightKind::Q8_0,
             _ => WeightKind::F32,
         };
         let row_bytes = kind.row_bytes(self.k_in).ok_or("row size")?;
         let mut bytes = Vec::with_capacity(row_bytes * self.n_out);
+        // Blocks of the kind's own length (one group run for the int4 kinds).
+        let block_len = if kind.is_int4_group() { run } else { 32 };
         for n in 0..self.n_out {
             let row = &self.q[n * self.k_in..(n + 1) * self.k_in];
-            for block in order.chunks_exact(32) {
+            for block in order.chunks_exact(block_len) {
                 let gi = self.g_idx[block[0]] as usize * self.n_out + n;
                 let (s, z) = (self.s[gi], self.z[gi]);
                 let d = half::f16::from_f32(s).to_bits().to_le_bytes();
                 let code = |j: usize| i32::from(row[block[j]]) - z;
+                // Q4_0-style nibbles of the 32 inputs from `at`.
+                let nibbles = |at: usize| {
+                    (0..16).map(move |j| (row[block[at + j]] & 0xF) | ((row[block[at + j + 16]] & 0xF) << 4))
+                };
                 match kind {
                     WeightKind::Q4_0 => {
                         bytes.extend_from_slice(&d);
-                        bytes.extend((0..16).map(|j| (row[block[j]] & 0xF) | ((row[block[j + 16]] & 0xF) << 4)));
+                        bytes.extend(nibbles(0));
                     }
-                    WeightKind::Q5_0 => {
-                        let c: Vec<u32> = (0..32).map(|j| (code(j) + 16) as u32).collect();
-                        let qh = (0..32).fold(0u32, |h, j| h | (((c[j] >> 4) & 1) << j));
+                    WeightKind::Int4G128 | WeightKind::Int4G64 | WeightKind::Int4G32 => {
                         bytes.extend_from_slice(&d);
-                        bytes.extend_from_slice(&qh.to_le_bytes());
-                        bytes.extend((0..16).map(|j| ((c[j] & 0xF) | ((c[j + 16] & 0xF) << 4)) as u8));
+                        bytes.extend([z as u8, 0]);
+                        for at in (0..block_len).step_by(32) {
+                            bytes.extend(nibbles(at));
+                        }
                     }
                     WeightKind::Q8_0 => {
                         bytes.extend_from_slice(&d);
                         bytes.extend((0..32).map(|j| code(j) as i8 as u8));
                     }
-                    _ => bytes.extend((0..32).flat_map(|j| (s * code(j) as f32).to_le_bytes())),
+                    _ => bytes.extend((0..block_len).flat_map(|j| (s * code(j) as f32).to_le_bytes())),
                 }
             }
         }
@@ -251,12 +260,33 @@ impl GroupCodes {
     }
 }
 
-/// Round-to-nearest symmetric quantisation of `[rows, cols]` f32 weights into
-/// GPTQ's form (no calibration), as GPTQ's quantiser does for `sym`: per group
-/// of `group` inputs and output row, `s = 2·max|w| / (2^bits − 1)` rounded to
-/// f16 (as checkpoints store it), `z = 2^(bits−1)`, `q = clamp(round(w/s) + z,
-/// 0, 2^bits − 1)`. Used by `--quantize int4` / `int8`.
-pub fn quantize_rtn(bits: u32, w: &[f32], rows: usize, cols: usize, group: usize) -> Result<GroupCodes, String> {
+/// How round-to-nearest quantisation picks each group's grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RtnGrid {
+    /// GPTQ's `sym`: `s = 2·max|w| / (2^bits − 1)`, `z = 2^(bits−1)`.
+    Symmetric,
+    /// GPTQ's asymmetric grid: `s = (max − min) / (2^bits − 1)` over the
+    /// group's range widened to hold 0, `z = round(−min / s)`, kept in
+    /// 1..=2^bits − 1 so that GPTQ v1's "zero − 1" storage holds it. (GPTQ's
+    /// optional `mse` range search was tried on the default model and made
+    /// perplexity worse at every setting: docs/benchmarks.md.)
+    Asymmetric,
+}
+
+/// Round-to-nearest quantisation of `[rows, cols]` f32 weights into GPTQ's
+/// form (no calibration data), per group of `group` inputs and output row,
+/// on `grid`; the scale is rounded to f16 (as checkpoints store it) before
+/// the codes are chosen, `q = clamp(round(w/s) + z, 0, 2^bits − 1)`. Used by
+/// `--quantize int4` (asymmetric) / `int8` (symmetric) and
+/// `tandem quantize --format gptq`.
+pub fn quantize_rtn(
+    bits: u32,
+    grid: RtnGrid,
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    group: usize,
+) -> Result<GroupCodes, String> {
     if bits != 4 && bits != 8 {
         return Err(format!("{bits}-bit round-to-nearest is not supported (4 or 8)"));
     }
@@ -264,24 +294,49 @@ pub fn quantize_rtn(bits: u32, w: &[f32], rows: usize, cols: usize, group: usize
         return Err(format!("{cols} input features is not a multiple of the group size {group}"));
     }
     let maxq = (1u32 << bits) - 1;
-    let zero = 1u32 << (bits - 1);
     let groups = cols / group;
     let mut s = vec![0f32; groups * rows];
+    let mut z = vec![0i32; groups * rows];
     let mut q = vec![0u8; rows * cols];
     for n in 0..rows {
         for g in 0..groups {
             let xs = &w[n * cols + g * group..][..group];
-            let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = half::f16::from_f32(2.0 * amax / maxq as f32).to_f32();
+            let codes = &mut q[n * cols + g * group..][..group];
+            let (scale, zero) = match grid {
+                RtnGrid::Symmetric => symmetric_grid(xs, maxq),
+                RtnGrid::Asymmetric => asymmetric_grid(xs, maxq),
+            };
+            round_to_grid(xs, scale, zero, maxq, codes);
             s[g * rows + n] = scale;
-            for (j, &x) in xs.iter().enumerate() {
-                let v = if scale > 0.0 { (x / scale).round() + zero as f32 } else { zero as f32 };
-                q[n * cols + g * group + j] = v.clamp(0.0, maxq as f32) as u8;
-            }
+            z[g * rows + n] = zero as i32;
         }
     }
     let g_idx = (0..cols).map(|k| (k / group) as u32).collect();
-    Ok(GroupCodes { bits, n_out: rows, k_in: cols, q, z: vec![zero as i32; groups * rows], s, g_idx, groups })
+    Ok(GroupCodes { bits, n_out: rows, k_in: cols, q, z, s, g_idx, groups })
+}
+
+/// `q = clamp(round(x/s) + z, 0, maxq)` for every x (all `z` for a zero scale).
+fn round_to_grid(xs: &[f32], scale: f32, zero: u32, maxq: u32, codes: &mut [u8]) {
+    for (c, &x) in codes.iter_mut().zip(xs) {
+        let v = if scale > 0.0 { (x / scale).round() + zero as f32 } else { zero as f32 };
+        *c = v.clamp(0.0, maxq as f32) as u8;
+    }
+}
+
+fn symmetric_grid(xs: &[f32], maxq: u32) -> (f32, u32) {
+    let amax = xs.iter().fold(0f32, |m, v| m.max(v.abs()));
+    (half::f16::from_f32(2.0 * amax / maxq as f32).to_f32(), maxq.div_ceil(2))
+}
+
+/// The f16 scale and zero of [`RtnGrid::Asymmetric`].
+fn asymmetric_grid(xs: &[f32], maxq: u32) -> (f32, u32) {
+    let lo = xs.iter().fold(0f32, |m, &v| m.min(v));
+    let hi = xs.iter().fold(0f32, |m, &v| m.max(v));
+    let scale = half::f16::from_f32((hi - lo) / maxq as f32).to_f32();
+    if scale <= 0.0 || !scale.is_finite() {
+        return (0.0, 1);
+    }
+    (scale, (-lo / scale).round().clamp(1.0, maxq as f32) as u32)
 }
 
 #[cfg(test)]
@@ -323,7 +378,16 @@ mod tests {
     #[test]
     fn rewrites_dequantise_to_the_reference_bits() {
         check_rewrite(&codes(4, 8, 128, 32, |_, _| 8, 1), WeightKind::Q4_0);
-        check_rewrite(&codes(4, 8, 128, 64, |g, n| ((g * 7 + n) % 17) as i32, 2), WeightKind::Q5_0);
+        check_rewrite(&codes(4, 8, 128, 32, |g, n| ((g * 5 + n) % 17) as i32, 9), WeightKind::Int4G32);
+        check_rewrite(&codes(4, 8, 128, 64, |g, n| ((g * 7 + n) % 17) as i32, 2), WeightKind::Int4G64);
+        check_rewrite(&codes(4, 8, 256, 128, |g, n| ((g * 3 + n) % 17) as i32, 10), WeightKind::Int4G128);
+        // Symmetric with groups of 128: the smaller int4 kind, not Q4_0.
+        check_rewrite(&codes(4, 8, 256, 128, |_, _| 8, 11), WeightKind::Int4G128);
+        // One group per row (group −1): the largest run dividing the inputs.
+        check_rewrite(&codes(4, 8, 192, 192, |_, n| n as i32, 12), WeightKind::Int4G64);
+        check_rewrite(&codes(4, 8, 96, 96, |_, n| n as i32, 13), WeightKind::Int4G32);
+        // A zero past 16 cannot be an int4 block.
+        check_rewrite(&codes(4, 8, 128, 128, |_, n| 14 + n as i32, 14), WeightKind::F32);
         check_rewrite(&codes(8, 8, 128, 128, |_, _| 128, 3), WeightKind::Q8_0);
         check_rewrite(&codes(8, 8, 128, 32, |g, n| ((g * 31 + n * 3) % 256) as i32, 4), WeightKind::F32);
         // A zero of 127 lets q - z reach 128, one past i8: those rows stay f32.
@@ -339,7 +403,7 @@ mod tests {
         let r = c.rewrite().unwrap();
         let perm = r.input_perm.as_ref().unwrap();
         assert!(perm.windows(2).all(|w| c.g_idx[w[0] as usize] <= c.g_idx[w[1] as usize]));
-        check_rewrite(&c, WeightKind::Q5_0);
+        check_rewrite(&c, WeightKind::Int4G32);
         // Groups of 16 cannot form blocks of 32.
         c.g_idx = (0..128).map(|k| ((k * 5) % 8) as u32).collect();
         c.groups = 8;
@@ -396,12 +460,13 @@ mod tests {
     }
 
     #[test]
-    fn rtn_int4_is_q4_0_within_half_a_step() {
+    fn rtn_int4_is_int4_g128_within_half_a_step() {
         let w: Vec<f32> = (0..4 * 256).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.01).collect();
-        let c = quantize_rtn(4, &w, 4, 256, 128).unwrap();
+        let c = quantize_rtn(4, RtnGrid::Symmetric, &w, 4, 256, 128).unwrap();
         let r = c.rewrite().unwrap();
-        assert_eq!(r.kind, WeightKind::Q4_0);
-        assert_eq!(quantize_rtn(8, &w, 4, 256, 128).unwrap().rewrite().unwrap().kind, WeightKind::Q8_0);
+        assert_eq!(r.kind, WeightKind::Int4G128);
+        let q8 = quantize_rtn(8, RtnGrid::Symmetric, &w, 4, 256, 128).unwrap();
+        assert_eq!(q8.rewrite().unwrap().kind, WeightKind::Q8_0);
         let back = c.dequantize();
         for n in 0..4 {
             for k in 0..256 {
@@ -409,5 +474,38 @@ mod tests {
                 assert!((back[n * 256 + k] - w[n * 256 + k]).abs() <= 0.51 * s + 1e-7);
             }
         }
+    }
+
+    #[test]
+    fn asymmetric_grid_fits_skewed_groups_better_than_the_symmetric_one() {
+        // Skewed groups (mostly positive): a symmetric grid wastes its negative levels.
+        let mut x = 17u32;
+        let mut next = move || {
+            x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            (x >> 8) as f32 / (1u32 << 24) as f32
+        };
+        let (rows, cols) = (8, 512);
+        let w: Vec<f32> = (0..rows * cols).map(|_| next() * 0.02 - 0.004).collect();
+        let sq_err =
+            |c: &GroupCodes| -> f64 { c.dequantize().iter().zip(&w).map(|(a, b)| ((a - b) as f64).powi(2)).sum() };
+        let sym = quantize_rtn(4, RtnGrid::Symmetric, &w, rows, cols, 128).unwrap();
+        let asym = quantize_rtn(4, RtnGrid::Asymmetric, &w, rows, cols, 128).unwrap();
+        let (e_sym, e_asym) = (sq_err(&sym), sq_err(&asym));
+        assert!(e_asym < 0.5 * e_sym, "asymmetric {e_asym:e} vs symmetric {e_sym:e}");
+        // Zeros fit GPTQ v1's storage; nothing is clipped: half a step at most
+        // (plus the scale's f16 rounding over at most 15 steps).
+        assert!(asym.z.iter().all(|&z| (1..=15).contains(&z)));
+        let back = asym.dequantize();
+        for n in 0..rows {
+            for k in 0..cols {
+                let s = asym.s[(k / 128) * rows + n];
+                assert!((back[n * cols + k] - w[n * cols + k]).abs() <= 0.52 * s, "[{n}, {k}]");
+            }
+        }
+        // The rewrite keeps those zeros: a group-wise int4 kind, bit for bit.
+        assert_eq!(asym.rewrite().unwrap().kind, WeightKind::Int4G128);
+        // A constant group quantises to its zero and back to 0 (no division by zero).
+        let flat = quantize_rtn(4, RtnGrid::Asymmetric, &[0.0; 128], 1, 128, 128).unwrap();
+        assert!(flat.dequantize().iter().all(|&v| v == 0.0));
     }
 }

@@ -3,9 +3,10 @@
 //!
 //! - `nf4`, `fp4`: bitsandbytes' blockwise 4-bit (blocks of 64, absmax
 //!   scaling, the nearest code), the same nibbles `quantize_4bit` writes;
-//! - `int4`: round-to-nearest symmetric 4-bit in GPTQ's form, group 128 (or
-//!   the largest of 64 / 32 that divides a layer's inputs), served as Q4_0;
-//! - `int8`: the same at 8 bits, served as Q8_0;
+//! - `int4`: round-to-nearest asymmetric 4-bit in GPTQ's form, group 128
+//!   (or the largest of 64 / 32 that divides a layer's inputs), served as the
+//!   group-wise int4 kind of that group;
+//! - `int8`: round-to-nearest symmetric 8-bit, the same groups, served as Q8_0;
 //! - `q8_0`: GGUF's Q8_0, as gguf-py's `quantize` writes it;
 //! - `q4_k`: GGUF's Q4_K, as `llama-quantize` writes it without an importance
 //!   matrix; a layer whose inputs are not a multiple of 256 falls back to Q5_0,
@@ -113,9 +114,13 @@ pub fn quantize_values(
         QuantizeTarget::Nf4 => Ok((WeightKind::Nf4, bnb::quantize(WeightKind::Nf4, w, cols)?)),
         QuantizeTarget::Fp4 => Ok((WeightKind::Fp4, bnb::quantize(WeightKind::Fp4, w, cols)?)),
         QuantizeTarget::Int4 | QuantizeTarget::Int8 => {
-            let bits = if target == QuantizeTarget::Int4 { 4 } else { 8 };
+            let (bits, grid) = if target == QuantizeTarget::Int4 {
+                (4, gptq::RtnGrid::Asymmetric)
+            } else {
+                (8, gptq::RtnGrid::Symmetric)
+            };
             let group = group_for(cols).ok_or_else(|| format!("{cols} inputs is not a multiple of 32"))?;
-            let r = gptq::quantize_rtn(bits, w, rows, cols, group)?.rewrite()?;
+            let r = gptq::quantize_rtn(bits, grid, w, rows, cols, group)?.rewrite()?;
             Ok((r.kind, r.bytes))
         }
         QuantizeTarget::Q8_0 => Ok((WeightKind::Q8_0, gguf_quantize::quantize_q8_0(w, cols)?)),
@@ -148,6 +153,7 @@ mod tests {
         for (t, step) in [
             (QuantizeTarget::Nf4, 0.5 * 0.32),
             (QuantizeTarget::Fp4, 0.5 * 0.34),
+            // Half a step of the group's range (at most twice its largest |w|).
             (QuantizeTarget::Int4, 0.5 * 2.0 / 15.0 * 1.01),
             // Plus the f16 rounding of the scale, up to 128 steps away from zero.
             (QuantizeTarget::Int8, 0.57 * 2.0 / 255.0),

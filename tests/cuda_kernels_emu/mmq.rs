@@ -8,7 +8,7 @@ use super::*;
 
 /// Quantised kinds, and two `cols` each: whole blocks, and for the 32- and
 /// 64-value kinds a last K-chunk shorter than the kernel's 128.
-const MMQ_KINDS: [(WeightKind, &str, [usize; 2]); 8] = [
+const MMQ_KINDS: [(WeightKind, &str, [usize; 2]); 11] = [
     (WeightKind::Q4_0, "q4_0", [64, 160]),
     (WeightKind::Q5_0, "q5_0", [96, 160]),
     (WeightKind::Q8_0, "q8_0", [64, 160]),
@@ -17,6 +17,9 @@ const MMQ_KINDS: [(WeightKind, &str, [usize; 2]); 8] = [
     (WeightKind::Q6K, "q6_k", [256, 512]),
     (WeightKind::Nf4, "nf4", [128, 192]),
     (WeightKind::Fp4, "fp4", [128, 192]),
+    (WeightKind::Int4G128, "int4g128", [128, 384]),
+    (WeightKind::Int4G64, "int4g64", [128, 192]),
+    (WeightKind::Int4G32, "int4g32", [128, 160]),
 ];
 
 fn to_bf16(v: &[f32]) -> Vec<f32> {

@@ -250,6 +250,21 @@ pub(super) mod simd {
                     emit(2 * b + 1, V::from_u8(hi, bias).mul(d));
                 }
             }
+            WeightKind::Int4G128 | WeightKind::Int4G64 | WeightKind::Int4G32 => {
+                let (ts, subs) = (kind.type_size(), kind.block_size() / 32);
+                for b in 0..nblocks {
+                    let blk = bytes.add(ts * b);
+                    let d = V::splat(f16(blk));
+                    let zero = i32::from(*blk.add(2));
+                    for s in 0..subs {
+                        let raw = _mm_loadu_si128(blk.add(4 + 16 * s) as *const __m128i);
+                        let lo = _mm_and_si128(raw, m4);
+                        let hi = _mm_and_si128(_mm_srli_epi16(raw, 4), m4);
+                        emit(2 * (subs * b + s), V::from_u8(lo, zero).mul(d));
+                        emit(2 * (subs * b + s) + 1, V::from_u8(hi, zero).mul(d));
+                    }
+                }
+            }
             WeightKind::Q4K | WeightKind::Q5K => {
                 let q5 = kind == WeightKind::Q5K;
                 let (ts, qs_at) = if q5 { (176, 48) } else { (144, 16) };

@@ -3,7 +3,7 @@ use crate::backend::{Backend, HostWeight, KvDtype, WeightBytes};
 use crate::quant::ggml::{dequantize, WeightKind};
 use rand::{Rng, SeedableRng};
 
-const KINDS: [WeightKind; 11] = WeightKind::ALL;
+const KINDS: [WeightKind; WeightKind::ALL.len()] = WeightKind::ALL;
 
 /// Random but well-formed weight bytes: quants random, scales finite, of either sign.
 fn random_weight(kind: WeightKind, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
@@ -216,6 +216,7 @@ fn input_grad_matches_reference_and_is_identical_on_every_isa() {
         // where the kind allows it, and an N with a partial 64-row panel.
         let k = match kind.block_size() {
             256 => 768,
+            128 => 384,
             64 => 320,
             _ => 352,
         };

@@ -344,6 +344,10 @@ mod tests {
         assert_eq!(gemm_path(8, q, true, false), Gemv);
         assert_eq!(gemm_path(9, q, true, false), Mmq);
         assert_eq!(gemm_path(64, WeightKind::Nf4, true, false), Mmq);
+        for k in [WeightKind::Int4G128, WeightKind::Int4G64, WeightKind::Int4G32] {
+            assert_eq!(gemm_path(9, k, true, false), Mmq);
+            assert_eq!(gemm_path(65, k, true, false), Blas);
+        }
         assert_eq!(gemm_path(65, q, true, false), Blas);
         // Plain kinds go to cuBLAS as stored; no tensor cores or the exact
         // f32 mode keep the bf16 expansion / f32 GEMM.

@@ -37,6 +37,9 @@ pub fn kind_suffix(kind: WeightKind) -> &'static str {
         WeightKind::Q6K => "q6_k",
         WeightKind::Nf4 => "nf4",
         WeightKind::Fp4 => "fp4",
+        WeightKind::Int4G128 => "int4g128",
+        WeightKind::Int4G64 => "int4g64",
+        WeightKind::Int4G32 => "int4g32",
     }
 }
 
@@ -265,5 +268,7 @@ mod tests {
         assert_eq!(Kernel::Mmq(WeightKind::Q4K).name(), "mmq_q4_k");
         assert_eq!(Kernel::AdamW.name(), "adamw");
         assert!(!all.contains(&Kernel::Mmq(WeightKind::BF16)));
+        assert_eq!(Kernel::Gemv(WeightKind::Int4G32).name(), "gemv_int4g32");
+        assert!(all.contains(&Kernel::Mmq(WeightKind::Int4G128)));
     }
 }

@@ -25,6 +25,7 @@ pub(super) fn input_grads<B: Backend>(dev: &B, cpu: &CpuBackend, rng: &mut Rng, 
     for kind in WeightKind::ALL {
         let cols = match kind.block_size() {
             256 => 512,
+            128 => 384,
             64 => 192,
             _ => 96,
         };

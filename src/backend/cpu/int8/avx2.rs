@@ -3,8 +3,8 @@
 //! on plain AVX2 (`maddubs`) and AVX-VNNI (`vpdpbusd`), both bit-equal to
 //! [`super::dot_32_scalar`]. Also the f16 helpers the K-quant kernels share.
 
-use super::tile::{block_at, bnb_d, offset_shift, Tile};
-use super::{is_bnb, Q8Row32, BNB_I8, FP4, Q4_0, Q8_0};
+use super::tile::{block_at, bnb_d, offset_shift, scale_at, Tile};
+use super::{blocks_per_stored, is_bnb, is_int4g, Q8Row32, BNB_I8, FP4, Q4_0, Q8_0};
 use std::arch::x86_64::*;
 
 /// The f16 at `p` as f32 in every lane. From a broadcast load: converting a
@@ -74,6 +74,8 @@ unsafe fn block_codes<const K: u8>(b: *const u8) -> __m256i {
     match K {
         Q8_0 => _mm256_xor_si256(_mm256_loadu_si256(b.add(2) as *const __m256i), _mm256_set1_epi8(-128)),
         Q4_0 => nibbles(b.add(2)),
+        // Group-wise int4: `b` points at the sub-block's code bytes.
+        _ if is_int4g(K) => nibbles(b),
         _ => {
             let h = (b.add(2) as *const u32).read_unaligned();
             _mm256_or_si256(nibbles(b.add(6)), spread_bits(u32::from_le(h)))
@@ -88,11 +90,13 @@ unsafe fn block_codes<const K: u8>(b: *const u8) -> __m256i {
 #[target_feature(enable = "avx2,f16c")]
 pub unsafe fn pack<const K: u8>(rows: &[&[u8]], ts: usize, ahead: usize, tile: &mut Tile) {
     debug_assert_eq!(rows.len(), 8);
-    let nb = if is_bnb(K) { rows[0].len() / ts * 2 } else { rows[0].len() / ts };
+    let nb = rows[0].len() / ts * blocks_per_stored(K);
     tile.reserve(nb, 8);
     let p: [*const u8; 8] = std::array::from_fn(|j| rows[j].as_ptr());
     let codes = tile.codes.as_mut_ptr() as *mut __m256i;
     let mut d16 = [0u16; 8];
+    // Group-wise int4: each row's zero (the byte after its scale).
+    let mut zeros = [0u8; 16];
     for b in 0..nb {
         let off = block_at::<K>(b, ts);
         if b % 2 == 0 {
@@ -106,8 +110,9 @@ pub unsafe fn pack<const K: u8>(rows: &[&[u8]], ts: usize, ahead: usize, tile: &
                 *tile.d.get_unchecked_mut(8 * b + j) = bnb_d(*row, b);
             }
         } else {
-            for (h, row) in d16.iter_mut().zip(p) {
-                *h = (row.add(off) as *const u16).read_unaligned();
+            for ((h, z), row) in d16.iter_mut().zip(&mut zeros).zip(p) {
+                let head = (row.add(scale_at::<K>(b, ts)) as *const u32).read_unaligned();
+                (*h, *z) = (head as u16, (head >> 16) as u8);
             }
         }
         // Within each 128-bit half: pairs of rows interleaved, then quads.
@@ -128,10 +133,18 @@ pub unsafe fn pack<const K: u8>(rows: &[&[u8]], ts: usize, ahead: usize, tile: &
                 _mm256_unpackhi_epi64(x, y)
             }
         });
+        // Group-wise int4: nibbles q become q − z + 16, lane j's four bytes by row j's zero.
+        let offset = if is_int4g(K) {
+            let z = _mm256_cvtepu8_epi32(_mm_loadl_epi64(zeros.as_ptr() as *const __m128i));
+            _mm256_sub_epi8(_mm256_set1_epi8(16), _mm256_mullo_epi32(z, _mm256_set1_epi32(0x0101_0101)))
+        } else {
+            _mm256_setzero_si256()
+        };
+        let finish = |v: __m256i| if is_int4g(K) { _mm256_add_epi8(v, offset) } else { v };
         for i in 0..4 {
             let (rows03, rows47) = (q[i], q[i + 4]);
-            _mm256_store_si256(codes.add(8 * b + i), _mm256_permute2x128_si256::<0x20>(rows03, rows47));
-            _mm256_store_si256(codes.add(8 * b + i + 4), _mm256_permute2x128_si256::<0x31>(rows03, rows47));
+            _mm256_store_si256(codes.add(8 * b + i), finish(_mm256_permute2x128_si256::<0x20>(rows03, rows47)));
+            _mm256_store_si256(codes.add(8 * b + i + 4), finish(_mm256_permute2x128_si256::<0x31>(rows03, rows47)));
         }
         if !is_bnb(K) {
             let d = _mm256_cvtph_ps(_mm_loadu_si128(d16.as_ptr() as *const __m128i));

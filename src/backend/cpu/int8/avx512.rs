@@ -5,8 +5,8 @@
 //! (unsigned weight codes against the row's signed codes broadcast from
 //! memory), bit-equal to [`super::dot_32_scalar`].
 
-use super::tile::{block_at, bnb_d, offset_shift, Tile};
-use super::{avx2, is_bnb, Q8Row32, Q4_0, Q8_0};
+use super::tile::{block_at, bnb_d, offset_shift, scale_at, Tile};
+use super::{avx2, blocks_per_stored, is_bnb, is_int4g, Q8Row32, Q4_0, Q8_0};
 use std::arch::x86_64::*;
 
 /// The unsigned codes of blocks `b0` (low half) and `b1` (high half) of kind
@@ -24,14 +24,21 @@ unsafe fn pair_codes<const K: u8>(b0: *const u8, b1: *const u8) -> __m512i {
         return _mm512_xor_si512(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), _mm512_set1_epi8(-128));
     }
     // Nibbles: each block's 16 packed bytes twice, the second copy shifted down by 4.
-    let off = if K == Q4_0 { 2 } else { 6 };
+    // Group-wise int4: the pointers are at the sub-blocks' code bytes.
+    let off = if K == Q4_0 {
+        2
+    } else if is_int4g(K) {
+        0
+    } else {
+        6
+    };
     let lo = _mm256_broadcastsi128_si256(_mm_loadu_si128(b0.add(off) as *const __m128i));
     let hi = _mm256_broadcastsi128_si256(_mm_loadu_si128(b1.add(off) as *const __m128i));
     let z = _mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1);
     let four = 0x0004_0004_0004_0004i64;
     let shifts = _mm512_set_epi64(four, four, 0, 0, four, four, 0, 0);
     let z = _mm512_and_si512(_mm512_srlv_epi16(z, shifts), _mm512_set1_epi8(0xF));
-    if K == Q4_0 {
+    if K == Q4_0 || is_int4g(K) {
         return z;
     }
     // Q5_0: the fifth bits go straight into a mask register.
@@ -49,7 +56,7 @@ unsafe fn pair_codes<const K: u8>(b0: *const u8, b1: *const u8) -> __m512i {
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx2,f16c")]
 pub unsafe fn pack<const K: u8>(rows: &[&[u8]], ts: usize, ahead: usize, tile: &mut Tile) {
     debug_assert_eq!(rows.len(), 16);
-    let nb = if is_bnb(K) { rows[0].len() / ts * 2 } else { rows[0].len() / ts };
+    let nb = rows[0].len() / ts * blocks_per_stored(K);
     tile.reserve(nb, 16);
     let p: [*const u8; 16] = std::array::from_fn(|j| rows[j].as_ptr());
     let codes = tile.codes.as_mut_ptr() as *mut __m512i;
@@ -57,6 +64,8 @@ pub unsafe fn pack<const K: u8>(rows: &[&[u8]], ts: usize, ahead: usize, tile: &
     let first = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0);
     let second = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
     let mut d16 = [0u16; 16];
+    // Group-wise int4: each row's zero (the byte after its scale).
+    let mut zeros = [0u8; 16];
     for b in 0..nb {
         let off = block_at::<K>(b, ts);
         if b % 2 == 0 {
@@ -71,8 +80,9 @@ pub unsafe fn pack<const K: u8>(rows: &[&[u8]], ts: usize, ahead: usize, tile: &
                 *tile.d.get_unchecked_mut(16 * b + j) = bnb_d(*row, b);
             }
         } else {
-            for (h, row) in d16.iter_mut().zip(p) {
-                *h = (row.add(off) as *const u16).read_unaligned();
+            for ((h, z), row) in d16.iter_mut().zip(&mut zeros).zip(p) {
+                let head = (row.add(scale_at::<K>(b, ts)) as *const u32).read_unaligned();
+                (*h, *z) = (head as u16, (head >> 16) as u8);
             }
         }
         // Within each 128-bit lane: pairs of rows interleaved, then quads.
@@ -94,10 +104,18 @@ pub unsafe fn pack<const K: u8>(rows: &[&[u8]], ts: usize, ahead: usize, tile: &
                 _mm512_unpackhi_epi64(x, y)
             }
         });
+        // Group-wise int4: nibbles q become q − z + 16, lane j's four bytes by row j's zero.
+        let offset = if is_int4g(K) {
+            let z = _mm512_cvtepu8_epi32(_mm_loadu_si128(zeros.as_ptr() as *const __m128i));
+            _mm512_sub_epi8(_mm512_set1_epi8(16), _mm512_mullo_epi32(z, _mm512_set1_epi32(0x0101_0101)))
+        } else {
+            _mm512_setzero_si512()
+        };
+        let finish = |v: __m512i| if is_int4g(K) { _mm512_add_epi8(v, offset) } else { v };
         for i in 0..4 {
             let (a, c) = (q[i], q[i + 4]);
-            _mm512_store_si512(codes.add(8 * b + i), _mm512_permutex2var_epi64(a, first, c));
-            _mm512_store_si512(codes.add(8 * b + i + 4), _mm512_permutex2var_epi64(a, second, c));
+            _mm512_store_si512(codes.add(8 * b + i), finish(_mm512_permutex2var_epi64(a, first, c)));
+            _mm512_store_si512(codes.add(8 * b + i + 4), finish(_mm512_permutex2var_epi64(a, second, c)));
         }
         if !is_bnb(K) {
             let d = _mm512_cvtph_ps(_mm256_loadu_si256(d16.as_ptr() as *const __m256i));

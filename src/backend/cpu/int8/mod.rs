@@ -125,6 +125,26 @@ pub(crate) const Q8_0: u8 = 2;
 /// 32-element blocks with the same scale.
 pub(crate) const NF4: u8 = 3;
 pub(crate) const FP4: u8 = 4;
+/// The group-wise int4 kinds: one stored block per group of 128, 64 or 32,
+/// seen by the tile as 4, 2 or 1 32-element blocks sharing the group's scale
+/// and zero. Their codes `q − z + 16` (0..=32) go through Q5_0's multiply.
+pub(crate) const INT4G128: u8 = 5;
+pub(crate) const INT4G64: u8 = 6;
+pub(crate) const INT4G32: u8 = 7;
+
+/// Whether the kernels' kind constant is a group-wise int4 kind.
+pub(crate) const fn is_int4g(k: u8) -> bool {
+    k == INT4G128 || k == INT4G64 || k == INT4G32
+}
+
+/// The 32-element blocks in one stored block of the kernels' kind `k`.
+pub(crate) const fn blocks_per_stored(k: u8) -> usize {
+    match k {
+        NF4 | FP4 | INT4G64 => 2,
+        INT4G128 => 4,
+        _ => 1,
+    }
+}
 
 /// Whether the kernels' kind constant is a bitsandbytes kind.
 pub(crate) const fn is_bnb(k: u8) -> bool {
@@ -158,6 +178,9 @@ pub fn supported(kind: WeightKind) -> bool {
             | WeightKind::Q6K
             | WeightKind::Nf4
             | WeightKind::Fp4
+            | WeightKind::Int4G128
+            | WeightKind::Int4G64
+            | WeightKind::Int4G32
     )
 }
 
@@ -221,10 +244,21 @@ fn f16_at(b: &[u8], off: usize) -> f32 {
 }
 
 /// The signed codes of 32-element block `i` of a row of `kind` (Q4_0,
-/// Q5_0, Q8_0, NF4/FP4 as [`BNB_I8`]) and the block's weight scale:
-/// the stored f16 `d`, or a bitsandbytes block's `absmax / 127`.
+/// Q5_0, Q8_0, NF4/FP4 as [`BNB_I8`], group-wise int4 `q − z`) and the
+/// block's weight scale: the stored f16 `d` (the group's, for int4), or a
+/// bitsandbytes block's `absmax / 127`.
 #[inline]
 fn block_32(kind: WeightKind, row: &[u8], i: usize, w: &mut [i32; 32]) -> f32 {
+    if kind.is_int4_group() {
+        let subs = kind.block_size() / 32;
+        let group = &row[(i / subs) * kind.type_size()..][..kind.type_size()];
+        let z = i32::from(group[2]);
+        for (j, &byte) in group[4 + (i % subs) * 16..][..16].iter().enumerate() {
+            w[j] = i32::from(byte & 0xF) - z;
+            w[j + 16] = i32::from(byte >> 4) - z;
+        }
+        return f16_at(group, 0);
+    }
     if let WeightKind::Nf4 | WeightKind::Fp4 = kind {
         let lut = &BNB_I8[usize::from(kind == WeightKind::Fp4)];
         let blk = &row[(i / 2) * 36..(i / 2) * 36 + 36];
@@ -483,6 +517,11 @@ mod tests {
             match kind {
                 WeightKind::Q4_0 | WeightKind::Q5_0 | WeightKind::Q8_0 => put(b, 0, rng.gen_range(-0.1..0.1)),
                 WeightKind::Nf4 | WeightKind::Fp4 => b[..4].copy_from_slice(&rng.gen_range(0.0f32..2.0).to_le_bytes()),
+                // Zero points anywhere in 0..=16 (GPTQ v1's +1 makes 16 possible).
+                WeightKind::Int4G128 | WeightKind::Int4G64 | WeightKind::Int4G32 => {
+                    put(b, 0, rng.gen_range(-0.1..0.1));
+                    b[2] = rng.gen_range(0..=16);
+                }
                 WeightKind::Q4K | WeightKind::Q5K => {
                     put(b, 0, rng.gen_range(0.0..0.01));
                     put(b, 2, rng.gen_range(0.0..0.01));
@@ -501,7 +540,7 @@ mod tests {
         w.iter().zip(x).map(|(&a, &b)| a as f64 * b as f64).sum()
     }
 
-    const KINDS: [WeightKind; 8] = [
+    const KINDS: [WeightKind; 11] = [
         WeightKind::Q4_0,
         WeightKind::Q5_0,
         WeightKind::Q8_0,
@@ -510,9 +549,20 @@ mod tests {
         WeightKind::Q6K,
         WeightKind::Nf4,
         WeightKind::Fp4,
+        WeightKind::Int4G128,
+        WeightKind::Int4G64,
+        WeightKind::Int4G32,
     ];
-    const KINDS_32: [WeightKind; 5] =
-        [WeightKind::Q4_0, WeightKind::Q5_0, WeightKind::Q8_0, WeightKind::Nf4, WeightKind::Fp4];
+    const KINDS_32: [WeightKind; 8] = [
+        WeightKind::Q4_0,
+        WeightKind::Q5_0,
+        WeightKind::Q8_0,
+        WeightKind::Nf4,
+        WeightKind::Fp4,
+        WeightKind::Int4G128,
+        WeightKind::Int4G64,
+        WeightKind::Int4G32,
+    ];
 
     #[test]
     fn bnb_integer_codes_are_the_rounded_code_values() {
@@ -592,7 +642,8 @@ mod tests {
         let kernels = Kernel::available();
         for kind in KINDS_32 {
             for blocks in [2, 4, 14, 28] {
-                let k = 32 * blocks;
+                // Whole groups for the int4 kinds (odd group counts included).
+                let k = 32 * blocks * if kind.is_int4_group() { kind.block_size() / 32 } else { 1 };
                 let wrows: Vec<Vec<u8>> =
                     (0..TILE_ROWS).map(|_| random_row(kind, k / kind.block_size(), &mut rng)).collect();
                 let xs: Vec<Q8Row32> = (0..9)
@@ -671,6 +722,11 @@ mod tests {
                 for b in row.chunks_exact_mut(ts) {
                     if bnb {
                         b[..4].copy_from_slice(&1f32.to_le_bytes());
+                    } else if kind.is_int4_group() {
+                        // The widest codes: q − z from −16 (z = 16) up to 15 (z = 0).
+                        b[..2].copy_from_slice(&half::f16::from_f32(1.0).to_bits().to_le_bytes());
+                        b[2] = if fill >= 0x80 { 0 } else { 16 };
+                        b[3] = 0;
                     } else {
                         b[..2].copy_from_slice(&half::f16::from_f32(1.0).to_bits().to_le_bytes());
                     }

@@ -10,7 +10,10 @@
 //! matmul call and shared by all its activation rows; a decode step with one
 //! row pays it as it paid the decoding before.
 
-use super::{avx2, avx512, blocks_32, is_bnb, Kernel, Q8Row32, WeightKind, FP4, NF4, Q4_0, Q5_0, Q8_0, TILE_ROWS};
+use super::{
+    avx2, avx512, blocks_32, blocks_per_stored, is_bnb, is_int4g, Kernel, Q8Row32, WeightKind, FP4, INT4G128, INT4G32,
+    INT4G64, NF4, Q4_0, Q5_0, Q8_0, TILE_ROWS,
+};
 use std::cell::RefCell;
 
 /// One 64-byte aligned register's worth of bytes.
@@ -23,7 +26,8 @@ pub struct Line(pub [u8; 64]);
 #[derive(Default)]
 pub struct Tile {
     /// Per block, 8 registers of `4 · lanes` bytes: the unsigned codes
-    /// (Q4_0 `q`, Q5_0 `q`, Q8_0 and NF4/FP4 `q + 128`) of group `t` of every row.
+    /// (Q4_0 `q`, Q5_0 `q`, Q8_0 and NF4/FP4 `q + 128`, group-wise int4
+    /// `q − z + 16`) of group `t` of every row.
     pub codes: Vec<Line>,
     /// Per block and lane: the row's block scale.
     pub d: Vec<f32>,
@@ -42,20 +46,31 @@ impl Tile {
 pub const fn offset_shift(kind: u8) -> u32 {
     match kind {
         Q4_0 => 3,
-        Q5_0 => 4,
+        Q5_0 | INT4G128 | INT4G64 | INT4G32 => 4,
         _ => 7,
     }
 }
 
 /// Where 32-element block `b` of a row of kind `K` starts (blocks of `ts`
-/// bytes; for bitsandbytes kinds, where its 16 code bytes start).
+/// bytes; for bitsandbytes and group-wise int4 kinds, where its 16 code
+/// bytes start).
 #[inline(always)]
 pub fn block_at<const K: u8>(b: usize, ts: usize) -> usize {
     if is_bnb(K) {
         (b / 2) * 36 + 4 + (b % 2) * 16
+    } else if is_int4g(K) {
+        let subs = blocks_per_stored(K);
+        (b / subs) * ts + 4 + (b % subs) * 16
     } else {
         b * ts
     }
+}
+
+/// Where the f16 scale of 32-element block `b` of a row of kind `K` lies
+/// (not for bitsandbytes kinds, whose scale is [`bnb_d`]).
+#[inline(always)]
+pub fn scale_at<const K: u8>(b: usize, ts: usize) -> usize {
+    (b / blocks_per_stored(K)) * ts
 }
 
 /// A bitsandbytes row's scale for 32-element block `b`: its 64-block's
@@ -108,6 +123,9 @@ pub unsafe fn dot_32_tile(
                         WeightKind::Q5_0 => $($f)::+::<Q5_0>(padded, ts, ahead, tile),
                         WeightKind::Nf4 => $($f)::+::<NF4>(padded, ts, ahead, tile),
                         WeightKind::Fp4 => $($f)::+::<FP4>(padded, ts, ahead, tile),
+                        WeightKind::Int4G128 => $($f)::+::<INT4G128>(padded, ts, ahead, tile),
+                        WeightKind::Int4G64 => $($f)::+::<INT4G64>(padded, ts, ahead, tile),
+                        WeightKind::Int4G32 => $($f)::+::<INT4G32>(padded, ts, ahead, tile),
                         _ => $($f)::+::<Q8_0>(padded, ts, ahead, tile),
                     }
                 };
@@ -134,7 +152,10 @@ pub unsafe fn dot_32_tile(
                     ($($f:ident)::+) => {
                         match kind {
                             WeightKind::Q4_0 => by_rows!($($f)::+, { Q4_0 }),
-                            WeightKind::Q5_0 => by_rows!($($f)::+, { Q5_0 }),
+                            // Group-wise int4 codes are offset by 16 like Q5_0's.
+                            WeightKind::Q5_0 | WeightKind::Int4G128 | WeightKind::Int4G64 | WeightKind::Int4G32 => {
+                                by_rows!($($f)::+, { Q5_0 })
+                            }
                             // NF4/FP4 codes are offset like Q8_0's: the same multiply.
                             _ => by_rows!($($f)::+, { Q8_0 }),
                         }
