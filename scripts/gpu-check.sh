@@ -14,8 +14,8 @@
 #                                        `gpu-check selftest: PASS|FAIL ...` goes
 #                                        to stdout and to OUT/summary.md
 #   scripts/gpu-check.sh bench [OUT]     stage 2, under 6 minutes: tandem bench on
-#                                        random Llama-3-8B shapes in bf16 and each
-#                                        4-bit GGUF kind (decode at batch 1, 16, 64;
+#                                        random Llama-3-8B shapes in bf16, Q4_K (GGUF)
+#                                        and Int4G128 (GPTQ/AWQ g128) (decode at batch 1, 16, 64;
 #                                        prefill), q4_k with the bf16 KV cache,
 #                                        transformers bf16 on the same GPU, the copy
 #                                        bandwidth and batch-1 decode's fraction of
@@ -30,7 +30,7 @@
 # Environment: TANDEM_BIN (default target/gpu/tandem, else
 # target/release/tandem), GPU_CHECK_DEVICE (default cuda:0; "cpu" runs the
 # same flow on a CPU: CI's dry run), GPU_CHECK_SHAPE (default llama3-8b),
-# GPU_CHECK_KINDS (default "bf16 q4_k q4_0"), GPU_CHECK_STEPS (decode steps,
+# GPU_CHECK_KINDS (default "bf16 q4_k int4g128"), GPU_CHECK_STEPS (decode steps,
 # default 32), PYTHON.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,7 +52,7 @@ BIN=${TANDEM_BIN:-target/gpu/tandem}
 [[ -x $BIN ]] || BIN=target/release/tandem
 DEV=${GPU_CHECK_DEVICE:-cuda:0}
 SHAPE=${GPU_CHECK_SHAPE:-llama3-8b}
-KINDS=${GPU_CHECK_KINDS:-bf16 q4_k q4_0}
+KINDS=${GPU_CHECK_KINDS:-bf16 q4_k int4g128}
 STEPS=${GPU_CHECK_STEPS:-32}
 PY=${PYTHON:-python3}
 SUMMARY=$OUT/summary.md
@@ -130,7 +130,8 @@ dims = {"llama3-8b": (4096, 14336, 32, 32, 8, 128256), "llama3-1b": (2048, 8192,
 h, ff, layers, heads, kv, vocab = dims
 d = h // heads
 params_layer = h * (heads * d) * 2 + h * (kv * d) * 2 + 3 * h * ff
-bits = {"bf16": 16, "f16": 16, "f32": 32, "q4_0": 4.5, "q4_k": 4.5, "q5_0": 5.5, "q5_k": 5.5, "q8_0": 8.5, "q6_k": 6.5625}
+bits = {"bf16": 16, "f16": 16, "f32": 32, "q4_0": 4.5, "q4_k": 4.5, "q5_0": 5.5, "q5_k": 5.5, "q8_0": 8.5, "q6_k": 6.5625,
+        "int4g128": 4.25, "int4g64": 4.5, "int4g32": 5.0, "nf4": 4.5, "fp4": 4.5}
 bw = re.search(r"copy bandwidth: ([0-9.]+) GB/s", open(f"{out}/transformers.txt").read() or "")
 bw = float(bw.group(1)) if bw else float("nan")
 bench = open(f"{out}/bench.txt").read()
