@@ -223,10 +223,13 @@ enum Cmd {
     },
     /// Quantise a model and write it as a checkpoint in that format's standard layout.
     ///
-    /// gptq (4-bit, group 128, symmetric), nf4 and fp4 (bitsandbytes) write an HF
+    /// gptq (4-bit, asymmetric, group 128/64/32), nf4 and fp4 (bitsandbytes) write an HF
     /// directory that transformers loads; q8_0 and q4_k write a .gguf for
-    /// llama.cpp (from a GGUF source only). Round-to-nearest, no calibration:
-    /// the same codes as --quantize computes on load. Runs on the CPU.
+    /// llama.cpp, from a GGUF (re-quantised, metadata kept) or from an HF
+    /// directory (laid out as convert_hf_to_gguf.py does, its byte-level BPE
+    /// tokenizer.json as GGUF metadata; other tokenizers are refused).
+    /// Round-to-nearest, no calibration: the same codes as --quantize computes
+    /// on load. Runs on the CPU.
     Quantize {
         /// The model: a .gguf file, an HF directory or a hub id (default: the config's model).
         #[arg(long)]
@@ -530,8 +533,8 @@ fn merge(
     if quantize != "none" {
         bail!(
             "--quantize {quantize:?} is not supported: tandem merge writes an unquantised HF checkpoint \
-             (supported: none; choose its float dtype with --dtype f32|bf16|f16). For a quantised GGUF, run \
-             llama.cpp's convert_hf_to_gguf.py --outtype q8_0 on the merged directory"
+             (supported: none; choose its float dtype with --dtype f32|bf16|f16). For a quantised checkpoint, run \
+             `tandem quantize --format q8_0|q4_k|gptq|nf4|fp4` on the merged directory"
         );
     }
     let spec = model.unwrap_or_else(|| cfg.model.path.clone());

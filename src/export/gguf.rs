@@ -20,7 +20,7 @@ fn is_projection(name: &str) -> bool {
 }
 
 /// llama.cpp's `llama_ftype` for the file's dominant kind (`general.file_type`).
-fn file_type(target: QuantizeTarget) -> Option<u32> {
+pub(super) fn file_type(target: QuantizeTarget) -> Option<u32> {
     match target {
         QuantizeTarget::Q8_0 => Some(7),
         // MOSTLY_Q4_K_S: Q4_K everywhere it fits, as `--pure` would do it.
@@ -58,8 +58,8 @@ pub(super) fn requantize(src: &GgufFile, target: QuantizeTarget) -> Result<Vec<O
         .collect()
 }
 
-/// The whole file: header (version 3), metadata, tensor infos, then the data
-/// of each tensor at the file's alignment.
+/// The whole file: the source's metadata (with the new file type), then the
+/// tensors, as [`write_file`] lays them out.
 pub(super) fn write(
     src: &GgufFile,
     target: QuantizeTarget,
@@ -71,14 +71,24 @@ pub(super) fn write(
         metadata.insert("general.file_type".into(), GgufValue::U32(ft));
     }
     metadata.insert("general.quantization_version".into(), GgufValue::U32(2));
-    let alignment = src.alignment;
+    let entries: Vec<(&str, &GgufValue)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    write_file(&entries, src.alignment, tensors, w)
+}
 
+/// A GGUF (version 3): header, `metadata` in the order given, tensor infos,
+/// then the data of each tensor at `alignment`.
+pub(super) fn write_file(
+    metadata: &[(&str, &GgufValue)],
+    alignment: u64,
+    tensors: &[OutTensor],
+    w: &mut impl Write,
+) -> std::io::Result<u64> {
     let mut head = Vec::new();
     head.extend_from_slice(b"GGUF");
     head.extend_from_slice(&3u32.to_le_bytes());
     head.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
     head.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
-    for (key, value) in &metadata {
+    for (key, value) in metadata {
         put_str(&mut head, key);
         head.extend_from_slice(&value_type(value).to_le_bytes());
         put_value(&mut head, value);

@@ -6,15 +6,20 @@
 //!   `quantization_config`, model.safetensors, tokenizer and generation files)
 //!   from an HF directory or a GGUF, built on the same plan, side files and
 //!   atomic publish as `tandem merge`;
-//! - `q8_0`, `q4_k`: a `.gguf` from a GGUF (its tokenizer and metadata are
-//!   kept). An HF source is refused for these: converting its tokenizer to
-//!   GGUF metadata is llama.cpp's `convert_hf_to_gguf.py`'s job.
+//! - `q8_0`, `q4_k`: a `.gguf`, from a GGUF (its tokenizer and metadata are
+//!   kept) or from an HF directory, laid out as llama.cpp's
+//!   `convert_hf_to_gguf.py` lays it out (hyperparameters, GGUF tensor names,
+//!   llama Q/K rows permuted for llama.cpp's rope, the byte-level BPE
+//!   tokenizer as GGUF metadata; a tokenizer GGUF metadata would not
+//!   reproduce is refused).
 //!
 //! The codes are exactly what `--quantize` computes on load (round-to-nearest,
 //! no calibration), so serving the written checkpoint and quantising on load
 //! agree, and the file saves the quantisation at every start.
 
+mod from_hf;
 mod gguf;
+mod gguf_tokenizer;
 mod hf;
 
 use std::io::Write;
@@ -104,11 +109,7 @@ pub fn quantize_checkpoint(spec: &str, format: ExportFormat, out: &Path) -> Resu
         .map_err(|e| ExportError::Model { spec: spec.into(), source: crate::model::ModelError::Resolve(e) })?;
     match (format.is_gguf(), source) {
         (true, ModelSource::Gguf(path)) => write_gguf(spec, &path, format, out),
-        (true, ModelSource::HfDir(_)) => Err(ExportError::Refused(format!(
-            "--format {format} writes a .gguf, which needs the model's tokenizer as GGUF metadata; tandem only \
-             re-quantises GGUF sources. Convert this HF directory with llama.cpp's convert_hf_to_gguf.py \
-             --outtype f16 first, or write --format gptq, nf4 or fp4 from it"
-        ))),
+        (true, ModelSource::HfDir(_)) => from_hf::write(spec, format, out),
         (false, _) => write_hf(spec, format, out),
     }
 }

@@ -9,7 +9,7 @@
 
 mod chat_template;
 mod gguf_vocab;
-mod hf_files;
+pub(crate) mod hf_files;
 mod jinja_py;
 pub mod messages;
 mod stream;
