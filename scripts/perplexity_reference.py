@@ -2,7 +2,9 @@
 """The reference stack's perplexity on the checkpoints `tandem quantize` writes, with
 `tandem perplexity`'s (and llama-perplexity's) windows: the text's tokens cut into
 non-overlapping windows of CTX tokens, each evaluated from scratch, the second half of
-each scored. No BOS is put in front (the Qwen2 vocabulary adds none).
+each scored. No BOS is put in front (the Qwen2 vocabulary adds none; `tandem perplexity`
+puts one in place of each window's first token when the vocabulary adds one, as for Llama,
+so this script's figures are comparable only for models without one).
 
     scripts/perplexity_reference.py MODEL_DIR_OR_GGUF [MODEL...]
 

@@ -267,7 +267,8 @@ pub enum RtnGrid {
     Symmetric,
     /// GPTQ's asymmetric grid: `s = (max − min) / (2^bits − 1)` over the
     /// group's range widened to hold 0, `z = round(−min / s)`, kept in
-    /// 1..=2^bits − 1 so that GPTQ v1's "zero − 1" storage holds it. (GPTQ's
+    /// 1..=2^bits − 1 so that GPTQ v1's "zero − 1" storage holds it (a group
+    /// that would take zero 0 keeps 1 with a step widened to fit). (GPTQ's
     /// optional `mse` range search was tried on the default model and made
     /// perplexity worse at every setting: docs/benchmarks.md.)
     Asymmetric,
@@ -336,7 +337,16 @@ fn asymmetric_grid(xs: &[f32], maxq: u32) -> (f32, u32) {
     if scale <= 0.0 || !scale.is_finite() {
         return (0.0, 1);
     }
-    (scale, (-lo / scale).round().clamp(1.0, maxq as f32) as u32)
+    let zero = (-lo / scale).round();
+    if zero >= 1.0 {
+        return (scale, zero.min(maxq as f32) as u32);
+    }
+    // A group with (almost) nothing below 0 would take zero 0, which GPTQ v1
+    // cannot store: keep zero 1 and widen the step so its top value still
+    // fits under the highest code (rather than clipping it by a step).
+    let wide = half::f16::from_f32(hi / (maxq - 1) as f32);
+    let wide = if wide.to_f32() < hi / (maxq - 1) as f32 { half::f16::from_bits(wide.to_bits() + 1) } else { wide };
+    (wide.to_f32(), 1)
 }
 
 #[cfg(test)]
@@ -504,6 +514,16 @@ mod tests {
         }
         // The rewrite keeps those zeros: a group-wise int4 kind, bit for bit.
         assert_eq!(asym.rewrite().unwrap().kind, WeightKind::Int4G128);
+        // Groups with nothing (or next to nothing) below zero keep zero 1 and
+        // still reach their top value within half a step, nothing clipped.
+        for lo in [0.0f32, -0.01] {
+            let xs: Vec<f32> = (0..128).map(|i| if i == 0 { lo } else { 1.5 * i as f32 / 127.0 }).collect();
+            let c = quantize_rtn(4, RtnGrid::Asymmetric, &xs, 1, 128, 128).unwrap();
+            assert_eq!(c.z[0], 1, "lo {lo}");
+            for (a, b) in c.dequantize().iter().zip(&xs) {
+                assert!((a - b).abs() <= 0.5 * c.s[0] * 1.001, "lo {lo}: {a} vs {b} (step {})", c.s[0]);
+            }
+        }
         // A constant group quantises to its zero and back to 0 (no division by zero).
         let flat = quantize_rtn(4, RtnGrid::Asymmetric, &[0.0; 128], 1, 128, 128).unwrap();
         assert!(flat.dequantize().iter().all(|&v| v == 0.0));

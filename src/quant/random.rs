@@ -82,7 +82,7 @@ pub fn random_weight_bytes(kind: WeightKind, rows: usize, cols: usize, scale: f3
                     WeightKind::Q6K => put_f16(blk, 208, d() / (127.0 * 32.0)),
                     // code · absmax with codes in [-1, 1]; absmax is positive.
                     WeightKind::Nf4 | WeightKind::Fp4 => blk[..4].copy_from_slice(&(d().abs() * 2.0).to_le_bytes()),
-                    // Codes 0..15 about a zero of 4..12: |q − z| <= 15.
+                    // Codes 0..15 about a zero of 4..12: |q − z| <= 12.
                     WeightKind::Int4G128 | WeightKind::Int4G64 | WeightKind::Int4G32 => {
                         put_f16(blk, 0, d() / 8.0);
                         blk[2] = 4 + blk[2] % 9;

@@ -127,7 +127,7 @@ pub(crate) const NF4: u8 = 3;
 pub(crate) const FP4: u8 = 4;
 /// The group-wise int4 kinds: one stored block per group of 128, 64 or 32,
 /// seen by the tile as 4, 2 or 1 32-element blocks sharing the group's scale
-/// and zero. Their codes `q − z + 16` (0..=32) go through Q5_0's multiply.
+/// and zero. Their codes `q − z + 16` (0..=31) go through Q5_0's multiply.
 pub(crate) const INT4G128: u8 = 5;
 pub(crate) const INT4G64: u8 = 6;
 pub(crate) const INT4G32: u8 = 7;
