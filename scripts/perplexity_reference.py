@@ -40,22 +40,13 @@ def load(spec):
     tok = AutoTokenizer.from_pretrained(spec)
     m = AutoModelForCausalLM.from_pretrained(spec, torch_dtype=torch.float32, device_map="cpu")
     try:
-        import bitsandbytes as bnb
+        import bitsandbytes  # noqa: F401
     except ImportError:
         return tok, m
-    with torch.no_grad():
-        for layer in m.model.layers:
-            for name, mod in list(layer.named_modules()):
-                if isinstance(mod, bnb.nn.Linear4bit):
-                    qs = mod.weight.quant_state
-                    qs.dtype = torch.float32
-                    w = bnb.functional.dequantize_4bit(mod.weight.data, qs)
-                    lin = torch.nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
-                    lin.weight.copy_(w.float())
-                    if mod.bias is not None:
-                        lin.bias.copy_(mod.bias.float())
-                    parent = layer.get_submodule(name.rsplit(".", 1)[0]) if "." in name else layer
-                    setattr(parent, name.rsplit(".", 1)[-1], lin)
+    sys.path.insert(0, os.path.join(REPO, "scripts/fixtures"))
+    from quantize_export import dequantized_bnb
+
+    m = dequantized_bnb(m)
     # The checkpoint's other tensors are in its own float dtype (bf16 here): compute in f32.
     return tok, torch.nn.Module.float(m)
 
