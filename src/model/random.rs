@@ -20,27 +20,9 @@ pub struct RandomModel {
 pub fn parse(spec: &str) -> Option<Result<RandomModel, String>> {
     let rest = spec.strip_prefix("random:")?;
     let (shape, kind) = rest.split_once(':').unwrap_or((rest, "bf16"));
-    let kind = match kind {
-        "f32" => WeightKind::F32,
-        "f16" => WeightKind::F16,
-        "bf16" => WeightKind::BF16,
-        "q4_0" => WeightKind::Q4_0,
-        "q5_0" => WeightKind::Q5_0,
-        "q8_0" => WeightKind::Q8_0,
-        "q4_k" => WeightKind::Q4K,
-        "q5_k" => WeightKind::Q5K,
-        "q6_k" => WeightKind::Q6K,
-        "nf4" => WeightKind::Nf4,
-        "fp4" => WeightKind::Fp4,
-        "int4g128" => WeightKind::Int4G128,
-        "int4g64" => WeightKind::Int4G64,
-        "int4g32" => WeightKind::Int4G32,
-        k => {
-            return Some(Err(format!(
-                "unknown weight kind {k:?} (f32, f16, bf16, q4_0, q5_0, q8_0, q4_k, q5_k, q6_k, nf4, fp4, int4g128, \
-                 int4g64, int4g32)"
-            )))
-        }
+    let Some(kind) = WeightKind::ALL.into_iter().find(|k| k.name() == kind) else {
+        let names: Vec<&str> = WeightKind::ALL.iter().map(|k| k.name()).collect();
+        return Some(Err(format!("unknown weight kind {kind:?} ({})", names.join(", "))));
     };
     let config = match shape {
         "llama3-8b" => llama(4096, 14336, 32, 32, 8, 128_256, 500_000.0),

@@ -82,6 +82,26 @@ impl WeightKind {
             Self::Nf4 | Self::Fp4 | Self::Int4G128 | Self::Int4G64 | Self::Int4G32 => return None,
         })
     }
+    /// The kind's lower-case name: `random:<shape>:<name>` models and the
+    /// CUDA kernels' suffixes (`gemv_q4_k`) spell kinds this way.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::BF16 => "bf16",
+            Self::Q4_0 => "q4_0",
+            Self::Q5_0 => "q5_0",
+            Self::Q8_0 => "q8_0",
+            Self::Q4K => "q4_k",
+            Self::Q5K => "q5_k",
+            Self::Q6K => "q6_k",
+            Self::Nf4 => "nf4",
+            Self::Fp4 => "fp4",
+            Self::Int4G128 => "int4g128",
+            Self::Int4G64 => "int4g64",
+            Self::Int4G32 => "int4g32",
+        }
+    }
     /// The group-wise int4 kind for groups of `group` inputs (32, 64, 128).
     pub fn int4_group(group: usize) -> Option<Self> {
         Some(match group {

@@ -23,26 +23,6 @@ pub enum KArg {
     F32(f32),
 }
 
-/// The suffix of the quantised-weight kernels for a kind (`gemv_q4_k`, ...).
-pub fn kind_suffix(kind: WeightKind) -> &'static str {
-    match kind {
-        WeightKind::F32 => "f32",
-        WeightKind::F16 => "f16",
-        WeightKind::BF16 => "bf16",
-        WeightKind::Q4_0 => "q4_0",
-        WeightKind::Q5_0 => "q5_0",
-        WeightKind::Q8_0 => "q8_0",
-        WeightKind::Q4K => "q4_k",
-        WeightKind::Q5K => "q5_k",
-        WeightKind::Q6K => "q6_k",
-        WeightKind::Nf4 => "nf4",
-        WeightKind::Fp4 => "fp4",
-        WeightKind::Int4G128 => "int4g128",
-        WeightKind::Int4G64 => "int4g64",
-        WeightKind::Int4G32 => "int4g32",
-    }
-}
-
 /// Every kernel entry point the backend launches. Launches name a kernel by
 /// this enum (an index into the loaded functions), never by a formatted
 /// string; [`Kernel::name`] is the entry point's name in `kernels/*.cu`.
@@ -151,10 +131,10 @@ impl Kernel {
     /// The entry point's name in `kernels/*.cu`.
     pub fn name(self) -> String {
         match self {
-            K::Gemv(k) => format!("gemv_{}", kind_suffix(k)),
-            K::DequantBf16(k) => format!("dequant_bf16_{}", kind_suffix(k)),
-            K::DequantRows(k) => format!("dequant_rows_{}", kind_suffix(k)),
-            K::Mmq(k) => format!("mmq_{}", kind_suffix(k)),
+            K::Gemv(k) => format!("gemv_{}", k.name()),
+            K::DequantBf16(k) => format!("dequant_bf16_{}", k.name()),
+            K::DequantRows(k) => format!("dequant_rows_{}", k.name()),
+            K::Mmq(k) => format!("mmq_{}", k.name()),
             fixed => FIXED.iter().find(|f| f.0 == fixed).expect("every fixed kernel is listed").1.to_string(),
         }
     }
